@@ -1,0 +1,241 @@
+"""Configuration dataclasses whose fields are the keys of the official ``config.json``.
+
+Spec: ``shared/reference/kimivl-spec.md`` §1. Official classes: ``MoonViTConfig``,
+``DeepseekV3Config`` and ``KimiVLConfig`` of the hub remote code. Keys this project does not
+know are kept in ``extra`` and written back by ``to_dict()``, so a config round-trips losslessly.
+Runtime choices (dtype, device, attention backend) are never config fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T", bound="_ConfigBase")
+
+
+class _ConfigBase:
+    """Shared dict/JSON plumbing for the three config sections."""
+
+    _nested: ClassVar[dict[str, type]] = {}
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls) if f.name != "extra"}
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in cls._nested and isinstance(value, dict):
+                kwargs[key] = cls._nested[key].from_dict(value)
+            elif key in names:
+                kwargs[key] = value
+            else:
+                extra[key] = value
+        if extra:
+            logger.debug("%s: keeping unknown keys %s", cls.__name__, sorted(extra))
+        return cls(**kwargs, extra=extra)  # type: ignore[call-arg]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if isinstance(value, _ConfigBase) else _plain(value)
+        out.update(_plain(self.extra))  # type: ignore[attr-defined]
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    """Deep-copy JSON-like values so a config never shares lists/dicts with its caller."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _require(cond: bool, section: str, key: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ValueError(f"{section}.{key} = {value!r}: {why}")
+
+
+@dataclass
+class MoonViTConfig(_ConfigBase):
+    """``vision_config``: the MoonViT encoder (SigLIP-SO-400M shaped in the releases)."""
+
+    model_type: str = "moonvit"
+    patch_size: int = 14
+    init_pos_emb_height: int = 64
+    init_pos_emb_width: int = 64
+    num_attention_heads: int = 16
+    num_hidden_layers: int = 27
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    merge_kernel_size: list[int] = field(default_factory=lambda: [2, 2])
+    torch_dtype: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # Size of the precomputed 2-D RoPE table of the official code (patches per side). Images
+    # must stay strictly below it; the processor checks against the same constant.
+    rope_max_grid: ClassVar[int] = 512
+
+    def __post_init__(self) -> None:
+        s = "vision_config"
+        _require(self.hidden_size % self.num_attention_heads == 0, s, "hidden_size", self.hidden_size,
+                 f"must be divisible by num_attention_heads={self.num_attention_heads}")
+        _require(self.head_dim % 4 == 0, s, "hidden_size", self.hidden_size,
+                 f"head_dim {self.head_dim} must be divisible by 4 for the 2-D RoPE")
+        self.merge_kernel_size = list(self.merge_kernel_size)
+        _require(len(self.merge_kernel_size) == 2, s, "merge_kernel_size", self.merge_kernel_size,
+                 "must have two entries (height, width)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class DeepseekV3Config(_ConfigBase):
+    """``text_config``: the Moonlight / DeepSeek-V3 MoE decoder. Defaults = Kimi-VL-A3B values."""
+
+    model_type: str = "deepseek_v3"
+    vocab_size: int = 163840
+    hidden_size: int = 2048
+    intermediate_size: int = 11264
+    moe_intermediate_size: int = 1408
+    num_hidden_layers: int = 27
+    num_nextn_predict_layers: int = 0
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16
+    n_shared_experts: int | None = 2
+    n_routed_experts: int | None = 64
+    ep_size: int = 1
+    routed_scaling_factor: float = 2.446
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = None
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    qk_nope_head_dim: int = 128
+    topk_method: str = "noaux_tc"
+    n_group: int = 1
+    topk_group: int = 1
+    num_experts_per_tok: int = 6
+    moe_layer_freq: int = 1
+    first_k_dense_replace: int = 1
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    aux_loss_alpha: float = 0.001
+    seq_aux: bool = True
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 131072
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    pad_token_id: int | None = 163839
+    bos_token_id: int | None = 163584
+    eos_token_id: int | list[int] | None = 163585
+    pretraining_tp: int = 1
+    tie_word_embeddings: bool = False
+    rope_theta: float = 800000.0
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    torch_dtype: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    TOPK_METHODS: ClassVar[tuple[str, ...]] = ("noaux_tc", "greedy", "group_limited_greedy")
+    SCORING_FUNCS: ClassVar[tuple[str, ...]] = ("sigmoid", "softmax")
+
+    def __post_init__(self) -> None:
+        s = "text_config"
+        _require(self.topk_method in self.TOPK_METHODS, s, "topk_method", self.topk_method,
+                 f"must be one of {self.TOPK_METHODS}")
+        _require(self.scoring_func in self.SCORING_FUNCS, s, "scoring_func", self.scoring_func,
+                 f"must be one of {self.SCORING_FUNCS}")
+        _require(self.hidden_act == "silu", s, "hidden_act", self.hidden_act, "only 'silu' is implemented")
+        if self.n_routed_experts:
+            _require(self.n_routed_experts % self.n_group == 0, s, "n_routed_experts", self.n_routed_experts,
+                     f"must be divisible by n_group={self.n_group}")
+            _require(1 <= self.topk_group <= self.n_group, s, "topk_group", self.topk_group,
+                     f"must be in [1, n_group={self.n_group}]")
+            _require(1 <= self.num_experts_per_tok <= self.n_routed_experts, s, "num_experts_per_tok",
+                     self.num_experts_per_tok, f"must be in [1, n_routed_experts={self.n_routed_experts}]")
+            _require(self.moe_layer_freq >= 1, s, "moe_layer_freq", self.moe_layer_freq, "must be >= 1")
+        _require(self.qk_rope_head_dim % 2 == 0, s, "qk_rope_head_dim", self.qk_rope_head_dim, "must be even")
+        if self.rope_scaling is not None and self.rope_scaling.get("type", self.rope_scaling.get("rope_type")) not in (
+            None, "default", "yarn"
+        ):
+            raise ValueError(f"text_config.rope_scaling = {self.rope_scaling!r}: only null or a 'yarn' block is supported")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """The official rule: routed experts exist, past the dense prefix, on the MoE frequency."""
+        return bool(self.n_routed_experts) and layer_idx >= self.first_k_dense_replace and (
+            layer_idx % self.moe_layer_freq == 0
+        )
+
+
+@dataclass
+class KimiVLConfig(_ConfigBase):
+    """Top-level ``config.json`` of a Kimi-VL checkpoint (``model_type = "kimi_vl"``)."""
+
+    vision_config: MoonViTConfig = field(default_factory=MoonViTConfig)
+    text_config: DeepseekV3Config = field(default_factory=DeepseekV3Config)
+    architectures: list[str] = field(default_factory=lambda: ["KimiVLForConditionalGeneration"])
+    model_type: str = "kimi_vl"
+    ignore_index: int = -100
+    media_placeholder_token_id: int = 163605
+    pad_token_id: int | None = 0
+    torch_dtype: str | None = "bfloat16"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _nested: ClassVar[dict[str, type]] = {"vision_config": MoonViTConfig, "text_config": DeepseekV3Config}
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision_config, dict):
+            self.vision_config = MoonViTConfig.from_dict(self.vision_config)
+        if isinstance(self.text_config, dict):
+            self.text_config = DeepseekV3Config.from_dict(self.text_config)
+        _require(0 <= self.media_placeholder_token_id < self.text_config.vocab_size, "config",
+                 "media_placeholder_token_id", self.media_placeholder_token_id,
+                 f"must be a token id below text_config.vocab_size={self.text_config.vocab_size}")
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike[str]) -> KimiVLConfig:
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike[str], **hub_kwargs: Any) -> KimiVLConfig:
+        """Read ``config.json`` from a checkpoint directory, a config file or a hub id."""
+        from kimivl.checkpoint import resolve_checkpoint_dir
+
+        path = Path(path_or_id)
+        if path.is_file():
+            return cls.from_json_file(path)
+        directory = resolve_checkpoint_dir(path_or_id, **hub_kwargs)
+        return cls.from_json_file(directory / "config.json")
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(self.to_json_string(), encoding="utf-8")

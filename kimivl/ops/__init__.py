@@ -1,0 +1,1 @@
+"""Pure tensor functions: no nn.Module, no config objects, no I/O."""
