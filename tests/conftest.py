@@ -35,11 +35,3 @@ def golden_weights(golden_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(golden_dir / "model.safetensors"))
-
-
-@pytest.fixture(autouse=True)
-def _single_thread_determinism():
-    # 2-core machines: keep intra-op threads fixed so tolerances hold run to run.
-    prev = torch.get_num_threads()
-    yield
-    torch.set_num_threads(prev)
