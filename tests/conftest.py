@@ -35,3 +35,8 @@ def golden_weights(golden_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(golden_dir / "model.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def configs_dir() -> Path:
+    return CONFIGS

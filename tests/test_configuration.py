@@ -1,0 +1,77 @@
+"""KimiVLConfig: official config.json keys, lossless round trip, unknown keys kept, clear validation."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kimivl import DeepseekV3Config, KimiVLConfig, MoonViTConfig
+
+
+def test_golden_config_round_trips_exactly(golden_dir):
+    raw = json.loads((golden_dir / "config.json").read_text())
+    config = KimiVLConfig.from_pretrained(golden_dir)
+    assert config.to_dict() == raw
+    assert KimiVLConfig.from_dict(config.to_dict()) == config
+    assert config.text_config.kv_lora_rank == 32 and config.vision_config.head_dim == 16
+    assert config.media_placeholder_token_id == 763
+
+
+@pytest.mark.parametrize("name", ["Kimi-VL-A3B-Instruct", "Kimi-VL-A3B-Thinking", "Kimi-VL-A3B-Thinking-2506"])
+def test_release_configs_round_trip(name, configs_dir):
+    raw = json.loads((configs_dir / name / "config.json").read_text())
+    config = KimiVLConfig.from_pretrained(configs_dir / name)
+    assert config.to_dict() == raw
+    t = config.text_config
+    assert (t.hidden_size, t.n_routed_experts, t.num_experts_per_tok, t.kv_lora_rank, t.q_lora_rank) == (2048, 64, 6, 512, None)
+    assert t.qk_head_dim == 192 and t.rope_theta == 800000.0
+    assert config.vision_config.hidden_size == 1152 and config.vision_config.num_hidden_layers == 27
+
+
+def test_unknown_keys_are_kept(tmp_path, configs_dir):
+    raw = json.loads((configs_dir / "test-tiny" / "config.json").read_text())
+    raw["my_new_key"] = {"a": [1, 2]}
+    raw["text_config"]["future_option"] = 3
+    raw["vision_config"]["something"] = "x"
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = KimiVLConfig.from_pretrained(tmp_path)
+    assert config.extra["my_new_key"] == {"a": [1, 2]}
+    assert config.text_config.extra == {"future_option": 3}
+    assert config.to_dict() == raw
+    config.save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == raw
+
+
+def test_moe_layer_rule():
+    t = DeepseekV3Config(num_hidden_layers=6, first_k_dense_replace=2, moe_layer_freq=2)
+    assert [t.is_moe_layer(i) for i in range(6)] == [False, False, True, False, True, False]
+    assert not DeepseekV3Config(n_routed_experts=None).is_moe_layer(3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"topk_method": "best"}, "text_config.topk_method = 'best'"),
+        ({"n_routed_experts": 10, "n_group": 3}, "n_group=3"),
+        ({"num_experts_per_tok": 100}, "num_experts_per_tok = 100"),
+        ({"hidden_act": "gelu"}, "hidden_act = 'gelu'"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ],
+)
+def test_text_config_validation_names_key_and_value(kwargs, needle):
+    with pytest.raises(ValueError, match="text_config") as e:
+        DeepseekV3Config(**kwargs)
+    assert needle in str(e.value)
+
+
+def test_vision_config_validation():
+    with pytest.raises(ValueError, match=r"vision_config.hidden_size = 100.*num_attention_heads=16"):
+        MoonViTConfig(hidden_size=100)
+
+
+def test_bad_json_is_named(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        KimiVLConfig.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        KimiVLConfig.from_pretrained(tmp_path / "nope")
