@@ -1,0 +1,149 @@
+"""Variable-length (packed, block-diagonal) non-causal attention for the vision tower.
+
+Spec: ``shared/reference/kimivl-spec.md`` §3.3 and §3.7. Official names: ``multihead_attention``
+(flash-attn varlen), ``sdpa_attention`` and ``eager_attention`` of ``modeling_kimi_vl.py``.
+Deliberate deviations: the official sdpa path builds one dense (L, L) boolean mask and the
+official eager path *adds* that mask (+1) instead of masking, so packed images attend to each
+other. Here no backend builds an (L, L) tensor and every backend attends strictly per segment.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS: tuple[str, ...] = ("auto", "flash", "sdpa", "eager")
+
+
+def cu_seqlens_from_lengths(seqlens: torch.Tensor) -> torch.Tensor:
+    """Cumulative segment boundaries.
+
+    seqlens: (N,) integer lengths -> (N+1,) int32 ``[0, l0, l0+l1, ...]`` on the same device.
+    """
+    out = torch.zeros(seqlens.numel() + 1, dtype=torch.int32, device=seqlens.device)
+    out[1:] = torch.cumsum(seqlens.reshape(-1), dim=0)
+    return out
+
+
+def _flash_varlen_fn() -> Callable[..., torch.Tensor]:
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as e:
+        raise ImportError(
+            "attention backend 'flash' needs the flash-attn package: pip install 'kimivl[flash]' "
+            "(or use backend='sdpa')"
+        ) from e
+    return flash_attn_varlen_func
+
+
+def _flash_usable(q: torch.Tensor) -> bool:
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        _flash_varlen_fn()
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """``"auto"`` -> ``"flash"`` when flash-attn is importable and q is a CUDA fp16/bf16 tensor, else ``"sdpa"``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        return "flash" if _flash_usable(q) else "sdpa"
+    return backend
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    backend: str = "auto",
+    seqlens: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Non-causal attention restricted to each segment of a packed sequence.
+
+    q, k, v: (L, H, Dh); cu_seqlens: (N+1,) int32 segment boundaries with ``cu_seqlens[-1] == L``.
+    Returns (L, H, Dh) in q's dtype; scale 1/sqrt(Dh). ``seqlens`` are the N segment lengths as
+    Python ints when the caller already has them (saves one device->host copy per call).
+    """
+    if q.ndim != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must all be (L, H, Dh); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    lengths = [int(n) for n in (seqlens if seqlens is not None else torch.diff(cu_seqlens).tolist())]
+    if sum(lengths) != q.shape[0] or len(lengths) != cu_seqlens.numel() - 1:
+        raise ValueError(f"segments of lengths {lengths} (sum {sum(lengths)}) do not tile the {q.shape[0]} "
+                         f"packed tokens / {cu_seqlens.numel() - 1} segments of cu_seqlens")
+    chosen = resolve_backend(backend, q)
+    if chosen == "flash":
+        return _flash_attention(q, k, v, cu_seqlens, max(lengths, default=0))
+    if chosen == "sdpa":
+        return _sdpa_attention(q, k, v, lengths)
+    return _eager_attention(q, k, v, lengths)
+
+
+def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int) -> torch.Tensor:
+    fn = _flash_varlen_fn()
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"attention backend 'flash' needs CUDA float16/bfloat16 tensors; got {q.dtype} on {q.device}")
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=False)
+
+
+def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """SDPA without a mask, on batches of equal-length segments.
+
+    Segments of the same length are gathered into one (n, H, l, Dh) batch. A batch is capped so
+    that n * l^2 <= max_len^2: even if SDPA falls back to its math kernel, the score memory is
+    bounded by the largest single segment, never by L^2.
+    """
+    total, heads, dim = q.shape
+    if total == 0:
+        return torch.empty_like(q)
+    if len(lengths) == 1:  # one image: no gather needed
+        return _sdpa_batch(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))[0]
+    max_len = max(lengths)
+    starts = [0]
+    for n in lengths[:-1]:
+        starts.append(starts[-1] + n)
+    by_len: dict[int, list[int]] = {}
+    for start, n in zip(starts, lengths):
+        if n > 0:
+            by_len.setdefault(n, []).append(start)
+    out = torch.empty_like(q)
+    for n, group_starts in by_len.items():
+        per_call = max(1, (max_len * max_len) // (n * n))
+        for i in range(0, len(group_starts), per_call):
+            chunk = torch.tensor(group_starts[i:i + per_call], device=q.device)
+            index = (chunk[:, None] + torch.arange(n, device=q.device)).reshape(-1)  # (b*n,)
+            b = chunk.numel()
+            o = _sdpa_batch(q[index].view(b, n, heads, dim), k[index].view(b, n, heads, dim),
+                            v[index].view(b, n, heads, dim))
+            out[index] = o.reshape(b * n, heads, dim)
+    return out
+
+
+def _sdpa_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, l, H, Dh) -> (B, l, H, Dh) unmasked SDPA (lets torch pick a fused kernel)."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return o.transpose(1, 2)
+
+
+def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Reference: softmax(q k^T / sqrt(Dh)) v per segment, all in float32, cast back."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    outs = []
+    start = 0
+    for n in lengths:
+        qs, ks, vs = (t[start:start + n].transpose(0, 1).float() for t in (q, k, v))  # (H, n, Dh)
+        probs = torch.softmax((qs @ ks.transpose(-2, -1)) * scale, dim=-1)
+        outs.append((probs @ vs).transpose(0, 1))
+        start += n
+    if not outs:
+        return torch.empty_like(q)
+    return torch.cat(outs, dim=0).to(q.dtype)

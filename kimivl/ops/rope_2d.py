@@ -1,0 +1,50 @@
+"""2-D rotary position embedding of the MoonViT vision tower, as real cos/sin arithmetic.
+
+Spec: ``shared/reference/kimivl-spec.md`` §3.6. Official names: ``Rope2DPosEmb`` and ``apply_rope``.
+Channels (2j, 2j+1) of a head form complex pair j. With f_i = theta^(-4i/Dh), i = 0..Dh/4-1,
+pair 2i rotates by col * f_i and pair 2i+1 by row * f_i (width on even pairs: the official code
+and the golden data do this; the upstream docstring says the opposite).
+Deliberate deviations: no complex dtypes and no cached 512x512 table; cos/sin are computed from the
+patch positions (the caller computes them once per forward and shares them across layers).
+"""
+from __future__ import annotations
+
+import torch
+
+VISION_ROPE_THETA: float = 10000.0
+
+
+def rope_2d_frequencies(head_dim: int, theta: float = VISION_ROPE_THETA,
+                        device: torch.device | None = None) -> torch.Tensor:
+    """f_i = theta^(-4i/Dh) for i = 0..Dh/4-1: (Dh/4,) float32."""
+    if head_dim % 4 != 0:
+        raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
+    # Same expression order as the reference (1 / theta**(4i/Dh) in float32) for bitwise-close angles.
+    exponent = torch.arange(0, head_dim, 4, device=device, dtype=torch.float32) / head_dim
+    return 1.0 / (theta ** exponent)
+
+
+def rope_2d_cos_sin(rows: torch.Tensor, cols: torch.Tensor, head_dim: int,
+                    theta: float = VISION_ROPE_THETA) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation of every complex pair for patches at (rows, cols).
+
+    rows, cols: (L,) integer positions inside each image -> cos, sin: (L, Dh/2) float32, where
+    column 2i holds angle cols * f_i and column 2i+1 holds rows * f_i.
+    """
+    freqs = rope_2d_frequencies(head_dim, theta, device=rows.device)  # (Dh/4,)
+    col_angle = cols.to(torch.float32)[:, None] * freqs
+    row_angle = rows.to(torch.float32)[:, None] * freqs
+    angle = torch.stack([col_angle, row_angle], dim=-1).flatten(1)  # (L, Dh/2): pairs w0, h0, w1, h1, ...
+    return torch.cos(angle), torch.sin(angle)
+
+
+def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs: x (L, H, Dh), cos/sin (L, Dh/2) -> (L, H, Dh) in x's dtype.
+
+    Computed in float32 (as the reference's complex multiply is) and cast back.
+    """
+    pairs = x.to(torch.float32).unflatten(-1, (-1, 2))  # (L, H, Dh/2, 2)
+    real, imag = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    rotated = torch.stack([real * c - imag * s, real * s + imag * c], dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
