@@ -1,0 +1,194 @@
+"""The Moonlight / DeepSeek-V3 MoE decoder: the ``language_model`` of Kimi-VL.
+
+Spec: ``shared/reference/kimivl-spec.md`` §1.3, §2 (keys under ``language_model.``), §4. Official names:
+``DeepseekV3ForCausalLM`` (``model``, ``lm_head``) > ``DeepseekV3Model`` (``embed_tokens``, ``layers``,
+``norm``) > ``DeepseekV3DecoderLayer`` (``input_layernorm``, ``self_attn``, ``post_attention_layernorm``,
+``mlp``). Attribute names are the checkpoint keys, so loading is ``load_state_dict(strict=True)``.
+
+Deliberate deviations: no registered buffers (the model is built on the meta device and filled with
+``assign=True``); RoPE tables and the attention mask are computed once per forward and passed to every
+layer; the padding mask lets a pad query attend to itself so fully padded rows stay finite; outputs are
+small dataclasses instead of transformers' ``ModelOutput``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kimivl.configuration import DeepseekV3Config
+from kimivl.decoder.attention import DeepseekV3Attention
+from kimivl.decoder.mlp import DeepseekV3MLP
+from kimivl.decoder.moe import DeepseekV3MoE
+from kimivl.decoder.norm import DeepseekV3RMSNorm
+from kimivl.errors import KimiVLInputError
+from kimivl.ops.rope import rope_cos_sin
+
+
+@dataclass
+class DeepseekV3ModelOutput:
+    """last_hidden_state: (B, S, hidden) after the final norm. hidden_states: see ``DeepseekV3Model.forward``."""
+
+    last_hidden_state: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class CausalLMOutput:
+    """logits: (B, S, vocab) float32. hidden_states: as in :class:`DeepseekV3ModelOutput`."""
+
+    logits: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) padding mask (1 = token, 0 = pad) -> bool (B, 1, S, S), True where query i may attend key j.
+
+    Causal and restricted to real keys; every query also sees itself so a pad query (e.g. under left
+    padding) never has an empty softmax row. Real tokens never see pads, so their outputs are unaffected.
+    """
+    s = attention_mask.shape[-1]
+    idx = torch.arange(s, device=attention_mask.device)
+    causal = idx[None, :] <= idx[:, None]  # (S, S): key j <= query i
+    mask = causal & attention_mask.bool()[:, None, None, :]
+    return mask | (idx[None, :] == idx[:, None])
+
+
+class DeepseekV3DecoderLayer(nn.Module):
+    """h = h + self_attn(input_layernorm(h)); h = h + mlp(post_attention_layernorm(h))."""
+
+    def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = DeepseekV3Attention(config)
+        self.mlp: nn.Module = (
+            DeepseekV3MoE(config) if config.is_moe_layer(layer_idx)
+            else DeepseekV3MLP(config.hidden_size, config.intermediate_size)
+        )
+        self.input_layernorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """h: (B, S, hidden); cos, sin: (B, S, rope); attn_mask: bool (B, 1, S, S) or None (causal)."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DeepseekV3Model(nn.Module):
+    """Token embedding, decoder layers and final norm."""
+
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__()
+        self.config = config
+        pad = config.pad_token_id
+        self.padding_idx = pad if pad is not None and 0 <= pad < config.vocab_size else None
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=self.padding_idx)
+        self.layers = nn.ModuleList(DeepseekV3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> DeepseekV3ModelOutput:
+        """Run the decoder on ids or embeddings (exactly one of the two).
+
+        input_ids: (B, S) int in [0, vocab_size) | inputs_embeds: (B, S, hidden). attention_mask: (B, S),
+        1 = token, 0 = pad (left padding supported). position_ids: (B, S) or (1, S); default
+        ``attention_mask.cumsum(-1) - 1`` clamped at 0 when a mask is given, else ``0..S-1``.
+        ``hidden_states`` (if asked) follows the official convention: the embeddings, the output of every
+        layer but the last, then the final-normed state (``num_hidden_layers + 1`` tensors).
+        """
+        h = self._embed(input_ids, inputs_embeds)
+        b, s, _ = h.shape
+        self._check_mask_and_positions(attention_mask, position_ids, b, s)
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                position_ids = torch.arange(s, device=h.device).unsqueeze(0)
+        position_ids = position_ids.to(h.device).expand(b, s)
+        cfg = self.config
+        cos, sin = rope_cos_sin(position_ids, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, dtype=h.dtype)
+        attn_mask = causal_padding_mask(attention_mask.to(h.device)) if attention_mask is not None else None
+
+        hidden_states: list[torch.Tensor] = []
+        for layer in self.layers:
+            if output_hidden_states:
+                hidden_states.append(h)
+            h = layer(h, cos, sin, attn_mask)
+        h = self.norm(h)
+        if output_hidden_states:
+            # The official model replaces the last layer's raw output by the normed state.
+            hidden_states.append(h)
+        return DeepseekV3ModelOutput(h, tuple(hidden_states) if output_hidden_states else None)
+
+    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Validate the two input forms and return (B, S, hidden) embeddings."""
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise KimiVLInputError(
+                "pass exactly one of input_ids and inputs_embeds (got "
+                f"{'both' if input_ids is not None else 'neither'})"
+            )
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
+                raise KimiVLInputError(
+                    f"inputs_embeds must have shape (batch, seq, {cfg.hidden_size}), got {tuple(inputs_embeds.shape)}"
+                )
+            if not inputs_embeds.is_floating_point():
+                raise KimiVLInputError(f"inputs_embeds must be floating point, got {inputs_embeds.dtype}")
+            if inputs_embeds.shape[1] == 0:
+                raise KimiVLInputError("inputs_embeds has sequence length 0")
+            return inputs_embeds
+        assert input_ids is not None
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise KimiVLInputError(f"input_ids must have shape (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise KimiVLInputError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())  # one host sync at the entry point
+        if lo < 0 or hi >= cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise KimiVLInputError(f"input_ids contains {bad}, outside the vocabulary [0, {cfg.vocab_size})")
+        return self.embed_tokens(input_ids)
+
+    @staticmethod
+    def _check_mask_and_positions(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                                  b: int, s: int) -> None:
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, s):
+            raise KimiVLInputError(
+                f"attention_mask must be a 2-D padding mask of shape ({b}, {s}) like the inputs, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        if position_ids is not None:
+            if position_ids.dim() != 2 or position_ids.shape[1] != s or position_ids.shape[0] not in (1, b):
+                raise KimiVLInputError(
+                    f"position_ids must have shape ({b}, {s}) or (1, {s}), got {tuple(position_ids.shape)}"
+                )
+            if position_ids.is_floating_point():
+                raise KimiVLInputError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    """Decoder plus ``lm_head``; logits are returned in float32."""
+
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DeepseekV3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        # load_state_dict(assign=True) replaces parameter objects, which would untie them.
+        self.register_load_state_dict_post_hook(lambda module, _incompatible: module.tie_weights())
+
+    def tie_weights(self) -> None:
+        """Share ``lm_head.weight`` with ``model.embed_tokens.weight`` when ``tie_word_embeddings``."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> CausalLMOutput:
+        """Arguments as :meth:`DeepseekV3Model.forward`. Returns logits (B, S, vocab) float32."""
+        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         position_ids=position_ids, output_hidden_states=output_hidden_states)
+        return CausalLMOutput(self.lm_head(out.last_hidden_state).float(), out.hidden_states)
