@@ -54,7 +54,7 @@ class MoonVisionPatchEmbed(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> torch.Tensor:
         """pixel_values: (L, 3, p, p) -> (L, D)."""
-        x = self.proj(pixel_values).view(pixel_values.shape[0], -1)
+        x = self.proj(pixel_values).flatten(1)  # (L, D, 1, 1) -> (L, D)
         return self.pos_emb(x, grid_hws)
 
 
@@ -91,7 +91,7 @@ class MoonVitEncoderLayer(nn.Module):
         q, k, v = qkv.unbind(dim=1)  # each (L, H, Dh)
         q, k = apply_rope_2d(q, *rope), apply_rope_2d(k, *rope)
         out = varlen_attention(q, k, v, cu_seqlens, backend=attn_backend, seqlens=seqlens)
-        return self.wo(out.reshape(x.shape[0], -1))
+        return self.wo(out.flatten(1))
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, seqlens: list[int],
                 rope: tuple[torch.Tensor, torch.Tensor], attn_backend: str = "auto") -> torch.Tensor:
