@@ -27,6 +27,12 @@ def cu_seqlens_from_lengths(seqlens: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def cu_seqlens_from_grid(grid_hws: torch.Tensor) -> torch.Tensor:
+    """Segments of packed images: grid_hws (N, 2) (h, w) -> (N+1,) int32 ``[0, h0*w0, h0*w0 + h1*w1, ...]``."""
+    grid = grid_hws.long()
+    return cu_seqlens_from_lengths(grid[:, 0] * grid[:, 1])
+
+
 def _flash_varlen_fn() -> Callable[..., torch.Tensor]:
     try:
         from flash_attn import flash_attn_varlen_func

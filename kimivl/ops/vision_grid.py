@@ -15,13 +15,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kimivl.ops.attention import cu_seqlens_from_lengths
+from kimivl.ops.attention import cu_seqlens_from_grid
 
-
-def cu_seqlens_from_grid(grid_hws: torch.Tensor) -> torch.Tensor:
-    """grid_hws: (N, 2) -> cu_seqlens: (N+1,) int32 = ``[0, h0*w0, h0*w0 + h1*w1, ...]``."""
-    grid = grid_hws.long()
-    return cu_seqlens_from_lengths(grid[:, 0] * grid[:, 1])
+__all__ = ["cu_seqlens_from_grid", "grid_positions", "interpolate_pos_emb", "patch_merge", "patch_merge_index"]
 
 
 def _image_of_patch(grid: torch.Tensor, num_patches: int | None) -> tuple[torch.Tensor, torch.Tensor]:
