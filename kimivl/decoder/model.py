@@ -142,7 +142,9 @@ class DeepseekV3Model(nn.Module):
             return inputs_embeds
         assert input_ids is not None
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise KimiVLInputError(f"input_ids must have shape (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}")
+            raise KimiVLInputError(
+                f"input_ids must have shape (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}"
+            )
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise KimiVLInputError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         lo, hi = int(input_ids.min()), int(input_ids.max())  # one host sync at the entry point
