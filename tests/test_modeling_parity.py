@@ -87,7 +87,7 @@ def test_input_errors(model, golden):
     p = _prompt(golden)
     with pytest.raises(KimiVLInputError, match="without image_grid_hws"):
         model(input_ids=p["input_ids"], pixel_values=p["pixel_values"])
-    with pytest.raises(KimiVLInputError, match=r"ids in \[0, 1000\].*1000 rows"):
+    with pytest.raises(KimiVLInputError, match=r"ids in \[1, 1000\].*1000 rows"):
         model(input_ids=torch.tensor([[1, 2, 1000]]))
     with pytest.raises(KimiVLInputError, match="attention_mask has shape"):
         model(input_ids=p["input_ids"], attention_mask=torch.ones(1, 3), pixel_values=p["pixel_values"],
