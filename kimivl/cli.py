@@ -1,0 +1,90 @@
+"""The ``kimivl`` command: one entry point with subcommands (argparse, like the serving engines).
+
+Subcommands so far: ``info`` (config summary, parameter counts, memory per dtype).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def model_summary(path: str) -> dict:
+    """Architecture numbers of a checkpoint or config directory, computed on the meta device."""
+    import torch
+
+    from kimivl.configuration import KimiVLConfig
+    from kimivl.modeling import KimiVLForConditionalGeneration
+
+    config = KimiVLConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = KimiVLForConditionalGeneration(config)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    t = config.text_config
+    routed = sum(count(layer.mlp.experts) for layer in model.language_model.model.layers if hasattr(layer.mlp, "experts"))
+    active_routed = routed * t.num_experts_per_tok // t.n_routed_experts if t.n_routed_experts else 0
+    total = count(model)
+    lm = count(model.language_model)
+    return {
+        "path": str(path),
+        "parameters": {
+            "total": total,
+            "vision_tower": count(model.vision_tower),
+            "multi_modal_projector": count(model.multi_modal_projector),
+            "language_model": lm,
+            "language_model_active_per_token": lm - routed + active_routed,
+        },
+        "weights_bytes": {name: total * size for name, size in _DTYPE_BYTES.items()},
+        "mla_cache_bytes_per_token_bf16": (t.kv_lora_rank + t.qk_rope_head_dim) * t.num_hidden_layers * 2,
+        "vision": {k: getattr(config.vision_config, k) for k in ("hidden_size", "num_hidden_layers",
+                                                                 "num_attention_heads", "patch_size")},
+        "text": {k: getattr(t, k) for k in ("hidden_size", "num_hidden_layers", "n_routed_experts",
+                                           "num_experts_per_tok", "n_shared_experts", "kv_lora_rank",
+                                           "q_lora_rank", "vocab_size", "max_position_embeddings")},
+    }
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    summary = model_summary(args.path)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    p = summary["parameters"]
+    print(f"{summary['path']}")
+    print(f"  parameters        {p['total']:>16,}")
+    print(f"    vision_tower    {p['vision_tower']:>16,}")
+    print(f"    projector       {p['multi_modal_projector']:>16,}")
+    print(f"    language_model  {p['language_model']:>16,}  (active per token: {p['language_model_active_per_token']:,})")
+    for name, size in summary["weights_bytes"].items():
+        print(f"  weights {name:<9} {size / 2**30:>12.2f} GiB")
+    print(f"  MLA cache (bf16)  {summary['mla_cache_bytes_per_token_bf16']:>12,} bytes/token")
+    print(f"  vision {summary['vision']}")
+    print(f"  text   {summary['text']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kimivl", description="Kimi-VL in native PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="config summary, parameter counts, memory per dtype")
+    info.add_argument("path", help="checkpoint or config directory (or a config.json)")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"kimivl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
