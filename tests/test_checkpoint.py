@@ -161,3 +161,25 @@ def test_unknown_local_path_and_offline_hub_id(tmp_path, monkeypatch):
         KimiVLForConditionalGeneration.from_pretrained(tmp_path / "missing" / "dir")
     with pytest.raises(FileNotFoundError, match=r"moonshotai/Kimi-VL-A3B-Instruct.*HF_HUB_OFFLINE"):
         KimiVLForConditionalGeneration.from_pretrained("moonshotai/Kimi-VL-A3B-Instruct")
+
+
+def test_loading_assigns_the_read_tensors_without_copies(golden_dir, monkeypatch):
+    """Parameters *are* the tensors read from the file (one copy), built on meta (no random init)."""
+    import kimivl.checkpoint as ckpt
+
+    read: dict[str, int] = {}
+    original = ckpt.iter_checkpoint_tensors
+
+    def recording(*args, **kwargs):
+        for key, tensor in original(*args, **kwargs):
+            read[key] = tensor.data_ptr()
+            yield key, tensor
+
+    monkeypatch.setattr(ckpt, "iter_checkpoint_tensors", recording)
+    init_calls = []
+    linear_reset = torch.nn.Linear.reset_parameters
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters",
+                        lambda self: init_calls.append(self.weight.device) or linear_reset(self))
+    model = KimiVLForConditionalGeneration.from_pretrained(golden_dir)
+    assert {k: t.data_ptr() for k, t in model.state_dict().items()} == read
+    assert init_calls and all(device.type == "meta" for device in init_calls)
