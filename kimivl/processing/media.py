@@ -139,7 +139,7 @@ def _open_lazy(source: ImageSource, label: str) -> Image.Image:
         raise KimiVLInputError(f"{label}: not a readable image file ({len(data)} bytes, format not "
                                "recognised or header corrupt)") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise KimiVLInputError(f"{label}: corrupt image header: {e}") from e
+        raise KimiVLInputError(f"{label}: not a readable image file, the header is corrupt or truncated ({e})") from e
 
 
 def image_size(source: ImageSource, *, label: str = "image") -> tuple[int, int]:

@@ -205,22 +205,28 @@ class KimiVLTokenizer:
         except KeyError:
             raise KimiVLInputError(f"{name!r} is not a special token of this tokenizer") from None
 
+    def _token_to_id(self, token: str) -> int:
+        if token in self.special_tokens:
+            return self.special_tokens[token]
+        try:
+            return self._encoding.encode_single_token(token.encode("utf-8"))
+        except KeyError:
+            raise KimiVLInputError(f"{token!r} is not a single token of this vocabulary") from None
+
+    def _id_to_token(self, token_id: int) -> str:
+        return self._id_to_special.get(token_id) or self.decode([token_id])
+
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
         """Special token strings or single-token byte strings (UTF-8) to ids."""
         if isinstance(tokens, str):
-            if tokens in self.special_tokens:
-                return self.special_tokens[tokens]
-            try:
-                return self._encoding.encode_single_token(tokens.encode("utf-8"))
-            except KeyError:
-                raise KimiVLInputError(f"{tokens!r} is not a single token of this vocabulary") from None
-        return [self.convert_tokens_to_ids(t) for t in tokens]  # type: ignore[misc]
+            return self._token_to_id(tokens)
+        return [self._token_to_id(t) for t in tokens]
 
     def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> str | list[str]:
         """Special ids to their names, other ids to their text (undecodable bytes as U+FFFD)."""
         if isinstance(ids, int):
-            return self._id_to_special.get(ids) or self.decode([ids])
-        return [self.convert_ids_to_tokens(int(i)) for i in ids]  # type: ignore[misc]
+            return self._id_to_token(ids)
+        return [self._id_to_token(int(i)) for i in ids]
 
     def is_special_id(self, token_id: int) -> bool:
         return token_id >= self.num_base_tokens

@@ -1,0 +1,214 @@
+"""KimiVLProcessor: golden ids/pixels, splicing, count checks, batching, outputs, preflight, loading."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kimivl.errors import KimiVLInputError
+from kimivl.processing import IMAGE_BLOCK, MEDIA_PAD, KimiVLBatch, KimiVLProcessor
+
+
+def _prompt_messages(tiny_dir: Path, expected_json: dict) -> list[dict]:
+    messages = json.loads(json.dumps(expected_json["prompt"]["messages"]))
+    messages[0]["content"][0]["image"] = str(tiny_dir / "inputs" / messages[0]["content"][0]["image"])
+    return messages
+
+
+def test_import_paths():
+    import kimivl
+    from kimivl.processing import KimiVLProcessor as direct
+
+    assert kimivl.KimiVLProcessor is direct
+
+
+def test_golden_prompt_via_chat_template(tiny_processor, tiny_dir, expected, expected_json):
+    out = tiny_processor.apply_chat_template(_prompt_messages(tiny_dir, expected_json), add_generation_prompt=True,
+                                             tokenize=True, return_dict=True, return_tensors="pt")
+    assert list(out) == ["input_ids", "attention_mask", "pixel_values", "image_grid_hws"]
+    assert torch.equal(out.input_ids, expected["prompt.input_ids"])
+    assert torch.equal(out["attention_mask"], expected["prompt.attention_mask"])
+    torch.testing.assert_close(out.pixel_values, expected["prompt.pixel_values"], atol=1e-6, rtol=0)
+    assert torch.equal(out.image_grid_hws, expected["prompt.image_grid_hws"])
+    assert int((out.input_ids == 763).sum()) == expected_json["prompt"]["num_media_pad"]
+
+
+def test_golden_prompt_via_call(tiny_processor, tiny_dir, expected, expected_json):
+    image = Image.open(tiny_dir / "inputs" / "image_70x98.png")
+    out = tiny_processor(text=expected_json["prompt"]["chat_text"], images=image, return_tensors="pt")
+    assert out.input_ids.tolist() == [expected_json["prompt"]["input_ids"]]
+    torch.testing.assert_close(out.pixel_values, expected["prompt.pixel_values"], atol=1e-6, rtol=0)
+
+
+def test_golden_text_only(tiny_processor, expected):
+    out = tiny_processor.apply_chat_template([{"role": "user", "content": "What is in the image?"}],
+                                             add_generation_prompt=True, tokenize=True, return_dict=True,
+                                             return_tensors="pt")
+    assert torch.equal(out.input_ids, expected["text_only.input_ids"])
+    assert "pixel_values" not in out and torch.all(out.attention_mask == 1)
+    ids = tiny_processor.apply_chat_template([{"role": "user", "content": "What is in the image?"}],
+                                             add_generation_prompt=True, tokenize=True)
+    assert ids == expected["text_only.input_ids"].tolist()
+
+
+def test_three_images_in_order(tiny_processor, tiny_dir, expected, expected_json):
+    paths = [tiny_dir / "inputs" / n for n in expected_json["images"]]
+    content = [{"type": "image", "image": p} for p in paths] + [{"type": "text", "text": "Compare."}]
+    out = tiny_processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=True, return_tensors="pt")
+    torch.testing.assert_close(out.pixel_values, expected["processor.pixel_values"], atol=1e-6, rtol=0)
+    assert torch.equal(out.image_grid_hws, expected["processor.image_grid_hws"])
+    ids = out.input_ids[0].tolist()
+    # runs of <|media_pad|> of 12, 10 and 1 tokens, in image order
+    runs, n = [], 0
+    for t in ids + [0]:
+        if t == 763:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    assert runs == expected_json["vision"]["tokens_per_image_after_merge"]
+
+
+def test_image_sources_in_messages(tiny_processor, tiny_dir):
+    data = (tiny_dir / "inputs" / "image_28x28.png").read_bytes()
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    content = [{"type": "image", "image": data}, {"type": "image_url", "image_url": {"url": url}},
+               {"type": "image", "image": Image.open(io.BytesIO(data))},
+               {"type": "image", "path": str(tiny_dir / "inputs" / "image_28x28.png")}]
+    out = tiny_processor.apply_chat_template([{"role": "user", "content": content}], tokenize=True,
+                                             return_dict=True, return_tensors="pt")
+    assert out.image_grid_hws.tolist() == [[2, 2]] * 4
+    per_image = out.pixel_values.view(4, 4, 3, 14, 14)
+    assert all(torch.equal(per_image[0], per_image[i]) for i in range(4))
+
+
+@pytest.mark.parametrize("n_placeholders, n_images", [(2, 1), (1, 2), (0, 1), (1, 0)])
+def test_placeholder_image_count_mismatch(tiny_processor, n_placeholders, n_images):
+    text = "Look: " + IMAGE_BLOCK * n_placeholders
+    images = [Image.new("RGB", (28, 28))] * n_images
+    with pytest.raises(KimiVLInputError,
+                       match=f"{n_placeholders} {MEDIA_PAD.replace('|', '[|]')} image placeholders in the text but "
+                             f"{n_images} images given"):
+        tiny_processor(text=text, images=images or None)
+
+
+def test_images_counted_across_a_batch(tiny_processor):
+    images = [Image.new("RGB", (28, 28), (255, 0, 0)), Image.new("RGB", (56, 28), (0, 0, 255))]
+    out = tiny_processor(text=["a" + IMAGE_BLOCK, "b" + IMAGE_BLOCK], images=images)
+    assert out.image_grid_hws.tolist() == [[2, 2], [2, 4]]
+    assert (out.input_ids == 763).sum(1).tolist() == [1, 2]
+    with pytest.raises(KimiVLInputError, match="2 .* placeholders in the text but 3 images"):
+        tiny_processor(text=["a" + IMAGE_BLOCK, "b" + IMAGE_BLOCK], images=images + images[:1])
+
+
+def test_corrupt_image_in_conversation(tiny_processor, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(KimiVLInputError, match=r"image 0 \(message 0 item 1\): not a readable image"):
+        tiny_processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "x"},
+                                                                          {"type": "image", "image": bad}]}],
+                                           tokenize=True)
+
+
+def test_batch_left_padding(tiny_processor, expected_json):
+    long_text, short_text = expected_json["prompt"]["chat_text"], expected_json["text_only"]["chat_text"]
+    image = Image.new("RGB", (70, 98))
+    out = tiny_processor(text=[long_text, short_text], images=[image], return_tensors="pt")
+    assert out.input_ids.shape == (2, 55) and out.attention_mask.sum(1).tolist() == [55, 35]
+    assert out.input_ids[1, :20].tolist() == [tiny_processor.tokenizer.pad_token_id] * 20
+    assert out.input_ids[1, 20:].tolist() == expected_json["text_only"]["input_ids"]
+    assert out.attention_mask[1, :20].tolist() == [0] * 20
+    right = tiny_processor(text=[long_text, short_text], images=[image], padding_side="right")
+    assert right.input_ids[1, :35].tolist() == expected_json["text_only"]["input_ids"]
+    assert right.attention_mask[1, 35:].tolist() == [0] * 20
+    assert tiny_processor.padding_side == "left"  # the per-call choice does not stick
+    fixed = tiny_processor(text=short_text, padding="max_length", max_length=40)
+    assert fixed.input_ids.shape == (1, 40)
+    with pytest.raises(KimiVLInputError, match="different lengths"):
+        tiny_processor(text=[long_text, short_text], images=[image], padding=False)
+    lists = tiny_processor(text=[long_text, short_text], images=[image], padding=False, return_tensors=None)
+    assert [len(r) for r in lists["input_ids"]] == [55, 35]
+
+
+def test_batch_feature_access_and_to(tiny_processor, expected_json):
+    out = tiny_processor(text=expected_json["prompt"]["chat_text"], images=[Image.new("RGB", (70, 98))])
+    assert isinstance(out, KimiVLBatch) and out.input_ids is out["input_ids"]
+    with pytest.raises(AttributeError, match="no field 'labels'"):
+        _ = out.labels
+    half = out.to(torch.float16)
+    assert half.pixel_values.dtype == torch.float16 and half.input_ids.dtype == torch.int64
+    moved = out.to("cpu")
+    assert moved.pixel_values.device.type == "cpu" and torch.equal(moved.input_ids, out.input_ids)
+    assert out.to(device="cpu", dtype=torch.bfloat16).pixel_values.dtype == torch.bfloat16
+    as_np = tiny_processor(text="hi", return_tensors="np")
+    assert isinstance(as_np["input_ids"], np.ndarray)
+
+
+def test_batch_decode(tiny_processor, expected_json):
+    ids = torch.tensor([expected_json["text_only"]["input_ids"]])
+    assert tiny_processor.batch_decode(ids) == [expected_json["text_only"]["chat_text"]]
+    assert tiny_processor.batch_decode(ids, skip_special_tokens=True) == [
+        "systemYou are a helpful assistantuserWhat is in the image?assistant"]
+    assert tiny_processor.decode(ids[0, -1]) == "<|im_middle|>"
+
+
+def test_preflight_counts_and_refusal(processor, tiny_dir, tmp_path, expected_json):
+    messages = _prompt_messages(tiny_dir, expected_json)
+    report = processor.preflight(messages)
+    assert report.total_tokens == 55 and report.text_tokens == 43
+    assert [(m.kind, m.tokens, m.sizes) for m in report.media] == [("image", 12, [(70, 98)])]
+    # pixels are not decoded: a file with a valid header but truncated data still counts
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (980, 1000, 3), np.uint8)).save(buf, format="PNG")
+    big = tmp_path / "big.png"
+    big.write_bytes(buf.getvalue()[:5000])
+    big_messages = [{"role": "user", "content": [{"type": "image", "image": big}, {"type": "text", "text": "?"}]}]
+    report = processor.preflight(big_messages, check=False)
+    assert report.media[0].tokens == 1056 and report.context_length == 512
+    with pytest.raises(KimiVLInputError, match=r"needs 1\d{3} tokens but the model context is 512.*image 0.*1056"):
+        processor.preflight(big_messages)
+    with pytest.raises(KimiVLInputError, match=r"needs 55 tokens \+ 500 new tokens but the model context is 512"):
+        processor.preflight(messages, max_new_tokens=500)
+    # the processor itself refuses over-long inputs too, naming the numbers
+    with pytest.raises(KimiVLInputError, match="over the model context of 512"):
+        processor(text="hello " * 600)
+
+
+def test_from_pretrained_template_sources(tmp_path, tiny_dir, expected_json):
+    plain = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, plain, ignore=shutil.ignore_patterns("*.safetensors", "expected", "inputs"))
+    (plain / "chat_template.jinja").unlink()
+    proc = KimiVLProcessor.from_pretrained(plain)  # template from tokenizer_config.json
+    assert proc.apply_chat_template([{"role": "user", "content": "What is in the image?"}],
+                                    add_generation_prompt=True) == expected_json["text_only"]["chat_text"]
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    proc = KimiVLProcessor.from_pretrained(plain)  # built-in template
+    assert proc.apply_chat_template([{"role": "user", "content": "What is in the image?"}],
+                                    add_generation_prompt=True) == expected_json["text_only"]["chat_text"]
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg["media_placeholder_token_id"] = 760
+    (plain / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(KimiVLInputError, match="media_placeholder_token_id=760 but the tokenizer's"):
+        KimiVLProcessor.from_pretrained(plain)
+
+
+def test_missing_checkpoint_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        KimiVLProcessor.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="tiktoken.model"):
+        KimiVLProcessor.from_pretrained(tmp_path)
+
+
+def test_text_is_required(tiny_processor):
+    with pytest.raises(KimiVLInputError, match="text is required"):
+        tiny_processor(images=[Image.new("RGB", (28, 28))])
