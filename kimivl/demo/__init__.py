@@ -1,0 +1,1 @@
+"""The shipped demo model: its synthetic task family, data and evaluation (docs/demo-model.md)."""

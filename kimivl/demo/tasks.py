@@ -1,0 +1,235 @@
+"""The synthetic multimodal task family the shipped demo model is trained and evaluated on.
+
+Each generator draws one sample from a seeded ``random.Random``: the media (PIL images, a list
+of video frames, or PDF bytes), the question (asked exactly as in docs/demo-model.md) and the
+lower-case answer. Samples become chat messages in the processor's format with ``to_messages``.
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 25),
+    "purple": (140, 55, 180),
+    "orange": (245, 135, 25),
+}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = ("left", "right", "up", "down")
+
+QUESTIONS = {
+    "color": "What color is the shape?",
+    "shape": "What shape is this?",
+    "count": "How many shapes are there?",
+    "number": "What number is written in the image?",
+    "compare": "Which image has more shapes, the first or the second?",
+    "direction": "Which direction is the ball moving?",
+    "pdf": "What number is on page {page}?",
+}
+TASKS = tuple(QUESTIONS)
+MIN_SIDE, MAX_SIDE = 56, 448
+
+
+@dataclass
+class Sample:
+    task: str
+    question: str
+    answer: str
+    images: list[Image.Image] = field(default_factory=list)  # one or two images
+    video: list[Image.Image] | None = None  # frames
+    document: bytes | None = None  # a PDF
+
+    def to_messages(self, *, with_answer: bool = True, text_first: bool = False) -> list[dict[str, Any]]:
+        """Chat messages: the media items, then the question (or the question first)."""
+        media: list[dict[str, Any]] = [{"type": "image", "image": im} for im in self.images]
+        if self.video is not None:
+            media.append({"type": "video", "video": self.video})
+        if self.document is not None:
+            media.append({"type": "document", "document": self.document})
+        text = [{"type": "text", "text": self.question}]
+        messages: list[dict[str, Any]] = [{"role": "user", "content": text + media if text_first else media + text}]
+        if with_answer:
+            messages.append({"role": "assistant", "content": self.answer})
+        return messages
+
+
+# ---------------------------------------------------------------------------- drawing helpers
+def _jitter(rng: random.Random, rgb: tuple[int, int, int], amount: int = 18) -> tuple[int, int, int]:
+    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)  # type: ignore[return-value]
+
+
+def _canvas(rng: random.Random, width: int | None = None, height: int | None = None) -> Image.Image:
+    w = width or rng.randint(MIN_SIDE, MAX_SIDE)
+    h = height or rng.randint(MIN_SIDE, MAX_SIDE)
+    return Image.new("RGB", (w, h), tuple(rng.randint(200, 255) for _ in range(3)))
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, size: float,
+               color: tuple[int, int, int], angle: float = 0.0) -> None:
+    """A filled shape of bounding size ``size`` centred at (cx, cy)."""
+    r = size / 2
+    if kind == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        return
+    if kind == "square":
+        corners = [(-r, -r), (r, -r), (r, r), (-r, r)]
+    else:  # triangle, apex up before rotation
+        corners = [(0.0, -r), (r, r * 0.8), (-r, r * 0.8)]
+    c, s = math.cos(angle), math.sin(angle)
+    draw.polygon([(cx + x * c - y * s, cy + x * s + y * c) for x, y in corners], fill=color)
+
+
+def _place(rng: random.Random, w: int, h: int, sizes: list[float], tries: int = 400) -> list[tuple[float, float]] | None:
+    """Centres for non-overlapping discs of the given sizes inside a w x h canvas (None if no fit)."""
+    centres: list[tuple[float, float]] = []
+    for size in sizes:
+        r = size / 2 + 1
+        for _ in range(tries):
+            x, y = rng.uniform(r, w - r), rng.uniform(r, h - r)
+            if all(math.hypot(x - px, y - py) > r + ps / 2 + 2 for (px, py), ps in zip(centres, sizes)):
+                centres.append((x, y))
+                break
+        else:
+            return None
+    return centres
+
+
+def shapes_image(rng: random.Random, n: int, *, size_range: tuple[float, float] = (0.12, 0.20)) -> Image.Image:
+    """An image with ``n`` non-overlapping shapes of any kind and colour."""
+    while True:
+        img = _canvas(rng)
+        short = min(img.size)
+        sizes = [short * rng.uniform(*size_range) for _ in range(n)]
+        centres = _place(rng, *img.size, sizes)
+        if centres is None:
+            continue
+        draw = ImageDraw.Draw(img)
+        for (x, y), size in zip(centres, sizes):
+            draw_shape(draw, rng.choice(SHAPES), x, y, size, _jitter(rng, COLORS[rng.choice(list(COLORS))]),
+                       rng.uniform(-0.3, 0.3))
+        return img
+
+
+def number_image(rng: random.Random, text: str, *, width: int | None = None, height: int | None = None,
+                 font_size: int | None = None) -> Image.Image:
+    """``text`` in dark ink in Pillow's built-in font at a random place that fits."""
+    size = font_size or rng.randint(18, 40)
+    font = ImageFont.load_default(size)
+    left, top, right, bottom = font.getbbox(text)
+    tw, th = right - left, bottom - top
+    w = width or rng.randint(max(MIN_SIDE, tw + 8), MAX_SIDE)
+    h = height or rng.randint(max(MIN_SIDE, th + 8), MAX_SIDE)
+    img = _canvas(rng, w, h)
+    x = rng.randint(2, max(2, w - tw - 2)) - left
+    y = rng.randint(2, max(2, h - th - 2)) - top
+    ink = tuple(rng.randint(0, 70) for _ in range(3))
+    ImageDraw.Draw(img).text((x, y), text, fill=ink, font=font)
+    return img
+
+
+def _digits(rng: random.Random) -> str:
+    return str(rng.randint(1, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(2, 4)))
+
+
+# ---------------------------------------------------------------------------- the tasks
+def color_task(rng: random.Random) -> Sample:
+    img = _canvas(rng)
+    name = rng.choice(list(COLORS))
+    size = min(img.size) * rng.uniform(0.2, 0.7)
+    x, y = rng.uniform(size / 2, img.width - size / 2), rng.uniform(size / 2, img.height - size / 2)
+    draw_shape(ImageDraw.Draw(img), rng.choice(SHAPES), x, y, size, _jitter(rng, COLORS[name]), rng.uniform(-0.3, 0.3))
+    return Sample("color", QUESTIONS["color"], name, images=[img])
+
+
+def shape_task(rng: random.Random) -> Sample:
+    img = _canvas(rng)
+    kind = rng.choice(SHAPES)
+    size = min(img.size) * rng.uniform(0.2, 0.7)
+    x, y = rng.uniform(size / 2, img.width - size / 2), rng.uniform(size / 2, img.height - size / 2)
+    draw_shape(ImageDraw.Draw(img), kind, x, y, size, _jitter(rng, COLORS[rng.choice(list(COLORS))]),
+               rng.uniform(-0.3, 0.3))
+    return Sample("shape", QUESTIONS["shape"], kind, images=[img])
+
+
+def count_task(rng: random.Random) -> Sample:
+    n = rng.randint(1, 6)
+    return Sample("count", QUESTIONS["count"], str(n), images=[shapes_image(rng, n)])
+
+
+def number_task(rng: random.Random) -> Sample:
+    text = _digits(rng)
+    return Sample("number", QUESTIONS["number"], text, images=[number_image(rng, text)])
+
+
+def compare_task(rng: random.Random) -> Sample:
+    a, b = rng.sample(range(1, 7), 2)
+    return Sample("compare", QUESTIONS["compare"], "first" if a > b else "second",
+                  images=[shapes_image(rng, a), shapes_image(rng, b)])
+
+
+def direction_task(rng: random.Random) -> Sample:
+    direction = rng.choice(DIRECTIONS)
+    n = rng.randint(4, 8)
+    w, h = rng.randint(MIN_SIDE, MAX_SIDE), rng.randint(MIN_SIDE, MAX_SIDE)
+    bg = tuple(rng.randint(200, 255) for _ in range(3))
+    color = _jitter(rng, COLORS[rng.choice(list(COLORS))])
+    r = min(w, h) * rng.uniform(0.06, 0.12)
+    horizontal = direction in ("left", "right")
+    span = (w if horizontal else h) - 2 * r
+    travel = span * rng.uniform(0.5, 0.95)
+    start = rng.uniform(r, r + span - travel)
+    sign = 1 if direction in ("right", "down") else -1
+    if sign < 0:
+        start += travel
+    fixed = rng.uniform(r, (h if horizontal else w) - r)
+    frames = []
+    for i in range(n):
+        pos = start + sign * travel * i / (n - 1)
+        cx, cy = (pos, fixed) if horizontal else (fixed, pos)
+        frame = Image.new("RGB", (w, h), bg)
+        ImageDraw.Draw(frame).ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        frames.append(frame)
+    return Sample("direction", QUESTIONS["direction"], direction, video=frames)
+
+
+def pdf_bytes(pages: list[Image.Image]) -> bytes:
+    """A PDF whose pages are the given images (Pillow's PDF writer)."""
+    buf = io.BytesIO()
+    pages[0].save(buf, format="PDF", save_all=True, append_images=pages[1:], resolution=72.0)
+    return buf.getvalue()
+
+
+def pdf_task(rng: random.Random) -> Sample:
+    n = rng.randint(1, 3)
+    numbers = [_digits(rng) for _ in range(n)]
+    page = rng.randint(1, n)
+    w = rng.randint(200, 448)
+    h = int(w * rng.uniform(1.2, 1.45))  # portrait pages
+    images = [number_image(rng, t, width=w, height=h, font_size=rng.randint(24, 48)) for t in numbers]
+    return Sample("pdf", QUESTIONS["pdf"].format(page=page), numbers[page - 1], document=pdf_bytes(images))
+
+
+GENERATORS: dict[str, Callable[[random.Random], Sample]] = {
+    "color": color_task, "shape": shape_task, "count": count_task, "number": number_task,
+    "compare": compare_task, "direction": direction_task, "pdf": pdf_task,
+}
+
+
+def sample(task: str, rng: random.Random) -> Sample:
+    if task not in GENERATORS:
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    return GENERATORS[task](rng)
+
+
+def is_correct(prediction: str, answer: str) -> bool:
+    """Exact match after trimming whitespace and a final period, case-insensitive."""
+    return prediction.strip().rstrip(".").strip().lower() == answer
