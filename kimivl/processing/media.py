@@ -14,7 +14,6 @@ import binascii
 import io
 import os
 import urllib.parse
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,10 +129,8 @@ def _open_lazy(source: ImageSource, label: str) -> Image.Image:
     if not data:
         raise KimiVLInputError(f"{label}: the image data is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
         raise KimiVLInputError(f"{label}: image too large to decode safely: {e}") from e
     except Image.UnidentifiedImageError as e:
         raise KimiVLInputError(f"{label}: not a readable image file ({len(data)} bytes, format not "

@@ -217,9 +217,11 @@ class KimiVLProcessor:
         ``DOCUMENT_BLOCK`` (each a source, or a dict ``{"video": src, "fps": ...}`` with options)."""
         if text is None:
             raise KimiVLInputError("text is required (render a conversation with apply_chat_template first)")
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else [text]
         if not texts or not all(isinstance(t, str) for t in texts):
-            raise KimiVLInputError("text must be a string or a non-empty list of strings")
+            bad = next((type(t).__name__ for t in texts if not isinstance(t, str)), "an empty list")
+            raise KimiVLInputError(f"text must be a string or a non-empty list of strings, got {bad} (pass media "
+                                   "by keyword: processor(text=..., images=...))")
         given = {"image": self._as_media_list(images, "image"), "video": self._as_media_list(videos, "video"),
                  "document": self._as_media_list(documents, "document")}
         items = {k: [self._media_item(k, i, src) for i, src in enumerate(v)] for k, v in given.items()}
@@ -340,26 +342,29 @@ class KimiVLProcessor:
                             return_dict: bool = False, return_tensors: str | None = None,
                             padding: bool | str = True, padding_side: str | None = None,
                             max_length: int | None = None, return_labels: bool = False,
-                            **template_kwargs: Any) -> Any:
+                            chat_template: str | None = None, **template_kwargs: Any) -> Any:
         """Render one conversation (or a list of them). ``tokenize=False``: the text (str, or list of str);
         ``tokenize=True``: the processor output with the media taken from the messages (``return_dict``) or
         just ``input_ids``. ``return_labels=True`` adds ``labels`` (-100 except assistant content and its
-        end token) from the same rendering; it needs ``tokenize=True`` and no generation prompt."""
+        end token) from the same rendering; it needs ``tokenize=True`` and no generation prompt.
+        ``chat_template`` renders this call with another template instead of the processor's."""
         convs, batched = self._conversations(conversation)
+        renderer = self.renderer if chat_template is None else ChatRenderer(chat_template,
+                                                                             self.tokenizer.special_tokens)
         if return_labels and (not tokenize or add_generation_prompt):
             raise KimiVLInputError("return_labels needs tokenize=True and add_generation_prompt=False")
         prepared = [prepare_messages(c, need_sources=tokenize) for c in convs]
         if not tokenize:
-            texts = [self.renderer.render(m, add_generation_prompt=add_generation_prompt, **template_kwargs)
+            texts = [renderer.render(m, add_generation_prompt=add_generation_prompt, **template_kwargs)
                      for m, _ in prepared]
             return texts if batched else texts[0]
         masks: list[bytearray] | None = None
         if return_labels:
-            rendered = [self.renderer.render_with_mask(m, **template_kwargs) for m, _ in prepared]
+            rendered = [renderer.render_with_mask(m, **template_kwargs) for m, _ in prepared]
             texts = [r.text for r in rendered]
             masks = [_span_mask(len(r.text), r.trainable_spans) for r in rendered]
         else:
-            texts = [self.renderer.render(m, add_generation_prompt=add_generation_prompt, **template_kwargs)
+            texts = [renderer.render(m, add_generation_prompt=add_generation_prompt, **template_kwargs)
                      for m, _ in prepared]
         items = {k: [it for _, media in prepared for it in media if it.kind == k] for k in _KINDS}
         out = self._encode(texts, items, masks, return_tensors=return_tensors, padding=padding,

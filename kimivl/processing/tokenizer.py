@@ -232,8 +232,9 @@ class KimiVLTokenizer:
         return token_id >= self.num_base_tokens
 
     # ------------------------------------------------------------------ encode / decode
-    def encode(self, text: str, *, allow_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``; special token strings become special ids unless disabled. No BOS."""
+    def encode(self, text: str, *, allow_special_tokens: bool = True, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; special token strings become special ids unless disabled. No BOS is added
+        (``add_special_tokens`` is accepted for HF compatibility and, as in the official tokenizer, adds none)."""
         if not isinstance(text, str):
             raise KimiVLInputError(f"encode expects a str, got {type(text).__name__}")
         ids: list[int] = []
@@ -245,7 +246,7 @@ class KimiVLTokenizer:
                     ids.extend(self._encoding.encode(piece, allowed_special=set(), disallowed_special=()))
         return ids
 
-    def decode(self, ids: Sequence[int] | Any, *, skip_special_tokens: bool = False) -> str:
+    def decode(self, ids: Sequence[int] | Any, *, skip_special_tokens: bool = False, **_: Any) -> str:
         """Text of ``ids`` (list, 1-D tensor/array or int); bytes that are not UTF-8 become U+FFFD."""
         flat = _as_id_list(ids)
         bad = [i for i in flat if not 0 <= i < self.vocab_size]

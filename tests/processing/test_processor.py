@@ -212,3 +212,37 @@ def test_missing_checkpoint_files(tmp_path):
 def test_text_is_required(tiny_processor):
     with pytest.raises(KimiVLInputError, match="text is required"):
         tiny_processor(images=[Image.new("RGB", (28, 28))])
+
+
+def test_chat_template_override_and_positional_misuse(tiny_processor):
+    text = tiny_processor.apply_chat_template([{"role": "user", "content": "hi"}],
+                                              chat_template="{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    assert text == "[hi]"
+    with pytest.raises(KimiVLInputError, match="got Image .*pass media by keyword"):
+        tiny_processor(Image.new("RGB", (28, 28)), "text")
+
+
+def test_video_dict_with_options_in_call(tiny_processor):
+    frames = [Image.new("RGB", (28, 28), (i * 40, 0, 0)) for i in range(4)]
+    from kimivl.processing import VIDEO_BLOCK
+
+    out = tiny_processor(text="x" + VIDEO_BLOCK, videos=[{"video": frames, "fps": 4}])
+    assert "[0.0s]" + IMAGE_BLOCK in tiny_processor.decode(out.input_ids[0])
+    assert "[0.8s]" in tiny_processor.decode(out.input_ids[0])  # 3/4 s
+    assert out.image_grid_hws.shape == (4, 2)
+    with pytest.raises(KimiVLInputError, match="need fps > 0"):
+        tiny_processor(text=VIDEO_BLOCK, videos=[{"video": frames, "fps": 0}])
+
+
+@pytest.mark.parametrize("name, limit", [("Kimi-VL-A3B-Instruct", 4096), ("Kimi-VL-A3B-Thinking-2506", 16384)])
+def test_release_preprocessor_configs(name, limit):
+    from kimivl.processing import KimiVLImageProcessor
+
+    path = Path(__file__).resolve().parents[2] / "configs" / name / "preprocessor_config.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not in this checkout")
+    ip = KimiVLImageProcessor.from_pretrained(path)
+    assert ip.in_token_limit == limit and ip.pad_input and ip.image_mean == [0.5] * 3
+    # 1792x1792 (3.2 MP) = 128x128 patches: unresized under 2506's limit (4096 tokens); the earlier
+    # releases halve it to 896x896 = 64x64 patches (1024 tokens)
+    assert ip.num_image_tokens(1792, 1792) == (4096 if limit == 16384 else 1024)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,24 @@ def test_bad_vocab_files(tmp_path, content, message):
 def test_decode_out_of_range(tok):
     with pytest.raises(KimiVLInputError, match="outside the vocabulary"):
         tok.decode([5, 1000])
+
+
+def test_real_vocabulary_layout(tmp_path):
+    """A vocabulary of the real size (163,584 ranks) with the released special-id table (spec §6.2)."""
+    lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]
+    lines += [f"{base64.b64encode(b'~' + i.to_bytes(3, 'big')).decode()} {i}" for i in range(256, 163_584)]
+    (tmp_path / "tiktoken.model").write_text("\n".join(lines) + "\n")
+    table = {163584: "[BOS]", 163585: "[EOS]", 163586: "<|im_end|>", 163587: "<|im_user|>",
+             163588: "<|im_assistant|>", 163594: "<|im_system|>", 163601: "<|im_middle|>",
+             163602: "<|media_start|>", 163603: "<|media_content|>", 163604: "<|media_end|>",
+             163605: "<|media_pad|>", 163838: "[UNK]", 163839: "[PAD]"}
+    config = {"added_tokens_decoder": {str(i): {"content": s, "special": True} for i, s in table.items()},
+              "bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]", "unk_token": "[UNK]"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = KimiVLTokenizer.from_pretrained(tmp_path)
+    assert tok.vocab_size == 163_842 and tok.num_base_tokens == 163_584
+    for token_id, name in table.items():
+        assert tok.special_token_id(name) == token_id
+    assert tok.convert_ids_to_tokens(163_841) == "<|reserved_token_163841|>"
+    ids = tok.encode("<|im_user|>ab<|im_middle|>")
+    assert ids[0] == 163587 and ids[-1] == 163601 and tok.decode(ids) == "<|im_user|>ab<|im_middle|>"
