@@ -62,7 +62,8 @@ class KimiVLBatch(dict):
 
 @dataclass(frozen=True)
 class MediaCount:
-    """Token cost of one media item (``blocks`` images: 1, frames or pages)."""
+    """Token cost of one media item; ``source`` is its label (kind, index, where it came from), ``blocks`` the
+    number of image blocks (1, or its frames / pages), ``sizes`` the size of each as the image processor sees it."""
 
     kind: str
     index: int
@@ -84,8 +85,7 @@ class PreflightReport:
 
     def summary(self) -> str:
         parts = [f"text {self.text_tokens}"]
-        parts += [f"{m.kind} {m.index} ({m.source}): {m.tokens}" + (f" in {m.blocks} blocks" if m.blocks > 1 else "")
-                  for m in self.media]
+        parts += [f"{m.source}: {m.tokens}" + (f" in {m.blocks} blocks" if m.blocks > 1 else "") for m in self.media]
         return f"{self.total_tokens} tokens = " + ", ".join(parts)
 
 
