@@ -209,8 +209,10 @@ class KimiVLImageProcessor:
         patches = x.reshape(3, grid_h, p, grid_w, p).permute(1, 3, 0, 2, 4).reshape(grid_h * grid_w, 3, p, p)
         return patches.contiguous(), (grid_h, grid_w)
 
-    def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        """``pixel_values (sum h*w, 3, p, p)`` float32 and ``image_grid_hws (N, 2)`` int64, in input order."""
+    def preprocess(self, images: Image.Image | Sequence[Image.Image], return_tensors: str | None = "pt",
+                   **_: Any) -> dict[str, Any]:
+        """``pixel_values (sum h*w, 3, p, p)`` float32 and ``image_grid_hws (N, 2)`` int64, in input order;
+        torch tensors (``return_tensors`` "pt" or None) or numpy arrays ("np")."""
         items = [images] if isinstance(images, Image.Image) else list(images)
         if not items:
             raise KimiVLInputError("no images to process")
@@ -224,7 +226,12 @@ class KimiVLImageProcessor:
                 raise KimiVLInputError(f"image {i}: cannot decode the pixels: {type(e).__name__}: {e}") from e
             patches.append(pv)
             grids.append(grid)
-        return {"pixel_values": torch.cat(patches, dim=0),
-                "image_grid_hws": torch.tensor(grids, dtype=torch.int64).reshape(-1, 2)}
+        out = {"pixel_values": torch.cat(patches, dim=0),
+               "image_grid_hws": torch.tensor(grids, dtype=torch.int64).reshape(-1, 2)}
+        if return_tensors == "np":
+            return {k: v.numpy() for k, v in out.items()}
+        if return_tensors not in ("pt", None):
+            raise KimiVLInputError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+        return out
 
     __call__ = preprocess

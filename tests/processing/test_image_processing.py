@@ -176,6 +176,13 @@ def test_centre_crop_path():
         ip.preprocess(Image.new("RGB", (10, 30)))
 
 
+def test_hf_style_call(ip, tiny_dir, expected):
+    image = Image.open(tiny_dir / "inputs" / "image_28x28.png")
+    out = ip(image, return_tensors="np")
+    assert isinstance(out["pixel_values"], np.ndarray) and out["image_grid_hws"].tolist() == [[2, 2]]
+    assert np.array_equal(out["pixel_values"], expected["processor.pixel_values"][-4:].numpy())
+
+
 def test_not_a_pil_image(ip):
     with pytest.raises(KimiVLInputError, match="expected a PIL image"):
         ip.preprocess([np.zeros((4, 4, 3), np.uint8)])
