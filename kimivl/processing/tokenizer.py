@@ -163,8 +163,12 @@ class KimiVLTokenizer:
                 options[key] = value
         if "additional_special_tokens" in config:
             options["additional_special_tokens"] = config["additional_special_tokens"]
-        if isinstance(config.get("chat_template"), str):
-            options["chat_template"] = config["chat_template"]
+        template = config.get("chat_template")
+        if isinstance(template, list):  # HF's named-template form: [{"name": "default", "template": ...}]
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+        if isinstance(template, str):
+            options["chat_template"] = template
         if config.get("padding_side") in ("left", "right"):
             options["padding_side"] = config["padding_side"]
         options.update(kwargs)

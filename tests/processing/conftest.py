@@ -53,9 +53,10 @@ def make_video() -> Callable[..., Path]:
     (test_media.frame_colour; flat colours survive lossy H.264 within a few levels)."""
     av = pytest.importorskip("av", reason="video tests need PyAV (pip install 'kimivl[video]')")
 
-    def make(path: Path, *, frames: int = 25, fps: int = 10, width: int = 64, height: int = 48) -> Path:
+    def make(path: Path, *, frames: int = 25, fps: int = 10, width: int = 64, height: int = 48,
+             gop: int | None = None) -> Path:
         with av.open(str(path), "w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=fps)
+            stream = container.add_stream("libx264", rate=fps, options={"g": str(gop)} if gop else None)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             for i in range(frames):
                 arr = np.empty((height, width, 3), np.uint8)

@@ -97,6 +97,16 @@ def test_video_max_frames_and_frame_choice(make_video, tmp_path, tiny_processor)
     assert [_colour_index(f) for f in plan.load()] == [0, 8, 16]
 
 
+def test_video_sparse_samples_seek(make_video, tmp_path):
+    """Samples further apart than PyAVDecoder.seek_gap_s are reached by seeking; the frame is still exact."""
+    path = make_video(tmp_path / "long.mp4", frames=60, fps=2, gop=6)  # 30 s, a keyframe every 3 s
+    decoder = PyAVDecoder()
+    assert decoder.probe(path, "v").duration == pytest.approx(30.0)
+    frames = decoder.frames_at(path, [0.0, 1.2, 25.0, 29.9], "v")
+    reds = [int(np.asarray(f)[..., 0].mean().round()) for f in frames]
+    assert reds == pytest.approx([frame_colour(i)[0] for i in (0, 2, 50, 59)], abs=3)
+
+
 def test_video_budget_lowers_resolution_before_dropping(make_video, tmp_path, tiny_processor):
     from kimivl.processing.video import plan_video
 
