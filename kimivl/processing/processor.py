@@ -103,6 +103,9 @@ class KimiVLProcessor:
         self.tokenizer = tokenizer
         self.chat_template = chat_template if chat_template is not None else tokenizer.chat_template
         self.renderer = ChatRenderer(self.chat_template, tokenizer.special_tokens)
+        # variables HF passes to every chat template (some templates write {{ bos_token }})
+        self._template_vars = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+                               "pad_token": tokenizer.pad_token, "unk_token": tokenizer.unk_token}
         self.context_length = context_length
         self.video_options = video_options or VideoOptions()
         self.document_options = document_options or DocumentOptions()
@@ -349,6 +352,7 @@ class KimiVLProcessor:
         end token) from the same rendering; it needs ``tokenize=True`` and no generation prompt.
         ``chat_template`` renders this call with another template instead of the processor's."""
         convs, batched = self._conversations(conversation)
+        template_kwargs = {**self._template_vars, **template_kwargs}
         renderer = self.renderer if chat_template is None else ChatRenderer(chat_template,
                                                                              self.tokenizer.special_tokens)
         if return_labels and (not tokenize or add_generation_prompt):
@@ -378,6 +382,7 @@ class KimiVLProcessor:
         PDF page sizes; no pixels decoded). With ``check``, a conversation that does not fit the context
         (``total + max_new_tokens > context_length``) raises ``KimiVLInputError``."""
         messages, media = prepare_messages(conversation, need_sources=True)
+        template_kwargs = {**self._template_vars, **template_kwargs}
         text = self.renderer.render(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
         items = {k: [it for it in media if it.kind == k] for k in _KINDS}
         self._check_counts([text], items)

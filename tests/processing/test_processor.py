@@ -218,6 +218,8 @@ def test_chat_template_override_and_positional_misuse(tiny_processor):
     text = tiny_processor.apply_chat_template([{"role": "user", "content": "hi"}],
                                               chat_template="{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
     assert text == "[hi]"
+    assert tiny_processor.apply_chat_template([{"role": "user", "content": "x"}],
+                                              chat_template="{{ bos_token }}{{ greeting }}", greeting="!") == "[BOS]!"
     with pytest.raises(KimiVLInputError, match="got Image .*pass media by keyword"):
         tiny_processor(Image.new("RGB", (28, 28)), "text")
 
