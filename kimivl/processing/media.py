@@ -115,7 +115,8 @@ def _open_lazy(source: ImageSource, label: str) -> Image.Image:
             raise KimiVLInputError(f"{label}: image dict needs a 'url' (or 'path') key, got keys {sorted(source)}")
         return _open_lazy(url, label)
     if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (1, 3, 4)):
+        channels_ok = source.ndim == 2 or (source.ndim == 3 and source.shape[2] in (1, 3, 4))
+        if source.dtype != np.uint8 or not channels_ok:
             raise KimiVLInputError(f"{label}: arrays must be uint8 (H, W) or (H, W, 1|3|4), got {source.dtype} "
                                    f"{tuple(source.shape)}")
         return Image.fromarray(source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source)

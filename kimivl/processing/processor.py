@@ -14,7 +14,6 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,7 +54,8 @@ class KimiVLBatch(dict):
         out = KimiVLBatch()
         for key, value in self.items():
             if isinstance(value, torch.Tensor):
-                value = value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point() else None)
+                cast = dtype if dtype is not None and value.is_floating_point() else None
+                value = value.to(device=device, dtype=cast)
             out[key] = value
         return out
 
