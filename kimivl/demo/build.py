@@ -40,6 +40,8 @@ PREPROCESSOR = {
     "image_std": [0.5, 0.5, 0.5],
     "in_token_limit": 1024,
     "merge_kernel_size": [2, 2],
+    "video_options": {"fps": 2.0, "max_frames": 8, "max_tokens": 256, "min_frame_tokens": 16},
+    "document_options": {"dpi": 72.0, "max_pages": 3, "max_tokens": 384, "min_page_tokens": 64},
 }
 
 

@@ -134,6 +134,11 @@ class KimiVLProcessor:
             logger.warning("no %s in %s: using the released Kimi-VL-A3B image settings", PREPROCESSOR_CONFIG_FILE,
                            directory)
             image_processor = KimiVLImageProcessor()
+        # Optional per-checkpoint media budgets: "video_options" / "document_options" dicts in
+        # preprocessor_config.json (keys as VideoOptions / DocumentOptions fields).
+        for key, default in (("video_options", VideoOptions()), ("document_options", DocumentOptions())):
+            if key not in kwargs and isinstance(image_processor.extra.get(key), dict):
+                kwargs[key] = default.updated(image_processor.extra[key], f"{PREPROCESSOR_CONFIG_FILE} {key}")
         tokenizer = KimiVLTokenizer.from_pretrained(directory)
         template = None
         if (directory / "chat_template.jinja").is_file():

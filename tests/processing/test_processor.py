@@ -248,3 +248,27 @@ def test_release_preprocessor_configs(name, limit):
     # 1792x1792 (3.2 MP) = 128x128 patches: unresized under 2506's limit (4096 tokens); the earlier
     # releases halve it to 896x896 = 64x64 patches (1024 tokens)
     assert ip.num_image_tokens(1792, 1792) == (4096 if limit == 16384 else 1024)
+
+
+def test_media_budgets_from_preprocessor_config(tmp_path):
+    import json
+    import shutil
+
+    from kimivl.processing import KimiVLProcessor
+
+    golden = Path(__file__).resolve().parents[2].parent / "shared" / "golden" / "kimivl-tiny"
+    if not golden.is_dir():
+        pytest.skip("golden set not found")
+    for name in ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json"):
+        shutil.copy(golden / name, tmp_path / name)
+    cfg = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    cfg["video_options"] = {"max_frames": 4, "max_tokens": 64}
+    cfg["document_options"] = {"dpi": 72.0}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
+    proc = KimiVLProcessor.from_pretrained(tmp_path)
+    assert (proc.video_options.max_frames, proc.video_options.max_tokens) == (4, 64)
+    assert proc.document_options.dpi == 72.0 and proc.document_options.max_pages == 16
+    cfg["video_options"] = {"fps": -1}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="video_options.*fps=-1"):
+        KimiVLProcessor.from_pretrained(tmp_path)
