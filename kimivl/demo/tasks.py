@@ -208,13 +208,36 @@ def pdf_bytes(pages: list[Image.Image]) -> bytes:
     return buf.getvalue()
 
 
+def text_pdf_bytes(rng: random.Random, numbers: list[str], width: float, height: float) -> bytes:
+    """A PDF with one number per page as real text (Helvetica), at a random place."""
+    from fpdf import FPDF
+
+    pdf = FPDF(unit="pt", format=(width, height))
+    pdf.set_auto_page_break(False)
+    for text in numbers:
+        pdf.add_page()
+        size = rng.uniform(0.07, 0.14) * width
+        pdf.set_font("Helvetica", size=size)
+        tw = pdf.get_string_width(text)
+        pdf.set_text_color(*(rng.randint(0, 70) for _ in range(3)))
+        pdf.text(rng.uniform(4, max(4.0, width - tw - 4)), rng.uniform(size, height - 4), text)
+    return bytes(pdf.output())
+
+
 def pdf_task(rng: random.Random) -> Sample:
     n = rng.randint(1, 3)
     numbers = [_digits(rng) for _ in range(n)]
     page = rng.randint(1, n)
-    w = rng.randint(200, 448)
-    h = int(w * rng.uniform(1.2, 1.45))  # portrait pages
-    images = [number_image(rng, t, width=w, height=h, font_size=rng.randint(24, 48)) for t in numbers]
+    w = rng.randint(200, 600)
+    h = int(w * rng.uniform(1.2, 1.45))  # portrait pages (A4 is 595 x 842 pt)
+    if rng.random() < 0.4:
+        try:
+            return Sample("pdf", QUESTIONS["pdf"].format(page=page), numbers[page - 1],
+                          document=text_pdf_bytes(rng, numbers, w, h))
+        except ImportError:  # fpdf2 is a test/dev extra; fall back to image pages
+            pass
+    lo, hi = max(18, int(w * 0.06)), max(24, int(w * 0.12))
+    images = [number_image(rng, t, width=w, height=h, font_size=rng.randint(lo, hi)) for t in numbers]
     return Sample("pdf", QUESTIONS["pdf"].format(page=page), numbers[page - 1], document=pdf_bytes(images))
 
 
