@@ -1,6 +1,7 @@
 """The ``kimivl`` command: one entry point with subcommands (argparse, like the serving engines).
 
-Subcommands so far: ``info`` (config summary, parameter counts, memory per dtype).
+Subcommands: ``info`` (config summary, parameter counts, memory per dtype) and ``train`` (one fine-tuning
+run from a YAML config, see ``docs/finetune.md``).
 """
 from __future__ import annotations
 
@@ -67,6 +68,33 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_override(text: str) -> tuple[str, object]:
+    """``key=value`` with the value read as YAML (numbers, booleans, lists), else kept as a string."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r}: expected key=value")
+    key, value = text.split("=", 1)
+    try:
+        import yaml
+
+        return key.strip(), yaml.safe_load(value)
+    except ImportError:
+        return key.strip(), value
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from kimivl.training import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = dict(_parse_override(o) for o in args.overrides)
+    result = train(args.config, **overrides)
+    logging.getLogger("kimivl.train").info("done: %d steps, final loss %s, export %s, metrics %s", result.step,
+                                           f"{result.losses[-1]:.4f}" if result.losses else "n/a",
+                                           result.export_dir, result.metrics_file)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kimivl", description="Kimi-VL in native PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", help="checkpoint or config directory (or a config.json)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_cmd_info)
+    train = sub.add_parser("train", help="fine-tune from a YAML config (docs/finetune.md); works under torchrun")
+    train.add_argument("config", help="training config (YAML or JSON)")
+    train.add_argument("overrides", nargs="*", help="key=value pairs replacing config keys, e.g. max_steps=10")
+    train.set_defaults(func=_cmd_train)
     return parser
 
 

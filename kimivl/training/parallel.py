@@ -1,0 +1,140 @@
+"""Execution engines: one process, or ``torchrun`` with DDP / FSDP2 / DeepSpeed ZeRO (``kimivl.training.sharded``).
+
+An engine owns what differs between them: the wrapped model to call, the optimizer and LR scheduler,
+backward, the optimizer step with clipping, gradient-sync suppression during accumulation, and the
+save / load of the resumable state. The loop in :mod:`kimivl.training.trainer` is the same for all.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kimivl.training.config import TrainingArguments
+from kimivl.training.state import TrainerState, save_training_state
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """``mode``: none | ddp | fsdp2 | deepspeed; ``world`` processes, this one is ``rank``."""
+
+    mode: str
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+
+def setup(args: TrainingArguments) -> DistInfo:
+    """Decide the mode (``auto`` = ddp when launched by torchrun with WORLD_SIZE > 1) and join the process
+    group (gloo on CPU, nccl on CUDA) if needed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    mode = args.distributed
+    if mode == "auto":
+        mode = "ddp" if world > 1 else "none"
+    if mode == "none":
+        if world > 1:
+            raise ValueError(f"distributed: none, but WORLD_SIZE={world}; choose ddp, fsdp2 or deepspeed")
+        return DistInfo("none")
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return DistInfo(mode, dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters; weight decay on >= 2-D tensors only (not norms, biases)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: nn.Module, args: TrainingArguments) -> tuple[torch.optim.Optimizer, Any]:
+    from kimivl.training.trainer import lr_lambda
+
+    groups = param_groups(model, args.weight_decay)
+    if not groups:
+        raise ValueError("nothing to train: every parameter is frozen")
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  eps=args.adam_epsilon)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
+
+
+class LocalEngine:
+    """One process (also the base of DDP and FSDP2: they differ in wrapping, sync and state I/O)."""
+
+    def __init__(self, model: nn.Module, args: TrainingArguments, info: DistInfo) -> None:
+        self.info = info
+        self.raw = model
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.input_dtype = next((p.dtype for n, p in model.named_parameters() if "vision_tower" in n),
+                                torch.float32)
+        self.optimizer, self.scheduler = make_optimizer(model, args)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _clip(self, max_norm: float | None) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def step(self, max_grad_norm: float | None) -> float:
+        norm = self._clip(max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Gathered official-key weights for the export; None = use the unwrapped model directly."""
+        return None
+
+    def save(self, directory: Path, state: TrainerState, *, is_main: bool,
+             model_tensors: Callable[[nn.Module], dict[str, torch.Tensor]]) -> None:
+        if is_main:
+            save_training_state(directory, model_state=model_tensors(self.raw),
+                                optimizer_state=self.optimizer.state_dict(),
+                                scheduler_state=self.scheduler.state_dict(), state=state)
+        if self.info.world > 1:
+            dist.barrier()
+
+    def load(self, directory: Path, loader: Callable[[Path], tuple]) -> TrainerState:
+        model_state, opt, sch, state = loader(directory)
+        if model_state is not None:
+            self.raw.load_state_dict(model_state, strict=True)
+        if opt is not None:
+            self.optimizer.load_state_dict(opt)
+        if sch is not None:
+            self.scheduler.load_state_dict(sch)
+        return state
+
+
+def wrap(model: nn.Module, args: TrainingArguments, info: DistInfo) -> LocalEngine:
+    """The engine for ``info.mode``."""
+    if info.mode == "none":
+        return LocalEngine(model, args, info)
+    from kimivl.training import sharded
+
+    return sharded.make_engine(model, args, info)
