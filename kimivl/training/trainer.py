@@ -128,6 +128,8 @@ class Trainer:
 
             self.model = model = apply_lora(model, args)
             self.lora = model
+            if args.freeze:  # LoRA weights under a frozen prefix stay frozen as well
+                freeze(model, args.freeze)
         self._frozen_ref = snapshot(model, args.freeze) if args.freeze else {}
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(model)
