@@ -29,7 +29,7 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{'<|im_assistant|>assistant<|im_middle|>'}}{%- endif -%}"
 )
 
-# Processor settings of the demo: images up to 448 x 448 keep their native size (1024 patches);
+# Processor settings of the demo: images up to 336 x 336 keep their native size (576 patches);
 # videos and documents get budgets sized for a 4-8 frame clip and a 1-3 page PDF.
 PREPROCESSOR = {
     "image_processor_type": "KimiVLImageProcessor",
@@ -38,10 +38,10 @@ PREPROCESSOR = {
     "pad_input": True,
     "image_mean": [0.5, 0.5, 0.5],
     "image_std": [0.5, 0.5, 0.5],
-    "in_token_limit": 1024,
+    "in_token_limit": 576,
     "merge_kernel_size": [2, 2],
-    "video_options": {"fps": 2.0, "max_frames": 8, "max_tokens": 256, "min_frame_tokens": 16},
-    "document_options": {"dpi": 72.0, "max_pages": 3, "max_tokens": 384, "min_page_tokens": 64},
+    "video_options": {"fps": 2.0, "max_frames": 8, "max_tokens": 128, "min_frame_tokens": 16},
+    "document_options": {"dpi": 72.0, "max_pages": 3, "max_tokens": 288, "min_page_tokens": 48},
 }
 
 
