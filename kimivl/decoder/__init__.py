@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from kimivl.decoder.attention import DeepseekV3Attention
+from kimivl.decoder.cache import MLACache
 from kimivl.decoder.mlp import DeepseekV3MLP
 from kimivl.decoder.model import (
     CausalLMOutput,
@@ -23,5 +24,6 @@ __all__ = [
     "DeepseekV3Model",
     "DeepseekV3ModelOutput",
     "DeepseekV3RMSNorm",
+    "MLACache",
     "MoEGate",
 ]

@@ -8,8 +8,13 @@ The forward is split along the lines of a compressed KV cache: :meth:`DeepseekV3
 per-token quantities worth caching (normed latent ``c_kv`` and rotated single-head ``k_pe``),
 :meth:`~DeepseekV3Attention.queries` the roped queries, and :meth:`~DeepseekV3Attention.attend` the
 attention from (queries, latent, k_pe) by expanding the latent through ``kv_b_proj``.
+With an :class:`~kimivl.decoder.cache.MLACache`, the new latents are written to the cache first; a
+prefill (more than ``ABSORBED_MAX_QUERY_LEN`` new tokens) then uses the expanded ``attend`` over the cached
+latents, and a decode step uses weight absorption (:func:`kimivl.ops.mla.absorbed_mla_attention`), which
+never expands the cache to heads.
 Deliberate deviations: torch SDPA with a boolean mask instead of the official eager/flash classes (the
-softmax runs in fp32 for fp32 inputs either way); no rotary module or cached tables (cos/sin are passed in).
+softmax runs in fp32 for fp32 inputs either way); no rotary module or cached tables (cos/sin are passed in);
+a latent cache instead of the official per-head one.
 """
 from __future__ import annotations
 
@@ -18,12 +23,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimivl.configuration import DeepseekV3Config
+from kimivl.decoder.cache import MLACache
 from kimivl.decoder.norm import DeepseekV3RMSNorm
+from kimivl.ops.mla import absorbed_mla_attention, split_kv_b_weight
 from kimivl.ops.rope import apply_rope, yarn_softmax_scale_factor
 
 # The official code builds kv_a_layernorm / q_a_layernorm with the RMSNorm constructor default, not
 # config.rms_norm_eps (spec §9 item 3).
 LATENT_NORM_EPS = 1e-6
+
+# Up to this many new tokens per forward, a cached forward scores the latent cache with absorbed weights
+# (its cost is linear in the cache length with a small constant); longer prefills expand the latents once
+# through kv_b_proj and use SDPA, which is cheaper when many queries share the expanded keys.
+ABSORBED_MAX_QUERY_LEN = 16
 
 
 class DeepseekV3Attention(nn.Module):
@@ -96,7 +108,32 @@ class DeepseekV3Attention(nn.Module):
         return out.transpose(1, 2).reshape(b, q.shape[2], self.num_heads * self.v_head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, S, hidden); cos, sin: (B, S, rope); attn_mask as in :meth:`attend`. Returns (B, S, hidden)."""
+                attn_mask: torch.Tensor | None = None, cache: MLACache | None = None,
+                layer_idx: int = 0) -> torch.Tensor:
+        """x: (B, S, hidden); cos, sin: (B, S, rope). Returns (B, S, hidden).
+
+        Without ``cache``: ``attn_mask`` as in :meth:`attend`. With ``cache`` (holding ``P`` earlier tokens):
+        the new latents are written to layer ``layer_idx`` of the cache; ``attn_mask`` is bool
+        (B, 1, S, P + S) with query i at absolute position P + i, or None for plain causal attention.
+        """
         c_kv, k_pe = self.latent(x, cos, sin)
-        return self.o_proj(self.attend(self.queries(x, cos, sin), c_kv, k_pe, attn_mask))
+        q = self.queries(x, cos, sin)
+        if cache is None:
+            return self.o_proj(self.attend(q, c_kv, k_pe, attn_mask))
+        s = x.shape[1]
+        kv = cache.update(layer_idx, c_kv, k_pe)  # (B, P + S, r + rope), includes the new tokens
+        t = kv.shape[1]
+        absorbed = s <= ABSORBED_MAX_QUERY_LEN
+        if attn_mask is None and s > 1 and (absorbed or t > s):
+            # None means plain causal, but SDPA's is_causal aligns the diagonal top-left and the absorbed
+            # form reads None as "every key", so spell it out: query i sees keys 0 .. (t - s) + i.
+            attn_mask = torch.ones(s, t, dtype=torch.bool, device=x.device).tril(t - s)[None, None]
+        if absorbed:
+            w_uk, w_uv = split_kv_b_weight(self.kv_b_proj.weight, self.num_heads, self.qk_nope_head_dim,
+                                           self.v_head_dim)
+            q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+            out = absorbed_mla_attention(q_nope, q_pe, kv, w_uk, w_uv, self.softmax_scale, attn_mask)
+        else:
+            c_all, pe_all = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+            out = self.attend(q, c_all, pe_all, attn_mask)
+        return self.o_proj(out)

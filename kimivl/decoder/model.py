@@ -8,7 +8,8 @@ Spec: ``shared/reference/kimivl-spec.md`` §1.3, §2 (keys under ``language_mode
 Deliberate deviations: no registered buffers (the model is built on the meta device and filled with
 ``assign=True``); RoPE tables and the attention mask are computed once per forward and passed to every
 layer; the padding mask lets a pad query attend to itself so fully padded rows stay finite; outputs are
-small dataclasses instead of transformers' ``ModelOutput``.
+small dataclasses instead of transformers' ``ModelOutput``; the KV cache is an explicit argument
+(:class:`~kimivl.decoder.cache.MLACache`, latent per token) instead of a ``past_key_values`` object.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from kimivl.configuration import DeepseekV3Config
 from kimivl.decoder.attention import DeepseekV3Attention
+from kimivl.decoder.cache import MLACache
 from kimivl.decoder.mlp import DeepseekV3MLP
 from kimivl.decoder.moe import DeepseekV3MoE
 from kimivl.decoder.norm import DeepseekV3RMSNorm
@@ -42,17 +44,20 @@ class CausalLMOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
-def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, S) padding mask (1 = token, 0 = pad) -> bool (B, 1, S, S), True where query i may attend key j.
+def causal_padding_mask(attention_mask: torch.Tensor, past_length: int = 0) -> torch.Tensor:
+    """(B, P + S) padding mask (1 = token, 0 = pad) -> bool (B, 1, S, P + S), True where query i may attend key j.
 
-    Causal and restricted to real keys; every query also sees itself so a pad query (e.g. under left
-    padding) never has an empty softmax row. Real tokens never see pads, so their outputs are unaffected.
+    The S queries are the last S positions: query i sits at absolute position P + i (``P = past_length``
+    cached tokens). Causal and restricted to real keys; every query also sees itself so a pad query (e.g.
+    under left padding) never has an empty softmax row. Real tokens never see pads, so their outputs are
+    unaffected.
     """
-    s = attention_mask.shape[-1]
-    idx = torch.arange(s, device=attention_mask.device)
-    causal = idx[None, :] <= idx[:, None]  # (S, S): key j <= query i
+    t = attention_mask.shape[-1]
+    keys = torch.arange(t, device=attention_mask.device)
+    queries = keys[past_length:]
+    causal = keys[None, :] <= queries[:, None]  # (S, P + S): key j <= query i
     mask = causal & attention_mask.bool()[:, None, None, :]
-    return mask | (idx[None, :] == idx[:, None])
+    return mask | (keys[None, :] == queries[:, None])
 
 
 class DeepseekV3DecoderLayer(nn.Module):
@@ -60,6 +65,7 @@ class DeepseekV3DecoderLayer(nn.Module):
 
     def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
         super().__init__()
+        self.layer_idx = layer_idx  # which slice of an MLACache this layer writes
         self.self_attn = DeepseekV3Attention(config)
         self.mlp: nn.Module = (
             DeepseekV3MoE(config) if config.is_moe_layer(layer_idx)
@@ -69,9 +75,10 @@ class DeepseekV3DecoderLayer(nn.Module):
         self.post_attention_layernorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """h: (B, S, hidden); cos, sin: (B, S, rope); attn_mask: bool (B, 1, S, S) or None (causal)."""
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask)
+                attn_mask: torch.Tensor | None, cache: MLACache | None = None) -> torch.Tensor:
+        """h: (B, S, hidden); cos, sin: (B, S, rope); attn_mask: bool (B, 1, S, P + S) or None (causal);
+        ``P`` = tokens already in ``cache`` (0 without one)."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, cache=cache, layer_idx=self.layer_idx)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -89,33 +96,44 @@ class DeepseekV3Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> DeepseekV3ModelOutput:
+                output_hidden_states: bool = False, cache: MLACache | None = None) -> DeepseekV3ModelOutput:
         """Run the decoder on ids or embeddings (exactly one of the two).
 
-        input_ids: (B, S) int in [0, vocab_size) | inputs_embeds: (B, S, hidden). attention_mask: (B, S),
-        1 = token, 0 = pad (left padding supported). position_ids: (B, S) or (1, S); default
-        ``attention_mask.cumsum(-1) - 1`` clamped at 0 when a mask is given, else ``0..S-1``.
+        input_ids: (B, S) int in [0, vocab_size) | inputs_embeds: (B, S, hidden). attention_mask: (B, P + S),
+        1 = token, 0 = pad (left padding supported), covering the ``P = cache.length`` cached tokens and the
+        S new ones (P = 0 without a cache). position_ids: (B, S) or (1, S); default
+        ``(attention_mask.cumsum(-1) - 1).clamp(0)[:, P:]`` when a mask is given, else ``P..P+S-1``.
+        cache: an :class:`~kimivl.decoder.cache.MLACache` that receives the new tokens' latents (and is
+        advanced by S); without it nothing is cached.
         ``hidden_states`` (if asked) follows the official convention: the embeddings, the output of every
         layer but the last, then the final-normed state (``num_hidden_layers + 1`` tensors).
         """
         h = self._embed(input_ids, inputs_embeds)
         b, s, _ = h.shape
-        self._check_mask_and_positions(attention_mask, position_ids, b, s)
+        past = 0
+        if cache is not None:
+            if cache.batch_size != b:
+                raise KimiVLInputError(f"the KV cache was allocated for batch size {cache.batch_size}, got {b} rows")
+            cache.check_room(s)
+            past = cache.length
+        self._check_mask_and_positions(attention_mask, position_ids, b, s, past)
         if position_ids is None:
             if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
-                position_ids = torch.arange(s, device=h.device).unsqueeze(0)
+                position_ids = torch.arange(past, past + s, device=h.device).unsqueeze(0)
         position_ids = position_ids.to(h.device).expand(b, s)
         cfg = self.config
         cos, sin = rope_cos_sin(position_ids, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, dtype=h.dtype)
-        attn_mask = causal_padding_mask(attention_mask.to(h.device)) if attention_mask is not None else None
+        attn_mask = causal_padding_mask(attention_mask.to(h.device), past) if attention_mask is not None else None
 
         hidden_states: list[torch.Tensor] = []
         for layer in self.layers:
             if output_hidden_states:
                 hidden_states.append(h)
-            h = layer(h, cos, sin, attn_mask)
+            h = layer(h, cos, sin, attn_mask, cache)
+        if cache is not None:
+            cache.advance(s)
         h = self.norm(h)
         if output_hidden_states:
             # The official model replaces the last layer's raw output by the normed state.
@@ -155,10 +173,11 @@ class DeepseekV3Model(nn.Module):
 
     @staticmethod
     def _check_mask_and_positions(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-                                  b: int, s: int) -> None:
-        if attention_mask is not None and tuple(attention_mask.shape) != (b, s):
+                                  b: int, s: int, past: int = 0) -> None:
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, past + s):
+            where = "like the inputs" if past == 0 else f"({past} cached + {s} new tokens)"
             raise KimiVLInputError(
-                f"attention_mask must be a 2-D padding mask of shape ({b}, {s}) like the inputs, "
+                f"attention_mask must be a 2-D padding mask of shape ({b}, {past + s}) {where}, "
                 f"got {tuple(attention_mask.shape)}"
             )
         if position_ids is not None:
@@ -189,8 +208,8 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> CausalLMOutput:
+                output_hidden_states: bool = False, cache: MLACache | None = None) -> CausalLMOutput:
         """Arguments as :meth:`DeepseekV3Model.forward`. Returns logits (B, S, vocab) float32."""
         out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         position_ids=position_ids, output_hidden_states=output_hidden_states)
+                         position_ids=position_ids, output_hidden_states=output_hidden_states, cache=cache)
         return CausalLMOutput(self.lm_head(out.last_hidden_state).float(), out.hidden_states)

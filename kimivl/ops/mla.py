@@ -1,0 +1,55 @@
+"""MLA attention with weight absorption: queries attend to the compressed latent cache directly.
+
+Spec: ``shared/reference/kimivl-spec.md`` §4 "MLA attention" items 3-6; cost model in
+``shared/reference/performance-notes.md`` §2.3. With ``kv_b_proj.weight`` viewed as (H, nope + v, r) =
+``[W_UK; W_UV]`` per head, a head's key is ``k_nope = W_UK c`` and its value ``v = W_UV c``, so
+
+    q_nope . k_nope = (W_UK^T q_nope) . c        and        sum_t p_t v_t = W_UV (sum_t p_t c_t).
+
+Folding ``W_UK`` into the query and ``W_UV`` into the output lets every head score the same (T, r + rope)
+latent rows without expanding them to (H, T, nope + v) per step: the cost per new token is linear in T with
+a constant of (r + rope) instead of r * H * (nope + v). The official code (and transformers) expand instead;
+:meth:`kimivl.decoder.attention.DeepseekV3Attention.attend` is that expanded form, and the two agree up to
+float rounding (tested in ``tests/generation/test_cache.py``).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def split_kv_b_weight(kv_b_weight: torch.Tensor, num_heads: int, qk_nope_head_dim: int,
+                      v_head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kv_b_proj.weight`` (H * (nope + v), r) -> ``W_UK`` (H, nope, r), ``W_UV`` (H, v, r) (views)."""
+    w = kv_b_weight.view(num_heads, qk_nope_head_dim + v_head_dim, kv_b_weight.shape[-1])
+    return w[:, :qk_nope_head_dim], w[:, qk_nope_head_dim:]
+
+
+def absorbed_mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, w_uk: torch.Tensor,
+                           w_uv: torch.Tensor, softmax_scale: float,
+                           attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of H query heads over a shared latent sequence, without expanding it to heads.
+
+    q_nope: (B, H, S, nope); q_pe: (B, H, S, rope), rotated (same channel order as the cached ``k_pe``).
+    kv: (B, T, r + rope) = ``[c_kv | k_pe]`` per key (e.g. an :class:`~kimivl.decoder.cache.MLACache` view).
+    w_uk: (H, nope, r); w_uv: (H, v, r) from :func:`split_kv_b_weight`.
+    attn_mask: bool (B, 1, S, T), True = may attend, or None = every key visible to every query.
+    Returns (B, S, H * v), the input of ``o_proj``. Softmax in float32, as the reference does.
+    """
+    b, h, s, nope = q_nope.shape
+    r = w_uk.shape[-1]
+    t = kv.shape[1]
+    # q_lat = q_nope W_UK, as one (H, B*S, nope) @ (H, nope, r) product so each head's W_UK is read once.
+    q_heads = q_nope.transpose(0, 1).reshape(h, b * s, nope)
+    q_lat = torch.matmul(q_heads, w_uk).view(h, b, s, r).transpose(0, 1)  # (B, H, S, r)
+    # Heads become query rows: (B, H*S, r + rope) against the (B, T, r + rope) latent keys. The scale is
+    # applied to the queries (H*S rows) rather than to the (H*S, T) scores.
+    q = torch.cat((q_lat, q_pe), dim=-1).reshape(b, h * s, r + q_pe.shape[-1]) * softmax_scale
+    scores = torch.matmul(q, kv.transpose(1, 2)).view(b, h, s, t).float()  # (B, H, S, T)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(kv.dtype).view(b, h * s, t)
+    out_lat = torch.matmul(probs, kv[..., :r])  # (B, H*S, r): probability-weighted latents
+    # out = out_lat W_UV^T per head, again as one batched product over heads.
+    out_lat = out_lat.view(b, h, s, r).transpose(0, 1).reshape(h, b * s, r)
+    out = torch.matmul(out_lat, w_uv.transpose(1, 2))  # (H, B*S, v)
+    return out.view(h, b, s, -1).permute(1, 2, 0, 3).reshape(b, s, -1)
