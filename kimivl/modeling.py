@@ -21,6 +21,9 @@ from kimivl.checkpoint import load_weights, resolve_checkpoint_dir, save_weights
 from kimivl.configuration import KimiVLConfig
 from kimivl.decoder import DeepseekV3ForCausalLM
 from kimivl.errors import KimiVLInputError
+from kimivl.generation.config import GenerationConfig
+from kimivl.generation.generate import Streamer
+from kimivl.generation.generate import generate as generate_ids
 from kimivl.ops.splice import merge_multimodal_embeddings
 from kimivl.projector import KimiVLMultiModalProjector
 from kimivl.vision import MoonVitPretrainedModel
@@ -58,6 +61,8 @@ class KimiVLForConditionalGeneration(nn.Module):
         self.vision_tower = MoonVitPretrainedModel(config.vision_config)
         self.multi_modal_projector = KimiVLMultiModalProjector(config.vision_config, config.text_config)
         self.language_model = DeepseekV3ForCausalLM(config.text_config)
+        # Decoding defaults of the checkpoint (set by from_pretrained); None = GenerationConfig defaults.
+        self.generation_config: GenerationConfig | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -134,6 +139,22 @@ class KimiVLForConditionalGeneration(nn.Module):
             targets = targets.masked_fill(attention_mask[:, 1:] == 0, ignore)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=ignore)
 
+    # ------------------------------------------------------------------ generation
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, image_grid_hws: torch.Tensor | None = None,
+                 max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                 repetition_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
+                 stop_strings: str | list[str] | None = None, seed: int | None = None,
+                 streamer: Streamer | None = None, tokenizer: Any = None,
+                 pad_token_id: int | None = None) -> torch.Tensor:
+        """Prompt + new ids (B, S + new); see :func:`kimivl.generation.generate` (which this calls)."""
+        return generate_ids(self, input_ids, attention_mask, pixel_values, image_grid_hws,
+                            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                            top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                            eos_token_id=eos_token_id, stop_strings=stop_strings, seed=seed, streamer=streamer,
+                            tokenizer=tokenizer, pad_token_id=pad_token_id)
+
     # ------------------------------------------------------------------ I/O
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike[str], dtype: torch.dtype | str | None = None,
@@ -150,6 +171,7 @@ class KimiVLForConditionalGeneration(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         load_weights(model, directory, dtype=_as_dtype(dtype, config), device=device)
+        model.generation_config = GenerationConfig.from_checkpoint(directory, config.text_config.eos_token_id)
         model.eval()
         return model
 

@@ -1,4 +1,8 @@
-"""GenerationConfig: decoding defaults whose fields are the keys of ``generation_config.json``."""
+"""GenerationConfig: decoding defaults whose fields are the keys of ``generation_config.json``.
+
+Spec: ``shared/reference/kimivl-spec.md`` §7 (decoding defaults; ``<|im_end|>`` and ``[EOS]`` end a turn)
+and §6.2 (their ids in ``tokenizer_config.json``'s ``added_tokens_decoder``).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 GENERATION_CONFIG_NAME = "generation_config.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+# The chat format ends an assistant turn with <|im_end|>; [EOS] ends a document (spec §7).
+CHAT_STOP_TOKENS = ("<|im_end|>", "[EOS]")
 
 
 @dataclass
@@ -23,6 +30,7 @@ class GenerationConfig:
     eos_token_id: int | list[int] | None = None
     bos_token_id: int | None = None
     pad_token_id: int | None = None
+    stop_strings: str | list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -42,6 +50,20 @@ class GenerationConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from e
 
+    @classmethod
+    def from_checkpoint(cls, directory: str | os.PathLike[str],
+                        default_eos_token_id: int | list[int] | None = None) -> GenerationConfig:
+        """Decoding defaults of a checkpoint directory, with the chat stop ids added.
+
+        Starts from ``generation_config.json`` (or the dataclass defaults), then extends ``eos_token_id``
+        with the ids of :data:`CHAT_STOP_TOKENS` found in ``tokenizer_config.json`` and with
+        ``default_eos_token_id`` (the model config's ``eos_token_id``), keeping the first occurrence of each.
+        """
+        config = cls.from_pretrained(directory) or cls()
+        extra = [default_eos_token_id] if isinstance(default_eos_token_id, int) else list(default_eos_token_id or [])
+        ids = list(dict.fromkeys(config.eos_ids() + chat_stop_ids(directory) + extra))
+        return dataclasses.replace(config, eos_token_id=ids or None, extra=dict(config.extra))
+
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return out | dict(self.extra)
@@ -50,3 +72,16 @@ class GenerationConfig:
         if self.eos_token_id is None:
             return []
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+
+def chat_stop_ids(directory: str | os.PathLike[str]) -> list[int]:
+    """Ids of ``<|im_end|>`` and ``[EOS]`` from ``tokenizer_config.json`` (those present; [] without the file)."""
+    path = Path(directory) / TOKENIZER_CONFIG_NAME
+    if not path.is_file():
+        return []
+    try:
+        decoder = json.loads(path.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    by_name = {entry.get("content"): int(token_id) for token_id, entry in decoder.items() if isinstance(entry, dict)}
+    return [by_name[name] for name in CHAT_STOP_TOKENS if name in by_name]

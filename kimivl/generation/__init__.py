@@ -1,0 +1,19 @@
+"""Generation: decoding defaults, the prefill/decode loop over an MLA latent cache, text streaming.
+
+See docs/generation.md.
+"""
+from __future__ import annotations
+
+from kimivl.generation.config import GenerationConfig
+from kimivl.generation.detokenize import IncrementalDetokenizer
+from kimivl.generation.generate import decode_step, generate, prefill, resolve_generation_config, stream
+
+__all__ = [
+    "GenerationConfig",
+    "IncrementalDetokenizer",
+    "decode_step",
+    "generate",
+    "prefill",
+    "resolve_generation_config",
+    "stream",
+]

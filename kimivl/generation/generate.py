@@ -1,0 +1,356 @@
+"""The decoding loop: prefill once (vision included), then one-token decode steps over an MLA latent cache.
+
+Spec: ``shared/reference/kimivl-spec.md`` §4 (positions ``cumsum(mask) - 1`` with a cache; pixel values only
+on the first step) and §7 (decoding defaults, ``<|im_end|>`` / ``[EOS]`` stop ids). gpt-fast style:
+:func:`prefill` and :func:`decode_step` are separate functions and the :class:`~kimivl.decoder.cache.MLACache`
+is an explicit argument. :func:`generate` returns ids; :func:`stream` yields text deltas from the same loop.
+
+Works on a :class:`~kimivl.modeling.KimiVLForConditionalGeneration` (images through ``embed_inputs``) and on a
+bare :class:`~kimivl.decoder.DeepseekV3ForCausalLM` (text only). Batches are left padded; every row keeps its
+own positions and stops on its own (finished rows are filled with ``pad_token_id``). Settings given as
+arguments override the model's ``generation_config``, which overrides the :class:`GenerationConfig` defaults.
+Stop strings keep the tokens that completed them (as transformers does).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from kimivl.decoder.cache import MLACache
+from kimivl.errors import KimiVLInputError
+from kimivl.generation.config import GenerationConfig
+from kimivl.generation.detokenize import IncrementalDetokenizer
+from kimivl.ops.sampling import apply_repetition_penalty, select_next_token
+
+logger = logging.getLogger(__name__)
+
+
+class Streamer(Protocol):
+    """transformers-like streamer: ``put`` gets the prompt ids (B, S) once, then each step's (B,) new ids."""
+
+    def put(self, value: torch.Tensor) -> None: ...
+
+    def end(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------- model steps
+
+def _language_model(model: nn.Module) -> nn.Module:
+    """The DeepseekV3ForCausalLM inside a KimiVL model, or the model itself when it is one."""
+    return getattr(model, "language_model", model)
+
+
+def _next_token_logits(lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Only the last position goes through ``lm_head``: (B, S, hidden) -> (B, vocab) float32."""
+    return lm.lm_head(hidden[:, -1]).float()
+
+
+def prefill(model: nn.Module, input_ids: torch.Tensor, cache: MLACache, attention_mask: torch.Tensor | None = None,
+            pixel_values: torch.Tensor | None = None, image_grid_hws: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the prompt (and its images, the only time they are encoded) into ``cache``.
+
+    input_ids: (B, S) left padded; attention_mask: (B, S) or None (no padding); pixel_values: (L, 3, p, p) and
+    image_grid_hws: (N, 2) for the placeholders of all rows, in order. Returns the next-token logits
+    (B, vocab) float32; ``cache.length`` grows by S.
+    """
+    lm = _language_model(model)
+    if hasattr(model, "embed_inputs"):
+        embeds = model.embed_inputs(input_ids, pixel_values, image_grid_hws)
+        out = lm.model(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache)
+    else:
+        if pixel_values is not None and pixel_values.numel() > 0:
+            raise KimiVLInputError(f"{type(model).__name__} is a text-only model and cannot take pixel_values")
+        out = lm.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache)
+    return _next_token_logits(lm, out.last_hidden_state)
+
+
+def decode_step(model: nn.Module, token_ids: torch.Tensor, cache: MLACache,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One step: embed only the new token(s) and attend to the cache.
+
+    token_ids: (B,) or (B, S_new); attention_mask: (B, cache.length + S_new) or None (no padding).
+    Returns the next-token logits (B, vocab) float32; ``cache.length`` grows by S_new.
+    """
+    lm = _language_model(model)
+    ids = token_ids.view(token_ids.shape[0], -1)
+    out = lm.model(input_ids=ids, attention_mask=attention_mask, cache=cache)
+    return _next_token_logits(lm, out.last_hidden_state)
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+def _check(cond: bool, name: str, value: Any, why: str) -> None:
+    if not cond:
+        raise KimiVLInputError(f"{name} {why}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate(c: GenerationConfig) -> None:
+    """Reject values the sampler cannot use; every message names the value."""
+    _check(_is_int(c.max_new_tokens) and c.max_new_tokens > 0, "max_new_tokens", c.max_new_tokens,
+           "must be a positive integer")
+    _check(_is_number(c.temperature) and c.temperature >= 0, "temperature", c.temperature,
+           "must be a finite number >= 0")
+    _check(not (c.do_sample and c.temperature == 0), "temperature", c.temperature,
+           "must be > 0 when sampling (use do_sample=False for greedy decoding)")
+    _check(c.top_k is None or (_is_int(c.top_k) and c.top_k > 0), "top_k", c.top_k,
+           "must be a positive integer or None (None disables it)")
+    _check(c.top_p is None or (_is_number(c.top_p) and 0 < c.top_p <= 1), "top_p", c.top_p, "must be in (0, 1]")
+    _check(c.min_p is None or (_is_number(c.min_p) and 0 <= c.min_p <= 1), "min_p", c.min_p, "must be in [0, 1]")
+    _check(_is_number(c.repetition_penalty) and c.repetition_penalty > 0, "repetition_penalty",
+           c.repetition_penalty, "must be a finite number > 0 (1.0 disables it)")
+    _check(all(_is_int(i) for i in c.eos_ids()), "eos_token_id", c.eos_token_id, "must be an int or a list of ints")
+    _check(_is_int(c.pad_token_id), "pad_token_id", c.pad_token_id, "must be an int")
+    strings = [c.stop_strings] if isinstance(c.stop_strings, str) else list(c.stop_strings or [])
+    _check(all(isinstance(s, str) and s for s in strings), "stop_strings", c.stop_strings,
+           "must be a non-empty string or a list of them")
+
+
+def resolve_generation_config(model: nn.Module, **overrides: Any) -> GenerationConfig:
+    """The model's ``generation_config`` (or the defaults) with the non-None ``overrides`` applied, validated.
+
+    Without a stop id anywhere, the text config's ``eos_token_id`` stops; ``pad_token_id`` falls back to the
+    text config's, then 0. ``eos_token_id=[]`` turns stopping on ids off.
+    """
+    text_config = _language_model(model).config
+    base = getattr(model, "generation_config", None) or GenerationConfig(eos_token_id=text_config.eos_token_id)
+    config = dataclasses.replace(base, extra=dict(base.extra),
+                                 **{k: v for k, v in overrides.items() if v is not None})
+    if config.pad_token_id is None:
+        pad = text_config.pad_token_id
+        config.pad_token_id = pad if pad is not None and 0 <= pad < text_config.vocab_size else 0
+    _validate(config)
+    return config
+
+
+def _decode_fn(tokenizer: Any, skip_special_tokens: bool) -> Callable[[Sequence[int]], str]:
+    """ids -> text with a tokenizer or a processor (anything with ``.decode`` or ``.tokenizer.decode``)."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    if not callable(getattr(tok, "decode", None)):
+        raise KimiVLInputError(f"tokenizer must have a decode(ids) method, got {type(tokenizer).__name__}")
+    return lambda ids: tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+class _StopStrings:
+    """Per-row decoded new text; a row is done once its text contains one of the stop strings."""
+
+    def __init__(self, stop_strings: list[str], decode: Callable[[Sequence[int]], str], batch_size: int) -> None:
+        self.stop_strings = stop_strings
+        self.detokenizers = [IncrementalDetokenizer(decode) for _ in range(batch_size)]
+        self.texts = [""] * batch_size
+
+    def hits(self, tokens: list[int], active: list[bool]) -> list[bool]:
+        out = []
+        for row, (token, alive) in enumerate(zip(tokens, active)):
+            hit = False
+            if alive:
+                before = len(self.texts[row])
+                self.texts[row] += self.detokenizers[row].push(token)
+                # only windows that end in the new text can hold a new match
+                hit = any(s in self.texts[row][max(0, before - len(s) + 1):] for s in self.stop_strings)
+            out.append(hit)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, context: int) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise KimiVLInputError(f"input_ids must be a (batch, seq_len) integer tensor, got {shape}")
+    b, n = input_ids.shape
+    if b == 0 or n == 0:
+        raise KimiVLInputError(f"empty prompt: input_ids has shape {(b, n)}; generation needs at least one token")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise KimiVLInputError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if n >= context:
+        raise KimiVLInputError(
+            f"the prompt has {n} tokens but the context is max_position_embeddings={context}: "
+            f"it must be at most {context - 1} tokens to leave room for a new one"
+        )
+    if attention_mask is None:
+        return
+    if tuple(attention_mask.shape) != (b, n):
+        raise KimiVLInputError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {(b, n)}")
+    mask = attention_mask.bool()
+    empty = (~mask.any(dim=-1)).nonzero().flatten().tolist()
+    if empty:
+        raise KimiVLInputError(f"empty prompt: row(s) {empty} of attention_mask have no tokens")
+    right = (mask[:, :-1] & ~mask[:, 1:]).any(dim=-1).nonzero().flatten().tolist()
+    if right:
+        raise KimiVLInputError(
+            f"row(s) {right} of attention_mask have a pad after a token: generation needs left padding "
+            "(pads first, then the prompt)"
+        )
+
+
+@torch.inference_mode()
+def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 pixel_values: torch.Tensor | None, image_grid_hws: torch.Tensor | None, config: GenerationConfig,
+                 generator: torch.Generator | None, stops: _StopStrings | None) -> Iterator[torch.Tensor]:
+    """Yield each step's new ids (B,) int64 until every row stopped or ``max_new_tokens`` were made.
+
+    (The decorator keeps inference mode on only while this generator runs, not while its consumer does.)
+    """
+    lm = _language_model(model)
+    b, n = input_ids.shape
+    max_new = config.max_new_tokens
+    # The last token is returned, never fed back, so the cache needs one slot less than the output.
+    cache = MLACache.from_config(lm.config, b, n + max_new - 1, dtype=lm.lm_head.weight.dtype,
+                                 device=input_ids.device)
+    # An all-ones mask is dropped: attention then runs plain causal (SDPA's causal kernel, no mask tensors).
+    full_mask = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        full_mask = torch.cat((attention_mask.long(), attention_mask.new_ones(b, max_new).long()), dim=1)
+    logits = prefill(model, input_ids, cache, None if full_mask is None else full_mask[:, :n],
+                     pixel_values, image_grid_hws)
+
+    seen = None
+    if config.repetition_penalty != 1.0:
+        # counts, not a bool scatter: a pad id may also be a real prompt token of another position
+        real = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        seen = torch.zeros(b, logits.shape[-1], dtype=torch.long, device=logits.device)
+        seen = seen.scatter_add_(1, input_ids, real) > 0
+    eos = torch.tensor(config.eos_ids(), dtype=torch.long, device=input_ids.device)
+    rows = torch.arange(b, device=input_ids.device)
+    finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new):
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+        token = select_next_token(logits, do_sample=config.do_sample, temperature=config.temperature,
+                                  top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, generator=generator)
+        token = token.masked_fill(finished, config.pad_token_id)
+        if seen is not None:
+            seen[rows, token] = True
+        done = finished | torch.isin(token, eos)
+        if stops is not None:
+            hits = stops.hits(token.tolist(), (~finished).tolist())
+            done |= torch.tensor(hits, dtype=torch.bool, device=done.device)
+        finished = done
+        yield token
+        if step == max_new - 1 or bool(finished.all()):
+            return
+        mask = None if full_mask is None else full_mask[:, :cache.length + 1]
+        logits = decode_step(model, token, cache, mask)
+
+
+def _prepare(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+             overrides: dict[str, Any], seed: int | None, tokenizer: Any
+             ) -> tuple[torch.Tensor, torch.Tensor | None, GenerationConfig, torch.Generator | None,
+                        _StopStrings | None]:
+    """Validate everything before the first forward (so errors are raised by the call, not by iteration)."""
+    lm = _language_model(model)
+    config = resolve_generation_config(model, **overrides)
+    _check_inputs(input_ids, attention_mask, lm.config.max_position_embeddings)
+    n = input_ids.shape[1]
+    room = lm.config.max_position_embeddings - n
+    if config.max_new_tokens > room:
+        logger.warning("max_new_tokens=%d would pass the context of %d tokens; generating at most %d",
+                       config.max_new_tokens, lm.config.max_position_embeddings, room)
+        config.max_new_tokens = room
+    device = lm.lm_head.weight.device
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device) if attention_mask is not None else None
+
+    generator = None
+    if config.do_sample:
+        _check(seed is None or _is_int(seed), "seed", seed, "must be an int or None")
+        generator = torch.Generator(device=device)
+        if seed is not None:
+            generator.manual_seed(seed)
+        else:  # a fresh nondeterministic seed, still without touching the global RNG
+            generator.seed()
+    stops = None
+    if config.stop_strings:
+        if tokenizer is None:
+            raise KimiVLInputError(f"stop_strings={config.stop_strings!r} need a tokenizer to decode the new tokens "
+                                   "(pass tokenizer=...)")
+        strings = [config.stop_strings] if isinstance(config.stop_strings, str) else list(config.stop_strings)
+        stops = _StopStrings(strings, _decode_fn(tokenizer, skip_special_tokens=False), input_ids.shape[0])
+    return input_ids, attention_mask, config, generator, stops
+
+
+def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             pixel_values: torch.Tensor | None = None, image_grid_hws: torch.Tensor | None = None,
+             max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+             repetition_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
+             stop_strings: str | list[str] | None = None, seed: int | None = None, streamer: Streamer | None = None,
+             tokenizer: Any = None, pad_token_id: int | None = None) -> torch.Tensor:
+    """Generate new tokens after each (left-padded) prompt row; returns (B, S + new) int64 ids.
+
+    input_ids: (B, S); attention_mask: (B, S), 1 = token, 0 = left pad; pixel_values / image_grid_hws as from
+    the processor (encoded once, at prefill). ``None`` settings come from ``model.generation_config`` (then the
+    :class:`GenerationConfig` defaults). A row stops after emitting one of ``eos_token_id`` or once its new text
+    contains a stop string (needs ``tokenizer``); later positions of a stopped row hold ``pad_token_id``; the
+    output ends when every row stopped or ``max_new_tokens`` were made. ``seed`` seeds a private
+    ``torch.Generator`` for sampling. ``streamer.put`` gets the prompt (B, S) and then each step's (B,) ids.
+    Raises :class:`~kimivl.errors.KimiVLInputError` for empty or over-long prompts and invalid settings.
+    """
+    overrides = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                     top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                     stop_strings=stop_strings, pad_token_id=pad_token_id)
+    input_ids, attention_mask, config, generator, stops = _prepare(model, input_ids, attention_mask, overrides,
+                                                                   seed, tokenizer)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    tokens = []
+    for token in _token_steps(model, input_ids, attention_mask, pixel_values, image_grid_hws, config, generator,
+                              stops):
+        tokens.append(token)
+        if streamer is not None:
+            streamer.put(token.cpu())
+    if streamer is not None:
+        streamer.end()
+    return torch.cat((input_ids, torch.stack(tokens, dim=1)), dim=1)
+
+
+def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+           pixel_values: torch.Tensor | None = None, image_grid_hws: torch.Tensor | None = None, *,
+           tokenizer: Any, max_new_tokens: int | None = None, do_sample: bool | None = None,
+           temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+           min_p: float | None = None, repetition_penalty: float | None = None,
+           eos_token_id: int | list[int] | None = None, stop_strings: str | list[str] | None = None,
+           seed: int | None = None, pad_token_id: int | None = None,
+           skip_special_tokens: bool = True) -> Iterator[str]:
+    """Generate for one prompt row and yield the new text as it grows (UTF-8 safe deltas).
+
+    Same settings as :func:`generate`; ``tokenizer`` (or a processor) decodes. A delta is held back while the
+    text ends inside a multi-byte character, so ``"".join(stream(...))`` equals
+    ``tokenizer.decode(new_ids, skip_special_tokens=skip_special_tokens)``. Arguments are checked by this
+    call; the model runs as the iterator is consumed.
+    """
+    overrides = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                     top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                     stop_strings=stop_strings, pad_token_id=pad_token_id)
+    decode = _decode_fn(tokenizer, skip_special_tokens)
+    input_ids, attention_mask, config, generator, stops = _prepare(model, input_ids, attention_mask, overrides,
+                                                                   seed, tokenizer)
+    if input_ids.shape[0] != 1:
+        raise KimiVLInputError(f"stream() takes one prompt row, got a batch of {input_ids.shape[0]}; "
+                               "use generate() for batches")
+    steps = _token_steps(model, input_ids, attention_mask, pixel_values, image_grid_hws, config, generator, stops)
+    return _text_deltas(steps, IncrementalDetokenizer(decode))
+
+
+def _text_deltas(steps: Iterator[torch.Tensor], detokenizer: IncrementalDetokenizer) -> Iterator[str]:
+    for token in steps:
+        delta = detokenizer.push(int(token[0]))
+        if delta:
+            yield delta
+    tail = detokenizer.flush()
+    if tail:
+        yield tail

@@ -1,0 +1,167 @@
+"""generate(): golden greedy tokens, vision once, batches equal single rows, stop ids, config defaults."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kimivl.decoder import MLACache
+from kimivl.generation import GenerationConfig, decode_step, generate, prefill
+from kimivl.modeling import KimiVLForConditionalGeneration
+
+GOLDEN_NEW = [525, 638, 345, 480, 168, 557, 83, 743]  # golden README: official greedy continuation
+STEP_ATOL = STEP_RTOL = 1e-4  # fp32 logits vs the official implementation (golden README)
+PAD = 997  # text_config.pad_token_id of the golden config
+
+
+def _prompt(golden: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"input_ids": golden["prompt.input_ids"], "pixel_values": golden["prompt.pixel_values"],
+            "image_grid_hws": golden["prompt.image_grid_hws"]}
+
+
+def test_greedy_generate_equals_golden_sequences(model: KimiVLForConditionalGeneration,
+                                                 golden: dict[str, torch.Tensor]) -> None:
+    out = model.generate(**_prompt(golden), max_new_tokens=8, eos_token_id=[])
+    assert out.dtype == torch.int64
+    assert torch.equal(out, golden["generate.sequences"])
+
+
+def test_step_logits_equal_golden(model: KimiVLForConditionalGeneration, golden: dict[str, torch.Tensor]) -> None:
+    p = _prompt(golden)
+    cache = MLACache.from_config(model.config.text_config, 1, 62)
+    with torch.inference_mode():
+        logits = [prefill(model, p["input_ids"], cache, None, p["pixel_values"], p["image_grid_hws"])]
+        for _ in range(7):
+            logits.append(decode_step(model, logits[-1].argmax(-1), cache))
+    torch.testing.assert_close(torch.cat(logits), golden["generate.step_logits"], rtol=STEP_RTOL, atol=STEP_ATOL)
+    assert torch.cat(logits).argmax(-1).tolist() == GOLDEN_NEW
+    assert cache.length == 62
+
+
+def test_vision_runs_once_and_decode_embeds_only_the_new_token(model: KimiVLForConditionalGeneration,
+                                                               golden: dict[str, torch.Tensor]) -> None:
+    vision_calls: list[tuple[int, ...]] = []
+    embed_calls: list[tuple[int, ...]] = []
+    hooks = [model.vision_tower.register_forward_hook(lambda m, args, out: vision_calls.append(args[0].shape)),
+             model.language_model.model.embed_tokens.register_forward_hook(
+                 lambda m, args, out: embed_calls.append(tuple(args[0].shape)))]
+    try:
+        out = model.generate(**_prompt(golden), max_new_tokens=8, eos_token_id=[])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert out[0, 55:].tolist() == GOLDEN_NEW
+    assert len(vision_calls) == 1
+    assert embed_calls == [(1, 55)] + [(1, 1)] * 7
+
+
+def test_default_stop_ids_come_from_the_checkpoint(model: KimiVLForConditionalGeneration,
+                                                   golden: dict[str, torch.Tensor]) -> None:
+    # <|im_end|> (744) and [EOS] (743) from tokenizer_config.json, then text_config.eos_token_id (743)
+    assert model.generation_config is not None and model.generation_config.eos_ids() == [744, 743]
+    out = model.generate(**_prompt(golden), max_new_tokens=20)
+    assert out[0, 55:].tolist() == GOLDEN_NEW  # stops after [EOS], the 8th token
+    out = model.generate(**_prompt(golden), max_new_tokens=20, eos_token_id=480)
+    assert out[0, 55:].tolist() == GOLDEN_NEW[:4]
+    out = model.generate(**_prompt(golden), max_new_tokens=10, eos_token_id=[])
+    assert out.shape == (1, 65) and out[0, 55:63].tolist() == GOLDEN_NEW
+
+
+def test_generation_config_json_gives_defaults_and_arguments_override(golden_dir: Path, tmp_path: Path,
+                                                                      golden: dict[str, torch.Tensor]) -> None:
+    for name in os.listdir(golden_dir):
+        (tmp_path / name).symlink_to(golden_dir / name)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 3, "eos_token_id": 345,
+                                                                 "temperature": 0.2, "transformers_version": "x"}))
+    model = KimiVLForConditionalGeneration.from_pretrained(tmp_path)
+    config = model.generation_config
+    assert config is not None and config.eos_ids() == [345, 744, 743] and config.temperature == 0.2
+    assert config.extra == {"transformers_version": "x"}
+    assert model.generate(**_prompt(golden))[0, 55:].tolist() == GOLDEN_NEW[:3]  # stop id 345 at step 3
+    assert model.generate(**_prompt(golden), max_new_tokens=2)[0, 55:].tolist() == GOLDEN_NEW[:2]
+    assert model.generate(**_prompt(golden), eos_token_id=[], max_new_tokens=4)[0, 55:].tolist() == GOLDEN_NEW[:4]
+
+
+def test_text_only_model_generates_like_the_full_model(model: KimiVLForConditionalGeneration,
+                                                       golden: dict[str, torch.Tensor]) -> None:
+    ids = golden["text_only.input_ids"]
+    full = model.generate(ids, max_new_tokens=6, eos_token_id=[])
+    text_only = generate(model.language_model, ids, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(full, text_only)
+    # and equals a greedy loop of uncached full forwards
+    seq = ids
+    with torch.no_grad():
+        for _ in range(6):
+            seq = torch.cat((seq, model(seq).logits[:, -1:].argmax(-1)), dim=1)
+    assert torch.equal(full, seq)
+
+
+# --- batches ---------------------------------------------------------------------------------------------
+
+def _left_pad(prompts: list[dict[str, Any]]) -> dict[str, torch.Tensor | None]:
+    n = max(len(p["ids"]) for p in prompts)
+    ids = torch.tensor([[PAD] * (n - len(p["ids"])) + p["ids"] for p in prompts])
+    mask = torch.tensor([[0] * (n - len(p["ids"])) + [1] * len(p["ids"]) for p in prompts])
+    pixels = [p["pixel_values"] for p in prompts if p["pixel_values"] is not None]
+    grids = [p["grids"] for p in prompts if p["grids"] is not None]
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels) if pixels else None,
+            "image_grid_hws": torch.cat(grids) if grids else None}
+
+
+def _alone(model: KimiVLForConditionalGeneration, p: dict[str, Any], **kwargs: Any) -> list[int]:
+    out = model.generate(torch.tensor([p["ids"]]), pixel_values=p["pixel_values"], image_grid_hws=p["grids"],
+                         **kwargs)
+    return out[0, len(p["ids"]):].tolist()
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 0, 1)])
+def test_batched_greedy_equals_one_by_one(model: KimiVLForConditionalGeneration,
+                                          mixed_prompts: list[dict[str, Any]], order: tuple[int, ...]) -> None:
+    prompts = [mixed_prompts[i] for i in order]
+    batch = _left_pad(prompts)
+    n = batch["input_ids"].shape[1]
+    out = model.generate(**batch, max_new_tokens=12, eos_token_id=[])
+    assert out.shape == (3, n + 12)
+    assert torch.equal(out[:, :n], batch["input_ids"])
+    for row, p in enumerate(prompts):
+        assert out[row, n:].tolist() == _alone(model, p, max_new_tokens=12, eos_token_id=[]), f"row {row}"
+
+
+def test_rows_finish_independently(model: KimiVLForConditionalGeneration,
+                                   mixed_prompts: list[dict[str, Any]]) -> None:
+    alone = [_alone(model, p, max_new_tokens=12, eos_token_id=[]) for p in mixed_prompts]
+    stop = alone[0][2]  # row 0 stops at its 3rd token; the others continue unless they meet it too
+    expected = []
+    for tokens in alone:
+        cut = tokens.index(stop) + 1 if stop in tokens else len(tokens)
+        expected.append(tokens[:cut])
+    batch = _left_pad(mixed_prompts)
+    n = batch["input_ids"].shape[1]
+    out = model.generate(**batch, max_new_tokens=12, eos_token_id=stop, pad_token_id=0)
+    assert out.shape[1] == n + max(len(e) for e in expected)
+    for row, tokens in enumerate(expected):
+        new = out[row, n:].tolist()
+        assert new == tokens + [0] * (len(new) - len(tokens)), f"row {row}"
+    assert len(expected[0]) == 3 and len(new) > 3
+
+
+def test_a_fully_stopped_batch_ends_early(model: KimiVLForConditionalGeneration,
+                                          mixed_prompts: list[dict[str, Any]]) -> None:
+    firsts = [_alone(model, p, max_new_tokens=1)[0] for p in mixed_prompts]
+    batch = _left_pad(mixed_prompts)
+    out = model.generate(**batch, max_new_tokens=12, eos_token_id=firsts)
+    assert out[:, -1].tolist() == firsts and out.shape[1] == batch["input_ids"].shape[1] + 1
+
+
+def test_generation_config_defaults_are_used_without_a_checkpoint(golden: dict[str, torch.Tensor],
+                                                                  model: KimiVLForConditionalGeneration) -> None:
+    bare = KimiVLForConditionalGeneration(model.config)
+    bare.load_state_dict(model.state_dict())
+    assert bare.generation_config is None
+    out = bare.generate(**_prompt(golden), max_new_tokens=20)  # stops on text_config.eos_token_id (743)
+    assert out[0, 55:].tolist() == GOLDEN_NEW
+    assert GenerationConfig().max_new_tokens == 512
