@@ -88,10 +88,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = dict(_parse_override(o) for o in args.overrides)
-    result = train(args.config, **overrides)
-    logging.getLogger("kimivl.train").info("done: %d steps, final loss %s, export %s, metrics %s", result.step,
-                                           f"{result.losses[-1]:.4f}" if result.losses else "n/a",
-                                           result.export_dir, result.metrics_file)
+    import torch.distributed as dist
+
+    rank = 0
+    try:
+        result = train(args.config, overrides=overrides)
+    finally:
+        if dist.is_available() and dist.is_initialized():  # under torchrun: leave the group cleanly
+            rank = dist.get_rank()
+            dist.barrier()
+            dist.destroy_process_group()
+    if rank == 0:
+        logging.getLogger("kimivl.train").info("done: %d steps, final loss %s, export %s, metrics %s", result.step,
+                                               f"{result.losses[-1]:.4f}" if result.losses else "n/a",
+                                               result.export_dir, result.metrics_file)
     return 0
 
 

@@ -80,6 +80,7 @@ class LocalEngine:
         self.input_dtype = next((p.dtype for n, p in model.named_parameters() if "vision_tower" in n),
                                 torch.float32)
         self.optimizer, self.scheduler = make_optimizer(model, args)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
 
     @property
     def lr(self) -> float:
@@ -101,11 +102,21 @@ class LocalEngine:
         return float(norm)
 
     def step(self, max_grad_norm: float | None) -> float:
+        # Every trainable parameter steps every step: an expert no token was routed to (or the vision
+        # tower in a text-only step) gets a zero gradient instead of none, as under FSDP2 / ZeRO where
+        # idle experts must take part in the reduction. AdamW then moves it by its momentum only.
+        for p in self.trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         norm = self._clip(max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def gathered(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+        """Context in which ``params`` are full tensors that may be changed in place (ZeRO-3 overrides)."""
+        return contextlib.nullcontext()
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Gathered official-key weights for the export; None = use the unwrapped model directly."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from kimivl.decoder.moe import MoEGate
 
@@ -126,8 +127,10 @@ class RouterMonitor:
             bias = rec.gate.e_score_correction_bias
             if bias is None or rec.load.sum() == 0:
                 continue
-            delta = torch.sign(rec.load.mean() - rec.load).to(bias.device, torch.float32) * speed
-            bias.add_(delta.to(bias.dtype))
+            delta = (torch.sign(rec.load.mean() - rec.load) * speed).to(bias.device, bias.dtype)
+            if isinstance(bias, DTensor):  # FSDP2 shards the bias; every rank holds the same delta
+                delta = distribute_tensor(delta, bias.device_mesh, bias.placements)
+            bias.add_(delta)
 
     def remove(self) -> None:
         for handle in self._handles:

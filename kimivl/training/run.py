@@ -56,9 +56,11 @@ def build_processor(args: TrainingArguments) -> KimiVLProcessor:
 
 
 def train(config: TrainingArguments | dict[str, Any] | str | Path, *, model: KimiVLForConditionalGeneration | None = None,
-          processor: KimiVLProcessor | None = None, train_data: Any = None, **overrides: Any) -> TrainResult:
+          processor: KimiVLProcessor | None = None, train_data: Any = None,
+          overrides: dict[str, Any] | None = None) -> TrainResult:
     """Run one fine-tuning job. ``config``: arguments, a dict of YAML keys, or a YAML/JSON path; ``overrides``
     replace single keys. ``model`` / ``processor`` / ``train_data`` replace what the config would build."""
+    overrides = dict(overrides or {})
     if isinstance(config, (str, Path)):
         args = load_training_args(config, **overrides)
     elif isinstance(config, dict):

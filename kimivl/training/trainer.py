@@ -190,6 +190,10 @@ class Trainer:
     def _forward_backward(self, batch: dict[str, torch.Tensor], tokens_in_step: float,
                           sync: bool) -> tuple[float, float]:
         device = self.engine.device
+        if self.dist.mode in ("fsdp2", "deepspeed"):  # every rank must run the vision tower (collectives)
+            from kimivl.training.sharded import pad_image_row
+
+            batch = pad_image_row(batch, self.processor.image_token_id, self.processor.image_processor.patch_size)
         batch = {k: v.to(device) for k, v in batch.items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.engine.input_dtype)
@@ -237,15 +241,18 @@ class Trainer:
                                       dtype=torch.float64)
                 counts[2:] = self._global_sum(counts[:2].clone())
                 tokens_in_step = max(float(counts[2]), 1.0)
+                lr = self.engine.lr  # the rate this step uses (the scheduler moves on with the step)
                 loss_sum = aux_sum = 0.0
                 for i, batch in enumerate(micro):
                     ls, aux = self._forward_backward(batch, tokens_in_step, sync=i == len(micro) - 1)
                     loss_sum, aux_sum = loss_sum + ls, aux_sum + aux
-                lr = self.engine.lr  # the rate this step uses (the scheduler moves on in step())
                 grad_norm = self.engine.step(args.max_grad_norm)
                 if self.monitor is not None:
                     self.monitor.all_reduce_load()
-                    self.monitor.update_bias(args.bias_update_speed)
+                    if args.bias_update_speed > 0:
+                        biases = [r.gate.e_score_correction_bias for r in self.monitor.records]
+                        with self.engine.gathered([b for b in biases if b is not None]):
+                            self.monitor.update_bias(args.bias_update_speed)
                 reduced = self._global_sum(torch.tensor([loss_sum, aux_sum], dtype=torch.float64))
                 loss = float(reduced[0]) / tokens_in_step
                 self.state.step += 1
