@@ -125,10 +125,15 @@ def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Siz
 
 
 def load_weights(model: torch.nn.Module, directory: Path, *, dtype: torch.dtype | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", progress: bool = False) -> None:
     """Fill a (meta-device) model from a checkpoint directory: strict, assign, one copy."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = dict(iter_checkpoint_tensors(directory, dtype=dtype, device=device))
+    tensors = iter_checkpoint_tensors(directory, dtype=dtype, device=device)
+    if progress:
+        from tqdm.auto import tqdm
+
+        tensors = tqdm(tensors, total=len(expected), desc="loading weights", unit="tensor", leave=False)
+    state = dict(tensors)
     check_state_dict(expected, {k: v.shape for k, v in state.items()}, str(directory))
     model.load_state_dict(state, strict=True, assign=True)
 

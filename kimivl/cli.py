@@ -1,7 +1,7 @@
 """The ``kimivl`` command: one entry point with subcommands (argparse, like the serving engines).
 
-Subcommands: ``info`` (config summary, parameter counts, memory per dtype) and ``train`` (one fine-tuning
-run from a YAML config, see ``docs/finetune.md``).
+Subcommands: ``info`` (config summary, parameter counts, memory per dtype), ``train`` (one fine-tuning
+run from a YAML config, see ``docs/finetune.md``) and ``chat`` (one-shot or interactive, streamed).
 """
 from __future__ import annotations
 
@@ -105,6 +105,97 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_HELP = """commands: /image PATH, /video PATH, /document PATH (attach to the next question),
+          /reset (new conversation), /quit (or Ctrl-D)"""
+
+
+def _generation_settings(args: argparse.Namespace) -> dict:
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "top_k": args.top_k, "seed": args.seed}
+    if args.temperature is not None and args.temperature > 0:
+        settings["do_sample"] = True
+    elif args.temperature == 0:
+        settings.pop("temperature")
+        settings["do_sample"] = False
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def _print_turn(session, question: str, show_thinking: bool, out) -> None:
+    """Stream the answer; reasoning (between the thinking marks) is shown dimmed or hidden."""
+    from kimivl.processing import THINK_CLOSE, THINK_OPEN
+
+    text, shown = "", 0
+    for delta in session.ask(question):
+        text += delta
+        if show_thinking:
+            out.write(delta)
+            out.flush()
+            continue
+        # hide everything between the marks; hold back a possible partial mark
+        if THINK_OPEN in text and THINK_CLOSE not in text:
+            visible = text[: text.index(THINK_OPEN)]
+        elif THINK_CLOSE in text:
+            visible = text[: text.index(THINK_OPEN)] if THINK_OPEN in text else ""
+            visible += text[text.index(THINK_CLOSE) + len(THINK_CLOSE):]
+        else:
+            visible = text[: max(0, len(text) - len(THINK_OPEN))]
+        if len(visible) > shown:
+            out.write(visible[shown:])
+            out.flush()
+            shown = len(visible)
+    if not show_thinking:
+        final = session.last_turn.answer if THINK_OPEN in text else text
+        if len(final) > shown and final.startswith(final[:shown]):
+            out.write(final[shown:])
+    out.write("\n")
+    out.flush()
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    import logging
+
+    from kimivl.chat.session import ChatSession
+
+    logging.basicConfig(level=logging.WARNING)
+    session = ChatSession.from_pretrained(args.model, dtype=args.dtype, device=args.device, progress=True,
+                                          system=args.system, generation=_generation_settings(args))
+    for kind in ("image", "video", "document"):
+        for source in getattr(args, kind) or []:
+            session.attach(kind, source)
+    if args.prompt:
+        _print_turn(session, " ".join(args.prompt), args.show_thinking, sys.stdout)
+        return 0
+    print(f"kimivl chat ({args.model or 'demo model'}); {CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line:
+            continue
+        command, _, rest = line.partition(" ")
+        if command in ("/quit", "/exit"):
+            return 0
+        if command == "/reset":
+            session.reset()
+            print("(conversation reset)", file=sys.stderr)
+        elif command in ("/image", "/video", "/document"):
+            if not rest.strip():
+                print(f"usage: {command} PATH", file=sys.stderr)
+                continue
+            session.attach(command[1:], rest.strip())
+            print(f"(attached {command[1:]} {rest.strip()})", file=sys.stderr)
+        elif command.startswith("/"):
+            print(CHAT_HELP, file=sys.stderr)
+        else:
+            try:
+                _print_turn(session, line, args.show_thinking, sys.stdout)
+            except ValueError as e:  # bad media or an over-long conversation: the session stays usable
+                session.pending.clear()
+                print(f"error: {e}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kimivl", description="Kimi-VL in native PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="training config (YAML or JSON)")
     train.add_argument("overrides", nargs="*", help="key=value pairs replacing config keys, e.g. max_steps=10")
     train.set_defaults(func=_cmd_train)
+    chat = sub.add_parser("chat", help="chat with a model (one-shot with a PROMPT, interactive without)")
+    chat.add_argument("prompt", nargs="*", help="question; omit for an interactive session")
+    chat.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the shipped demo model)")
+    chat.add_argument("--image", action="append", help="image file (repeatable)")
+    chat.add_argument("--video", action="append", help="video file (repeatable)")
+    chat.add_argument("--document", action="append", help="PDF file (repeatable)")
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=None)
+    chat.add_argument("--temperature", type=float, default=None, help="0 = greedy; > 0 samples")
+    chat.add_argument("--top-p", type=float, default=None)
+    chat.add_argument("--top-k", type=int, default=None)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | auto (default: as stored)")
+    chat.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
+    chat.add_argument("--show-thinking", action="store_true", help="print the reasoning of Thinking models")
+    chat.set_defaults(func=_cmd_chat)
     return parser
 
 

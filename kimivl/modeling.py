@@ -158,19 +158,21 @@ class KimiVLForConditionalGeneration(nn.Module):
     # ------------------------------------------------------------------ I/O
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike[str], dtype: torch.dtype | str | None = None,
-                        device: torch.device | str | None = None, **hub_kwargs: Any) -> KimiVLForConditionalGeneration:
+                        device: torch.device | str | None = None, progress: bool = False,
+                        **hub_kwargs: Any) -> KimiVLForConditionalGeneration:
         """Load a checkpoint in the official layout (local directory or hub id).
 
         The model is built on the meta device and the safetensors tensors are assigned to it, so the
         weights exist once, on ``device``. ``dtype=None`` keeps the stored dtypes; ``"auto"`` uses
-        ``config.torch_dtype``; ``e_score_correction_bias`` stays float32 either way.
+        ``config.torch_dtype``; ``e_score_correction_bias`` stays float32 either way. ``progress``
+        shows a progress bar over the tensors read.
         """
         directory = resolve_checkpoint_dir(path_or_id, **hub_kwargs)
         config = KimiVLConfig.from_pretrained(directory)
         device = torch.device(device) if device is not None else torch.device("cpu")
         with torch.device("meta"):
             model = cls(config)
-        load_weights(model, directory, dtype=_as_dtype(dtype, config), device=device)
+        load_weights(model, directory, dtype=_as_dtype(dtype, config), device=device, progress=progress)
         model.generation_config = GenerationConfig.from_checkpoint(directory, config.text_config.eos_token_id)
         model.eval()
         return model

@@ -21,3 +21,36 @@ def test_info_reports_official_parameter_counts(configs_dir, capsys):
 def test_info_on_a_missing_directory_is_a_clear_error(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_chat_one_shot_streams_an_answer(golden_dir, capsys):
+    from kimivl.processing import KimiVLProcessor
+
+    image = golden_dir / "inputs" / "image_70x98.png"
+    rc = main(["chat", "--model", str(golden_dir), "--image", str(image), "--max-new-tokens", "8",
+               "Describe this picture."])
+    assert rc == 0
+    out = capsys.readouterr().out
+    # the golden weights are random: compare with the official greedy continuation instead of an answer
+    expected = KimiVLProcessor.from_pretrained(golden_dir).decode([525, 638, 345, 480, 168, 557, 83],
+                                                                  skip_special_tokens=True)
+    assert out == expected + "\n"
+
+
+def test_chat_with_a_missing_image_is_a_clear_error(golden_dir, tmp_path, capsys):
+    rc = main(["chat", "--model", str(golden_dir), "--image", str(tmp_path / "nope.png"), "hi"])
+    assert rc == 2
+    assert "nope.png" in capsys.readouterr().err
+
+
+def test_session_keeps_answers_not_reasoning_in_history(golden_dir):
+    from kimivl.chat.session import ChatSession
+
+    session = ChatSession.from_pretrained(str(golden_dir))
+    session.attach("image", str(golden_dir / "inputs" / "image_28x28.png"))
+    turn = session._finish(session.messages_for("what?")[-1], "◁think▷it is round◁/think▷ a circle")
+    assert (turn.reasoning.strip(), turn.answer) == ("it is round", "a circle")
+    assert session.history[-1] == {"role": "assistant", "content": "a circle"}
+    assert session.history[-2]["content"][0]["type"] == "image" and session.pending == []
+    session.reset()
+    assert session.history == []

@@ -1,0 +1,1 @@
+"""Serving layer: chat session, CLI chat, HTTP server. Nothing below imports it."""

@@ -1,0 +1,99 @@
+"""ChatSession: a multi-turn conversation with media, streamed answers and thinking handling.
+
+The serving layer (CLI, HTTP server) sits on this; nothing below imports it. History is kept in
+the processor's message format; media attached before a question go into that user turn. For
+Thinking models the reasoning (``◁think▷…◁/think▷``) is split off the answer and not re-sent in
+later turns (the official evaluation code reads only the text after ``◁/think▷``).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kimivl.generation import stream
+from kimivl.processing import split_thinking
+
+logger = logging.getLogger(__name__)
+
+MEDIA_KINDS = ("image", "video", "document")
+
+
+@dataclass
+class Turn:
+    """One answered question: the raw text, its reasoning part (Thinking models) and the answer."""
+
+    text: str
+    reasoning: str
+    answer: str
+
+
+@dataclass
+class ChatSession:
+    model: Any
+    processor: Any
+    system: str | None = None
+    generation: dict[str, Any] = field(default_factory=dict)  # generate() settings, e.g. max_new_tokens
+    history: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_pretrained(cls, path: str | None = None, *, dtype: torch.dtype | str | None = None,
+                        device: str | None = None, progress: bool = False, **kwargs: Any) -> ChatSession:
+        """Load model + processor from ``path`` (default: the shipped demo model)."""
+        from kimivl import DEMO_MODEL
+        from kimivl.modeling import KimiVLForConditionalGeneration
+        from kimivl.processing import KimiVLProcessor
+
+        path = path or DEMO_MODEL
+        model = KimiVLForConditionalGeneration.from_pretrained(path, dtype=dtype, device=device, progress=progress)
+        return cls(model, KimiVLProcessor.from_pretrained(path), **kwargs)
+
+    def attach(self, kind: str, source: Any) -> None:
+        """Attach an image / video / document to the next question."""
+        if kind not in MEDIA_KINDS:
+            raise ValueError(f"unknown media kind {kind!r}; choose one of {MEDIA_KINDS}")
+        self.pending.append({"type": kind, kind: source})
+
+    def reset(self) -> None:
+        self.history.clear()
+        self.pending.clear()
+
+    def messages_for(self, question: str) -> list[dict[str, Any]]:
+        """The conversation that would be sent for ``question`` (history + pending media + text)."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        content = [*self.pending, {"type": "text", "text": question}]
+        return [*system, *self.history, {"role": "user", "content": content}]
+
+    def ask(self, question: str) -> Iterator[str]:
+        """Stream the answer's text deltas; the turn joins the history when the stream ends."""
+        messages = self.messages_for(question)
+        inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True, return_tensors="pt")
+        inputs = inputs.to(self.model.device)
+        pieces: list[str] = []
+        with torch.inference_mode():
+            for delta in stream(self.model, inputs["input_ids"], inputs["attention_mask"],
+                                inputs.get("pixel_values"), inputs.get("image_grid_hws"),
+                                tokenizer=self.processor.tokenizer, **self.generation):
+                pieces.append(delta)
+                yield delta
+        turn = self._finish(messages[-1], "".join(pieces))
+        self.last_turn = turn
+
+    def answer(self, question: str) -> Turn:
+        """Non-streaming ``ask``: the whole turn."""
+        for _ in self.ask(question):
+            pass
+        return self.last_turn
+
+    def _finish(self, user_message: dict[str, Any], text: str) -> Turn:
+        split = split_thinking(text)
+        self.history.append(user_message)
+        # earlier reasoning is not re-sent: only the answer stays in the history
+        self.history.append({"role": "assistant", "content": split.answer.strip()})
+        self.pending = []
+        return Turn(text=text, reasoning=split.reasoning, answer=split.answer.strip())
