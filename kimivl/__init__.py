@@ -21,6 +21,9 @@ _LAZY = {
     "CheckpointError": "kimivl.errors",
     "KimiVLForConditionalGeneration": "kimivl.modeling",
     "KimiVLProcessor": "kimivl.processing",
+    "GenerationConfig": "kimivl.generation",
+    "generate": "kimivl.generation",
+    "stream": "kimivl.generation",
 }
 
 __all__ = ["DEMO_MODEL", "__version__", *_LAZY]
