@@ -58,7 +58,7 @@ def main() -> None:
             "model": str(base), "from_scratch": True, "output_dir": str(out), "export_dir": str(out / "final"),
             "max_steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,
             "warmup_steps": min(100, args.steps // 10), "lr_scheduler": "cosine", "min_lr_ratio": 0.05,
-            "weight_decay": 0.01, "max_grad_norm": 1.0, "seed": args.seed, "bias_update_speed": 0.001,
+            "weight_decay": 0.01, "max_grad_norm": 1.0, "seed": args.seed,
             "logging_steps": 10, "save_steps": 100, "progress": "log",
             "resume_from_checkpoint": "latest" if args.resume else None,
         },
