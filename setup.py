@@ -24,10 +24,13 @@ extras_require = {
     "hf": ["transformers>=5,<6"],
     # never installed in CI: needs a CUDA toolchain
     "flash": ["flash-attn>=2.6; platform_system == 'Linux' and platform_machine == 'x86_64'"],
-    "test": ["pytest>=8", "fpdf2>=2.7"],
+    "test": ["pytest>=8", "fpdf2>=2.7", "openai>=1.40"],
+    # browser end-to-end test of the chat page; the browser itself is Debian's chromium (apt), never
+    # `playwright install`
+    "e2e": ["playwright>=1.45"],
 }
 extras_require["all"] = sorted({d for k in ("video", "pdf", "serve", "train", "hf") for d in extras_require[k]})
-extras_require["dev"] = sorted({d for k in ("all", "test") for d in extras_require[k]})
+extras_require["dev"] = sorted({d for k in ("all", "test", "e2e") for d in extras_require[k]})
 
 setup(
     name="kimivl",
@@ -38,7 +41,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["kimivl", "kimivl.*"]),
     include_package_data=True,
-    package_data={"kimivl": ["assets/**/*"]},
+    package_data={"kimivl": ["assets/**/*", "chat/static/*"]},
     install_requires=install_requires,
     extras_require=extras_require,
     entry_points={"console_scripts": ["kimivl=kimivl.cli:main"]},

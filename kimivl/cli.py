@@ -1,7 +1,8 @@
 """The ``kimivl`` command: one entry point with subcommands (argparse, like the serving engines).
 
 Subcommands: ``info`` (config summary, parameter counts, memory per dtype), ``train`` (one fine-tuning
-run from a YAML config, see ``docs/finetune.md``) and ``chat`` (one-shot or interactive, streamed).
+run from a YAML config, see ``docs/finetune.md``), ``chat`` (one-shot or interactive, streamed) and
+``serve`` (OpenAI-compatible HTTP server with a chat page, see ``docs/serving.md``).
 """
 from __future__ import annotations
 
@@ -196,6 +197,52 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                 print(f"error: {e}", file=sys.stderr)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from kimivl.chat.server import serve
+    except ImportError as e:
+        raise ValueError(str(e)) from e
+    from kimivl.chat.limits import ServerLimits
+
+    limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_images=args.max_images,
+                          max_image_pixels=args.max_image_pixels, max_queue=args.max_queue,
+                          allow_remote_images=args.allow_remote_images,
+                          allowed_local_media_path=args.allowed_local_media_path,
+                          default_max_tokens=args.default_max_tokens)
+    serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name, dtype=args.dtype,
+          device=args.device, limits=limits, log_level=args.log_level)
+    return 0
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    from kimivl.chat.limits import ServerLimits
+
+    d = ServerLimits()
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server + chat page (docs/serving.md)")
+    serve.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the shipped demo model)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
+    serve.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | auto (default: as stored)")
+    serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
+    serve.add_argument("--allow-remote-images", action="store_true",
+                       help="fetch http(s) image URLs (refused by default)")
+    serve.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                       help="allow file:// URLs / absolute paths of images under DIR (refused by default)")
+    serve.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body bound")
+    serve.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
+    serve.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="width x height per image")
+    serve.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting for the model")
+    serve.add_argument("--default-max-tokens", type=int, default=None,
+                       help="answer length when a request gives none (default: the model's generation config)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kimivl", description="Kimi-VL in native PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -223,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     chat.add_argument("--show-thinking", action="store_true", help="print the reasoning of Thinking models")
     chat.set_defaults(func=_cmd_chat)
+    _add_serve_parser(sub)
     return parser
 
 

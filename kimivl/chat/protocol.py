@@ -1,0 +1,199 @@
+"""The OpenAI chat-completions wire format: strict request models, error shape, response and chunk bodies.
+
+Follows the public OpenAI API reference for ``POST /v1/chat/completions`` (request fields, ``chat.completion``
+and ``chat.completion.chunk`` objects, ``{"error": {"message", "type", "param", "code"}}``). Deliberate
+deviations: unknown or unsupported fields are refused (400) instead of ignored, ``n`` must be 1, and two
+extensions that vLLM also accepts exist (``top_k``, ``ignore_eos``). Needs pydantic (the ``serve`` extra).
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_STOP_STRINGS = 4
+MAX_STOP_LENGTH = 64
+
+
+class APIError(Exception):
+    """An error returned to the client as ``{"error": {...}}`` with an HTTP status.
+
+    ``code`` names the rule that was broken (for bounds: the bound, e.g. ``max_images``); ``param`` the request
+    field it concerns, when there is one.
+    """
+
+    def __init__(self, status: int, message: str, *, code: str, param: str | None = None,
+                 type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)
+
+
+class ImageURL(_Strict):
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None  # accepted for compatibility; the processor decides
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None  # accepted for compatibility, not rendered
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Strict):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
+    n: int = Field(default=1, ge=1, le=1)
+    user: str | None = None
+    top_k: int | None = Field(default=None, ge=1)  # extension (vLLM)
+    ignore_eos: bool = False  # extension (vLLM): keep generating past the end-of-turn token
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise APIError(400, f"stop has {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed",
+                           code="invalid_value", param="stop")
+        for s in stops:
+            if not s or len(s) > MAX_STOP_LENGTH:
+                raise APIError(400, f"each stop string must have 1 to {MAX_STOP_LENGTH} characters, got {len(s)}",
+                               code="invalid_value", param="stop")
+        return stops
+
+    def requested_max_tokens(self) -> int | None:
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise APIError(400, f"max_tokens={self.max_tokens} and max_completion_tokens="
+                                f"{self.max_completion_tokens} disagree; send one of them",
+                           code="invalid_value", param="max_completion_tokens")
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    """``messages[0].content[1].image_url.url`` from a pydantic error path (union branch names and the
+    discriminator tag that pydantic inserts are left out)."""
+    out, skip_tag, in_union = "", False, False
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            skip_tag, in_union = in_union, False
+        elif part == "str" or "[" in part:
+            in_union = "tagged-union" in part
+        elif skip_tag:
+            skip_tag = False
+        else:
+            out += f".{part}" if out else part
+    return out or "body"
+
+
+def _pick(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The most useful of pydantic's errors: an unknown field, else the deepest one not on the ``str`` branch
+    of ``content`` (a list given for content is not meant as a string)."""
+    extra = [err for err in errors if err["type"] == "extra_forbidden"]
+    if extra:
+        return extra[0]
+    not_str = [err for err in errors if "str" not in err["loc"][-1:]] or errors
+    return max(not_str, key=lambda err: len(err["loc"]))
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    """Decode and validate a request body; every problem is an :class:`APIError` (400), never a crash."""
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
+    except (RecursionError, ValueError) as e:
+        raise APIError(400, f"the request body is not acceptable JSON: {e}", code="invalid_json") from e
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}",
+                       code="invalid_json")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        err = _pick(e.errors(include_url=False))
+        where = _location(tuple(err["loc"]))
+        if err["type"] == "extra_forbidden":
+            raise APIError(400, f"unknown or unsupported field {where!r}", code="unknown_field", param=where) from e
+        message = err["msg"]
+        if err["type"] == "list_type" and where.endswith(".content"):
+            message = "content must be a string or a list of text / image_url parts"
+        raise APIError(400, f"invalid {where}: {message}", code="invalid_value", param=where) from e
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+# ---------------------------------------------------------------------------------------------- responses
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage_body(prompt_tokens: int, image_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": image_tokens}}
+
+
+def completion_body(cid: str, model: str, text: str, finish_reason: str, usage: dict[str, Any],
+                    created: int | None = None) -> dict[str, Any]:
+    return {"id": cid, "object": "chat.completion", "created": created or int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": finish_reason}],
+            "usage": usage}
+
+
+def chunk_body(cid: str, model: str, created: int, delta: dict[str, Any] | None,
+               finish_reason: str | None = None, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One ``chat.completion.chunk``; ``delta=None`` gives the usage-only chunk (empty ``choices``)."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+                                         "finish_reason": finish_reason}]
+    out: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": choices}
+    if usage is not None or delta is None:
+        out["usage"] = usage
+    return out
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event: ``data: <json>`` and a blank line (``[DONE]`` is sent verbatim)."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, allow_nan=False)
+    return f"data: {payload}\n\n".encode()

@@ -1,0 +1,214 @@
+"""The model worker: one thread that owns the model and serves queued generation jobs one at a time.
+
+Each :class:`Job` carries its own prepared inputs, settings, detokenizer and event queue, so answers of
+concurrent requests cannot mix. The worker runs :func:`kimivl.generation.generate` with a streamer that turns
+each new token into a text delta on the job's asyncio queue; a cancelled job (its client went away) makes the
+streamer raise, which ends the generation at the next token and frees the worker for the next job.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kimivl.generation import IncrementalDetokenizer, generate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a job reports: ``delta`` (text), ``end`` (finish_reason, completion_tokens), ``error``, ``cancelled``."""
+
+    kind: str
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+class QueueFull(Exception):
+    """The worker's queue holds ``max_queue`` jobs already."""
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class StopTrimmer:
+    """Cuts the text at the first stop string (OpenAI leaves it out) and holds back a possible partial one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.buffer = ""
+        self.hit = False
+
+    def push(self, delta: str) -> str:
+        if self.hit:
+            return ""
+        self.buffer += delta
+        found = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.hit = True
+            out, self.buffer = self.buffer[:min(found)], ""
+            return out
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.buffer.endswith(s[:k])), default=0)
+        out, self.buffer = self.buffer[:len(self.buffer) - hold], self.buffer[len(self.buffer) - hold:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buffer = ("" if self.hit else self.buffer), ""
+        return out
+
+
+@dataclass
+class Job:
+    """One request's generation: processor inputs, ``generate`` settings and the channel back to the client."""
+
+    inputs: dict[str, Any]
+    settings: dict[str, Any]
+    stops: list[str]
+    eos_ids: list[int]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, event: Event) -> None:
+        """Thread-safe: hand an event to the request's event loop (dropped if that loop is gone)."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:
+            self.cancelled.set()
+
+    def cancel(self) -> None:
+        """The client is gone: stop at the next token (or skip the job if it has not started)."""
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            self.emit(Event("cancelled"))
+
+
+class _JobStreamer:
+    """``generate`` streamer: token ids in, text deltas out to the job; raises once the job is cancelled."""
+
+    def __init__(self, job: Job, decode: Any) -> None:
+        self.job = job
+        self.detokenizer = IncrementalDetokenizer(decode)
+        self.trimmer = StopTrimmer(job.stops)
+        self.prompt_seen = False
+        self.tokens: list[int] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.job.cancelled.is_set():
+            raise _Cancelled
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        token = int(value.reshape(-1)[0])
+        self.tokens.append(token)
+        text = self.trimmer.push(self.detokenizer.push(token))
+        if text:
+            self.job.emit(Event("delta", text))
+
+    def end(self) -> None:
+        text = self.trimmer.push(self.detokenizer.flush()) + self.trimmer.flush()
+        if text:
+            self.job.emit(Event("delta", text))
+
+
+class ModelWorker:
+    """A daemon thread running jobs from a bounded queue on one model; ``stats`` counts outcomes."""
+
+    def __init__(self, model: Any, processor: Any, max_queue: int) -> None:
+        self.model = model
+        self.processor = processor
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self._thread = threading.Thread(target=self._run, name="kimivl-model-worker", daemon=True)
+        self._lock = threading.Lock()
+        self.stats = {"completed": 0, "cancelled": 0, "failed": 0}
+        self._current: Job | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def current(self) -> Job | None:
+        """The job being generated now, if any."""
+        return self._current
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel the running job (it ends at its next token) and the waiting ones, end the thread."""
+        current = self._current
+        if current is not None:
+            current.cancel()
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancel()
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            logger.warning("model worker queue still full at shutdown")
+        self._thread.join(timeout)
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, job: Job) -> None:
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull from None
+
+    def _count(self, outcome: str) -> None:
+        with self._lock:
+            self.stats[outcome] += 1
+
+    def _run(self) -> None:
+        decode = lambda ids: self.processor.tokenizer.decode(list(ids), skip_special_tokens=True)  # noqa: E731
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.cancelled.is_set():
+                self._count("cancelled")
+                continue
+            self._current = job
+            try:
+                self._generate(job, decode)
+            finally:
+                self._current = None
+
+    def _generate(self, job: Job, decode: Any) -> None:
+        streamer = _JobStreamer(job, decode)
+        start = time.perf_counter()
+        inputs = job.inputs
+        try:
+            generate(self.model, inputs["input_ids"], inputs.get("attention_mask"), inputs.get("pixel_values"),
+                     inputs.get("image_grid_hws"), streamer=streamer, tokenizer=self.processor, **job.settings)
+        except _Cancelled:
+            self._count("cancelled")
+            logger.info("request cancelled by its client after %d tokens", len(streamer.tokens))
+            return
+        except Exception as e:  # the request's own failure; the worker goes on with the next job
+            self._count("failed")
+            logger.exception("generation failed")
+            job.emit(Event("error", text=f"generation failed: {type(e).__name__}: {e}"))
+            return
+        tokens = streamer.tokens
+        stopped = bool(tokens) and (tokens[-1] in job.eos_ids or streamer.trimmer.hit)
+        self._count("completed")
+        logger.info("generated %d tokens in %.2f s", len(tokens), time.perf_counter() - start)
+        job.emit(Event("end", finish_reason="stop" if stopped else "length", completion_tokens=len(tokens)))
