@@ -30,7 +30,7 @@ extras_require = {
     "e2e": ["playwright>=1.45"],
 }
 extras_require["all"] = sorted({d for k in ("video", "pdf", "serve", "train", "hf") for d in extras_require[k]})
-extras_require["dev"] = sorted({d for k in ("all", "test", "e2e") for d in extras_require[k]})
+extras_require["dev"] = sorted({d for k in ("all", "test", "e2e", "deepspeed") for d in extras_require[k]})
 
 setup(
     name="kimivl",
