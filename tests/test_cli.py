@@ -54,3 +54,12 @@ def test_session_keeps_answers_not_reasoning_in_history(golden_dir):
     assert session.history[-2]["content"][0]["type"] == "image" and session.pending == []
     session.reset()
     assert session.history == []
+
+
+def test_chat_without_a_model_names_the_missing_demo_model(capsys, monkeypatch, tmp_path):
+    import kimivl
+
+    monkeypatch.setattr(kimivl, "DEMO_MODEL", str(tmp_path / "kimivl-demo"))
+    assert main(["chat", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "demo model is not shipped" in err and "--model" in err

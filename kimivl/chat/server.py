@@ -292,11 +292,11 @@ def serve(model_path: str | None = None, *, host: str = "127.0.0.1", port: int =
     """Load a checkpoint (default: the shipped demo model) and serve it with uvicorn until interrupted."""
     import uvicorn
 
-    from kimivl import DEMO_MODEL
+    from kimivl.chat.session import model_path_or_demo
     from kimivl.modeling import KimiVLForConditionalGeneration
     from kimivl.processing import KimiVLProcessor
 
-    path = model_path or DEMO_MODEL
+    path = model_path_or_demo(model_path)
     model = KimiVLForConditionalGeneration.from_pretrained(path, dtype=dtype, device=device, progress=True)
     processor = KimiVLProcessor.from_pretrained(path)
     name = served_model_name or Path(path).name or "kimivl"

@@ -22,6 +22,20 @@ logger = logging.getLogger(__name__)
 MEDIA_KINDS = ("image", "video", "document")
 
 
+def model_path_or_demo(path: str | None) -> str:
+    """``path``, or the shipped demo model when none is named (a clear error if it is not there)."""
+    if path:
+        return path
+    from pathlib import Path
+
+    from kimivl import DEMO_MODEL
+
+    if not (Path(DEMO_MODEL) / "config.json").is_file():
+        raise FileNotFoundError(f"no model named and the demo model is not shipped in this version ({DEMO_MODEL}; "
+                                "see docs/demo-model.md): pass --model PATH_OR_HUB_ID")
+    return DEMO_MODEL
+
+
 @dataclass
 class Turn:
     """One answered question: the raw text, its reasoning part (Thinking models) and the answer."""
@@ -44,11 +58,10 @@ class ChatSession:
     def from_pretrained(cls, path: str | None = None, *, dtype: torch.dtype | str | None = None,
                         device: str | None = None, progress: bool = False, **kwargs: Any) -> ChatSession:
         """Load model + processor from ``path`` (default: the shipped demo model)."""
-        from kimivl import DEMO_MODEL
         from kimivl.modeling import KimiVLForConditionalGeneration
         from kimivl.processing import KimiVLProcessor
 
-        path = path or DEMO_MODEL
+        path = model_path_or_demo(path)
         model = KimiVLForConditionalGeneration.from_pretrained(path, dtype=dtype, device=device, progress=progress)
         return cls(model, KimiVLProcessor.from_pretrained(path), **kwargs)
 

@@ -1,0 +1,85 @@
+"""The demo model's synthetic task family and its tokenizer files (kimivl.demo)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kimivl.demo.tasks import COLORS, DIRECTIONS, MAX_SIDE, MIN_SIDE, QUESTIONS, SHAPES, TASKS, is_correct, sample
+
+ANSWERS = {"color": set(COLORS), "shape": set(SHAPES), "count": {str(i) for i in range(1, 7)},
+           "compare": {"first", "second"}, "direction": set(DIRECTIONS)}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_samples_follow_the_task_definition(task):
+    rng = random.Random(f"test-{task}")
+    for _ in range(6):
+        s = sample(task, rng)
+        if task in ANSWERS:
+            assert s.answer in ANSWERS[task]
+        else:
+            assert s.answer.isdigit() and 3 <= len(s.answer) <= 5 and s.answer[0] != "0"
+        if task == "pdf":
+            assert s.question in {QUESTIONS["pdf"].format(page=k) for k in (1, 2, 3)}
+            assert s.document.startswith(b"%PDF")
+        else:
+            assert s.question == QUESTIONS[task]
+        for im in [*s.images, *(s.video or [])]:
+            assert im.mode == "RGB" and all(MIN_SIDE <= side <= MAX_SIDE for side in im.size)
+        if task == "direction":
+            assert 4 <= len(s.video) <= 8
+        if task == "compare":
+            assert len(s.images) == 2
+
+
+def test_single_shape_colour_is_the_answer():
+    s = sample("color", random.Random(11))
+    im = s.images[0]
+    bg = im.getpixel((0, 0))
+    colours = {c for _, c in im.getcolors(im.width * im.height)} - {bg}
+    target = COLORS[s.answer]
+    # the shape's pixels are the named colour up to the jitter (antialiased edges aside)
+    assert min(sum(abs(a - b) for a, b in zip(c, target)) for c in colours) <= 3 * 18
+
+
+def test_direction_video_moves_the_ball_that_way():
+    for seed in range(8):
+        s = sample("direction", random.Random(seed))
+        first, last = s.video[0], s.video[-1]
+        bg = first.getpixel((0, 0))
+
+        def centre(im):
+            pts = [(x, y) for x in range(0, im.width, 2) for y in range(0, im.height, 2) if im.getpixel((x, y)) != bg]
+            return sum(p[0] for p in pts) / len(pts), sum(p[1] for p in pts) / len(pts)
+
+        (x0, y0), (x1, y1) = centre(first), centre(last)
+        moved = {"left": x0 - x1, "right": x1 - x0, "up": y0 - y1, "down": y1 - y0}
+        assert max(moved, key=moved.get) == s.answer
+
+
+def test_exact_match_scoring():
+    assert is_correct(" Red.", "red") and is_correct("4821", "4821")
+    assert not is_correct("4821 ", "482") and not is_correct("red circle", "red")
+
+
+def test_demo_checkpoint_dir_loads_with_the_official_special_layout(tmp_path):
+    pytest.importorskip("tiktoken")
+    from kimivl import KimiVLConfig
+    from kimivl.demo.build import build_demo_base
+    from kimivl.processing import KimiVLProcessor
+
+    directory = build_demo_base(tmp_path / "demo")
+    processor = KimiVLProcessor.from_pretrained(directory)
+    config = KimiVLConfig.from_pretrained(directory)
+    tok = processor.tokenizer
+    first = config.text_config.vocab_size - 258
+    assert tok.special_token_id("<|media_pad|>") == config.media_placeholder_token_id == first + 21
+    assert tok.special_token_id("<|im_end|>") == first + 2 and tok.special_token_id("[EOS]") == first + 1
+    # digits stay single tokens; words of the task family are single tokens
+    assert [tok.decode([i]) for i in tok.encode("4821")] == ["4", "8", "2", "1"]
+    assert len(tok.encode("purple")) == 1 and len(tok.encode("triangle")) == 1
+    messages = sample("compare", random.Random(0)).to_messages()
+    out = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_labels=True)
+    assert processor.decode([t for t in out["labels"][0] if t != -100]) == messages[1]["content"] + "<|im_end|>"
+    assert processor.video_options.max_tokens == 128 and processor.document_options.dpi == 72.0
