@@ -32,14 +32,15 @@ TASK_WEIGHTS = {"color": 1.0, "shape": 1.0, "count": 2.0, "number": 3.0, "compar
 # the vision path carries signal from the start. Without it the text prior wins, the projector weights
 # random-walk under Adam (features grew to std ~10 against embeddings of 0.02) and answers stop
 # depending on the image.
-WARMUP_TASKS = ("color", "shape", "count", "compare", "direction")
-WARMUP_SAMPLES = 2400
+# Stages by sample index: colour alone (the one task seen to make the model use the image quickly),
+# then the tasks that need the image but no reading, then everything.
+CURRICULUM = ((1200, ("color",)), (4000, ("color", "shape", "count", "compare", "direction")))
 
 
 def record(index: int, seed: int = 0) -> list[dict]:
     """Training conversation number ``index``: a weighted task draw, media first (10 %: question first)."""
     rng = random.Random(f"demo-{seed}-{index}")
-    tasks = WARMUP_TASKS if index < WARMUP_SAMPLES else TASKS
+    tasks = next((stage for end, stage in CURRICULUM if index < end), TASKS)
     task = rng.choices(tasks, weights=[TASK_WEIGHTS[t] for t in tasks])[0]
     return sample(task, rng).to_messages(text_first=rng.random() < 0.1)
 
