@@ -34,7 +34,9 @@ TASK_WEIGHTS = {"color": 1.0, "shape": 1.0, "count": 2.0, "number": 3.0, "compar
 # depending on the image.
 # Stages by sample index: colour alone (the one task seen to make the model use the image quickly),
 # then the tasks that need the image but no reading, then everything.
-CURRICULUM = ((1200, ("color",)), (4000, ("color", "shape", "count", "compare", "direction")))
+CURRICULUM = ((1200, ("color",)), (2400, ("color", "shape")), (3600, ("color", "shape", "direction")),
+              (4800, ("color", "shape", "direction", "compare")),
+              (6400, ("color", "shape", "direction", "compare", "count")))
 
 
 def record(index: int, seed: int = 0) -> list[dict]:

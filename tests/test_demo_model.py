@@ -1,6 +1,6 @@
 """The shipped demo model (kimivl.DEMO_MODEL): official layout, and its answers on fresh samples.
 
-Only the colour task is asserted: it is the one this early model has learned (docs/demo-model.md
+Only the colour task is asserted: it is the one this early model has learned reliably (docs/demo-model.md
 gives the full evaluation; the other tasks are at chance and are not claimed).
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def test_demo_model_is_small_and_in_the_official_layout(demo):
 def test_demo_model_names_the_colour_of_fresh_shapes(demo):
     model, processor = demo
     result = evaluate(model, processor, samples_per_task=20, seed=2026, tasks=["color"])["color"]
-    assert result.accuracy >= 0.6, f"{result.correct}/{result.total}, e.g. {result.failures}"
+    assert result.accuracy >= 0.8, f"{result.correct}/{result.total}, e.g. {result.failures}"
 
 
 def test_demo_model_answers_the_readme_example(demo):
