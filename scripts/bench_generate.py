@@ -36,6 +36,7 @@ import torch
 from kimivl.configuration import DeepseekV3Config
 from kimivl.decoder import DeepseekV3ForCausalLM, MLACache
 from kimivl.generation import decode_step, generate, prefill
+from kimivl.training.init import golden_recipe_state_dict
 
 # A scaled Moonlight decoder that fits this 2-core CPU: the real MLA shapes per head (kv_lora 512, nope 128,
 # rope 64, v 128, no q_lora) and real routing (sigmoid noaux_tc, top-6, 2 shared experts, one dense layer),
@@ -63,17 +64,7 @@ def build_checkpoint(directory: Path, seed: int) -> Path:
     config = DeepseekV3Config.from_dict(BENCH_CONFIG)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in DeepseekV3ForCausalLM(config).state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, shape in shapes.items():
-        if name.endswith("embed_tokens.weight"):
-            sd[name] = torch.randn(shape, generator=g)
-        elif len(shape) == 2:
-            sd[name] = torch.randn(shape, generator=g) * shape[1] ** -0.5
-        elif name.endswith("e_score_correction_bias"):
-            sd[name] = torch.randn(shape, generator=g) * 0.1
-        else:
-            sd[name] = 1 + torch.randn(shape, generator=g) * 0.1
+    sd = golden_recipe_state_dict(shapes, seed)
     save_file(sd, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(BENCH_CONFIG, indent=1))
     return directory

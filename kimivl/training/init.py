@@ -56,3 +56,22 @@ def init_weights(model: nn.Module, *, std: float | None = None, seed: int = 0) -
         for p in module.parameters(recurse=False):
             done.add(id(p))
     return model
+
+
+def golden_recipe_state_dict(shapes: dict[str, torch.Size], seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors for the given key -> shape map, drawn the way the shared golden sets were made:
+    N(0, 1/fan_in) matrices, N(0, 1) token embeddings, N(0, 0.1^2) router bias, 1 + N(0, 0.1^2) for
+    every other vector (norm gains). For parity tests and benchmarks, where weights far from a trained
+    model's scale would hide numerical differences; not a training init (see ``init_weights``)."""
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        if name.endswith("embed_tokens.weight"):
+            sd[name] = torch.randn(shape, generator=g)
+        elif len(shape) == 2:
+            sd[name] = torch.randn(shape, generator=g) * shape[1] ** -0.5
+        elif name.endswith("e_score_correction_bias"):
+            sd[name] = torch.randn(shape, generator=g) * 0.1
+        else:
+            sd[name] = 1 + torch.randn(shape, generator=g) * 0.1
+    return sd

@@ -29,21 +29,12 @@ def _build_loaded(cfg: DeepseekV3Config, state_dict: dict[str, torch.Tensor]) ->
 
 
 def _random_state_dict(cfg: DeepseekV3Config, seed: int) -> dict[str, torch.Tensor]:
-    """The golden set's recipe: N(0, 1/fan_in) matrices, N(0,1) embeddings, 1+N(0,0.1^2) norms, N(0,0.1^2) bias."""
-    g = torch.Generator().manual_seed(seed)
+    """The golden set's recipe (kimivl.training.init.golden_recipe_state_dict) for this config."""
+    from kimivl.training.init import golden_recipe_state_dict
+
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in DeepseekV3ForCausalLM(cfg).state_dict().items()}
-    sd = {}
-    for name, shape in shapes.items():
-        if name.endswith("embed_tokens.weight"):
-            sd[name] = torch.randn(shape, generator=g)
-        elif len(shape) == 2:
-            sd[name] = torch.randn(shape, generator=g) * shape[1] ** -0.5
-        elif name.endswith("e_score_correction_bias"):
-            sd[name] = torch.randn(shape, generator=g) * 0.1
-        else:
-            sd[name] = 1 + torch.randn(shape, generator=g) * 0.1
-    return sd
+    return golden_recipe_state_dict(shapes, seed)
 
 
 def _transformers_model(text_config: dict, state_dict: dict[str, torch.Tensor], directory: Path):
