@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.common import CpuMeter, compare
 from kimivl.configuration import DeepseekV3Config
 from kimivl.decoder import DeepseekV3ForCausalLM, MLACache
 from kimivl.generation import decode_step, generate, prefill
@@ -88,54 +86,6 @@ def load_transformers(directory: Path, dtype: torch.dtype) -> Any:
 
 
 WARMUP_STEPS = 2
-QUIET_CORES = 0.3  # a timed region counts as clean when other processes used less than this many cores
-QUIET_WAIT_S = 10.0  # bounded wait for a quiet machine before each measurement ...
-QUIET_WAIT_TOTAL_S = 120.0  # ... and over the whole run
-
-
-class CpuMeter:
-    """Cores used by *other* processes during a region: machine busy time minus ours (/proc, Linux).
-
-    This host is shared; performance-notes measured errors up to 10x under foreign load, so every
-    measurement waits (bounded) for quiet and reports the foreign load it saw.
-    """
-
-    def __init__(self) -> None:
-        self.tick = os.sysconf("SC_CLK_TCK")
-        self.worst = 0.0
-        self.waited = 0.0
-
-    @staticmethod
-    def _sample() -> tuple[int, int, float]:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        with open("/proc/self/stat") as f:
-            own = f.read().rsplit(")", 1)[1].split()
-        return sum(v) - v[3] - v[4], int(own[11]) + int(own[12]), time.perf_counter()
-
-    def foreign(self, start: tuple[int, int, float]) -> float:
-        busy, own, t = self._sample()
-        return max(0.0, (busy - start[0]) - (own - start[1])) / self.tick / max(t - start[2], 1e-9)
-
-    def wait_quiet(self) -> None:
-        t0 = time.perf_counter()
-        deadline = t0 + min(QUIET_WAIT_S, max(0.0, QUIET_WAIT_TOTAL_S - self.waited))
-        while time.perf_counter() < deadline:
-            start = self._sample()
-            time.sleep(0.5)
-            if self.foreign(start) < QUIET_CORES:
-                break
-        self.waited += time.perf_counter() - t0
-
-    def timed(self, fn: Callable[[], Any]) -> float:
-        """Seconds of ``fn()``, after waiting for quiet; remembers the worst foreign load."""
-        self.wait_quiet()
-        start = self._sample()
-        t0 = time.perf_counter()
-        fn()
-        seconds = time.perf_counter() - t0
-        self.worst = max(self.worst, self.foreign(start))
-        return seconds
 
 
 def prompt(n: int, seed: int = 0) -> torch.Tensor:
@@ -181,17 +131,6 @@ class Transformers:
 
     def cache_bytes_per_token(self, state: list[Any], n: int) -> int:
         return sum(t.numel() * t.element_size() for layer in state[0].layers for t in (layer.keys, layer.values)) // n
-
-
-def compare(meter: CpuMeter, runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds per name; the implementations alternate so they see the same machine state."""
-    for fn in runs.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            times[name].append(meter.timed(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def decode_rates(meter: CpuMeter, impls: dict[str, Any], ctx: int, steps: int, repeats: int) -> dict[str, float]:

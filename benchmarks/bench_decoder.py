@@ -1,0 +1,246 @@
+"""Decoder / generation benchmark at the real width, through the public API, side by side with the peers.
+
+    python -m benchmarks.bench_decoder                       # bf16, contexts 128 1024 4096 16384
+    python -m benchmarks.bench_decoder --dtype fp32 --contexts 128 1024 --no-llamacpp
+
+All implementations read the same weights: the synthetic real-width slice of :mod:`benchmarks.slice`
+(official layout; hidden 2048, MLA 512/64/128, layer 0 dense 11264, layer 1 MoE 64 x 1408 top-6 + 2 shared):
+
+* ``kimivl``: ``KimiVLForConditionalGeneration.from_pretrained(slice, dtype=...)`` and ``model.generate``;
+* ``transformers``: ``DeepseekV3ForCausalLM.from_pretrained`` on the same tensors (text keys without
+  ``language_model.``) and its ``generate`` (greedy, ``min_new_tokens`` so it never stops early);
+* ``llamacpp`` (optional): the slice converted to GGUF (bf16, and Q8_0 for reference) and ``llama-bench``
+  (see :mod:`benchmarks.peers.llamacpp`); skipped with the reason when it cannot be built here.
+
+Measured, medians of ``--repeats`` runs, 1 sequence:
+
+* prefill tokens/s: a ``--prefill-len`` prompt to its first new token (time to first token through
+  ``generate``; llama.cpp: ``llama-bench -p``);
+* decode tokens/s at each context: a prompt of ``ctx`` tokens, ``--new-tokens`` greedy tokens, rate
+  between the first and the last new token (a streamer timestamps each token; llama.cpp: ``-n`` at depth
+  ``-d ctx``);
+* cache bytes per token (ours: the latent cache; transformers: its cache tensors after the prompt);
+* roofline fractions: decode bytes per token (the weights a token touches + the latent cache read at that
+  context) over the measured read bandwidth; prefill FLOPs per token over the measured GEMM peak.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import CpuMeter, dtype_of, emit, machine_info, measure_bandwidth, measure_gemm, ratios
+from benchmarks.slice import slice_config, text_only_dir, write_slice
+
+
+class StepClock:
+    """A generate() streamer that timestamps the prompt and every new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def prompt(n: int, vocab: int, seed: int) -> torch.Tensor:
+    # ids below the special range, so nothing is an end-of-turn token
+    return torch.randint(300, vocab - 300, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+class Ours:
+    name = "kimivl"
+
+    def __init__(self, directory: Path, dtype: torch.dtype) -> None:
+        from kimivl import KimiVLForConditionalGeneration
+
+        self.model = KimiVLForConditionalGeneration.from_pretrained(directory, dtype=dtype).eval()
+
+    def run(self, ids: torch.Tensor, new: int) -> list[float]:
+        clock = StepClock()
+        start = time.perf_counter()
+        self.model.generate(input_ids=ids, max_new_tokens=new, do_sample=False, eos_token_id=[], streamer=clock)
+        return [start] + clock.times[1:]  # the first put is the prompt
+
+    def cache_bytes_per_token(self) -> int:
+        from kimivl.decoder import MLACache
+
+        return MLACache.from_config(self.model.config.text_config, 1, 1, dtype=self.model.dtype).bytes_per_token()
+
+
+class Transformers:
+    name = "transformers"
+
+    def __init__(self, directory: Path, dtype: torch.dtype) -> None:
+        import transformers
+
+        self.model = transformers.DeepseekV3ForCausalLM.from_pretrained(str(directory), dtype=dtype).eval()
+        self.version = transformers.__version__
+
+    def run(self, ids: torch.Tensor, new: int) -> list[float]:
+        clock = StepClock()
+        start = time.perf_counter()
+        self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                            do_sample=False, streamer=clock, pad_token_id=0)
+        return [start] + clock.times[1:]
+
+    def cache_bytes_per_token(self, ids: torch.Tensor) -> int:
+        out = self.model(ids, use_cache=True)
+        cache = out.past_key_values
+        tensors = [t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors) // ids.shape[1]
+
+
+def decode_bytes_per_token(cfg: dict[str, Any], dtype_bytes: int, ctx: int) -> int:
+    """Weights one decoded token reads (attention, dense MLP or top-k + shared experts, router, head, one
+    embedding row) plus the latent cache of ``ctx`` tokens."""
+    t = cfg["text_config"]
+    h, heads = t["hidden_size"], t["num_attention_heads"]
+    qk = t["qk_nope_head_dim"] + t["qk_rope_head_dim"]
+    attn = h * heads * qk + h * (t["kv_lora_rank"] + t["qk_rope_head_dim"]) \
+        + t["kv_lora_rank"] * heads * (t["qk_nope_head_dim"] + t["v_head_dim"]) + heads * t["v_head_dim"] * h
+    dense = 3 * h * t["intermediate_size"]
+    moe = 3 * h * t["moe_intermediate_size"] * (t["num_experts_per_tok"] + t["n_shared_experts"]) \
+        + h * t["n_routed_experts"]
+    layers = t["num_hidden_layers"]
+    k = t["first_k_dense_replace"]
+    params = layers * attn + k * dense + (layers - k) * moe + h * t["vocab_size"] + h
+    cache = layers * (t["kv_lora_rank"] + t["qk_rope_head_dim"]) * ctx
+    return (params + cache) * dtype_bytes
+
+
+def prefill_flops_per_token(cfg: dict[str, Any], ctx: int) -> float:
+    """2 x active parameters (head only for the last token: ignored) + attention scores and values."""
+    t = cfg["text_config"]
+    per = decode_bytes_per_token(cfg, 1, 0) - t["hidden_size"] * (t["vocab_size"] + 1)
+    layers, heads = t["num_hidden_layers"], t["num_attention_heads"]
+    attn = 2 * layers * heads * (t["qk_nope_head_dim"] + t["qk_rope_head_dim"] + t["v_head_dim"]) * ctx / 2
+    return 2.0 * per + attn
+
+
+def median_run(meter: CpuMeter, impl: Any, ids: torch.Tensor, new: int, repeats: int) -> tuple[float, float]:
+    """(median seconds to the first new token, median decode tokens/s between the first and last token)."""
+    ttft, rate = [], []
+    for _ in range(repeats):
+        holder: dict[str, list[float]] = {}
+        meter.timed(lambda: holder.setdefault("t", impl.run(ids, new)))
+        t = holder["t"]
+        ttft.append(t[1] - t[0])
+        if len(t) > 2:
+            rate.append((len(t) - 2) / (t[-1] - t[1]))
+    return statistics.median(ttft), statistics.median(rate) if rate else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096, 16384])
+    parser.add_argument("--prefill-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--text-layers", type=int, default=2)
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument("--transformers-max-context", type=int, default=4096,
+                        help="skip transformers above this context (it re-expands the whole cache every step)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    dtype = dtype_of(args.dtype)
+    directory = write_slice(text_layers=args.text_layers)
+    cfg = slice_config(text_layers=args.text_layers)
+    vocab = cfg["text_config"]["vocab_size"]
+    meter = CpuMeter()
+    result: dict[str, Any] = {"benchmark": "decoder", "machine": machine_info(args.threads), "dtype": args.dtype,
+                              "checkpoint": str(directory), "config": {k: cfg["text_config"][k] for k in (
+                                  "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                                  "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size",
+                                  "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok",
+                                  "n_shared_experts", "vocab_size")}}
+    limits = {"read_bandwidth_gb_s": round(measure_bandwidth(meter), 1),
+              "gemm_gflop_s": round(measure_gemm(dtype, meter=meter), 1)}
+    result["limits"] = limits
+    impls: list[Any] = [Ours(directory, dtype)]
+    if not args.no_transformers:
+        try:
+            impls.append(Transformers(text_only_dir(directory), dtype))
+            result["transformers_version"] = impls[-1].version
+        except ImportError as e:
+            result["transformers"] = {"skipped": f"transformers not importable: {e}"}
+
+    with torch.inference_mode():
+        # agreement on the same weights: greedy continuations of one prompt
+        ids = prompt(64, vocab, seed=1)
+        outs = {impl.name: (impl.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=[])
+                            if impl.name == "kimivl" else
+                            impl.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                                min_new_tokens=8, do_sample=False, pad_token_id=0))[0, 64:]
+                for impl in impls}
+        if len(outs) > 1:
+            result["agreement_greedy_tokens_equal_of_8"] = int((outs["kimivl"] == outs["transformers"]).cumprod(0).sum())
+
+        ids = prompt(args.prefill_len, vocab, seed=2)
+        prefill = {}
+        for impl in impls:
+            prefill[impl.name] = args.prefill_len / median_run(meter, impl, ids, 1, args.repeats)[0]
+        decode: dict[str, dict[str, float]] = {}
+        for ctx in args.contexts:
+            ids = prompt(ctx, vocab, seed=ctx)
+            rates = {}
+            for impl in impls:
+                if impl.name == "transformers" and ctx > args.transformers_max_context:
+                    continue
+                rates[impl.name] = median_run(meter, impl, ids, args.new_tokens, args.repeats)[1]
+            decode[str(ctx)] = rates
+        cache = {"kimivl": impls[0].cache_bytes_per_token()}
+        if len(impls) > 1:
+            cache["transformers"] = impls[1].cache_bytes_per_token(prompt(128, vocab, seed=3))
+
+    if not args.no_llamacpp:
+        try:
+            from benchmarks.peers import llamacpp
+
+            for outtype in ("bf16", "q8_0"):
+                gguf = llamacpp.convert_text(directory, outtype=outtype)
+                lc = llamacpp.bench_text(gguf, threads=args.threads, prompt=args.prefill_len, gen=args.new_tokens,
+                                         depths=tuple(args.contexts), repetitions=args.repeats)
+                key = f"llamacpp_{outtype}"
+                prefill[key] = lc["prefill_tok_s"]
+                for ctx in args.contexts:
+                    if str(ctx) in lc["decode_tok_s"]:
+                        decode[str(ctx)][key] = lc["decode_tok_s"][str(ctx)]
+                result.setdefault("llamacpp_commands", []).append(lc.get("command"))
+        except Exception as e:  # optional peer: any failure to build/convert/run is reported, not fatal
+            result["llamacpp"] = {"skipped": f"{type(e).__name__}: {e}"}
+
+    dtype_bytes = torch.finfo(dtype).bits // 8
+    result["prefill"] = {"tokens": args.prefill_len, **{f"{k}_tok_s": round(v, 1) for k, v in prefill.items()},
+                         **ratios(prefill),
+                         "kimivl_fraction_of_gemm_roof": round(
+                             prefill["kimivl"] * prefill_flops_per_token(cfg, args.prefill_len) / 1e9
+                             / limits["gemm_gflop_s"], 3)}
+    result["decode"] = {}
+    for ctx, rates in decode.items():
+        bytes_tok = decode_bytes_per_token(cfg, dtype_bytes, int(ctx))
+        bound = limits["read_bandwidth_gb_s"] * 1e9 / bytes_tok
+        result["decode"][ctx] = {**{f"{k}_tok_s": round(v, 2) for k, v in rates.items()}, **ratios(rates),
+                                 "bytes_per_token": bytes_tok, "bandwidth_bound_tok_s": round(bound, 1),
+                                 "kimivl_fraction_of_bound": round(rates["kimivl"] / bound, 3)}
+    result["cache_bytes_per_token"] = {**cache, "latent_formula": (
+        cfg["text_config"]["kv_lora_rank"] + cfg["text_config"]["qk_rope_head_dim"])
+        * cfg["text_config"]["num_hidden_layers"] * dtype_bytes}
+    result.update(meter.report())
+    emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
