@@ -9,7 +9,8 @@ All implementations read the same weights: the synthetic real-width slice of :mo
 * ``kimivl``: ``KimiVLForConditionalGeneration.from_pretrained(slice, dtype=...)`` and ``model.generate``;
 * ``transformers``: ``DeepseekV3ForCausalLM.from_pretrained`` on the same tensors (text keys without
   ``language_model.``) and its ``generate`` (greedy, ``min_new_tokens`` so it never stops early);
-* ``llamacpp`` (optional): the slice converted to GGUF (bf16, and Q8_0 for reference) and ``llama-bench``
+* ``llamacpp`` (optional): the slice converted to GGUF (``--dtype``: bf16 or f32, and Q8_0 for reference) and
+  ``llama-bench``
   (see :mod:`benchmarks.peers.llamacpp`); skipped with the reason when it cannot be built here.
 
 Measured, medians of ``--repeats`` runs, 1 sequence:
@@ -209,7 +210,8 @@ def main() -> None:
         try:
             from benchmarks.peers import llamacpp
 
-            for outtype in ("bf16", "q8_0"):
+            # the same dtype as ours (f32 where this CPU has no fast bf16), and Q8_0 for reference
+            for outtype in ("bf16" if args.dtype == "bf16" else "f32", "q8_0"):
                 gguf = llamacpp.convert_text(directory, outtype=outtype)
                 lc = llamacpp.bench_text(gguf, threads=args.threads, prompt=args.prefill_len, gen=args.new_tokens,
                                          depths=tuple(args.contexts), repetitions=args.repeats)
