@@ -30,8 +30,7 @@ CHAT_TEMPLATE = (
 )
 
 # Processor settings of the demo: images up to 336 x 336 keep their native size (576 patches);
-# videos and documents get budgets sized for a 4-8 frame clip and a 1-3 page PDF. Videos are sampled at
-# up to 8 fps so that a short mp4 clip (4-8 frames at up to ~30 fps) still yields several frames.
+# videos and documents get budgets sized for a 4-8 frame clip and a 1-3 page PDF.
 PREPROCESSOR = {
     "image_processor_type": "KimiVLImageProcessor",
     "processor_class": "KimiVLProcessor",
@@ -41,7 +40,7 @@ PREPROCESSOR = {
     "image_std": [0.5, 0.5, 0.5],
     "in_token_limit": 576,
     "merge_kernel_size": [2, 2],
-    "video_options": {"fps": 8.0, "max_frames": 8, "max_tokens": 128, "min_frame_tokens": 16},
+    "video_options": {"fps": 2.0, "max_frames": 8, "max_tokens": 128, "min_frame_tokens": 16},
     "document_options": {"dpi": 72.0, "max_pages": 3, "max_tokens": 288, "min_page_tokens": 48},
 }
 
