@@ -102,51 +102,61 @@ def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 
 def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """SDPA without a mask, on batches of equal-length segments.
+    """SDPA without a mask, one call per image, or per run of consecutive equal-length images.
 
-    Segments of the same length are gathered into one (n, H, l, Dh) batch. A batch is capped so
-    that n * l^2 <= max_len^2: even if SDPA falls back to its math kernel, the score memory is
-    bounded by the largest single segment, never by L^2.
+    On CPU a per-image loop is the right varlen strategy: it does exactly the useful work, while
+    one SDPA over a dense block-diagonal (L, L) mask wastes (sum n)^2 / sum n^2 of it and takes
+    torch's slower masked path. Segments are strided views of q, k, v (no gather copies, q/k/v
+    may be views into a fused qkv tensor); a run of equal lengths (video frames, tiles) becomes
+    one (b, H, n, Dh) batch, capped so that b * n^2 <= max_len^2: even if SDPA falls back to its
+    math kernel, score memory is bounded by the largest single segment, never by L^2.
     """
     total, heads, dim = q.shape
     if total == 0:
-        return torch.empty_like(q)
-    if len(lengths) == 1:  # one image: no gather needed
-        return _sdpa_batch(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))[0]
+        return q.new_empty(0, heads, dim)
+    if len(lengths) == 1:  # one image: no output assembly needed
+        return _sdpa_batch(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))[0].reshape(total, heads, dim)
     max_len = max(lengths)
-    starts = [0]
-    for n in lengths[:-1]:
-        starts.append(starts[-1] + n)
-    by_len: dict[int, list[int]] = {}
-    for start, n in zip(starts, lengths):
-        if n > 0:
-            by_len.setdefault(n, []).append(start)
-    out = torch.empty_like(q)
-    for n, group_starts in by_len.items():
-        per_call = max(1, (max_len * max_len) // (n * n))
-        for i in range(0, len(group_starts), per_call):
-            chunk = torch.tensor(group_starts[i:i + per_call], device=q.device)
-            index = (chunk[:, None] + torch.arange(n, device=q.device)).reshape(-1)  # (b*n,)
-            b = chunk.numel()
-            o = _sdpa_batch(q[index].view(b, n, heads, dim), k[index].view(b, n, heads, dim),
-                            v[index].view(b, n, heads, dim))
-            out[index] = o.reshape(b * n, heads, dim)
+    out = q.new_empty(total, heads, dim)
+    start = 0
+    for n, count in _equal_runs(lengths):
+        per_call = max(1, (max_len * max_len) // (n * n)) if n else count
+        for first in range(0, count, per_call):
+            b = min(per_call, count - first)
+            rows = slice(start, start + b * n)
+            if n:
+                o = _sdpa_batch(q[rows].unflatten(0, (b, n)), k[rows].unflatten(0, (b, n)),
+                                v[rows].unflatten(0, (b, n)))
+                out[rows] = o.flatten(0, 1)
+            start += b * n
     return out
 
 
+def _equal_runs(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of equal segment lengths: [12, 12, 5, 12] -> [(12, 2), (5, 1), (12, 1)]."""
+    runs: list[tuple[int, int]] = []
+    for n in lengths:
+        if runs and runs[-1][0] == n:
+            runs[-1] = (n, runs[-1][1] + 1)
+        else:
+            runs.append((n, 1))
+    return runs
+
+
 def _sdpa_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B, l, H, Dh) -> (B, l, H, Dh) unmasked SDPA (lets torch pick a fused kernel)."""
+    """(B, l, H, Dh) -> (B, l, H, Dh) unmasked SDPA (lets torch pick a fused kernel; strided inputs are fine)."""
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return o.transpose(1, 2)
 
 
 def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """Reference: softmax(q k^T / sqrt(Dh)) v per segment, all in float32, cast back."""
+    """Reference: softmax(q k^T / sqrt(Dh)) v per segment, all in float32 (float64 stays float64), cast back."""
     scale = 1.0 / math.sqrt(q.shape[-1])
+    compute = torch.promote_types(q.dtype, torch.float32)
     outs = []
     start = 0
     for n in lengths:
-        qs, ks, vs = (t[start:start + n].transpose(0, 1).float() for t in (q, k, v))  # (H, n, Dh)
+        qs, ks, vs = (t[start:start + n].transpose(0, 1).to(compute) for t in (q, k, v))  # (H, n, Dh)
         probs = torch.softmax((qs @ ks.transpose(-2, -1)) * scale, dim=-1)
         outs.append((probs @ vs).transpose(0, 1))
         start += n

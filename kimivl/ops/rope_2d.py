@@ -5,7 +5,10 @@ Channels (2j, 2j+1) of a head form complex pair j. With f_i = theta^(-4i/Dh), i 
 pair 2i rotates by col * f_i and pair 2i+1 by row * f_i (width on even pairs: the official code
 and the golden data do this; the upstream docstring says the opposite).
 Deliberate deviations: no complex dtypes and no cached 512x512 table; cos/sin are computed from the
-patch positions (the caller computes them once per forward and shares them across layers).
+patch positions (the caller computes them once per forward and shares them across layers). The
+rotation is ``x * C + swap_pairs(x) * S`` with per-channel factors C = (c, c), S = (-s, s) per pair:
+one multiply, one pair swap and one fused multiply-add over q and k together, instead of splitting
+real/imaginary parts and stacking them back.
 """
 from __future__ import annotations
 
@@ -38,13 +41,36 @@ def rope_2d_cos_sin(rows: torch.Tensor, cols: torch.Tensor, head_dim: int,
     return torch.cos(angle), torch.sin(angle)
 
 
+def rope_2d_rotation(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel rotation factors from per-pair cos/sin.
+
+    cos, sin: (L, Dh/2) -> C, S: (L, Dh) float32 with C = (c_j, c_j) and S = (-s_j, s_j) on channels
+    (2j, 2j+1), so that ``rotate_pairs(x, C, S)`` is the complex multiply (re + i im)(c + i s).
+    """
+    c = cos.to(torch.float32)
+    s = sin.to(torch.float32)
+    return (torch.stack([c, c], dim=-1).flatten(-2), torch.stack([-s, s], dim=-1).flatten(-2))
+
+
+def rotate_pairs(x: torch.Tensor, rot_cos: torch.Tensor, rot_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs: x (L, ..., Dh), rot_cos/rot_sin (L, Dh) from ``rope_2d_rotation``.
+
+    Returns a contiguous (L, ..., Dh) tensor in x's dtype, computed in float32 (as the reference's
+    complex multiply is; float64 input stays float64) and cast back. x may be a strided view (e.g.
+    the q and k parts of a fused qkv projection); it is read, never written.
+    """
+    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)  # broadcast over heads etc.
+    c, s = rot_cos.view(shape), rot_sin.view(shape)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (re, im) -> (im, re)
+    out = xf * c
+    out.addcmul_(swapped, s)
+    return out.to(x.dtype)
+
+
 def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved channel pairs: x (L, H, Dh), cos/sin (L, Dh/2) -> (L, H, Dh) in x's dtype.
 
-    Computed in float32 (as the reference's complex multiply is) and cast back.
+    Computed in float32 (as the reference's complex multiply is; float64 stays float64) and cast back.
     """
-    pairs = x.to(torch.float32).unflatten(-1, (-1, 2))  # (L, H, Dh/2, 2)
-    real, imag = pairs[..., 0], pairs[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]
-    rotated = torch.stack([real * c - imag * s, real * s + imag * c], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    return rotate_pairs(x, *rope_2d_rotation(cos, sin))

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from kimivl.ops.attention import cu_seqlens_from_grid
 
-__all__ = ["cu_seqlens_from_grid", "grid_positions", "interpolate_pos_emb", "patch_merge", "patch_merge_index"]
+__all__ = ["cu_seqlens_from_grid", "grid_positions", "interpolate_pos_emb", "patch_merge", "patch_merge_index",
+           "resize_pos_emb"]
 
 
 def _image_of_patch(grid: torch.Tensor, num_patches: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,23 +45,36 @@ def grid_positions(grid_hws: torch.Tensor, num_patches: int | None = None) -> tu
     return torch.div(local, width, rounding_mode="floor"), local % width
 
 
+def resize_pos_emb(table: torch.Tensor, hw: Sequence[int]) -> torch.Tensor:
+    """The learnable (H0, W0, D) position table resized to one (h, w) grid: (h*w, D), row-major.
+
+    Bicubic, align_corners=False and no antialias to match the reference, in the table's dtype.
+    At the table's own size it returns a view of the table: bicubic to the same size is an exact
+    identity (every tap weight is 0 or 1), so only the cost differs from the reference, which
+    always interpolates (its same-size shortcut never fires).
+    """
+    h, w = int(hw[0]), int(hw[1])
+    height, width, dim = table.shape
+    if (h, w) == (height, width):
+        return table.reshape(h * w, dim)
+    source = table.permute(2, 0, 1).unsqueeze(0)  # (1, D, H0, W0)
+    out = F.interpolate(source, size=(h, w), mode="bicubic", align_corners=False, antialias=False)
+    return out[0].flatten(1).transpose(0, 1)  # (h*w, D)
+
+
 def interpolate_pos_emb(table: torch.Tensor, grid_hws: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
     """Resize the learnable (H0, W0, D) position table to every image's grid and pack the results.
 
-    Returns (L, D), row-major per image. Bicubic, align_corners=False and no antialias to match
-    the reference; it always interpolates, as the official code does (its same-size shortcut
-    never fires; bicubic to the same size is an identity anyway). Runs in the table's dtype.
-    One resize per distinct (h, w), since sizes differ in general.
+    Returns (L, D), row-major per image (``resize_pos_emb`` per image). One resize per distinct
+    (h, w), since sizes differ in general.
     """
     hws = [tuple(int(v) for v in hw) for hw in (grid_hws.tolist() if isinstance(grid_hws, torch.Tensor) else grid_hws)]
     if not hws:
         return table.new_zeros(0, table.shape[-1])
-    source = table.permute(2, 0, 1).unsqueeze(0)  # (1, D, H0, W0)
     resized: dict[tuple[int, ...], torch.Tensor] = {}
     for hw in hws:
         if hw not in resized:
-            out = F.interpolate(source, size=hw, mode="bicubic", align_corners=False, antialias=False)
-            resized[hw] = out[0].flatten(1).transpose(0, 1)  # (h*w, D)
+            resized[hw] = resize_pos_emb(table, hw)
     return torch.cat([resized[hw] for hw in hws], dim=0)
 
 

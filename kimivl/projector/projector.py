@@ -2,19 +2,19 @@
 
 Spec: ``shared/reference/kimivl-spec.md`` §2 (``multi_modal_projector.*`` keys) and §3.8.
 Official class: ``KimiVLMultiModalProjector`` (``pre_norm``, ``linear_1``, GELU (erf), ``linear_2``).
-No deliberate deviations; the merge size comes from ``merge_kernel_size`` instead of a literal 4.
+No deliberate deviations; the merge size comes from ``merge_kernel_size`` instead of a literal 4; the GELU
+writes into the ``linear_1`` output when no gradient is recorded (inference).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kimivl.configuration import DeepseekV3Config, MoonViTConfig
 from kimivl.errors import KimiVLInputError
-from kimivl.vision.moonvit import VISION_LAYER_NORM_EPS
+from kimivl.vision.moonvit import VISION_LAYER_NORM_EPS, gelu_
 
 
 class KimiVLMultiModalProjector(nn.Module):
@@ -38,4 +38,4 @@ class KimiVLMultiModalProjector(nn.Module):
         # Each sub-patch is normalised on its own, then the kh*kw sub-patches are concatenated
         # in merger order.
         x = self.pre_norm(image_features).view(image_features.shape[0], -1)
-        return self.linear_2(F.gelu(self.linear_1(x)))
+        return self.linear_2(gelu_(self.linear_1(x)))  # exact (erf) GELU, in place when no gradient is needed

@@ -7,8 +7,14 @@ Deliberate deviations: no ``rope_2d`` attribute or buffers (RoPE cos/sin are com
 once per forward, so the model can be built on ``meta`` and assigned); attention is strictly per
 image for every backend (the official eager path leaks across packed images); the output is one
 (T, 4, D) tensor instead of a list; the attention backend is a runtime attribute, not a config field.
+CPU-throughput choices (same maths, ``docs/performance-vision.md``): the patch Conv2d runs as one
+GEMM on the flattened patches; resized position tables are kept per grid size while the table is
+unchanged and no gradient is needed; q and k are rotated together in one pass; the GELU and the
+residual adds write into fresh activations instead of allocating new ones.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -17,28 +23,64 @@ from torch import nn
 from kimivl.configuration import MoonViTConfig
 from kimivl.errors import KimiVLInputError
 from kimivl.ops.attention import BACKENDS, varlen_attention
-from kimivl.ops.rope_2d import VISION_ROPE_THETA, apply_rope_2d, rope_2d_cos_sin
-from kimivl.ops.vision_grid import cu_seqlens_from_grid, grid_positions, interpolate_pos_emb, patch_merge
+from kimivl.ops.rope_2d import VISION_ROPE_THETA, rope_2d_cos_sin, rope_2d_rotation, rotate_pairs
+from kimivl.ops.vision_grid import cu_seqlens_from_grid, grid_positions, patch_merge, resize_pos_emb
 
 # LayerNorm eps of every vision-side norm (encoder and projector pre_norm): the official
 # nn.LayerNorm default, never read from the config.
 VISION_LAYER_NORM_EPS: float = 1e-5
 
 
+# Resized position tables kept per module (rows of all cached grids together): 4 full 64x64 grids,
+# i.e. ~75 MB in float32 at width 1152.
+POS_EMB_CACHE_ROWS: int = 4 * 64 * 64
+
+
 class Learnable2DInterpPosEmb(nn.Module):
-    """Learnable (H0, W0, D) position table, bicubically resized to each image's grid and added."""
+    """Learnable (H0, W0, D) position table, bicubically resized to each image's grid and added.
+
+    The bicubic resize costs 10-80 ms per image size at the released width on CPU, every forward in
+    the reference. Here the resized tables are kept per (h, w) (oldest dropped first, at most
+    ``POS_EMB_CACHE_ROWS`` rows) while the table is unchanged (same storage, no in-place update since)
+    and no gradient flows to it; otherwise they are computed afresh. Not part of the state dict.
+    """
 
     def __init__(self, height: int, width: int, dim: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(height, width, dim))
+        self._resized: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+        self._resized_from: tuple[torch.Tensor, int] | None = None  # (alias of the table, its version)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight)
 
+    def table(self, hw: tuple[int, int]) -> torch.Tensor:
+        """The table resized to one (h, w) grid: (h*w, D)."""
+        table = self.weight
+        if (torch.is_grad_enabled() and table.requires_grad) or table.is_meta:
+            return resize_pos_emb(table, hw)
+        source = self._resized_from
+        # The alias keeps the old storage alive, so an equal data_ptr means the same tensor; the
+        # version counter (shared with the alias) catches in-place updates such as optimizer steps.
+        if source is None or source[0].data_ptr() != table.data_ptr() or source[0].dtype != table.dtype \
+                or source[0].device != table.device or source[1] != table._version:
+            self._resized.clear()
+            self._resized_from = (table.detach(), table._version)
+        cached = self._resized.get(hw)
+        if cached is None:
+            cached = resize_pos_emb(table.detach(), hw)
+            self._resized[hw] = cached
+            while sum(t.shape[0] for t in self._resized.values()) > POS_EMB_CACHE_ROWS and len(self._resized) > 1:
+                self._resized.popitem(last=False)
+        return cached
+
     def forward(self, x: torch.Tensor, grid_hws: torch.Tensor) -> torch.Tensor:
         """x: (L, D) patch embeddings -> (L, D) with the resized table added."""
-        return x + interpolate_pos_emb(self.weight, grid_hws)
+        tables = [self.table((int(h), int(w))) for h, w in grid_hws.tolist()]
+        if not tables:
+            return x
+        return x + (tables[0] if len(tables) == 1 else torch.cat(tables, dim=0))
 
 
 class MoonVisionPatchEmbed(nn.Module):
@@ -54,7 +96,9 @@ class MoonVisionPatchEmbed(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> torch.Tensor:
         """pixel_values: (L, 3, p, p) -> (L, D)."""
-        x = self.proj(pixel_values).flatten(1)  # (L, D, 1, 1) -> (L, D)
+        # kernel = stride = patch: the convolution is one GEMM over the flattened patches, and the
+        # CPU convolution path is several times slower than a plain GEMM for this shape.
+        x = F.linear(pixel_values.flatten(1), self.proj.weight.flatten(1), self.proj.bias)
         return self.pos_emb(x, grid_hws)
 
 
@@ -67,7 +111,17 @@ class MLP2(nn.Module):
         self.fc1 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc1(F.gelu(self.fc0(x), approximate="tanh"))
+        return self.fc1(gelu_(self.fc0(x), approximate="tanh"))
+
+
+def gelu_(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU written into ``x`` (a fresh activation) when no gradient is recorded for it, else out of place.
+
+    Saves allocating and touching a second (L, 4304) buffer per layer in inference.
+    """
+    if x.requires_grad:
+        return F.gelu(x, approximate=approximate)
+    return torch.ops.aten.gelu_(x, approximate=approximate)
 
 
 class MoonVitEncoderLayer(nn.Module):
@@ -88,16 +142,18 @@ class MoonVitEncoderLayer(nn.Module):
                   rope: tuple[torch.Tensor, torch.Tensor], attn_backend: str) -> torch.Tensor:
         """x: (L, D) -> (L, D): per-image multi-head attention with 2-D RoPE on q and k."""
         qkv = self.wqkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(dim=1)  # each (L, H, Dh)
-        q, k = apply_rope_2d(q, *rope), apply_rope_2d(k, *rope)
-        out = varlen_attention(q, k, v, cu_seqlens, backend=attn_backend, seqlens=seqlens)
+        qk = rotate_pairs(qkv[:, :2], *rope)  # q and k in one pass: (L, 2, H, Dh)
+        out = varlen_attention(qk[:, 0], qk[:, 1], qkv[:, 2], cu_seqlens, backend=attn_backend, seqlens=seqlens)
         return self.wo(out.flatten(1))
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, seqlens: list[int],
                 rope: tuple[torch.Tensor, torch.Tensor], attn_backend: str = "auto") -> torch.Tensor:
-        """x: (L, D); cu_seqlens: (N+1,) int32; rope: cos, sin (L, Dh/2) float32 -> (L, D)."""
-        x = x + self.attention(self.norm0(x), cu_seqlens, seqlens, rope, attn_backend)
-        return x + self.mlp(self.norm1(x))
+        """x: (L, D); cu_seqlens: (N+1,) int32; rope: per-channel rotation (L, Dh) float32 -> (L, D).
+
+        The residual is added into the sublayer's fresh output (a + b == b + a exactly), never into x.
+        """
+        x = self.attention(self.norm0(x), cu_seqlens, seqlens, rope, attn_backend).add_(x)
+        return self.mlp(self.norm1(x)).add_(x)
 
 
 class MoonVitEncoder(nn.Module):
@@ -115,7 +171,7 @@ class MoonVitEncoder(nn.Module):
         seqlens = [h * w for h, w in grid.tolist()]
         cu_seqlens = cu_seqlens_from_grid(grid)
         rows, cols = grid_positions(grid, num_patches=x.shape[0])
-        rope = rope_2d_cos_sin(rows, cols, self.head_dim, VISION_ROPE_THETA)
+        rope = rope_2d_rotation(*rope_2d_cos_sin(rows, cols, self.head_dim, VISION_ROPE_THETA))
         for block in self.blocks:
             x = block(x, cu_seqlens, seqlens, rope, attn_backend)
         return self.final_layernorm(x)
@@ -190,6 +246,8 @@ __all__ = [
     "MoonVitEncoder",
     "MoonVitEncoderLayer",
     "MoonVitPretrainedModel",
+    "POS_EMB_CACHE_ROWS",
     "VISION_LAYER_NORM_EPS",
+    "gelu_",
     "validate_vision_inputs",
 ]

@@ -156,6 +156,19 @@ class _MaxTensorRecorder(TorchDispatchMode):
         return out
 
 
+class _OpRecorder(TorchDispatchMode):
+    """Records the name of every aten op run while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_memory_scales_with_largest_segment(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Many small images: nothing of size ~L^2 appears, and SDPA never receives a mask."""
@@ -187,3 +200,26 @@ def test_memory_scales_with_largest_segment(backend: str, monkeypatch: pytest.Mo
             batch, _, q_len, _ = q_shape
             # Score memory per call is bounded by the largest segment's, never by L^2.
             assert batch * q_len * k_shape[-2] <= largest * largest
+
+
+def test_equal_length_runs_are_strided_views_not_gathers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Consecutive equal lengths share one SDPA call (no index/gather copies); q, k, v may be strided views."""
+    seqlens = [4, 4, 4, 12, 4, 4]
+    fused = torch.randn(sum(seqlens), 3, 2, 8, generator=torch.Generator().manual_seed(6))
+    q, k, v = fused.unbind(1)  # strided views of one fused tensor, as the vision tower passes them
+    cu = cu_seqlens_from_lengths(torch.tensor(seqlens))
+    batches: list[int] = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        batches.append(query.shape[0])
+        return real_sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    ops = _OpRecorder()
+    with ops:
+        out = varlen_attention(q, k, v, cu, backend="sdpa")
+    assert batches == [3, 1, 2]  # runs (4 x 3), (12 x 1), (4 x 2)
+    assert not [name for name in ops.names if "index" in name or "gather" in name], ops.names
+    torch.testing.assert_close(out.double(), _dense_reference(q, k, v, seqlens), atol=1e-5, rtol=1e-5)
+    assert out.is_contiguous()

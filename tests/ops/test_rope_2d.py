@@ -6,7 +6,14 @@ import math
 import pytest
 import torch
 
-from kimivl.ops.rope_2d import VISION_ROPE_THETA, apply_rope_2d, rope_2d_cos_sin, rope_2d_frequencies
+from kimivl.ops.rope_2d import (
+    VISION_ROPE_THETA,
+    apply_rope_2d,
+    rope_2d_cos_sin,
+    rope_2d_frequencies,
+    rope_2d_rotation,
+    rotate_pairs,
+)
 from kimivl.ops.vision_grid import grid_positions
 
 
@@ -95,3 +102,22 @@ def test_low_precision_input_is_rotated_in_float32() -> None:
     torch.testing.assert_close(out, _rotate(x.float(), rows, cols).to(torch.bfloat16), atol=0, rtol=0)
     cos, sin = rope_2d_cos_sin(rows, cols, 16)
     assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (6, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_q_and_k_together_from_fused_qkv(dtype: torch.dtype) -> None:
+    """rotate_pairs on the strided (L, 2, H, Dh) q/k view of a fused qkv equals rotating q and k one by one."""
+    rows, cols = grid_positions(torch.tensor([[3, 5], [2, 2]]))
+    qkv = torch.randn(rows.numel(), 3, 4, 72, generator=torch.Generator().manual_seed(7)).to(dtype)
+    cos, sin = rope_2d_cos_sin(rows, cols, 72)
+    both = rotate_pairs(qkv[:, :2], *rope_2d_rotation(cos, sin))
+    assert both.shape == (rows.numel(), 2, 4, 72) and both.dtype == dtype and both.is_contiguous()
+    torch.testing.assert_close(both[:, 0], apply_rope_2d(qkv[:, 0].contiguous(), cos, sin), atol=0, rtol=0)
+    torch.testing.assert_close(both[:, 1], apply_rope_2d(qkv[:, 1].contiguous(), cos, sin), atol=0, rtol=0)
+
+
+def test_rotation_factors_layout() -> None:
+    cos, sin = torch.tensor([[0.1, 0.2]]), torch.tensor([[0.3, 0.4]])
+    rot_cos, rot_sin = rope_2d_rotation(cos, sin)
+    assert rot_cos.tolist() == [[pytest.approx(0.1), pytest.approx(0.1), pytest.approx(0.2), pytest.approx(0.2)]]
+    assert rot_sin.tolist() == [[pytest.approx(-0.3), pytest.approx(0.3), pytest.approx(-0.4), pytest.approx(0.4)]]
