@@ -227,7 +227,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
-    serve.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | auto (default: as stored)")
+    serve.add_argument("--dtype", default="auto",
+                       help="auto (config torch_dtype, bfloat16 for the released models) | bfloat16 | float32")
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     serve.add_argument("--allow-remote-images", action="store_true",
                        help="fetch http(s) image URLs (refused by default)")
@@ -266,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=None)
     chat.add_argument("--top-k", type=int, default=None)
     chat.add_argument("--seed", type=int, default=None)
-    chat.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | auto (default: as stored)")
+    chat.add_argument("--dtype", default="auto",
+                      help="auto (config torch_dtype, bfloat16 for the released models) | bfloat16 | float32")
     chat.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     chat.add_argument("--show-thinking", action="store_true", help="print the reasoning of Thinking models")
     chat.set_defaults(func=_cmd_chat)

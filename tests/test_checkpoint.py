@@ -183,3 +183,43 @@ def test_loading_assigns_the_read_tensors_without_copies(golden_dir, monkeypatch
     model = KimiVLForConditionalGeneration.from_pretrained(golden_dir)
     assert {k: t.data_ptr() for k, t in model.state_dict().items()} == read
     assert init_calls and all(device.type == "meta" for device in init_calls)
+
+
+def test_loaded_weights_own_their_memory_not_the_file(golden_dir, tmp_path):
+    """Overwriting the checkpoint file in place after loading changes nothing in the model (no mmap views
+    of the file: those would show the new bytes, or die with SIGBUS if the file were truncated)."""
+    ckpt = _copy_checkpoint(golden_dir, tmp_path / "own")
+    model = KimiVLForConditionalGeneration.from_pretrained(ckpt)
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    size = (ckpt / "model.safetensors").stat().st_size
+    with open(ckpt / "model.safetensors", "r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\xff" * (size - size // 2))
+    for k, t in model.state_dict().items():
+        assert torch.equal(t, before[k]), k
+
+
+def test_converting_load_gives_separate_exact_tensors(golden_dir, tmp_path):
+    """bf16 -> fp32 goes through one reused read buffer: no loaded tensor may alias it or another tensor."""
+    KimiVLForConditionalGeneration.from_pretrained(golden_dir, dtype=torch.bfloat16).save_pretrained(
+        tmp_path, max_shard_size="400KB")
+    stored = {}
+    for f in tmp_path.glob("model-*.safetensors"):
+        stored |= load_file(str(f))
+    model = KimiVLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32)
+    sd = model.state_dict()
+    assert len({t.data_ptr() for t in sd.values()}) == len(sd)
+    for k, t in sd.items():
+        assert t.dtype == torch.float32 and t.untyped_storage().nbytes() == t.numel() * 4, k
+        assert torch.equal(t, stored[k].float()), k
+
+
+def test_corrupt_safetensors_name_the_file_and_tensor(golden_dir, tmp_path):
+    ckpt = _copy_checkpoint(golden_dir, tmp_path / "cut")
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*tensor '.*' .*do not fit"):
+        KimiVLForConditionalGeneration.from_pretrained(ckpt)
+    (ckpt / "model.safetensors").write_bytes((10**12).to_bytes(8, "little") + data[8:])
+    with pytest.raises(CheckpointError, match="header length 1000000000000 is impossible"):
+        KimiVLForConditionalGeneration.from_pretrained(ckpt)

@@ -55,9 +55,12 @@ class ChatSession:
     pending: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def from_pretrained(cls, path: str | None = None, *, dtype: torch.dtype | str | None = None,
+    def from_pretrained(cls, path: str | None = None, *, dtype: torch.dtype | str | None = "auto",
                         device: str | None = None, progress: bool = False, **kwargs: Any) -> ChatSession:
-        """Load model + processor from ``path`` (default: the shipped demo model)."""
+        """Load model + processor from ``path`` (default: the shipped demo model).
+
+        ``dtype="auto"`` is the checkpoint's ``torch_dtype`` (bfloat16 for the released models, float32 for the
+        demo); ``None`` keeps each tensor as stored; ``"float32"`` / ``torch.float32`` upcasts."""
         from kimivl.modeling import KimiVLForConditionalGeneration
         from kimivl.processing import KimiVLProcessor
 
