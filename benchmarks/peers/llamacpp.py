@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -68,13 +69,13 @@ def _run(cmd: Sequence[str | os.PathLike[str]], what: str, log_to: Path | None =
          **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run ``cmd``; a failure becomes ``PeerUnavailable`` naming ``what`` with the tail of its output.
     ``log_to`` keeps the whole output (stdout, then stderr) for a look afterwards."""
-    log.info("%s: %s", what, " ".join(map(str, cmd)))
+    log.info("%s: %s", what, shlex.join(map(str, cmd)))
     try:
         proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
     except OSError as e:
         raise PeerUnavailable(f"llama.cpp: {what} could not start ({e})") from e
     if log_to is not None:
-        log_to.write_text(f"$ {' '.join(map(str, cmd))}\n{proc.stdout}{proc.stderr}")
+        log_to.write_text(f"$ {shlex.join(map(str, cmd))}\n{proc.stdout}{proc.stderr}")
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
         log.error("%s failed (exit %d):\n%s", what, proc.returncode, "\n".join(tail))
@@ -290,84 +291,84 @@ def bench_text(gguf: Path, threads: int = 2, prompt: int = 512, gen: int = 32,
                build_dir: Path = CACHE / "llama.cpp") -> dict[str, Any]:
     """Prefill (``prompt`` tokens) and decode (``gen`` tokens) tok/s after each context depth, via ``llama-bench``.
 
-    Returns ``{"command", "build", "cpu", "threads", "by_depth": {depth: {"prefill_tok_s": {"mean", "stddev"},
-    "decode_tok_s": {...}}}}`` with llama-bench's own means and standard deviations over ``repetitions``.
+    Returns llama-bench's own means over ``repetitions``: ``prefill_tok_s`` (at the first depth, normally 0),
+    ``prefill_tok_s_by_depth`` and ``decode_tok_s`` (``{str(depth): tok/s}``), plus ``by_depth`` with the
+    standard deviations (``{str(depth): {"prefill_tok_s": {"mean", "stddev"}, "decode_tok_s": {...}}}``) and
+    the ``command`` run.
     """
     bench = ensure_built(build_dir) / "llama-bench"
     cmd = [str(bench), "-m", str(gguf), "-p", str(prompt), "-n", str(gen), "-d", ",".join(map(str, depths)),
            "-t", str(threads), "-r", str(repetitions), "-o", "json"]
     rows = json.loads(_run(cmd, f"llama-bench on {Path(gguf).name}").stdout)
-    by_depth: dict[int, dict[str, dict[str, float]]] = {}
+    by_depth: dict[str, dict[str, dict[str, float]]] = {}
     for row in rows:
         # llama-bench emits one row per (test, depth): a prompt test has n_gen 0, a generation test n_prompt 0
         kind = "prefill_tok_s" if row["n_gen"] == 0 else "decode_tok_s"
-        by_depth.setdefault(int(row["n_depth"]), {})[kind] = {
+        by_depth.setdefault(str(row["n_depth"]), {})[kind] = {
             "mean": round(float(row["avg_ts"]), 2), "stddev": round(float(row["stddev_ts"]), 2)}
+    means = {kind: {d: v[kind]["mean"] for d, v in by_depth.items() if kind in v}
+             for kind in ("prefill_tok_s", "decode_tok_s")}
     first = rows[0] if rows else {}
-    return {"command": " ".join(cmd), "build": f"{first.get('build_number')} ({first.get('build_commit')})",
+    # "build": the sdist has no git metadata, so llama-bench's own build number / commit read 0 / unknown
+    return {"command": shlex.join(cmd), "build": f"{PACKAGE} {VERSION} vendored",
             "cpu": first.get("cpu_info"), "threads": threads, "prompt": prompt, "gen": gen,
             "repetitions": repetitions, "model_type": first.get("model_type"), "flash_attn": first.get("flash_attn"),
-            "kv_type": first.get("type_k"), "by_depth": by_depth}
+            "kv_type": first.get("type_k"),
+            "prefill_tok_s": next(iter(means["prefill_tok_s"].values()), None),
+            "prefill_tok_s_by_depth": means["prefill_tok_s"], "decode_tok_s": means["decode_tok_s"],
+            "by_depth": by_depth}
 
 
 KIMIVL_PATCH = 14
-KIMIVL_MERGE = 2  # the 2x2 patch merge of the KIMIVL projector: one image token = 4 patches
-KIMIVL_TOKENS = (8, 1024)  # llama.cpp's token limits for a KIMIVL image (its default; no per-model key)
+PATCHES_PER_TOKEN = 4  # the projector merges 2x2 patches into one token
+# llama-mtmd-cli's own lines (with -v): the batch encode time, the size the image was resized to, its tokens
+_ENCODED = re.compile(r"mtmd batch encoding done in (\d+) ms")
+_RESIZED = re.compile(r"clip_encode: copying image \d+/\d+ to input buffer \(nx=(\d+), ny=(\d+)\)")
+_IMAGE_TOKENS = re.compile(r"encoding batch with \d+ entries and total (\d+) tokens")
 
 
-def kimivl_resized_hw(height: int, width: int, tokens: tuple[int, int] = KIMIVL_TOKENS) -> tuple[int, int]:
-    """The (H, W) llama.cpp resizes an image to for KIMIVL: sides rounded to multiples of 28 px and scaled
-    (aspect kept) into ``tokens`` merged tokens. Used to report the size it encoded; the token count it logs is
-    the check."""
-    align = KIMIVL_PATCH * KIMIVL_MERGE
-    lo, hi = tokens[0] * align * align, tokens[1] * align * align
-    h, w = max(align, round(height / align) * align), max(align, round(width / align) * align)
-    if h * w > hi:
-        beta = (height * width / hi) ** 0.5
-        h, w = max(align, int(height / beta // align) * align), max(align, int(width / beta // align) * align)
-    elif h * w < lo:
-        beta = (lo / (height * width)) ** 0.5
-        h, w = -(-height * beta // align) * align, -(-width * beta // align) * align
-    return int(h), int(w)
-
-
-_ENCODED = re.compile(r"image slice encoded in (\d+) ms")
-_IMAGE_TOKENS = re.compile(r"decoding image batch \d+/\d+, n_tokens_batch = (\d+)")
+def _one(pattern: re.Pattern[str], text: str, what: str) -> tuple[str, ...]:
+    found = pattern.findall(text)
+    if len(found) != 1:
+        raise PeerUnavailable(f"llama.cpp: expected one {what} line from llama-mtmd-cli, found {len(found)} "
+                              f"(its log format changed?)")
+    return found[0] if isinstance(found[0], tuple) else (found[0],)
 
 
 def bench_vision(mmproj: Path, gguf: Path, image_path: Path, threads: int = 2, repetitions: int = 3,
                  build_dir: Path = CACHE / "llama.cpp") -> dict[str, Any]:
     """Image-encode time of ``llama-mtmd-cli`` (vision tower + projector) for one image, as patches/s.
 
-    Each repetition is one ``llama-mtmd-cli`` run (which warms the encoder up before it encodes the image);
-    the encode time is its ``image slice encoded in N ms`` line. Patches are the 14x14 patches of the image
-    *after llama.cpp's own resize* (image tokens x 4), reported with that size.
+    Each repetition is one ``llama-mtmd-cli`` run that encodes the image once (so the time includes whatever
+    a first encode costs); the time is its ``mtmd batch encoding done in N ms`` line. llama.cpp resizes the
+    image itself (sides multiples of 28 px, 8 to 1024 merged tokens): ``resized_hw`` is the size it logged,
+    ``patches`` = (H/14) x (W/14) of that size, and ``resize_consistent`` checks it against its token count
+    (4 patches per token).
     """
     from PIL import Image
 
+    if repetitions < 1:
+        raise ValueError(f"repetitions must be at least 1, got {repetitions}")
     cli = ensure_built(build_dir) / "llama-mtmd-cli"
     image_path = Path(image_path)
     with Image.open(image_path) as im:
         width, height = im.size
+    # -v: the resized size and the token count are debug lines
     cmd = [str(cli), "-m", str(gguf), "--mmproj", str(mmproj), "--image", str(image_path), "-p", "Describe the image.",
-           "-n", "1", "-t", str(threads), "-c", "4096", "--temp", "0"]
+           "-n", "1", "-t", str(threads), "-c", "4096", "--temp", "0", "-v"]
     encode_ms: list[float] = []
-    tokens = 0
     for _ in range(repetitions):
-        proc = _run(cmd, f"llama-mtmd-cli on {image_path.name}")
+        proc = _run(cmd, f"llama-mtmd-cli on {image_path.name}",
+                    log_to=_gguf_dir(build_dir) / f"mtmd-{Path(mmproj).stem}-{image_path.stem}.log")
         text = proc.stdout + proc.stderr
-        found = _ENCODED.findall(text)
-        if len(found) != 1:
-            raise PeerUnavailable(f"llama.cpp: expected one 'image slice encoded in N ms' line from llama-mtmd-cli, "
-                                  f"found {len(found)}")
-        encode_ms.append(float(found[0]))
-        tokens = sum(int(n) for n in _IMAGE_TOKENS.findall(text))
-    patches = tokens * KIMIVL_MERGE**2
-    h, w = kimivl_resized_hw(height, width)
+        encode_ms.append(float(_one(_ENCODED, text, "'mtmd batch encoding done in N ms'")[0]))
+        resized_w, resized_h = (int(v) for v in _one(_RESIZED, text, "'copying image ... (nx=W, ny=H)'"))
+        tokens = int(_one(_IMAGE_TOKENS, text, "'encoding batch with ... total N tokens'")[0])
+    patches = (resized_h // KIMIVL_PATCH) * (resized_w // KIMIVL_PATCH)
     mean_ms = statistics.mean(encode_ms)
-    return {"command": " ".join(cmd), "threads": threads, "image_hw": [height, width], "resized_hw": [h, w],
-            "image_tokens": tokens, "patches": patches,
-            "resize_consistent": (h // KIMIVL_PATCH) * (w // KIMIVL_PATCH) == patches,
+    return {"command": shlex.join(cmd), "threads": threads, "image_hw": [height, width],
+            "resized_hw": [resized_h, resized_w], "image_tokens": tokens, "patches": patches,
+            "resize_consistent": patches == PATCHES_PER_TOKEN * tokens,
             "encode_ms": encode_ms, "encode_ms_mean": round(mean_ms, 1),
             "encode_ms_stddev": round(statistics.stdev(encode_ms), 1) if len(encode_ms) > 1 else 0.0,
             "patches_per_s": round(patches / (mean_ms / 1e3), 1) if mean_ms > 0 else None}
@@ -393,6 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
+    if not args.build and ((args.checkpoint is None and not args.slice) or not (args.text or args.vision)):
+        parser.error("give --build, or --checkpoint DIR (or --slice) with --text and/or --vision IMAGE")
+
     result: dict[str, Any] = {"peer": "llama.cpp", "version": f"{PACKAGE} {VERSION} (vendored)"}
     try:
         result["bin_dir"] = str(ensure_built(args.build_dir))
@@ -403,8 +407,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.slice:
             from benchmarks.slice import write_slice
             checkpoint = write_slice()
-        if checkpoint is None or not (args.text or args.vision):
-            parser.error("give --build, or --checkpoint DIR (or --slice) with --text and/or --vision IMAGE")
         gguf = convert_text(checkpoint, args.outtype, args.build_dir)
         result.update(checkpoint=str(checkpoint), gguf=str(gguf))
         if args.text:
