@@ -7,7 +7,7 @@ Deliberate deviations: no ``rope_2d`` attribute or buffers (RoPE cos/sin are com
 once per forward, so the model can be built on ``meta`` and assigned); attention is strictly per
 image for every backend (the official eager path leaks across packed images); the output is one
 (T, 4, D) tensor instead of a list; the attention backend is a runtime attribute, not a config field.
-CPU-throughput choices (same maths, ``docs/performance-vision.md``): the patch Conv2d runs as one
+CPU-throughput choices (same maths, ``docs/performance.md``): the patch Conv2d runs as one
 GEMM on the flattened patches; resized position tables are kept per grid size while the table is
 unchanged and no gradient is needed; q and k are rotated together in one pass; the GELU and the
 residual adds write into fresh activations instead of allocating new ones.
