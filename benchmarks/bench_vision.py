@@ -29,11 +29,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,8 +54,10 @@ MIXED_SIZES: tuple[tuple[int, int], ...] = ((28, 28), (112, 224), (224, 224), (4
 MEMORY_BASE: tuple[tuple[int, int], ...] = ((28, 28), (112, 224))
 MEMORY_SIDES: tuple[int, ...] = (224, 448, 672, 896)
 TARGETS = {"vs_open_moonvit": 1.2, "vs_llamacpp": 2.0, "vs_dense_mask": 4.0}
-# Max |ours - peer| / max |ours| accepted before a peer is timed (rounding only; a real bug is O(1)).
-AGREEMENT = {"fp32": 1e-3, "bf16": 5e-2}
+# ||ours - peer|| / ||ours|| accepted before a peer is timed: rounding differences only. On the slice's random
+# weights bf16 rounding alone puts ours (and the dense path) ~0.12 away from fp32 and ~0.05 from each other
+# (4 layers + projector); fp32 paths agree to ~1e-6. A wrong channel layout or a leaking mask is O(1).
+AGREEMENT = {"fp32": 1e-4, "bf16": 0.25}
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -145,8 +149,16 @@ def vision_flops(grid: torch.Tensor, hidden: int, intermediate: int, layers: int
 def measure_sdpa(dtype: torch.dtype, n: int, heads: int, head_dim: int, meter: CpuMeter, repeats: int = 3) -> float:
     """GFLOP/s of one unmasked SDPA over an n-patch image (the attention roof)."""
     q, k, v = (torch.randn(1, heads, n, head_dim).to(dtype) for _ in range(3))
+    t0 = time.perf_counter()
     F.scaled_dot_product_attention(q, k, v)
-    seconds = statistics.median(meter.timed(lambda: F.scaled_dot_product_attention(q, k, v)) for _ in range(repeats))
+    # Timed regions of >= ~0.3 s: the meter's foreign-load reading is in 10 ms ticks.
+    calls = max(1, math.ceil(0.3 / max(time.perf_counter() - t0, 1e-6)))
+
+    def run() -> None:
+        for _ in range(calls):
+            F.scaled_dot_product_attention(q, k, v)
+
+    seconds = statistics.median(meter.timed(run) for _ in range(repeats)) / calls
     return 4 * n * n * heads * head_dim / seconds / 1e9
 
 
@@ -198,8 +210,9 @@ def log(message: str) -> None:
 
 
 def agreement(ours: torch.Tensor, other: torch.Tensor) -> float:
-    """max |ours - other| / max |ours|."""
-    return float((ours.float() - other.float()).abs().max() / ours.float().abs().max().clamp_min(1e-30))
+    """Relative error of ``other`` against ``ours``: ||ours - other|| / ||ours|| over the whole output."""
+    ours, other = ours.double(), other.double()
+    return float(torch.linalg.vector_norm(ours - other) / torch.linalg.vector_norm(ours).clamp_min(1e-30))
 
 
 # ------------------------------------------------------------------------------------------ memory sweep
@@ -271,7 +284,7 @@ def llamacpp_peer(directory: Path, sizes: Sequence[tuple[int, int]], dtype: str,
 
     llamacpp.ensure_built()
     mmproj = llamacpp.convert_mmproj(directory, outtype="f16" if dtype == "bf16" else "f32")
-    gguf = llamacpp.convert_text(directory, outtype="bf16" if dtype == "bf16" else "f32")
+    gguf = llamacpp.convert_text(directory, outtype="bf16")  # mtmd needs a text model; it does not time it
     image_dir = CACHE / "vision-images"
     image_dir.mkdir(parents=True, exist_ok=True)
     per_image = []
@@ -359,13 +372,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 server.run(save=Path(tmp) / "out.pt")  # warm-up and the output check
                 checks["open_moonvit"] = agreement(reference, torch.load(Path(tmp) / "out.pt", weights_only=True))
             if checks["open_moonvit"] > AGREEMENT[args.dtype]:
-                peers["open_moonvit"] = {"skipped": f"output differs from ours: max rel diff "
+                peers["open_moonvit"] = {"skipped": f"output differs from ours: relative error "
                                                     f"{checks['open_moonvit']:.2e} > {AGREEMENT[args.dtype]}"}
             else:
                 runs["open_moonvit"] = server.run
         except Exception as e:  # optional peer: reported with the reason, never fatal
             peers["open_moonvit"] = {"skipped": f"{type(e).__name__}: {e}"}
-    result["max_rel_diff_vs_kimivl"] = {k: float(f"{v:.3g}") for k, v in checks.items()}
+    result["rel_error_vs_kimivl"] = {k: float(f"{v:.3g}") for k, v in checks.items()}
     for name in ("dense_mask",):
         if name in checks and checks[name] > AGREEMENT[args.dtype]:
             raise SystemExit(f"{name} output differs from ours ({checks[name]:.2e}): not timing a wrong result")
