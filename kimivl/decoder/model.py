@@ -125,7 +125,10 @@ class DeepseekV3Model(nn.Module):
         position_ids = position_ids.to(h.device).expand(b, s)
         cfg = self.config
         cos, sin = rope_cos_sin(position_ids, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, dtype=h.dtype)
-        attn_mask = causal_padding_mask(attention_mask.to(h.device), past) if attention_mask is not None else None
+        # Without padding the mask is plain causal: None keeps SDPA on its flash kernel; an explicit (S, S) boolean
+        # mask sends it to the math path, which materialises (B, H, S, S) scores (17 GB at 16K tokens, 16 heads).
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        attn_mask = causal_padding_mask(attention_mask.to(h.device), past) if padded else None
 
         hidden_states: list[torch.Tensor] = []
         for layer in self.layers:
