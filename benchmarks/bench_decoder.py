@@ -34,21 +34,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import CpuMeter, dtype_of, emit, machine_info, measure_bandwidth, measure_gemm, ratios
+from benchmarks.common import CpuMeter, StepClock, dtype_of, emit, machine_info, measure_bandwidth, measure_gemm, ratios
 from benchmarks.slice import slice_config, text_only_dir, write_slice
-
-
-class StepClock:
-    """A generate() streamer that timestamps the prompt and every new token."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
 
 
 def prompt(n: int, vocab: int, seed: int) -> torch.Tensor:

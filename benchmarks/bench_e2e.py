@@ -43,24 +43,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import CACHE, REPO, CpuMeter, compare, dtype_of, emit, machine_info
+from benchmarks.common import CACHE, REPO, CpuMeter, StepClock, compare, dtype_of, emit, machine_info
 
 DEMO_IMAGE = REPO / "kimivl" / "assets" / "examples" / "shape.png"
 DEMO_QUESTION = "What color is the shape?"
 SLICE_QUESTION = "Describe the picture in one sentence."
-
-
-class _StepClock:
-    """A ``Streamer`` that records when the prompt was handed over and when each new token appeared."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
 
 
 class _VisionClock:
@@ -107,7 +94,7 @@ def messages(image: Path, question: str) -> list[dict[str, Any]]:
 def one_run(model: Any, processor: Any, conversation: list[dict[str, Any]], new_tokens: int,
             vision: _VisionClock) -> dict[str, float]:
     """One request, messages to last token, greedy with stopping off."""
-    clock = _StepClock()
+    clock = StepClock()
     vision.seconds = 0.0
     t0 = time.perf_counter()
     inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,

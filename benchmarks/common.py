@@ -41,7 +41,6 @@ class CpuMeter:
     def _sample() -> tuple[int, int, float]:
         with open("/proc/stat") as f:
             v = [int(x) for x in f.readline().split()[1:]]
-        own = 0
         with open("/proc/self/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         own = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])  # incl. waited-for children
@@ -73,6 +72,19 @@ class CpuMeter:
 
     def report(self) -> dict[str, float]:
         return {"worst_foreign_cores": round(self.worst, 2), "quiet_wait_s": round(self.waited, 1)}
+
+
+class StepClock:
+    """A ``generate()`` streamer that timestamps the prompt hand-over and every new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
 
 
 def compare(meter: CpuMeter, runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
