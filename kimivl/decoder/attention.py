@@ -25,6 +25,7 @@ from torch import nn
 from kimivl.configuration import DeepseekV3Config
 from kimivl.decoder.cache import MLACache
 from kimivl.decoder.norm import DeepseekV3RMSNorm
+from kimivl.ops.linear import Linear
 from kimivl.ops.mla import absorbed_mla_attention, split_kv_b_weight
 from kimivl.ops.rope import apply_rope, yarn_softmax_scale_factor
 
@@ -55,17 +56,17 @@ class DeepseekV3Attention(nn.Module):
         hidden, bias = config.hidden_size, config.attention_bias
 
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_head_dim, bias=False)
+            self.q_proj = Linear(hidden, self.num_heads * self.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(hidden, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = DeepseekV3RMSNorm(self.q_lora_rank, eps=LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+            self.q_b_proj = Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = DeepseekV3RMSNorm(self.kv_lora_rank, eps=LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(
+        self.kv_b_proj = Linear(
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
-        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.v_head_dim, hidden, bias=bias)
 
     def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token compressed KV: what a latent cache stores.

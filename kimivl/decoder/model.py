@@ -25,6 +25,7 @@ from kimivl.decoder.mlp import DeepseekV3MLP
 from kimivl.decoder.moe import DeepseekV3MoE
 from kimivl.decoder.norm import DeepseekV3RMSNorm
 from kimivl.errors import KimiVLInputError
+from kimivl.ops.linear import Linear
 from kimivl.ops.rope import rope_cos_sin
 
 
@@ -199,7 +200,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DeepseekV3Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         # load_state_dict(assign=True) replaces parameter objects, which would untie them.
         self.register_load_state_dict_post_hook(lambda module, _incompatible: module.tie_weights())

@@ -14,6 +14,7 @@ from torch import nn
 
 from kimivl.configuration import DeepseekV3Config, MoonViTConfig
 from kimivl.errors import KimiVLInputError
+from kimivl.ops.linear import Linear
 from kimivl.vision.moonvit import VISION_LAYER_NORM_EPS, gelu_
 
 
@@ -26,8 +27,8 @@ class KimiVLMultiModalProjector(nn.Module):
         self.merge_size = math.prod(int(k) for k in vision_config.merge_kernel_size)
         merged = self.vision_hidden * self.merge_size
         self.pre_norm = nn.LayerNorm(self.vision_hidden, eps=VISION_LAYER_NORM_EPS)
-        self.linear_1 = nn.Linear(merged, merged)
-        self.linear_2 = nn.Linear(merged, text_config.hidden_size)
+        self.linear_1 = Linear(merged, merged)
+        self.linear_2 = Linear(merged, text_config.hidden_size)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         """image_features: (T, kh*kw, D_v) -> (T, D_text)."""

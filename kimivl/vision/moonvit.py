@@ -23,6 +23,7 @@ from torch import nn
 from kimivl.configuration import MoonViTConfig
 from kimivl.errors import KimiVLInputError
 from kimivl.ops.attention import BACKENDS, varlen_attention
+from kimivl.ops.linear import Linear, linear
 from kimivl.ops.rope_2d import VISION_ROPE_THETA, rope_2d_cos_sin, rope_2d_rotation, rotate_pairs
 from kimivl.ops.vision_grid import cu_seqlens_from_grid, grid_positions, patch_merge, resize_pos_emb
 
@@ -98,7 +99,7 @@ class MoonVisionPatchEmbed(nn.Module):
         """pixel_values: (L, 3, p, p) -> (L, D)."""
         # kernel = stride = patch: the convolution is one GEMM over the flattened patches, and the
         # CPU convolution path is several times slower than a plain GEMM for this shape.
-        x = F.linear(pixel_values.flatten(1), self.proj.weight.flatten(1), self.proj.bias)
+        x = linear(pixel_values.flatten(1), self.proj.weight.flatten(1), self.proj.bias)
         return self.pos_emb(x, grid_hws)
 
 
@@ -107,8 +108,8 @@ class MLP2(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.fc0 = nn.Linear(dim, hidden_dim)
-        self.fc1 = nn.Linear(hidden_dim, dim)
+        self.fc0 = Linear(dim, hidden_dim)
+        self.fc1 = Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc1(gelu_(self.fc0(x), approximate="tanh"))
@@ -134,8 +135,8 @@ class MoonVitEncoderLayer(nn.Module):
         self.head_dim = config.head_dim
         self.norm0 = nn.LayerNorm(dim, eps=VISION_LAYER_NORM_EPS)
         self.norm1 = nn.LayerNorm(dim, eps=VISION_LAYER_NORM_EPS)
-        self.wqkv = nn.Linear(dim, 3 * dim)
-        self.wo = nn.Linear(dim, dim)
+        self.wqkv = Linear(dim, 3 * dim)
+        self.wo = Linear(dim, dim)
         self.mlp = MLP2(dim, config.intermediate_size)
 
     def attention(self, x: torch.Tensor, cu_seqlens: torch.Tensor, seqlens: list[int],

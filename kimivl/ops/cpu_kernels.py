@@ -1,0 +1,61 @@
+"""The optional C++ CPU kernels of kimivl (``kimivl/ops/csrc``), built just in time on first use.
+
+One kernel so far: ``linear_bf16w(x, w)`` — float32 activations (M, K) times bfloat16 weights (N, K)
+transposed, for the few-row shapes of a decode step, where the time is streaming the weights once from
+memory. torch's own bf16 GEMV streams 7-11 GB/s on an AVX2 CPU, its float32 GEMV 12-13 GB/s (of twice the
+bytes); this one 15-20 GB/s of bf16 (docs/performance.md).
+
+The extension is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja, ``-O3 -march=native``)
+into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) the first time a bf16 weight meets a
+small CPU batch, ~1 minute once; ``python -m kimivl.ops.cpu_kernels`` builds it ahead of time. When it
+cannot be built (no compiler), or with ``KIMIVL_CPU_KERNELS=0``, every caller uses its PyTorch path and a
+single warning says why.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+SOURCES = [Path(__file__).parent / "csrc" / "linear_bf16w.cpp"]
+ENV_SWITCH = "KIMIVL_CPU_KERNELS"
+
+
+def enabled() -> bool:
+    """False when ``KIMIVL_CPU_KERNELS`` is 0 / false / off."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+@functools.lru_cache(maxsize=1)
+def _build() -> ModuleType | None:
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load("kimivl_cpu_kernels", [str(s) for s in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:  # no compiler, no ninja, a failed build: the PyTorch paths serve instead
+        logger.warning("kimivl CPU kernels unavailable (%s: %s); using the PyTorch paths", type(exc).__name__,
+                       str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
+        return None
+
+
+def kernels() -> ModuleType | None:
+    """The compiled extension, or None when disabled or not buildable (built on the first call)."""
+    return _build() if enabled() else None
+
+
+def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description="Build kimivl's C++ CPU kernels ahead of first use.").parse_args()
+    ext = kernels()
+    if ext is None:
+        raise SystemExit(f"not built (disabled by {ENV_SWITCH}, or the build failed: see the warning above)")
+    print(f"built: {ext.__file__} (AVX2+FMA path: {ext.has_avx2()})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""``linear`` / ``Linear``: ``F.linear`` that stays fast for bfloat16 weights on any CPU.
+
+Why: bf16 is the default dtype of the real checkpoints, but on a CPU without AVX512-BF16 (``torch.ops.mkldnn.
+_is_mkldnn_bf16_supported()`` is False) torch's bf16 matmul has no fast path (~0.4 GFLOP/s for GEMMs,
+7-11 GB/s for GEMVs). So, for a bf16 weight on the CPU:
+- few rows (<= ``SMALL_M``, a decode step, an expert's share of one token) and no autograd: the C++
+  weight-streaming kernel of :mod:`kimivl.ops.cpu_kernels` (float32 accumulation), when it is built;
+- otherwise, on a CPU without a bf16 fast path: float32 GEMM on an upcast copy of the weight (the GEMM is
+  compute-bound at these sizes, so the copy is cheap next to it);
+- otherwise ``F.linear`` unchanged.
+The output has the input's dtype, as ``F.linear``'s. Everything else (GPU, float32 weights) is ``F.linear``.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimivl.ops import cpu_kernels
+
+SMALL_M: int = 8  # rows up to which the streaming kernel beats a GEMM (measured: docs/performance.md)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """Whether torch's CPU bf16 matmul has a hardware path (AVX512-BF16 / AMX) on this machine."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, routed as the module docstring says for bf16 weights on the CPU."""
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    k = weight.shape[-1]
+    rows = x.numel() // k if k else 0
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if 0 < rows <= SMALL_M and not needs_grad and x.shape[-1] == k:
+        ext = cpu_kernels.kernels()
+        if ext is not None:
+            y = ext.linear_bf16w(x.reshape(rows, k).float(), weight)
+            if bias is not None:
+                y += bias.float()
+            return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    if not cpu_has_fast_bf16():
+        b = bias.float() if bias is not None else None
+        return F.linear(x.float(), weight.float(), b).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state-dict keys) whose forward is :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

@@ -1,0 +1,105 @@
+"""kimivl.ops.linear: bf16-weight linear layers on the CPU (C++ streaming kernel, float32 upcast) vs F.linear."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimivl.ops import cpu_kernels, linear as linear_mod
+from kimivl.ops.linear import SMALL_M, Linear, linear
+
+
+@pytest.fixture(scope="module")
+def ext():
+    ext = cpu_kernels.kernels()
+    if ext is None:
+        pytest.skip("kimivl CPU kernels could not be built here (no g++/ninja?) or KIMIVL_CPU_KERNELS=0")
+    return ext
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    y = x.double() @ w.double().T
+    return y + b.double() if b is not None else y
+
+
+# Rows 1-8 (every register-blocking case), K with and without a tail of the 16-wide loop, N not a multiple of 4.
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("n,k", [(7, 16), (130, 37), (64, 2048), (2050, 300)])
+def test_kernel_matches_float64_on_the_bf16_weights(ext, m, n, k):
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    y = ext.linear_bf16w(x, w)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    ref = _reference(x, w)
+    # float32 accumulation of k products: relative error ~ sqrt(k) * 2^-24 of the row norms
+    bound = 1e-6 * k ** 0.5 * (x.double().norm(dim=1, keepdim=True) * w.double().norm(dim=1)).clamp_min(1)
+    assert ((y.double() - ref).abs() <= bound).all()
+
+
+def test_kernel_rejects_bad_input_with_the_shapes(ext):
+    w = torch.randn(4, 8).bfloat16()
+    with pytest.raises(RuntimeError, match="x has 9 features, w expects 8"):
+        ext.linear_bf16w(torch.randn(2, 9), w)
+    with pytest.raises(RuntimeError, match="w must be bfloat16"):
+        ext.linear_bf16w(torch.randn(2, 8), w.float())
+
+
+@pytest.mark.parametrize("rows", [1, SMALL_M, SMALL_M + 1, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_with_bf16_weights_equals_float32_maths_on_them(rows, bias):
+    """Both routes (kernel for few rows, upcast GEMM for many) compute in float32 on the bf16 weights."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows, 96, generator=g)  # 2 x rows: above SMALL_M unless rows == 1... checked below
+    x = x[:1] if rows <= SMALL_M else x
+    w = torch.randn(40, 96, generator=g).bfloat16()
+    b = torch.randn(40, generator=g).bfloat16() if bias else None
+    with torch.no_grad():
+        y = linear(x, w, b)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], 40)
+    ref = _reference(x.reshape(-1, 96), w, b).view(*x.shape[:-1], 40)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_activations_come_back_in_bf16_and_close_to_float32():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, 256, generator=g).bfloat16()
+    w = torch.randn(128, 256, generator=g).bfloat16()
+    with torch.no_grad():
+        y = linear(x, w)
+    assert y.dtype == torch.bfloat16
+    ref = _reference(x.reshape(-1, 256), w).view(1, 3, 128)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3  # one bf16 rounding of the output
+
+
+def test_float32_weights_are_plain_f_linear_bit_for_bit():
+    x, w, b = torch.randn(3, 5, 16), torch.randn(8, 16), torch.randn(8)
+    assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+
+
+def test_gradients_flow_through_bf16_weights():
+    w = torch.randn(6, 10).bfloat16().requires_grad_()
+    x = torch.randn(1, 10, requires_grad=True)
+    linear(x, w).sum().backward()  # autograd: never the kernel
+    assert x.grad is not None and w.grad is not None and w.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad, w.detach().float().sum(0, keepdim=True))
+
+
+def test_switching_the_kernels_off_gives_the_same_result(monkeypatch):
+    x = torch.randn(1, 1, 64)
+    w = torch.randn(32, 64).bfloat16()
+    with torch.no_grad():
+        on = linear(x, w)
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+        assert cpu_kernels.kernels() is None
+        off = linear(x, w)
+    torch.testing.assert_close(on, off, rtol=1e-6, atol=1e-6)
+
+
+def test_linear_module_is_an_nn_linear_with_the_same_keys():
+    m = Linear(4, 3)
+    assert isinstance(m, nn.Linear) and set(m.state_dict()) == {"weight", "bias"}
+    x = torch.randn(2, 4)
+    assert torch.equal(m(x), F.linear(x, m.weight, m.bias))
+    assert linear_mod.cpu_has_fast_bf16() in (True, False)
