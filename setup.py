@@ -41,7 +41,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["kimivl", "kimivl.*"]),
     include_package_data=True,
-    package_data={"kimivl": ["assets/**/*", "chat/static/*"]},
+    package_data={"kimivl": ["assets/**/*", "chat/static/*", "ops/csrc/*"]},
     install_requires=install_requires,
     extras_require=extras_require,
     entry_points={"console_scripts": ["kimivl=kimivl.cli:main"]},

@@ -19,9 +19,20 @@ import os
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 logger = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / "linear_bf16w.cpp"]
 ENV_SWITCH = "KIMIVL_CPU_KERNELS"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """Whether torch's CPU bf16 matmul has a hardware path (AVX512-BF16 / AMX) on this machine."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def enabled() -> bool:

@@ -1,7 +1,7 @@
 """``linear`` / ``Linear``: ``F.linear`` that stays fast for bfloat16 weights on any CPU.
 
-Why: bf16 is the default dtype of the real checkpoints, but on a CPU without AVX512-BF16 (``torch.ops.mkldnn.
-_is_mkldnn_bf16_supported()`` is False) torch's bf16 matmul has no fast path (~0.4 GFLOP/s for GEMMs,
+Why: bf16 is the default dtype of the real checkpoints, but on a CPU without AVX512-BF16 (:func:`kimivl.ops.cpu_kernels.cpu_has_fast_bf16`
+is False) torch's bf16 matmul has no fast path (~0.4 GFLOP/s for GEMMs,
 7-11 GB/s for GEMVs). So, for a bf16 weight on the CPU:
 - few rows (<= ``SMALL_M``, a decode step, an expert's share of one token) and no autograd: the C++
   weight-streaming kernel of :mod:`kimivl.ops.cpu_kernels` (float32 accumulation), when it is built;
@@ -12,8 +12,6 @@ The output has the input's dtype, as ``F.linear``'s. Everything else (GPU, float
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,15 +19,6 @@ from torch import nn
 from kimivl.ops import cpu_kernels
 
 SMALL_M: int = 8  # rows up to which the streaming kernel beats a GEMM (measured: docs/performance.md)
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """Whether torch's CPU bf16 matmul has a hardware path (AVX512-BF16 / AMX) on this machine."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,7 +36,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             if bias is not None:
                 y += bias.float()
             return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
-    if not cpu_has_fast_bf16():
+    if not cpu_kernels.cpu_has_fast_bf16():
         b = bias.float() if bias is not None else None
         return F.linear(x.float(), weight.float(), b).to(x.dtype)
     return F.linear(x, weight, bias)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from kimivl.ops.cpu_kernels import cpu_has_fast_bf16
+
 
 def split_kv_b_weight(kv_b_weight: torch.Tensor, num_heads: int, qk_nope_head_dim: int,
                       v_head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,6 +37,11 @@ def absorbed_mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.T
     attn_mask: bool (B, 1, S, T), True = may attend, or None = every key visible to every query.
     Returns (B, S, H * v), the input of ``o_proj``. Softmax in float32, as the reference does.
     """
+    if kv.dtype == torch.bfloat16 and kv.device.type == "cpu" and not cpu_has_fast_bf16():
+        # No bf16 matmul path on this CPU (~10x slower than float32): the same products on float32 copies,
+        # whose cost (one pass over the latent cache) is far below the slow bf16 path's.
+        return absorbed_mla_attention(q_nope.float(), q_pe.float(), kv.float(), w_uk.float(), w_uv.float(),
+                                      softmax_scale, attn_mask).to(kv.dtype)
     b, h, s, nope = q_nope.shape
     r = w_uk.shape[-1]
     t = kv.shape[1]
