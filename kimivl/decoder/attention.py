@@ -102,10 +102,15 @@ class DeepseekV3Attention(nn.Module):
         k_nope, v = kv.transpose(1, 2).split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k_pe = k_pe.unsqueeze(1).expand(b, self.num_heads, sk, self.qk_rope_head_dim)
         k = torch.cat((k_nope, k_pe), dim=-1)
+        if self.v_head_dim != q.shape[-1]:
+            # SDPA's flash kernels need one head dim for q, k and v (192 / 192 / 128 here), else it takes the math
+            # path and materialises (B, H, Sq, Sk) scores (17 GB at 16K tokens). Zero channels appended to v leave
+            # the first v_head_dim output channels exactly as they were.
+            v = F.pad(v, (0, q.shape[-1] - self.v_head_dim))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, scale=self.softmax_scale,
             dropout_p=self.attention_dropout if self.training else 0.0,
-        )  # (B, H, Sq, v_head_dim)
+        )[..., :self.v_head_dim]  # (B, H, Sq, v_head_dim)
         return out.transpose(1, 2).reshape(b, q.shape[2], self.num_heads * self.v_head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
