@@ -132,11 +132,15 @@ def measure_bandwidth(meter: CpuMeter | None = None, mib: int = 512, repeats: in
 
 
 def measure_gemm(dtype: torch.dtype, n: int = 2048, meter: CpuMeter | None = None, repeats: int = 3) -> float:
-    """GFLOP/s of an n^3 matmul in ``dtype`` (the compute roof)."""
+    """GFLOP/s of an n^3 ``kimivl.ops.linear.linear`` with ``dtype`` weights (the compute roof of the path
+    kimivl's layers take: on a CPU without a bf16 matmul fast path that is float32 GEMM on upcast weights,
+    not torch's slow bf16 matmul)."""
+    from kimivl.ops.linear import linear
+
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
+    linear(a, b)
     meter = meter or CpuMeter(wait_total_s=20)
-    t = statistics.median(meter.timed(lambda: a @ b) for _ in range(repeats))
+    t = statistics.median(meter.timed(lambda: linear(a, b)) for _ in range(repeats))
     return 2 * n**3 / t / 1e9
 
 
