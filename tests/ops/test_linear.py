@@ -51,8 +51,8 @@ def test_kernel_rejects_bad_input_with_the_shapes(ext):
 def test_linear_with_bf16_weights_equals_float32_maths_on_them(rows, bias):
     """Both routes (kernel for few rows, upcast GEMM for many) compute in float32 on the bf16 weights."""
     g = torch.Generator().manual_seed(rows)
-    x = torch.randn(2, rows, 96, generator=g)  # 2 x rows: above SMALL_M unless rows == 1... checked below
-    x = x[:1] if rows <= SMALL_M else x
+    # (1, rows, 96): <= SMALL_M rows take the kernel; (2, rows, 96) above it takes the upcast GEMM
+    x = torch.randn(1 if rows <= SMALL_M else 2, rows, 96, generator=g)
     w = torch.randn(40, 96, generator=g).bfloat16()
     b = torch.randn(40, generator=g).bfloat16() if bias else None
     with torch.no_grad():
