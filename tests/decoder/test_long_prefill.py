@@ -6,29 +6,13 @@ dim, so the decoder appends zero channels to v. Without that a 16K-token prefill
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from kimivl.configuration import DeepseekV3Config
 from kimivl.decoder.attention import DeepseekV3Attention
 from kimivl.ops.rope import rope_cos_sin
-
-
-class _ShapeRecorder(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return out
+from tensor_recorder import TensorRecorder
 
 
 def _attention() -> tuple[DeepseekV3Attention, DeepseekV3Config]:
@@ -47,7 +31,7 @@ def test_uncached_prefill_builds_no_seq_by_seq_tensor_and_matches_the_unpadded_m
     x = torch.randn(1, s, cfg.hidden_size)
     cos, sin = rope_cos_sin(torch.arange(s)[None], cfg.qk_rope_head_dim, cfg.rope_theta, None, dtype=x.dtype)
     with torch.no_grad():
-        rec = _ShapeRecorder()
+        rec = TensorRecorder()
         with rec:
             out = attn(x, cos, sin)
         assert not [sh for sh in rec.shapes if len(sh) >= 2 and sh[-1] == s and sh[-2] == s], \

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kimivl.ops.attention import cu_seqlens_from_lengths, resolve_backend, varlen_attention
+from tensor_recorder import TensorRecorder
 
 # Packed multi-image layout with repeated lengths (exercises the equal-length batching) and a
 # lone odd length.
@@ -138,24 +139,6 @@ def test_flash_matches_sdpa_and_eager() -> None:
     torch.testing.assert_close(flash, varlen_attention(q, k, v, cu, backend="eager").float(), atol=2e-2, rtol=2e-2)
 
 
-class _MaxTensorRecorder(TorchDispatchMode):
-    """Records the largest tensor produced by any aten op (and every tensor shape) while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.max_numel = 0
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-                self.shapes.append(tuple(t.shape))
-        return out
-
-
 class _OpRecorder(TorchDispatchMode):
     """Records the name of every aten op run while active."""
 
@@ -186,7 +169,7 @@ def test_memory_scales_with_largest_segment(backend: str, monkeypatch: pytest.Mo
         return real_sdpa(query, key, value, *args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    recorder = _MaxTensorRecorder()
+    recorder = TensorRecorder()
     with recorder:
         varlen_attention(q, k, v, cu, backend=backend)
 

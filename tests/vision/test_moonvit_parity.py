@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from kimivl.configuration import KimiVLConfig, MoonViTConfig
 from kimivl.errors import KimiVLInputError
 from kimivl.vision import MoonVitPretrainedModel
+from tensor_recorder import TensorRecorder
 
 PREFIX = "vision_tower."
 TOL: dict[str, Any] = {"atol": 1e-4, "rtol": 1e-4}  # float32
@@ -181,22 +181,6 @@ def test_empty_input(tower: MoonVitPretrainedModel) -> None:
     assert out.shape == (0, 4, 64)
 
 
-class _ShapeRecorder(TorchDispatchMode):
-    """Records the shape of every tensor an aten op returns while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return out
-
-
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 @torch.no_grad()
 def test_no_dense_packed_mask_or_scores(backend: str, tower: MoonVitPretrainedModel,
@@ -215,7 +199,7 @@ def test_no_dense_packed_mask_or_scores(backend: str, tower: MoonVitPretrainedMo
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     tower.attn_backend = backend
-    recorder = _ShapeRecorder()
+    recorder = TensorRecorder()
     with recorder:
         tower(pixels, grid)
     assert not [s for s in recorder.shapes if sum(d == total for d in s) >= 2]
