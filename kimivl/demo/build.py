@@ -29,18 +29,19 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{'<|im_assistant|>assistant<|im_middle|>'}}{%- endif -%}"
 )
 
-# Processor settings of the demo: images up to 336 x 336 keep their native size (576 patches);
-# videos and documents get budgets sized for a 4-8 frame clip and a 1-3 page PDF.
+# Processor settings of the demo: 7-pixel patches (MoonViT learns shapes from scratch only with patches
+# well under the size of a shape, docs/demo-model.md), at most 256 patches per image (112 x 112 pixels of
+# content, 64 tokens); videos and documents get budgets sized for a 4-8 frame clip and a 1-3 page PDF.
 PREPROCESSOR = {
     "image_processor_type": "KimiVLImageProcessor",
     "processor_class": "KimiVLProcessor",
-    "patch_size": 14,
+    "patch_size": 7,
     "pad_input": True,
     "image_mean": [0.5, 0.5, 0.5],
     "image_std": [0.5, 0.5, 0.5],
-    "in_token_limit": 576,
+    "in_token_limit": 256,
     "merge_kernel_size": [2, 2],
-    "video_options": {"fps": 2.0, "max_frames": 8, "max_tokens": 128, "min_frame_tokens": 16},
+    "video_options": {"fps": 2.0, "max_frames": 8, "max_tokens": 256, "min_frame_tokens": 16},
     "document_options": {"dpi": 72.0, "max_pages": 3, "max_tokens": 288, "min_page_tokens": 48},
 }
 

@@ -141,22 +141,23 @@ def _digits(rng: random.Random) -> str:
 
 
 # ---------------------------------------------------------------------------- the tasks
-def color_task(rng: random.Random) -> Sample:
+def one_shape_image(rng: random.Random) -> tuple[Image.Image, str, str]:
+    """One shape (20-70 % of the shorter side) on a light canvas: the image, its colour name and kind."""
     img = _canvas(rng)
-    name = rng.choice(list(COLORS))
+    name, kind = rng.choice(list(COLORS)), rng.choice(SHAPES)
     size = min(img.size) * rng.uniform(0.2, 0.7)
     x, y = rng.uniform(size / 2, img.width - size / 2), rng.uniform(size / 2, img.height - size / 2)
-    draw_shape(ImageDraw.Draw(img), rng.choice(SHAPES), x, y, size, _jitter(rng, COLORS[name]), rng.uniform(-0.3, 0.3))
+    draw_shape(ImageDraw.Draw(img), kind, x, y, size, _jitter(rng, COLORS[name]), rng.uniform(-0.3, 0.3))
+    return img, name, kind
+
+
+def color_task(rng: random.Random) -> Sample:
+    img, name, _ = one_shape_image(rng)
     return Sample("color", QUESTIONS["color"], name, images=[img])
 
 
 def shape_task(rng: random.Random) -> Sample:
-    img = _canvas(rng)
-    kind = rng.choice(SHAPES)
-    size = min(img.size) * rng.uniform(0.2, 0.7)
-    x, y = rng.uniform(size / 2, img.width - size / 2), rng.uniform(size / 2, img.height - size / 2)
-    draw_shape(ImageDraw.Draw(img), kind, x, y, size, _jitter(rng, COLORS[rng.choice(list(COLORS))]),
-               rng.uniform(-0.3, 0.3))
+    img, _, kind = one_shape_image(rng)
     return Sample("shape", QUESTIONS["shape"], kind, images=[img])
 
 
@@ -239,6 +240,22 @@ def pdf_task(rng: random.Random) -> Sample:
     lo, hi = max(18, int(w * 0.06)), max(24, int(w * 0.12))
     images = [number_image(rng, t, width=w, height=h, font_size=rng.randint(lo, hi)) for t in numbers]
     return Sample("pdf", QUESTIONS["pdf"].format(page=page), numbers[page - 1], document=pdf_bytes(images))
+
+
+# ---------------------------------------------------------------------------- the vision stage
+# Image-level labels for `stage: vision` (kimivl/training/vision_stage.py): what a tower must see to answer
+# the colour, shape, count and comparison questions.
+VISION_LABELS: dict[str, list[str]] = {"color": list(COLORS), "shape": list(SHAPES), "count": [str(n) for n in range(1, 7)]}
+
+
+def vision_record(rng: random.Random, *, count_share: float = 0.5) -> dict[str, Any]:
+    """One labelled image for the vision stage: a single shape (colour + kind) or, with probability
+    ``count_share``, 1-6 shapes (count)."""
+    if rng.random() >= count_share:
+        img, name, kind = one_shape_image(rng)
+        return {"image": img, "labels": {"color": name, "shape": kind}}
+    n = rng.randint(1, 6)
+    return {"image": shapes_image(rng, n), "labels": {"count": str(n)}}
 
 
 GENERATORS: dict[str, Callable[[random.Random], Sample]] = {

@@ -16,6 +16,7 @@ from typing import Any
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 PROGRESS_MODES = ("tqdm", "log", "none")
 DISTRIBUTED_MODES = ("auto", "none", "ddp", "fsdp2", "deepspeed")
+STAGES = ("sft", "vision")
 
 
 @dataclass
@@ -27,6 +28,9 @@ class TrainingArguments:
     from_scratch: bool = False  # build the model from <model>/config.json and initialise it (init_weights)
     processor: str | None = None  # directory with the tokenizer / preprocessor files; default: model
     dtype: str = "float32"  # parameter dtype while training (float32 recommended; bf16 = autocast below)
+    # --- what is trained
+    stage: str = "sft"  # sft: chat conversations; vision: the vision tower on image labels (vision_stage.py)
+    vision_labels: dict[str, list[str]] | None = None  # stage vision: label set -> class names
     # --- data
     train_file: str | list[str] | None = None  # JSONL file(s): {"messages": [...]} or sharegpt records
     max_seq_len: int | None = None  # longer samples are skipped (logged); None = the model context
@@ -81,6 +85,13 @@ class TrainingArguments:
             self.train_file = [self.train_file]
         if isinstance(self.freeze, str):
             self.freeze = [self.freeze]
+        if self.vision_labels is not None:
+            if not isinstance(self.vision_labels, dict) or not all(isinstance(v, (list, tuple))
+                                                                   for v in self.vision_labels.values()):
+                raise ValueError(f"training config: vision_labels must map label-set names to lists of class names, "
+                                 f"got {self.vision_labels!r:.120}")
+            # YAML reads `[1, 2, 3]` as numbers; classes are compared as strings
+            self.vision_labels = {str(k): [str(c) for c in v] for k, v in self.vision_labels.items()}
         checks = [
             (self.max_steps >= 1, "max_steps", self.max_steps, ">= 1"),
             (self.batch_size >= 1, "batch_size", self.batch_size, ">= 1"),
@@ -90,6 +101,9 @@ class TrainingArguments:
             (self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0"),
             (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]"),
             (self.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", self.lr_scheduler, f"one of {LR_SCHEDULERS}"),
+            (self.stage in STAGES, "stage", self.stage, f"one of {STAGES}"),
+            (self.stage != "vision" or self.distributed in ("auto", "none", "ddp"), "distributed", self.distributed,
+             "auto, none or ddp with stage vision"),
             (self.progress in PROGRESS_MODES, "progress", self.progress, f"one of {PROGRESS_MODES}"),
             (self.distributed in DISTRIBUTED_MODES, "distributed", self.distributed, f"one of {DISTRIBUTED_MODES}"),
             (self.zero_stage in (1, 2, 3), "zero_stage", self.zero_stage, "1, 2 or 3"),

@@ -70,4 +70,8 @@ def train(config: TrainingArguments | dict[str, Any] | str | Path, *, model: Kim
     torch.manual_seed(args.seed)
     model = model if model is not None else build_model(args)
     processor = processor if processor is not None else build_processor(args)
+    if args.stage == "vision":
+        from kimivl.training.vision_stage import VisionStageTrainer
+
+        return VisionStageTrainer(model, processor, args, train_data).train()
     return Trainer(model, processor, args, train_data).train()

@@ -187,6 +187,12 @@ class Trainer:
             yield collate(chunk, self.pad_token_id)
 
     # ------------------------------------------------------------------ one step
+    def _count(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """(trainable, total) tokens of one micro-batch: the loss is the mean over the trainable ones."""
+        mask = batch["attention_mask"]
+        trainable = ((batch["labels"][:, 1:] != IGNORE_INDEX) & (mask[:, 1:] == 1)).sum()
+        return float(trainable), float(mask.sum())
+
     def _forward_backward(self, batch: dict[str, torch.Tensor], tokens_in_step: float,
                           sync: bool) -> tuple[float, float]:
         device = self.engine.device
@@ -235,9 +241,8 @@ class Trainer:
                 if not micro:
                     logger.warning("the training data ran out at step %d", self.state.step)
                     break
-                counts = torch.tensor([sum(float(((b["labels"][:, 1:] != IGNORE_INDEX)
-                                                  & (b["attention_mask"][:, 1:] == 1)).sum()) for b in micro),
-                                       sum(float(b["attention_mask"].sum()) for b in micro), 0.0, 0.0],
+                per_batch = [self._count(b) for b in micro]
+                counts = torch.tensor([sum(c[0] for c in per_batch), sum(c[1] for c in per_batch), 0.0, 0.0],
                                       dtype=torch.float64)
                 counts[2:] = self._global_sum(counts[:2].clone())
                 tokens_in_step = max(float(counts[2]), 1.0)

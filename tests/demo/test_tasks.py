@@ -82,4 +82,30 @@ def test_demo_checkpoint_dir_loads_with_the_official_special_layout(tmp_path):
     messages = sample("compare", random.Random(0)).to_messages()
     out = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_labels=True)
     assert processor.decode([t for t in out["labels"][0] if t != -100]) == messages[1]["content"] + "<|im_end|>"
-    assert processor.video_options.max_tokens == 128 and processor.document_options.dpi == 72.0
+    # the processor's settings are the ones the demo declares, and its patches are the tower's
+    from kimivl.demo.build import PREPROCESSOR
+
+    assert processor.video_options.max_tokens == PREPROCESSOR["video_options"]["max_tokens"]
+    assert processor.document_options.dpi == PREPROCESSOR["document_options"]["dpi"]
+    assert processor.image_processor.patch_size == config.vision_config.patch_size == PREPROCESSOR["patch_size"]
+    assert processor.image_processor.in_token_limit == PREPROCESSOR["in_token_limit"]
+
+
+def test_vision_records_carry_valid_labels_of_their_image():
+    from kimivl.demo.tasks import VISION_LABELS, vision_record
+
+    rng = random.Random(5)
+    kinds = set()
+    for _ in range(12):
+        r = vision_record(rng)
+        labels = r["labels"]
+        kinds.add(tuple(sorted(labels)))
+        assert all(labels[k] in VISION_LABELS[k] for k in labels)
+        im = r["image"]
+        assert im.mode == "RGB" and all(MIN_SIDE <= side <= MAX_SIDE for side in im.size)
+        if "color" in labels:  # one shape of the named colour (up to the jitter)
+            bg = im.getpixel((0, 0))
+            colours = {c for _, c in im.getcolors(im.width * im.height)} - {bg}
+            assert min(sum(abs(a - b) for a, b in zip(c, COLORS[labels["color"]])) for c in colours) <= 3 * 18
+    assert kinds == {("color", "shape"), ("count",)}
+    assert all("count" not in vision_record(rng, count_share=0.0)["labels"] for _ in range(5))
