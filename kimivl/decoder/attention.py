@@ -140,6 +140,7 @@ class DeepseekV3Attention(nn.Module):
             q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
             out = absorbed_mla_attention(q_nope, q_pe, kv, w_uk, w_uv, self.softmax_scale, attn_mask)
         else:
+            kv = kv.to(q.dtype)  # a float32 cache under bf16 weights (latent_cache_dtype): once per prefill
             c_all, pe_all = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
             out = self.attend(q, c_all, pe_all, attn_mask)
         return self.o_proj(out)

@@ -17,6 +17,22 @@ from kimivl.configuration import DeepseekV3Config
 from kimivl.errors import KimiVLInputError
 
 
+def latent_cache_dtype(weight_dtype: torch.dtype, device: torch.device | str | None = None) -> torch.dtype:
+    """The dtype a generation cache should use for a model with ``weight_dtype`` weights on ``device``.
+
+    The weights' dtype, except bf16 on a CPU without a bf16 matmul path: the absorbed decode computes in
+    float32 there (:func:`kimivl.ops.mla.absorbed_mla_attention`), and a bf16 cache made every step convert
+    the layer's whole history (measured ~4 ms per layer at 4K tokens, docs/performance.md); a float32 cache
+    converts only the new row. Twice the bytes per token (still the latent: 576 values, not 16 x 320).
+    """
+    from kimivl.ops.cpu_kernels import cpu_has_fast_bf16
+
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if weight_dtype == torch.bfloat16 and on_cpu and not cpu_has_fast_bf16():
+        return torch.float32
+    return weight_dtype
+
+
 class MLACache:
     """Per-layer latent cache ``data``: (num_layers, B, max_len, kv_lora_rank + qk_rope_head_dim).
 

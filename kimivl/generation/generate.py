@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from kimivl.decoder.cache import MLACache
+from kimivl.decoder.cache import MLACache, latent_cache_dtype
 from kimivl.errors import KimiVLInputError
 from kimivl.generation.config import GenerationConfig
 from kimivl.generation.detokenize import IncrementalDetokenizer
@@ -209,8 +209,8 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     b, n = input_ids.shape
     max_new = config.max_new_tokens
     # The last token is returned, never fed back, so the cache needs one slot less than the output.
-    cache = MLACache.from_config(lm.config, b, n + max_new - 1, dtype=lm.lm_head.weight.dtype,
-                                 device=input_ids.device)
+    cache = MLACache.from_config(lm.config, b, n + max_new - 1, device=input_ids.device,
+                                 dtype=latent_cache_dtype(lm.lm_head.weight.dtype, input_ids.device))
     # An all-ones mask is dropped: attention then runs plain causal (SDPA's causal kernel, no mask tensors).
     full_mask = None
     if attention_mask is not None and not bool(attention_mask.all()):

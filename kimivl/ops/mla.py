@@ -37,11 +37,13 @@ def absorbed_mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.T
     attn_mask: bool (B, 1, S, T), True = may attend, or None = every key visible to every query.
     Returns (B, S, H * v), the input of ``o_proj``. Softmax in float32, as the reference does.
     """
-    if kv.dtype == torch.bfloat16 and kv.device.type == "cpu" and not cpu_has_fast_bf16():
-        # No bf16 matmul path on this CPU (~10x slower than float32): the same products on float32 copies,
-        # whose cost (one pass over the latent cache) is far below the slow bf16 path's.
+    if kv.device.type == "cpu" and torch.bfloat16 in (kv.dtype, q_nope.dtype) and not cpu_has_fast_bf16():
+        # No bf16 matmul path on this CPU (~10x slower than float32): the same products in float32. A bf16
+        # cache costs one conversion pass over it per step; generate() gives such a CPU a float32 cache
+        # (kimivl.decoder.cache.latent_cache_dtype), for which .float() is free.
         return absorbed_mla_attention(q_nope.float(), q_pe.float(), kv.float(), w_uk.float(), w_uv.float(),
-                                      softmax_scale, attn_mask).to(kv.dtype)
+                                      softmax_scale, attn_mask).to(q_nope.dtype)
+    kv = kv.to(q_nope.dtype)  # a cache kept in another dtype than the weights: compute in the weights' dtype
     b, h, s, nope = q_nope.shape
     r = w_uk.shape[-1]
     t = kv.shape[1]

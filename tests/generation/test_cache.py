@@ -186,3 +186,40 @@ def test_cached_mask_shape_error(lm: DeepseekV3ForCausalLM) -> None:
         lm(input_ids=torch.tensor([[1, 2, 3]]), cache=cache)
     with pytest.raises(KimiVLInputError, match=r"shape \(1, 4\) \(3 cached \+ 1 new tokens\), got \(1, 1\)"):
         lm(input_ids=torch.tensor([[4]]), attention_mask=torch.ones(1, 1), cache=cache)
+
+
+# --- the cache dtype for bf16 weights ------------------------------------------------------------------
+
+def test_latent_cache_dtype_is_float32_only_for_bf16_on_a_cpu_without_bf16_matmul(monkeypatch) -> None:
+    from kimivl.decoder import cache as cache_mod
+    from kimivl.ops import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "cpu_has_fast_bf16", lambda: False)
+    assert cache_mod.latent_cache_dtype(torch.bfloat16, "cpu") == torch.float32
+    assert cache_mod.latent_cache_dtype(torch.bfloat16, None) == torch.float32
+    assert cache_mod.latent_cache_dtype(torch.float32, "cpu") == torch.float32
+    assert cache_mod.latent_cache_dtype(torch.bfloat16, "cuda") == torch.bfloat16
+    assert cache_mod.latent_cache_dtype(torch.float16, "cpu") == torch.float16
+    monkeypatch.setattr(cpu_kernels, "cpu_has_fast_bf16", lambda: True)
+    assert cache_mod.latent_cache_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prefill", [30, 3])  # expanded prefill over the cache / absorbed only
+def test_bf16_weights_with_a_float32_cache_match_the_uncached_bf16_forward(model: KimiVLForConditionalGeneration,
+                                                                          golden: dict[str, torch.Tensor],
+                                                                          prefill: int) -> None:
+    """The float32 cache generate() gives bf16 weights on such CPUs: both attention paths accept it, and the
+    cached logits equal the uncached bf16 forward's up to bf16 rounding (the cache itself rounds less)."""
+    import copy
+
+    lm = copy.deepcopy(model.language_model).to(torch.bfloat16)
+    ids = golden["text_only.input_ids"][:, :prefill + 4]
+    cache = MLACache.from_config(lm.config, 1, ids.shape[1], dtype=torch.float32)
+    logits = [lm(input_ids=ids[:, :prefill], cache=cache).logits[:, -1]]
+    for i in range(prefill, ids.shape[1] - 1):
+        logits.append(lm(input_ids=ids[:, i:i + 1], cache=cache).logits[:, -1])
+    full = lm(input_ids=ids[:, :-1]).logits[0, prefill - 1:]
+    assert cache.data.dtype == torch.float32 and cache.length == ids.shape[1] - 1
+    scale = full.float().abs().max()
+    assert (torch.cat(logits).float() - full.float()).abs().max() <= 0.05 * scale
