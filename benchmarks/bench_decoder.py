@@ -59,8 +59,10 @@ class Ours:
 
     def cache_bytes_per_token(self) -> int:
         from kimivl.decoder import MLACache
+        from kimivl.decoder.cache import latent_cache_dtype
 
-        return MLACache.from_config(self.model.config.text_config, 1, 1, dtype=self.model.dtype).bytes_per_token()
+        dtype = latent_cache_dtype(self.model.dtype, "cpu")  # the dtype generate() allocates here
+        return MLACache.from_config(self.model.config.text_config, 1, 1, dtype=dtype).bytes_per_token()
 
 
 class Transformers:
