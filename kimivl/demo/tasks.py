@@ -23,6 +23,16 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 55, 180),
     "orange": (245, 135, 25),
 }
+# Other renderers of the family name their colours differently (PIL / CSS named colours are the likely
+# ones), so every sample draws one of these variants of its colour, then jitters it.
+COLOR_VARIANTS: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "red": (COLORS["red"], (255, 0, 0)),
+    "green": (COLORS["green"], (0, 128, 0)),
+    "blue": (COLORS["blue"], (0, 0, 255)),
+    "yellow": (COLORS["yellow"], (255, 255, 0)),
+    "purple": (COLORS["purple"], (128, 0, 128)),
+    "orange": (COLORS["orange"], (255, 165, 0)),
+}
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
 
@@ -65,6 +75,11 @@ class Sample:
 # ---------------------------------------------------------------------------- drawing helpers
 def _jitter(rng: random.Random, rgb: tuple[int, int, int], amount: int = 18) -> tuple[int, int, int]:
     return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)  # type: ignore[return-value]
+
+
+def _paint(rng: random.Random, name: str) -> tuple[int, int, int]:
+    """A jittered variant of the named colour."""
+    return _jitter(rng, rng.choice(COLOR_VARIANTS[name]))
 
 
 def _canvas(rng: random.Random, width: int | None = None, height: int | None = None) -> Image.Image:
@@ -114,7 +129,7 @@ def shapes_image(rng: random.Random, n: int, *, size_range: tuple[float, float] 
             continue
         draw = ImageDraw.Draw(img)
         for (x, y), size in zip(centres, sizes):
-            draw_shape(draw, rng.choice(SHAPES), x, y, size, _jitter(rng, COLORS[rng.choice(list(COLORS))]),
+            draw_shape(draw, rng.choice(SHAPES), x, y, size, _paint(rng, rng.choice(list(COLORS))),
                        rng.uniform(-0.3, 0.3))
         return img
 
@@ -142,12 +157,13 @@ def _digits(rng: random.Random) -> str:
 
 # ---------------------------------------------------------------------------- the tasks
 def one_shape_image(rng: random.Random) -> tuple[Image.Image, str, str]:
-    """One shape (20-70 % of the shorter side) on a light canvas: the image, its colour name and kind."""
+    """One shape (12-70 % of the shorter side: from the counting size up) on a light canvas: the image, its
+    colour name and kind."""
     img = _canvas(rng)
     name, kind = rng.choice(list(COLORS)), rng.choice(SHAPES)
-    size = min(img.size) * rng.uniform(0.2, 0.7)
+    size = min(img.size) * rng.uniform(0.12, 0.7)
     x, y = rng.uniform(size / 2, img.width - size / 2), rng.uniform(size / 2, img.height - size / 2)
-    draw_shape(ImageDraw.Draw(img), kind, x, y, size, _jitter(rng, COLORS[name]), rng.uniform(-0.3, 0.3))
+    draw_shape(ImageDraw.Draw(img), kind, x, y, size, _paint(rng, name), rng.uniform(-0.3, 0.3))
     return img, name, kind
 
 
@@ -182,8 +198,8 @@ def direction_task(rng: random.Random) -> Sample:
     n = rng.randint(4, 8)
     w, h = rng.randint(MIN_SIDE, MAX_SIDE), rng.randint(MIN_SIDE, MAX_SIDE)
     bg = tuple(rng.randint(200, 255) for _ in range(3))
-    color = _jitter(rng, COLORS[rng.choice(list(COLORS))])
-    r = min(w, h) * rng.uniform(0.06, 0.12)
+    color = _paint(rng, rng.choice(list(COLORS)))
+    r = min(w, h) * rng.uniform(0.05, 0.15)
     horizontal = direction in ("left", "right")
     span = (w if horizontal else h) - 2 * r
     travel = span * rng.uniform(0.5, 0.95)
@@ -245,17 +261,36 @@ def pdf_task(rng: random.Random) -> Sample:
 # ---------------------------------------------------------------------------- the vision stage
 # Image-level labels for `stage: vision` (kimivl/training/vision_stage.py): what a tower must see to answer
 # the colour, shape, count and comparison questions.
-VISION_LABELS: dict[str, list[str]] = {"color": list(COLORS), "shape": list(SHAPES), "count": [str(n) for n in range(1, 7)]}
+VISION_LABELS: dict[str, list[str]] = {
+    "color": list(COLORS), "shape": list(SHAPES), "count": [str(n) for n in range(1, 7)],
+    "ball_x": ["left", "center", "right"], "ball_y": ["top", "middle", "bottom"],  # the third it is in
+}
 
 
-def vision_record(rng: random.Random, *, count_share: float = 0.5) -> dict[str, Any]:
-    """One labelled image for the vision stage: a single shape (colour + kind) or, with probability
-    ``count_share``, 1-6 shapes (count)."""
-    if rng.random() >= count_share:
-        img, name, kind = one_shape_image(rng)
-        return {"image": img, "labels": {"color": name, "shape": kind}}
-    n = rng.randint(1, 6)
-    return {"image": shapes_image(rng, n), "labels": {"count": str(n)}}
+def ball_image(rng: random.Random) -> tuple[Image.Image, float, float]:
+    """One ball (a frame of the direction task: radius 5-15 % of the shorter side) at a random place; the
+    image and the ball's centre as fractions of the width and height."""
+    img = _canvas(rng)
+    w, h = img.size
+    r = min(w, h) * rng.uniform(0.05, 0.15)
+    cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
+    ImageDraw.Draw(img).ellipse([cx - r, cy - r, cx + r, cy + r], fill=_paint(rng, rng.choice(list(COLORS))))
+    return img, cx / w, cy / h
+
+
+def vision_record(rng: random.Random, *, count_share: float = 0.5, ball_share: float = 0.0) -> dict[str, Any]:
+    """One labelled image for the vision stage: with probability ``count_share`` 1-6 shapes (count), with
+    ``ball_share`` a ball (which third across and down), otherwise a single shape (colour + kind)."""
+    draw = rng.random()
+    if draw < count_share:
+        n = rng.randint(1, 6)
+        return {"image": shapes_image(rng, n), "labels": {"count": str(n)}}
+    if draw < count_share + ball_share:
+        img, x, y = ball_image(rng)
+        return {"image": img, "labels": {"ball_x": VISION_LABELS["ball_x"][min(2, int(x * 3))],
+                                         "ball_y": VISION_LABELS["ball_y"][min(2, int(y * 3))]}}
+    img, name, kind = one_shape_image(rng)
+    return {"image": img, "labels": {"color": name, "shape": kind}}
 
 
 GENERATORS: dict[str, Callable[[random.Random], Sample]] = {

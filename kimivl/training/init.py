@@ -6,7 +6,11 @@ The rule (DeepSeek-V3 / Hugging Face ``_init_weights`` style, one std for the wh
   row of ``padding_idx`` is zeroed;
 - biases: zeros; ``e_score_correction_bias``: zeros (routing starts unbiased);
 - LayerNorm / RMSNorm weights: ones (LayerNorm biases zeros);
-- MoonViT's learnable 2-D position table: normal(0, std).
+- MoonViT's learnable 2-D position table: a 2-D sine-cosine table (:func:`sincos_2d`: the column in half the
+  channels, the row in the other half) at rms ``POS_EMB_RMS``. A random table (normal(0, std), tried
+  first) gives every grid cell an unrelated vector, and the demo model's tower then carried no linearly
+  readable position at all (a ball's column: chance from its own token, docs/demo-model.md); sine-cosine
+  rows make position readable from the start and stay learnable.
 A seeded ``torch.Generator`` makes the result depend only on ``seed`` (no global RNG is touched).
 """
 from __future__ import annotations
@@ -17,6 +21,26 @@ from torch import nn
 from kimivl.decoder.moe import MoEGate
 from kimivl.decoder.norm import DeepseekV3RMSNorm
 from kimivl.vision.moonvit import Learnable2DInterpPosEmb
+
+
+POS_EMB_RMS = 0.1  # about half the rms of a freshly initialised patch embedding of a light image
+
+
+def sincos_2d(height: int, width: int, dim: int) -> torch.Tensor:
+    """(height, width, dim) table: channels [0, dim/2) encode the column, [dim/2, dim) the row, each as
+    sin/cos pairs at geometric frequencies (1 .. 1/10000, the Transformer's); rms 1/sqrt(2)."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sine-cosine table needs dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    freqs = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+
+    def encode(n: int) -> torch.Tensor:  # (n, dim/2)
+        angles = torch.arange(n, dtype=torch.float64)[:, None] * freqs[None]
+        return torch.cat((angles.sin(), angles.cos()), dim=-1)
+
+    cols = encode(width)[None].expand(height, width, 2 * quarter)
+    rows = encode(height)[:, None].expand(height, width, 2 * quarter)
+    return torch.cat((cols, rows), dim=-1).float()
 
 
 @torch.no_grad()
@@ -52,7 +76,8 @@ def init_weights(model: nn.Module, *, std: float | None = None, seed: int = 0) -
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
         elif isinstance(module, Learnable2DInterpPosEmb):
-            normal_(module.weight)
+            h, w, d = module.weight.shape
+            module.weight.copy_(sincos_2d(h, w, d).mul_(POS_EMB_RMS * 2 ** 0.5).to(module.weight.dtype))
         for p in module.parameters(recurse=False):
             done.add(id(p))
     return model

@@ -134,6 +134,19 @@ def test_from_scratch_with_a_callable_source_bf16_and_accumulation(tmp_path, tin
     assert not sd["vision_tower.encoder.blocks.0.wqkv.bias"].any()
     std = sd["language_model.model.layers.0.self_attn.q_proj.weight"].std().item()
     assert 0.017 < std < 0.023  # initializer_range 0.02
+    # MoonViT's position table: 2-D sine-cosine at rms POS_EMB_RMS, so a linear map reads (row, column) exactly
+    from kimivl.training.init import POS_EMB_RMS
+
+    pos = sd["vision_tower.patch_embed.pos_emb.weight"]
+    h, w, d = pos.shape
+    assert abs(pos.pow(2).mean().sqrt().item() - POS_EMB_RMS) < 1e-3
+    assert torch.equal(pos[0, :, : d // 2], pos[h - 1, :, : d // 2])  # first half: the column only
+    assert torch.equal(pos[:, 0, d // 2:], pos[:, w - 1, d // 2:])  # second half: the row only
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    target = torch.stack((rows, cols), -1).reshape(-1, 2).double()
+    feats = torch.cat((pos.reshape(-1, d), torch.ones(h * w, 1)), 1).double()
+    fit = torch.linalg.lstsq(feats, target, driver="gelsd").solution
+    assert (feats @ fit - target).abs().max() < 0.05
     result = train(dict(model=str(tiny_dir), output_dir=str(tmp_path), max_steps=6, batch_size=2,
                         gradient_accumulation_steps=2, learning_rate=3e-3, progress="none", bf16=True,
                         export_dir=""), model=a, processor=processor,
