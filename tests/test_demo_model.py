@@ -1,7 +1,8 @@
 """The shipped demo model (kimivl.DEMO_MODEL): official layout, and its answers on fresh samples.
 
-Only the colour task is asserted: it is the one this early model has learned reliably (docs/demo-model.md
-gives the full evaluation; the other tasks are at chance and are not claimed).
+Asserted is what docs/demo-model.md claims, on samples the training and the documented evaluation never
+drew (seed 2026), with margins for 20 samples: colour, comparison, direction and shape well above chance,
+counting above chance. Reading (number, PDF) is not learned and not claimed.
 """
 from __future__ import annotations
 
@@ -23,18 +24,25 @@ def demo():
 
 
 def test_demo_model_is_small_and_in_the_official_layout(demo):
-    model, _ = demo
+    model, processor = demo
     size = sum(f.stat().st_size for f in Path(kimivl.DEMO_MODEL).glob("*.safetensors"))
     assert size < 30 * 2**20
     assert {k.split(".")[0] for k in model.state_dict()} == {"vision_tower", "multi_modal_projector", "language_model"}
     t = model.config.text_config
     assert t.topk_method == "noaux_tc" and t.kv_lora_rank == 64 and t.n_routed_experts == 8
+    assert model.config.vision_config.patch_size == processor.image_processor.patch_size == 7
 
 
-def test_demo_model_names_the_colour_of_fresh_shapes(demo):
+# Measured on 50 fresh samples (seed 987654): colour 100 %, shape 74 %, count 44 %, comparison 90 %,
+# direction 78 %; chance: 17 %, 33 %, 17 %, 50 %, 25 %.
+CLAIMS = {"color": 0.9, "shape": 0.55, "count": 0.3, "compare": 0.7, "direction": 0.55}
+
+
+@pytest.mark.parametrize("task", sorted(CLAIMS))
+def test_demo_model_answers_fresh_samples(demo, task):
     model, processor = demo
-    result = evaluate(model, processor, samples_per_task=20, seed=2026, tasks=["color"])["color"]
-    assert result.accuracy >= 0.8, f"{result.correct}/{result.total}, e.g. {result.failures}"
+    result = evaluate(model, processor, samples_per_task=20, seed=2026, tasks=[task])[task]
+    assert result.accuracy >= CLAIMS[task], f"{task}: {result.correct}/{result.total}, e.g. {result.failures}"
 
 
 def test_demo_model_answers_the_readme_example(demo):
