@@ -9,6 +9,7 @@ Two stages, both ``kimivl.training.train`` (docs/demo-model.md explains why two)
 2. ``stage: sft`` -- the chat model on the question types the tower can see (colour, shape, count,
    comparison, direction) with the tower frozen (``freeze: [vision_tower]``): the projector and the decoder
    learn to read it.
+3. (``--polish-steps N``) the chat stage continued for N steps at a third of the rate on the full mixture.
 Every sample is drawn from a generator seeded with its index (reproducible, resumable). The result is
 exported in the official layout and every task is evaluated on fresh samples; ``--install`` copies it to
 kimivl/assets/kimivl-demo (``kimivl.DEMO_MODEL``).
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--shape-first", type=int, default=4800, help="vision records with single shapes only")
     parser.add_argument("--chat-steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--polish-steps", type=int, default=0,
+                        help="a third stage: the chat stage continued at lr/3 on the full mixture")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval", type=int, default=50, help="evaluation samples per task (0: skip)")
@@ -86,11 +89,21 @@ def main() -> None:
                    train_data=lambda i: vision_data(i, args.seed, args.shape_first))
     vision_seconds = time.time() - start
     chat = train({**common, "model": str(vision.export_dir), "freeze": ["vision_tower"],
-                  "output_dir": str(out / "chat"), "export_dir": str(out / "final"),
+                  "output_dir": str(out / "chat"),
+                  "export_dir": str(out / ("chat/final" if args.polish_steps else "final")),
                   "max_steps": args.chat_steps, "batch_size": args.batch_size, "learning_rate": args.lr,
                   "lr_scheduler": "cosine", "min_lr_ratio": 0.05},
                  train_data=lambda i: chat_record(i, args.seed))
-    summary: dict = {"vision_steps": args.vision_steps, "chat_steps": args.chat_steps,
+    if args.polish_steps:
+        # 3. the same chat stage continued at a lower rate on the full mixture (the stream goes on where the
+        # chat stage stopped, so no conversation is seen twice).
+        first = args.chat_steps * args.batch_size
+        chat = train({**common, "model": str(chat.export_dir), "freeze": ["vision_tower"],
+                      "output_dir": str(out / "polish"), "export_dir": str(out / "final"),
+                      "max_steps": args.polish_steps, "batch_size": args.batch_size, "learning_rate": args.lr / 3,
+                      "lr_scheduler": "cosine", "min_lr_ratio": 0.05},
+                     train_data=lambda i: chat_record(first + i, args.seed))
+    summary: dict = {"vision_steps": args.vision_steps, "chat_steps": args.chat_steps, "polish_steps": args.polish_steps,
                      "vision_seconds": round(vision_seconds, 1), "train_seconds": round(time.time() - start, 1),
                      "vision_final_loss": vision.losses[-1] if vision.losses else None,
                      "chat_final_loss": chat.losses[-1] if chat.losses else None}
