@@ -71,27 +71,30 @@ class PooledLabelHeads(nn.Module):
         self.heads = nn.ModuleDict({name: nn.Sequential(nn.LayerNorm(width), nn.Linear(width, len(classes)))
                                     for name, classes in self.label_sets.items()})
 
-    def forward(self, pixel_values: torch.Tensor, image_grid_hws: torch.Tensor) -> torch.Tensor:
-        """Pooled features (N, 2 * kh*kw*D) of the N packed images."""
-        return pool_image_tokens(self.vision_tower(pixel_values, image_grid_hws), image_grid_hws, self.merge)
+    def forward(self, pixel_values: torch.Tensor, image_grid_hws: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits (N, classes) of every head for the N packed images (every parameter takes part, as DDP
+        expects)."""
+        pooled = pool_image_tokens(self.vision_tower(pixel_values, image_grid_hws), image_grid_hws, self.merge)
+        return {name: head(pooled) for name, head in self.heads.items()}
 
-    def loss_sum(self, pooled: torch.Tensor, labels: list[dict[str, int]]) -> tuple[torch.Tensor, int]:
+    @staticmethod
+    def loss_sum(logits: dict[str, torch.Tensor], labels: list[dict[str, int]]) -> tuple[torch.Tensor, int]:
         """Summed cross-entropy over every (image, label) pair, and the number of pairs."""
-        total, pairs = pooled.new_zeros(()), 0
-        for name, head in self.heads.items():
+        total, pairs = next(iter(logits.values())).new_zeros((), dtype=torch.float32), 0
+        for name, head_logits in logits.items():
             rows = [i for i, lab in enumerate(labels) if name in lab]
             if rows:
-                target = torch.tensor([labels[i][name] for i in rows], device=pooled.device)
-                total = total + F.cross_entropy(head(pooled[rows]).float(), target, reduction="sum")
+                target = torch.tensor([labels[i][name] for i in rows], device=head_logits.device)
+                total = total + F.cross_entropy(head_logits[rows].float(), target, reduction="sum")
                 pairs += len(rows)
         return total, pairs
 
     @torch.no_grad()
     def predict(self, pixel_values: torch.Tensor, image_grid_hws: torch.Tensor) -> list[dict[str, str]]:
         """Every head's class name for each of the packed images."""
-        pooled = self(pixel_values, image_grid_hws)
-        picks = {name: head(pooled).argmax(-1).tolist() for name, head in self.heads.items()}
-        return [{name: self.label_sets[name][picks[name][i]] for name in self.heads} for i in range(len(pooled))]
+        picks = {name: x.argmax(-1).tolist() for name, x in self(pixel_values, image_grid_hws).items()}
+        n = len(image_grid_hws)
+        return [{name: self.label_sets[name][picks[name][i]] for name in picks} for i in range(n)]
 
 
 def encode_labelled_image(processor: KimiVLProcessor, record: Any, label_sets: dict[str, list[str]]) -> LabelledImage:
@@ -162,8 +165,8 @@ class VisionStageTrainer(Trainer):
         device = self.engine.device
         pixel_values = batch["pixel_values"].to(device, self.engine.input_dtype)
         with self.engine.sync_context(sync):
-            pooled = self.engine.model(pixel_values, batch["image_grid_hws"].to(device))
-            loss_sum, _ = self.model.loss_sum(pooled, batch["labels"])
+            logits = self.engine.model(pixel_values, batch["image_grid_hws"].to(device))
+            loss_sum, _ = PooledLabelHeads.loss_sum(logits, batch["labels"])
             self.engine.backward(loss_sum * (self.dist.world / tokens_in_step))
         return float(loss_sum.detach()), 0.0
 
