@@ -1,15 +1,15 @@
 """Train the shipped demo model from scratch with the project's trainer, then evaluate it.
 
-    python scripts/train_demo_model.py --out runs/demo                              # the shipped recipe
-    python scripts/train_demo_model.py --out runs/demo --vision-steps 20 --chat-steps 20 --eval 5  # smoke run
+    python scripts/train_demo_model.py --out runs/demo --install   # the shipped recipe (~1 h on 2 cores)
+    python scripts/train_demo_model.py --out runs/demo --vision-steps 20 --chat-steps 20 --polish-steps 10 --eval 5
 
-Two stages, both ``kimivl.training.train`` (docs/demo-model.md explains why two):
+Three stages, all ``kimivl.training.train`` (docs/demo-model.md explains why):
 1. ``stage: vision`` -- MoonViT from scratch on image-level labels (colour, shape, count, ball position) with pooled heads;
    the export is the whole checkpoint with the trained tower;
 2. ``stage: sft`` -- the chat model on the question types the tower can see (colour, shape, count,
    comparison, direction) with the tower frozen (``freeze: [vision_tower]``): the projector and the decoder
    learn to read it.
-3. (``--polish-steps N``) the chat stage continued for N steps at a third of the rate on the full mixture.
+3. ``--polish-steps`` more steps of the chat stage at a third of the rate on the full mixture.
 Every sample is drawn from a generator seeded with its index (reproducible, resumable). The result is
 exported in the official layout and every task is evaluated on fresh samples; ``--install`` copies it to
 kimivl/assets/kimivl-demo (``kimivl.DEMO_MODEL``).
@@ -61,12 +61,12 @@ def chat_record(index: int, seed: int = 0) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--vision-steps", type=int, default=800)
+    parser.add_argument("--vision-steps", type=int, default=1400)
     parser.add_argument("--vision-batch-size", type=int, default=16)
     parser.add_argument("--shape-first", type=int, default=4800, help="vision records with single shapes only")
-    parser.add_argument("--chat-steps", type=int, default=2000)
+    parser.add_argument("--chat-steps", type=int, default=2500)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--polish-steps", type=int, default=0,
+    parser.add_argument("--polish-steps", type=int, default=1500,
                         help="a third stage: the chat stage continued at lr/3 on the full mixture")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
