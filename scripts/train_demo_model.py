@@ -88,21 +88,21 @@ def main() -> None:
                     "learning_rate": args.lr, "lr_scheduler": "constant"},
                    train_data=lambda i: vision_data(i, args.seed, args.shape_first))
     vision_seconds = time.time() - start
-    chat = train({**common, "model": str(vision.export_dir), "freeze": ["vision_tower"],
-                  "output_dir": str(out / "chat"),
-                  "export_dir": str(out / ("chat/final" if args.polish_steps else "final")),
-                  "max_steps": args.chat_steps, "batch_size": args.batch_size, "learning_rate": args.lr,
-                  "lr_scheduler": "cosine", "min_lr_ratio": 0.05},
-                 train_data=lambda i: chat_record(i, args.seed))
-    if args.polish_steps:
-        # 3. the same chat stage continued at a lower rate on the full mixture (the stream goes on where the
-        # chat stage stopped, so no conversation is seen twice).
-        first = args.chat_steps * args.batch_size
-        chat = train({**common, "model": str(chat.export_dir), "freeze": ["vision_tower"],
-                      "output_dir": str(out / "polish"), "export_dir": str(out / "final"),
-                      "max_steps": args.polish_steps, "batch_size": args.batch_size, "learning_rate": args.lr / 3,
-                      "lr_scheduler": "cosine", "min_lr_ratio": 0.05},
+
+    def chat_stage(model: Path, name: str, export: str, steps: int, lr: float, first: int):
+        """The chat stage: tower frozen, cosine to 5 %, conversations ``first``, ``first + 1``, ..."""
+        return train({**common, "model": str(model), "freeze": ["vision_tower"], "output_dir": str(out / name),
+                      "export_dir": str(out / export), "max_steps": steps, "batch_size": args.batch_size,
+                      "learning_rate": lr, "lr_scheduler": "cosine", "min_lr_ratio": 0.05},
                      train_data=lambda i: chat_record(first + i, args.seed))
+
+    chat = chat_stage(vision.export_dir, "chat", "chat/final" if args.polish_steps else "final",
+                      args.chat_steps, args.lr, 0)
+    if args.polish_steps:
+        # 3. the chat stage continued at a third of the rate on the full mixture; the stream goes on where
+        # stage 2 stopped, so no conversation is seen twice.
+        chat = chat_stage(chat.export_dir, "polish", "final", args.polish_steps, args.lr / 3,
+                          args.chat_steps * args.batch_size)
     summary: dict = {"vision_steps": args.vision_steps, "chat_steps": args.chat_steps, "polish_steps": args.polish_steps,
                      "vision_seconds": round(vision_seconds, 1), "train_seconds": round(time.time() - start, 1),
                      "vision_final_loss": vision.losses[-1] if vision.losses else None,

@@ -154,12 +154,17 @@ class Trainer:
         return self.dist.rank == 0
 
     # ------------------------------------------------------------------ data
-    def _examples(self) -> Iterator[SFTExample]:
-        """This process's examples, from ``state.position`` on (each process takes every world-th record)."""
+    def _records(self) -> Iterator[tuple[int, Any]]:
+        """This process's records, from ``state.position`` on (each process takes every world-th record)."""
         for position, record in self.stream.iterate(self.state.position):
             if position % self.dist.world != self.dist.rank:
                 continue
             self.state.position = position + 1
+            yield position, record
+
+    def _examples(self) -> Iterator[SFTExample]:
+        """This process's encoded examples; over-long or label-free conversations are skipped (logged)."""
+        for position, record in self._records():
             if isinstance(record, SFTExample):
                 example = record
             else:
@@ -184,7 +189,10 @@ class Trainer:
             chunk = [ex for _, ex in zip(range(self.args.batch_size), examples)]
             if not chunk:
                 return
-            yield collate(chunk, self.pad_token_id)
+            yield self._collate(chunk)
+
+    def _collate(self, examples: list[Any]) -> dict[str, Any]:
+        return collate(examples, self.pad_token_id)
 
     # ------------------------------------------------------------------ one step
     def _count(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:

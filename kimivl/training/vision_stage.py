@@ -140,22 +140,14 @@ class VisionStageTrainer(Trainer):
         return self.model
 
     def _examples(self) -> Iterator[LabelledImage]:
-        for position, record in self.stream.iterate(self.state.position):
-            if position % self.dist.world != self.dist.rank:
-                continue
-            self.state.position = position + 1
+        for _, record in self._records():
             yield record if isinstance(record, LabelledImage) else \
                 encode_labelled_image(self.processor, record, self.label_sets)
 
-    def _batches(self) -> Iterator[dict[str, Any]]:
-        examples = self._examples()
-        while True:
-            chunk = [ex for _, ex in zip(range(self.args.batch_size), examples)]
-            if not chunk:
-                return
-            yield {"pixel_values": torch.cat([ex.pixel_values for ex in chunk]),
-                   "image_grid_hws": torch.cat([ex.image_grid_hws for ex in chunk]),
-                   "labels": [ex.labels for ex in chunk]}
+    def _collate(self, examples: list[LabelledImage]) -> dict[str, Any]:
+        return {"pixel_values": torch.cat([ex.pixel_values for ex in examples]),
+                "image_grid_hws": torch.cat([ex.image_grid_hws for ex in examples]),
+                "labels": [ex.labels for ex in examples]}
 
     def _count(self, batch: dict[str, Any]) -> tuple[float, float]:
         """(labelled pairs, patches) of one micro-batch: the loss is the mean over pairs."""
