@@ -1,9 +1,15 @@
 """The optional C++ CPU kernels of kimivl (``kimivl/ops/csrc``), built just in time on first use.
 
-One kernel so far: ``linear_bf16w(x, w)`` — float32 activations (M, K) times bfloat16 weights (N, K)
-transposed, for the few-row shapes of a decode step, where the time is streaming the weights once from
-memory. torch's own bf16 GEMV streams 7-11 GB/s on an AVX2 CPU, its float32 GEMV 12-13 GB/s (of twice the
-bytes); this one 15-20 GB/s of bf16 (docs/performance.md).
+Two kernels (``csrc/``, one extension module, ``bindings.cpp``):
+
+- ``linear_bf16w(x, w)`` — float32 activations (M, K) times bfloat16 weights (N, K) transposed, for the
+  few-row shapes of a decode step, where the time is streaming the weights once from memory. torch's own
+  bf16 GEMV streams 7-11 GB/s on an AVX2 CPU, its float32 GEMV 12-13 GB/s (of twice the bytes); this one
+  15-20 GB/s of bf16 (docs/performance.md).
+- ``mla_decode(q_nope, q_pe, kv, w_uk, w_uv, scale, valid)`` — one absorbed-MLA decode step
+  (:mod:`kimivl.ops.mla`) in one pass over the latent cache: chunks of 128 rows per thread, all heads
+  scored against each chunk while it sits in L2, a chunk-local softmax merged at the end (flash-decoding),
+  bf16 cache rows and W_UK / W_UV widened in registers instead of converted whole every step.
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja, ``-O3 -march=native``)
 into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) the first time a bf16 weight meets a
@@ -22,8 +28,9 @@ from types import ModuleType
 import torch
 
 logger = logging.getLogger(__name__)
-SOURCES = [Path(__file__).parent / "csrc" / "linear_bf16w.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "linear_bf16w.cpp", "mla_decode.cpp")]
 ENV_SWITCH = "KIMIVL_CPU_KERNELS"
+NAME = "kimivl_cpu_kernels"
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,7 +52,7 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        return load("kimivl_cpu_kernels", [str(s) for s in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        return load(NAME, [str(s) for s in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: the PyTorch paths serve instead
         logger.warning("kimivl CPU kernels unavailable (%s: %s); using the PyTorch paths", type(exc).__name__,
@@ -53,9 +60,25 @@ def _build() -> ModuleType | None:
         return None
 
 
-def kernels() -> ModuleType | None:
-    """The compiled extension, or None when disabled or not buildable (built on the first call)."""
-    return _build() if enabled() else None
+def is_built() -> bool:
+    """Whether the extension is loaded in this process or compiled in the extensions directory already (so
+    :func:`kernels` returns in about a second instead of compiling for a minute)."""
+    if _build.cache_info().currsize:
+        return True
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(NAME, False)) / f"{NAME}.so").is_file()
+    except Exception:  # a private helper of torch's; without it, assume not built
+        return False
+
+
+def kernels(build: bool = True) -> ModuleType | None:
+    """The compiled extension, or None when disabled or not buildable (built on the first call). With
+    ``build=False``, None unless :func:`is_built` (for callers that should not pause to compile)."""
+    if not enabled() or (not build and not is_built()):
+        return None
+    return _build()
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from kimivl.ops import cpu_kernels
 from kimivl.ops.cpu_kernels import cpu_has_fast_bf16
 
 
@@ -36,7 +37,17 @@ def absorbed_mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.T
     w_uk: (H, nope, r); w_uv: (H, v, r) from :func:`split_kv_b_weight`.
     attn_mask: bool (B, 1, S, T), True = may attend, or None = every key visible to every query.
     Returns (B, S, H * v), the input of ``o_proj``. Softmax in float32, as the reference does.
+
+    On the CPU a single new token per sequence (a decode step, no autograd) goes through the fused C++
+    kernel ``mla_decode`` of :mod:`kimivl.ops.cpu_kernels`: one pass over the cache in L2-sized chunks for
+    all heads, bf16 cache rows and W_UK / W_UV widened in registers instead of converted whole every step
+    (docs/performance.md). bf16 weights build the extension on first use, as their linear layers do; float32
+    weights use it only once it is built (``python -m kimivl.ops.cpu_kernels``), so a small float32 model
+    never pauses a minute to compile. Otherwise the PyTorch products below.
     """
+    fused = _fused_cpu_decode(q_nope, q_pe, kv, w_uk, w_uv, softmax_scale, attn_mask)
+    if fused is not None:
+        return fused
     if kv.device.type == "cpu" and torch.bfloat16 in (kv.dtype, q_nope.dtype) and not cpu_has_fast_bf16():
         # No bf16 matmul path on this CPU (~10x slower than float32): the same products in float32. A bf16
         # cache costs one conversion pass over it per step; generate() gives such a CPU a float32 cache
@@ -62,3 +73,27 @@ def absorbed_mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.T
     out_lat = out_lat.view(b, h, s, r).transpose(0, 1).reshape(h, b * s, r)
     out = torch.matmul(out_lat, w_uv.transpose(1, 2))  # (H, B*S, v)
     return out.view(h, b, s, -1).permute(1, 2, 0, 3).reshape(b, s, -1)
+
+
+def _fused_cpu_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, w_uk: torch.Tensor,
+                      w_uv: torch.Tensor, softmax_scale: float, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The C++ decode step for (B, H, 1, .) queries on the CPU, or None where it does not apply."""
+    b, h, s, _ = q_nope.shape
+    t = kv.shape[1]
+    if s != 1 or kv.device.type != "cpu" or kv.stride(-1) != 1:
+        return None
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q_nope, q_pe, kv, w_uk, w_uv)):
+        return None
+    dtypes = (torch.float32, torch.bfloat16)
+    if kv.dtype not in dtypes or w_uk.dtype not in dtypes or w_uv.dtype != w_uk.dtype:
+        return None
+    valid = None
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool or tuple(attn_mask.shape) != (b, 1, 1, t):
+            return None
+        valid = attn_mask.view(b, t)
+    ext = cpu_kernels.kernels(build=w_uk.dtype == torch.bfloat16)
+    if ext is None:
+        return None
+    out = ext.mla_decode(q_nope[:, :, 0].float(), q_pe[:, :, 0].float(), kv, w_uk, w_uv, float(softmax_scale), valid)
+    return out.to(q_nope.dtype).view(b, 1, h * w_uv.shape[1])

@@ -87,6 +87,7 @@ def test_gradients_flow_through_bf16_weights():
 
 
 def test_switching_the_kernels_off_gives_the_same_result(monkeypatch):
+    torch.manual_seed(0)
     x = torch.randn(1, 1, 64)
     w = torch.randn(32, 64).bfloat16()
     with torch.no_grad():
@@ -94,7 +95,8 @@ def test_switching_the_kernels_off_gives_the_same_result(monkeypatch):
         monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
         assert cpu_kernels.kernels() is None
         off = linear(x, w)
-    torch.testing.assert_close(on, off, rtol=1e-6, atol=1e-6)
+    # the same float32 products summed in another order: outputs of size ~8 differ in the last bits
+    torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-5)
 
 
 def test_linear_module_is_an_nn_linear_with_the_same_keys():

@@ -127,8 +127,3 @@ bool has_avx2() {
   return false;
 #endif
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_bf16w", &linear_bf16w, "x (M, K) float32 @ w (N, K) bfloat16 .T -> (M, N) float32");
-  m.def("has_avx2", &has_avx2, "whether the AVX2+FMA path was compiled in");
-}

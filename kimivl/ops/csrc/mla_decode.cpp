@@ -1,0 +1,364 @@
+// One decode step of absorbed MLA attention (kimivl/ops/mla.py) in one pass over the latent cache.
+//
+// For each sequence b and head h (one new query per sequence):
+//   q[h]   = scale * [W_UK[h]^T q_nope[h] | q_pe[h]]                       (r + rope)
+//   p[h,t] = softmax_t(q[h] . kv[t])  over the visible keys t
+//   out[h] = W_UV[h] (sum_t p[h,t] kv[t, :r])                              (v)
+// The cache is split into chunks of CHUNK rows spread over torch's intra-op threads; each chunk is read
+// from memory once (bf16 rows are widened to float32 into a per-thread scratch that stays in L2), scored
+// for all heads, and summed with a chunk-local softmax (max, sum, weighted latents) that a final pass
+// merges, as flash-decoding does. W_UK / W_UV may be bf16 (widened in registers) or float32: nothing is
+// converted or copied per step. An AVX2+FMA path (heads in groups of 8 for the scores) and a portable
+// scalar path; every sum is accumulated in float32.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define KIMIVL_MLA_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t CHUNK = 128;  // cache rows per task: 128 x 576 float32 = 288 KiB of scratch (fits L2)
+
+inline float widen(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+inline float widen(float v) { return v; }
+
+// Rows [t0, t0 + n) of one sequence's cache as float32, D values per row: the rows themselves when the
+// cache is float32 and contiguous per row, else widened into `scratch`.
+template <typename KV>
+const float* rows_as_float(const KV* kv, int64_t ld, int64_t t0, int64_t n, int64_t D, float* scratch) {
+  if constexpr (std::is_same_v<KV, float>) {
+    if (ld == D) return kv + t0 * ld;
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const KV* src = kv + (t0 + t) * ld;
+    float* dst = scratch + t * D;
+    int64_t k = 0;
+#ifdef KIMIVL_MLA_AVX2
+    if constexpr (std::is_same_v<KV, uint16_t>) {
+      for (; k + 8 <= D; k += 8) {
+        __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
+        _mm256_storeu_ps(dst + k, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
+      }
+    }
+#endif
+    for (; k < D; ++k) dst[k] = widen(src[k]);
+  }
+  return scratch;
+}
+
+#ifdef KIMIVL_MLA_AVX2
+// exp for float32 lanes (Cephes-style: 2^n * poly(r), |rel. error| < 2e-7 on [-87, 88]; -inf -> 0).
+inline __m256 exp256(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
+  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+#endif
+
+#ifdef KIMIVL_MLA_AVX2
+// Scores of 4 rows for 8 (TWO: 16) heads starting at h0: broadcast a row value, FMA with the heads' queries.
+template <bool TWO>
+void score_block(const float* qt, int64_t H, int64_t h0, const float* r0, int64_t D, float* scores, int64_t n,
+                 int64_t t) {
+  __m256 a[4][2];
+  for (int i = 0; i < 4; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < D; ++k) {
+    const __m256 q0 = _mm256_loadu_ps(qt + k * H + h0);
+    const __m256 q1 = TWO ? _mm256_loadu_ps(qt + k * H + h0 + 8) : q0;
+    for (int i = 0; i < 4; ++i) {
+      const __m256 x = _mm256_broadcast_ss(r0 + i * D + k);
+      a[i][0] = _mm256_fmadd_ps(q0, x, a[i][0]);
+      if (TWO) a[i][1] = _mm256_fmadd_ps(q1, x, a[i][1]);
+    }
+  }
+  alignas(32) float buf[16];
+  for (int i = 0; i < 4; ++i) {
+    _mm256_store_ps(buf, a[i][0]);
+    if (TWO) _mm256_store_ps(buf + 8, a[i][1]);
+    for (int j = 0; j < (TWO ? 16 : 8); ++j) scores[(h0 + j) * n + t + i] = buf[j];
+  }
+}
+#endif
+
+// scores[h * n + t] = q[h] . rows[t] for H heads; qt is q transposed (D, H).
+void score_rows(const float* qt, int64_t H, const float* rows, int64_t n, int64_t D, float* scores) {
+  int64_t t = 0;
+#ifdef KIMIVL_MLA_AVX2
+  if (H % 8 == 0) {
+    for (; t + 4 <= n; t += 4) {
+      int64_t h0 = 0;
+      for (; h0 + 16 <= H; h0 += 16) score_block<true>(qt, H, h0, rows + t * D, D, scores, n, t);
+      if (h0 < H) score_block<false>(qt, H, h0, rows + t * D, D, scores, n, t);
+    }
+  }
+#endif
+  for (; t < n; ++t)
+    for (int64_t h = 0; h < H; ++h) {
+      float s = 0.f;
+      for (int64_t k = 0; k < D; ++k) s += qt[k * H + h] * rows[t * D + k];
+      scores[h * n + t] = s;
+    }
+}
+
+// acc[h * R + j] = sum_t p[h * n + t] * rows[t * D + j] for j < R.
+void weighted_sum(const float* p, int64_t H, const float* rows, int64_t n, int64_t D, int64_t R, float* acc) {
+  int64_t h = 0;
+#ifdef KIMIVL_MLA_AVX2
+  if (R % 16 == 0) {
+    for (; h + 4 <= H; h += 4) {
+      for (int64_t j = 0; j < R; j += 16) {
+        __m256 a[4][2];
+        for (int i = 0; i < 4; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < n; ++t) {
+          const __m256 x0 = _mm256_loadu_ps(rows + t * D + j), x1 = _mm256_loadu_ps(rows + t * D + j + 8);
+          for (int i = 0; i < 4; ++i) {
+            const __m256 w = _mm256_broadcast_ss(p + (h + i) * n + t);
+            a[i][0] = _mm256_fmadd_ps(w, x0, a[i][0]);
+            a[i][1] = _mm256_fmadd_ps(w, x1, a[i][1]);
+          }
+        }
+        for (int i = 0; i < 4; ++i) {
+          _mm256_storeu_ps(acc + (h + i) * R + j, a[i][0]);
+          _mm256_storeu_ps(acc + (h + i) * R + j + 8, a[i][1]);
+        }
+      }
+    }
+  }
+#endif
+  for (; h < H; ++h) {
+    float* out = acc + h * R;
+    std::fill(out, out + R, 0.f);
+    for (int64_t t = 0; t < n; ++t) {
+      const float w = p[h * n + t];
+      for (int64_t j = 0; j < R; ++j) out[j] += w * rows[t * D + j];
+    }
+  }
+}
+
+// In place: scores -> exp(scores - max) per head row (masked keys give 0); returns max and sum per head.
+void softmax_parts(float* scores, int64_t H, int64_t n, float* m, float* l) {
+  for (int64_t h = 0; h < H; ++h) {
+    float* s = scores + h * n;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < n; ++t) mx = std::max(mx, s[t]);
+    m[h] = mx;
+    if (mx == -std::numeric_limits<float>::infinity()) {  // every key of the chunk masked
+      std::fill(s, s + n, 0.f);
+      l[h] = 0.f;
+      continue;
+    }
+    int64_t t = 0;
+    float sum = 0.f;
+#ifdef KIMIVL_MLA_AVX2
+    __m256 vs = _mm256_setzero_ps();
+    const __m256 vm = _mm256_set1_ps(mx);
+    for (; t + 8 <= n; t += 8) {
+      __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
+      _mm256_storeu_ps(s + t, e);
+      vs = _mm256_add_ps(vs, e);
+    }
+    alignas(32) float buf[8];
+    _mm256_store_ps(buf, vs);
+    for (float v : buf) sum += v;
+#endif
+    for (; t < n; ++t) {
+      s[t] = std::exp(s[t] - mx);
+      sum += s[t];
+    }
+    l[h] = sum;
+  }
+}
+
+// y[i] = sum_k x[k] * w[k * ldw + i] for i < N (a row vector times a (K, N) matrix), w float or bf16.
+template <typename W>
+void vec_mat(const float* x, const W* w, int64_t K, int64_t N, int64_t ldw, float* y) {
+  std::fill(y, y + N, 0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    const float xk = x[k];
+    const W* row = w + k * ldw;
+    int64_t i = 0;
+#ifdef KIMIVL_MLA_AVX2
+    const __m256 vx = _mm256_set1_ps(xk);
+    for (; i + 8 <= N; i += 8) {
+      __m256 wv;
+      if constexpr (std::is_same_v<W, uint16_t>) {
+        __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i));
+        wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+      } else {
+        wv = _mm256_loadu_ps(row + i);
+      }
+      _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vx, wv, _mm256_loadu_ps(y + i)));
+    }
+#endif
+    for (; i < N; ++i) y[i] += xk * widen(row[i]);
+  }
+}
+
+// y[i] = w[i] . x for i < N (a (N, K) matrix times a vector), w float or bf16.
+template <typename W>
+void mat_vec(const W* w, const float* x, int64_t N, int64_t K, float* y) {
+  for (int64_t i = 0; i < N; ++i) {
+    const W* row = w + i * K;
+    int64_t k = 0;
+    float s = 0.f;
+#ifdef KIMIVL_MLA_AVX2
+    __m256 a = _mm256_setzero_ps();
+    for (; k + 8 <= K; k += 8) {
+      __m256 wv;
+      if constexpr (std::is_same_v<W, uint16_t>) {
+        __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k));
+        wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+      } else {
+        wv = _mm256_loadu_ps(row + k);
+      }
+      a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k), a);
+    }
+    alignas(32) float buf[8];
+    _mm256_store_ps(buf, a);
+    for (float v : buf) s += v;
+#endif
+    for (; k < K; ++k) s += widen(row[k]) * x[k];
+    y[i] = s;
+  }
+}
+
+template <typename KV, typename W>
+torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
+                  const torch::Tensor& w_uk, const torch::Tensor& w_uv, double scale,
+                  const c10::optional<torch::Tensor>& valid) {
+  const int64_t B = q_nope.size(0), H = q_nope.size(1), NOPE = q_nope.size(2), ROPE = q_pe.size(2);
+  const int64_t T = kv.size(1), D = kv.size(2), R = w_uk.size(2), V = w_uv.size(1);
+  const float* qn = q_nope.data_ptr<float>();
+  const float* qp = q_pe.data_ptr<float>();
+  const KV* kvp = reinterpret_cast<const KV*>(kv.data_ptr());
+  const W* wk = reinterpret_cast<const W*>(w_uk.data_ptr());
+  const W* wv = reinterpret_cast<const W*>(w_uv.data_ptr());
+  const int64_t kv_batch = kv.stride(0), kv_row = kv.stride(1);
+  const bool* vp = valid.has_value() ? valid->data_ptr<bool>() : nullptr;
+  const float fscale = static_cast<float>(scale);
+
+  // 1. Queries in the latent space, transposed to (D, H) per sequence for the score kernel.
+  std::vector<float> qt(B * D * H);
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> row(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H;
+      vec_mat(qn + (b * H + h) * NOPE, wk + h * NOPE * R, NOPE, R, R, row.data());
+      for (int64_t k = 0; k < ROPE; ++k) row[R + k] = qp[(b * H + h) * ROPE + k];
+      for (int64_t k = 0; k < D; ++k) qt[(b * D + k) * H + h] = row[k] * fscale;
+    }
+  });
+
+  // 2. Chunks of the cache: local max, sum and weighted latents per head.
+  const int64_t chunks = (T + CHUNK - 1) / CHUNK;
+  std::vector<float> part_m(B * chunks * H), part_l(B * chunks * H), part_acc(B * chunks * H * R);
+  at::parallel_for(0, B * chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> scratch(CHUNK * D), scores(H * CHUNK);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b = c / chunks, t0 = (c % chunks) * CHUNK, n = std::min(CHUNK, T - t0);
+      const float* rows = rows_as_float(kvp + b * kv_batch, kv_row, t0, n, D, scratch.data());
+      score_rows(qt.data() + b * D * H, H, rows, n, D, scores.data());
+      if (vp != nullptr)
+        for (int64_t t = 0; t < n; ++t)
+          if (!vp[b * T + t0 + t])
+            for (int64_t h = 0; h < H; ++h) scores[h * n + t] = -std::numeric_limits<float>::infinity();
+      softmax_parts(scores.data(), H, n, part_m.data() + c * H, part_l.data() + c * H);
+      weighted_sum(scores.data(), H, rows, n, D, R, part_acc.data() + c * H * R);
+    }
+  });
+
+  // 3. Merge the chunks and 4. project through W_UV, per (sequence, head).
+  auto out = torch::empty({B, H, V}, q_nope.options());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> lat(R);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, part_m[(b * chunks + c) * H + h]);
+      std::fill(lat.begin(), lat.end(), 0.f);
+      float total = 0.f;
+      if (mx != -std::numeric_limits<float>::infinity()) {
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t at = (b * chunks + c) * H + h;
+          if (part_l[at] == 0.f) continue;
+          const float f = std::exp(part_m[at] - mx);
+          total += f * part_l[at];
+          const float* a = part_acc.data() + at * R;
+          for (int64_t j = 0; j < R; ++j) lat[j] += f * a[j];
+        }
+      }
+      // A sequence with no visible key gets zeros (the PyTorch path would give NaN from softmax(-inf)).
+      const float inv = total > 0.f ? 1.f / total : 0.f;
+      for (int64_t j = 0; j < R; ++j) lat[j] *= inv;
+      mat_vec(wv + h * V * R, lat.data(), V, R, op + (b * H + h) * V);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
+                         const torch::Tensor& w_uk, const torch::Tensor& w_uv, double scale,
+                         const c10::optional<torch::Tensor>& valid) {
+  for (const auto* t : {&q_nope, &q_pe, &kv, &w_uk, &w_uv})
+    TORCH_CHECK(t->device().is_cpu(), "mla_decode: CPU tensors only");
+  TORCH_CHECK(q_nope.dim() == 3 && q_pe.dim() == 3 && kv.dim() == 3 && w_uk.dim() == 3 && w_uv.dim() == 3,
+              "mla_decode: q_nope (B, H, nope), q_pe (B, H, rope), kv (B, T, r + rope), w_uk (H, nope, r), "
+              "w_uv (H, v, r); got ", q_nope.sizes(), ", ", q_pe.sizes(), ", ", kv.sizes(), ", ", w_uk.sizes(), ", ",
+              w_uv.sizes());
+  TORCH_CHECK(q_nope.scalar_type() == torch::kFloat32 && q_pe.scalar_type() == torch::kFloat32,
+              "mla_decode: queries must be float32");
+  const int64_t B = q_nope.size(0), H = q_nope.size(1), R = w_uk.size(2);
+  TORCH_CHECK(q_pe.size(0) == B && q_pe.size(1) == H && kv.size(0) == B && w_uk.size(0) == H &&
+                  w_uk.size(1) == q_nope.size(2) && w_uv.size(0) == H && w_uv.size(2) == R &&
+                  kv.size(2) == R + q_pe.size(2),
+              "mla_decode: shapes do not agree: q_nope ", q_nope.sizes(), ", q_pe ", q_pe.sizes(), ", kv ", kv.sizes(),
+              ", w_uk ", w_uk.sizes(), ", w_uv ", w_uv.sizes());
+  TORCH_CHECK(kv.stride(2) == 1, "mla_decode: the cache's rows must be contiguous");
+  TORCH_CHECK(w_uk.scalar_type() == w_uv.scalar_type(), "mla_decode: w_uk and w_uv differ in dtype");
+  c10::optional<torch::Tensor> mask;
+  if (valid.has_value()) {
+    TORCH_CHECK(valid->scalar_type() == torch::kBool && valid->dim() == 2 && valid->size(0) == B &&
+                    valid->size(1) == kv.size(1),
+                "mla_decode: valid must be bool (B, T) = (", B, ", ", kv.size(1), "), got ", valid->sizes());
+    mask = valid->contiguous();
+  }
+  auto qn = q_nope.contiguous(), qp = q_pe.contiguous(), wk = w_uk.contiguous(), wv = w_uv.contiguous();
+  const bool kv16 = kv.scalar_type() == torch::kBFloat16, w16 = wk.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(kv16 || kv.scalar_type() == torch::kFloat32, "mla_decode: the cache must be float32 or bfloat16");
+  TORCH_CHECK(w16 || wk.scalar_type() == torch::kFloat32, "mla_decode: W_UK / W_UV must be float32 or bfloat16");
+  if (kv16 && w16) return run<uint16_t, uint16_t>(qn, qp, kv, wk, wv, scale, mask);
+  if (kv16) return run<uint16_t, float>(qn, qp, kv, wk, wv, scale, mask);
+  if (w16) return run<float, uint16_t>(qn, qp, kv, wk, wv, scale, mask);
+  return run<float, float>(qn, qp, kv, wk, wv, scale, mask);
+}

@@ -1,0 +1,123 @@
+"""The fused C++ absorbed-MLA decode step (kimivl/ops/csrc/mla_decode.cpp) against a float64 reference and
+against the PyTorch path of kimivl.ops.mla.absorbed_mla_attention."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kimivl.ops import cpu_kernels
+from kimivl.ops.mla import absorbed_mla_attention
+
+
+@pytest.fixture(scope="module")
+def ext():
+    ext = cpu_kernels.kernels()
+    if ext is None:
+        pytest.skip("kimivl CPU kernels could not be built here (no g++/ninja?) or KIMIVL_CPU_KERNELS=0")
+    return ext
+
+
+def _inputs(b, h, t, nope, rope, r, v, kv_dtype, w_dtype, seed=0, spare_rows=5):
+    g = torch.Generator().manual_seed(seed)
+    q_nope, q_pe = torch.randn(b, h, nope, generator=g), torch.randn(b, h, rope, generator=g)
+    cache = torch.randn(b, t + spare_rows, r + rope, generator=g).to(kv_dtype)  # a view of a longer buffer
+    w_uk = (torch.randn(h, nope, r, generator=g) / nope ** 0.5).to(w_dtype)
+    w_uv = (torch.randn(h, v, r, generator=g) / r ** 0.5).to(w_dtype)
+    return q_nope, q_pe, cache[:, :t], w_uk, w_uv
+
+
+def _reference(q_nope, q_pe, kv, w_uk, w_uv, scale, valid=None):
+    """The absorbed step written out in float64 on the same (rounded) numbers."""
+    q_nope, q_pe, kv, w_uk, w_uv = (x.double() for x in (q_nope, q_pe, kv, w_uk, w_uv))
+    r = w_uk.shape[-1]
+    q = torch.cat([torch.einsum("bhn,hnr->bhr", q_nope, w_uk), q_pe], -1) * scale
+    scores = torch.einsum("bhd,btd->bht", q, kv)
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    lat = torch.einsum("bht,btr->bhr", scores.softmax(-1), kv[..., :r])
+    return torch.einsum("bhr,hvr->bhv", lat, w_uv)
+
+
+# The real per-head shapes (16 heads: two 8-wide groups), 8 / 24 heads (one group alone, 16 + 8), 4 heads
+# (no vector path), latent widths with and without the 16-wide tail, cache lengths around the 128-row chunk
+# and the 4-row block.
+SHAPES = [(1, 16, 300, 128, 64, 512, 128), (2, 8, 129, 16, 8, 48, 24), (1, 24, 7, 8, 8, 32, 8),
+          (3, 4, 37, 32, 16, 64, 32), (1, 16, 1, 8, 4, 20, 6)]
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_matches_float64(ext, shape, kv_dtype, w_dtype):
+    q_nope, q_pe, kv, w_uk, w_uv = _inputs(*shape, kv_dtype, w_dtype)
+    out = ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.125, None)
+    assert out.dtype == torch.float32 and out.shape == (shape[0], shape[1], shape[-1])
+    torch.testing.assert_close(out.double(), _reference(q_nope, q_pe, kv, w_uk, w_uv, 0.125), rtol=1e-4, atol=1e-5)
+
+
+def test_masked_keys_are_ignored_and_a_fully_masked_sequence_gives_zeros(ext):
+    q_nope, q_pe, kv, w_uk, w_uv = _inputs(3, 16, 400, 16, 8, 64, 16, torch.bfloat16, torch.float32)
+    valid = torch.rand(3, 400, generator=torch.Generator().manual_seed(1)) > 0.5
+    valid[1, :300] = False  # whole 128-row chunks without a visible key
+    valid[2] = False
+    out = ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.2, valid)
+    want = _reference(q_nope[:2], q_pe[:2], kv[:2], w_uk, w_uv, 0.2, valid[:2])
+    torch.testing.assert_close(out[:2].double(), want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    # changing a masked key's values changes nothing
+    kv2 = kv.clone()
+    kv2[0, ~valid[0]] = 100.0
+    torch.testing.assert_close(ext.mla_decode(q_nope, q_pe, kv2, w_uk, w_uv, 0.2, valid), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_absorbed_attention_gives_the_same_with_the_kernel_switched_off(ext, monkeypatch, kv_dtype):
+    q_nope, q_pe, kv, w_uk, w_uv = _inputs(2, 16, 200, 32, 16, 64, 32, kv_dtype, torch.bfloat16)
+    q_nope, q_pe = q_nope[:, :, None].bfloat16(), q_pe[:, :, None].bfloat16()  # (B, H, 1, .) as the model has
+    mask = (torch.arange(200) >= torch.tensor([[0], [17]]))[:, None, None, :]  # left padding of row 1
+    on = absorbed_mla_attention(q_nope, q_pe, kv, w_uk, w_uv, 0.1, mask)
+    direct = ext.mla_decode(q_nope[:, :, 0].float(), q_pe[:, :, 0].float(), kv, w_uk, w_uv, 0.1, mask[:, 0, 0])
+    assert torch.equal(on, direct.bfloat16().view(2, 1, -1))  # the decode step took the kernel
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    off = absorbed_mla_attention(q_nope, q_pe, kv, w_uk, w_uv, 0.1, mask)
+    assert on.shape == off.shape == (2, 1, 16 * 32) and on.dtype == off.dtype == torch.bfloat16
+    torch.testing.assert_close(on.float(), off.float(), rtol=2e-2, atol=2e-3)  # both rounded to bf16 at the end
+
+
+def test_autograd_and_several_queries_take_the_pytorch_path(ext):
+    q_nope, q_pe, kv, w_uk, w_uv = _inputs(1, 8, 20, 16, 8, 32, 16, torch.float32, torch.float32)
+    q = q_nope[:, :, None].clone().requires_grad_()
+    absorbed_mla_attention(q, q_pe[:, :, None], kv, w_uk, w_uv, 0.1).sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    two = absorbed_mla_attention(q_nope[:, :, None].expand(1, 8, 2, 16), q_pe[:, :, None].expand(1, 8, 2, 8), kv,
+                                 w_uk, w_uv, 0.1)
+    one = absorbed_mla_attention(q_nope[:, :, None], q_pe[:, :, None], kv, w_uk, w_uv, 0.1)
+    torch.testing.assert_close(two[:, 0], one[:, 0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: {**a, "kv": a["kv"][..., :-1]}, "shapes do not agree"),
+    (lambda a: {**a, "q_nope": a["q_nope"].double()}, "queries must be float32"),
+    (lambda a: {**a, "valid": torch.ones(1, 3, dtype=torch.bool)}, r"valid must be bool \(B, T\) = \(1, 20\)"),
+    (lambda a: {**a, "kv": a["kv"].half()}, "cache must be float32 or bfloat16"),
+    (lambda a: {**a, "kv": a["kv"].transpose(1, 2)}, "shapes do not agree|rows must be contiguous"),
+])
+def test_bad_inputs_name_the_problem(ext, change, message):
+    q_nope, q_pe, kv, w_uk, w_uv = _inputs(1, 8, 20, 16, 8, 32, 16, torch.float32, torch.float32)
+    args = change(dict(q_nope=q_nope, q_pe=q_pe, kv=kv, w_uk=w_uk, w_uv=w_uv, valid=None))
+    with pytest.raises(RuntimeError, match=message):
+        ext.mla_decode(args["q_nope"], args["q_pe"], args["kv"], args["w_uk"], args["w_uv"], 0.1, args["valid"])
+
+
+def test_float32_weights_use_the_kernel_only_once_it_is_built(ext, monkeypatch):
+    """A float32 model must not pause to compile in the middle of a chat; bf16 weights build it (as their
+    linear layers do)."""
+    q_nope, q_pe, kv, w_uk, w_uv = _inputs(1, 8, 50, 16, 8, 32, 16, torch.float32, torch.float32)
+    q_nope, q_pe = q_nope[:, :, None], q_pe[:, :, None]
+    assert cpu_kernels.is_built() and cpu_kernels.kernels(build=False) is ext
+    built = absorbed_mla_attention(q_nope, q_pe, kv, w_uk, w_uv, 0.1)
+    monkeypatch.setattr(cpu_kernels, "is_built", lambda: False)
+    assert cpu_kernels.kernels(build=False) is None and cpu_kernels.kernels() is ext
+    not_built = absorbed_mla_attention(q_nope, q_pe, kv, w_uk, w_uv, 0.1)  # the PyTorch products
+    torch.testing.assert_close(not_built, built, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(not_built, built)  # (different summation order: the two paths really differ)
