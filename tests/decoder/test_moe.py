@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kimivl.configuration import KimiVLConfig
+from kimivl.configuration import DeepseekV3Config, KimiVLConfig
 from kimivl.decoder import DeepseekV3ForCausalLM, DeepseekV3MLP, DeepseekV3MoE, MoEGate
 from kimivl.ops.moe import moe_dispatch
 
@@ -129,3 +129,71 @@ def test_moe_output_is_routed_plus_unscaled_shared(golden_dir: Path) -> None:
         idx, w, _ = moe.gate(x.view(-1, cfg.hidden_size))
         routed = _naive(x.view(-1, cfg.hidden_size), idx, w, moe.experts).view_as(x)
         torch.testing.assert_close(moe(x), routed + moe.shared_experts(x), atol=1e-6, rtol=1e-6)
+
+
+# --- the fused CPU expert pass (kimivl.ops.moe.fused_cpu_experts, C++ experts_bf16w) --------------------------
+def _bf16_moe(seed: int = 0) -> DeepseekV3MoE:
+    cfg = DeepseekV3Config.from_dict({
+        "hidden_size": 64, "moe_intermediate_size": 40, "n_routed_experts": 8, "num_experts_per_tok": 3,
+        "n_shared_experts": 1, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 1, "topk_group": 1,
+        "norm_topk_prob": True, "routed_scaling_factor": 2.0, "num_attention_heads": 4, "vocab_size": 32})
+    torch.manual_seed(seed)
+    moe = DeepseekV3MoE(cfg)
+    for p in moe.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.15)
+    return moe.to(torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_fused_cpu_experts_match_the_per_expert_path(tokens: int) -> None:
+    from kimivl.ops import cpu_kernels
+    from kimivl.ops.moe import fused_cpu_experts
+
+    if cpu_kernels.kernels() is None:
+        pytest.skip("kimivl CPU kernels could not be built here (no g++/ninja?) or KIMIVL_CPU_KERNELS=0")
+    moe = _bf16_moe()
+    x = torch.randn(tokens, 64).bfloat16()
+    with torch.no_grad():
+        run = fused_cpu_experts(x, moe.experts)
+        assert run is not None
+        idx, weight, _ = moe.gate(x)
+        fused = moe_dispatch(x, idx, weight, moe.experts, run)
+        per_expert = moe_dispatch(x, idx, weight, moe.experts)
+        # float64 reference on the same bf16 weights
+        ref = torch.zeros(tokens, 64, dtype=torch.float64)
+        for t in range(tokens):
+            for e, w in zip(idx[t].tolist(), weight[t].tolist()):
+                m = moe.experts[e]
+                h = torch.nn.functional.silu(x[t].double() @ m.gate_proj.weight.double().T) * \
+                    (x[t].double() @ m.up_proj.weight.double().T)
+                ref[t] += w * (h @ m.down_proj.weight.double().T)
+    assert fused.dtype == torch.bfloat16 and fused.shape == (tokens, 64)
+    scale = ref.abs().max()
+    # the fused pass keeps the hidden activations in float32: closer to float64 than the per-expert path
+    err_fused, err_per_expert = (fused.double() - ref).abs().max(), (per_expert.double() - ref).abs().max()
+    assert err_fused <= 0.01 * scale and err_fused <= err_per_expert + 0.004 * scale, (err_fused, err_per_expert)
+
+
+def test_fused_cpu_experts_apply_only_to_small_inference_batches_of_plain_bf16_experts() -> None:
+    from kimivl.ops import cpu_kernels
+    from kimivl.ops.moe import fused_cpu_experts
+
+    if cpu_kernels.kernels() is None:
+        pytest.skip("kimivl CPU kernels could not be built here (no g++/ninja?) or KIMIVL_CPU_KERNELS=0")
+    moe = _bf16_moe()
+    x = torch.randn(2, 64).bfloat16()
+    with torch.no_grad():
+        assert fused_cpu_experts(x, moe.experts) is not None
+        assert fused_cpu_experts(torch.randn(9, 64).bfloat16(), moe.experts) is None  # > SMALL_M tokens: GEMMs
+        assert fused_cpu_experts(x, moe.float().experts) is None  # float32 weights
+    moe = _bf16_moe()
+    assert fused_cpu_experts(x, moe.experts) is None  # autograd on (the weights require grad)
+    with torch.no_grad():
+        moe.experts[0].gate_proj = torch.nn.Linear(64, 40, bias=False).bfloat16()  # a wrapped/replaced projection
+        assert fused_cpu_experts(x, moe.experts) is None
+        moe.experts[0].gate_proj, wrapped = moe.experts[1].gate_proj, moe.experts[2]
+        moe.experts[2].up_proj = torch.nn.Linear(64, 40, bias=False).bfloat16()  # only a chosen expert is wrapped
+        run = fused_cpu_experts(x, moe.experts)
+        outs = run([1, 2], [x[:1], x[1:]])
+        torch.testing.assert_close(outs[1], wrapped(x[1:]))  # that expert ran as a module
