@@ -35,7 +35,7 @@ def test_demo_model_is_small_and_in_the_official_layout(demo):
 
 # Measured on 50 fresh samples (seed 987654): colour 98 %, shape 78 %, count 60 %, comparison 96 %,
 # direction 94 %; chance: 17 %, 33 %, 17 %, 50 %, 25 %. Thresholds leave room for 20-sample noise.
-CLAIMS = {"color": 0.9, "shape": 0.6, "count": 0.4, "compare": 0.8, "direction": 0.75}
+CLAIMS = {"color": 0.9, "shape": 0.6, "count": 0.65, "compare": 0.8, "direction": 0.75}
 
 
 @pytest.mark.parametrize("task", sorted(CLAIMS))

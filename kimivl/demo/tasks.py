@@ -265,6 +265,8 @@ VISION_LABELS: dict[str, list[str]] = {
     "color": list(COLORS), "shape": list(SHAPES), "count": [str(n) for n in range(1, 7)],
     "ball_x": ["left", "center", "right"], "ball_y": ["top", "middle", "bottom"],  # the third it is in
 }
+# The count head sums per-token logits (a pooled head cannot count: kimivl/training/vision_stage.py).
+VISION_POOLING: dict[str, str] = {"count": "sum"}
 
 
 def ball_image(rng: random.Random) -> tuple[Image.Image, float, float]:

@@ -17,6 +17,7 @@ LR_SCHEDULERS = ("cosine", "linear", "constant")
 PROGRESS_MODES = ("tqdm", "log", "none")
 DISTRIBUTED_MODES = ("auto", "none", "ddp", "fsdp2", "deepspeed")
 STAGES = ("sft", "vision")
+POOLINGS = ("max_mean", "sum")  # vision-stage heads: see kimivl/training/vision_stage.py
 
 
 @dataclass
@@ -31,6 +32,7 @@ class TrainingArguments:
     # --- what is trained
     stage: str = "sft"  # sft: chat conversations; vision: the vision tower on image labels (vision_stage.py)
     vision_labels: dict[str, list[str]] | None = None  # stage vision: label set -> class names
+    vision_pooling: dict[str, str] = field(default_factory=dict)  # label set -> max_mean (default) or sum
     # --- data
     train_file: str | list[str] | None = None  # JSONL file(s): {"messages": [...]} or sharegpt records
     max_seq_len: int | None = None  # longer samples are skipped (logged); None = the model context
@@ -92,6 +94,15 @@ class TrainingArguments:
                                  f"got {self.vision_labels!r:.120}")
             # YAML reads `[1, 2, 3]` as numbers; classes are compared as strings
             self.vision_labels = {str(k): [str(c) for c in v] for k, v in self.vision_labels.items()}
+        if not isinstance(self.vision_pooling, dict):
+            raise ValueError(f"training config: vision_pooling must map label-set names to {POOLINGS}, "
+                             f"got {self.vision_pooling!r:.120}")
+        for name, pooling in self.vision_pooling.items():
+            if pooling not in POOLINGS:
+                raise ValueError(f"training config: vision_pooling[{name!r}] = {pooling!r}; expected one of {POOLINGS}")
+            if name not in (self.vision_labels or {}):
+                raise ValueError(f"training config: vision_pooling names {name!r}, which is not a label set of "
+                                 f"vision_labels ({sorted(self.vision_labels or {})})")
         checks = [
             (self.max_steps >= 1, "max_steps", self.max_steps, ">= 1"),
             (self.batch_size >= 1, "batch_size", self.batch_size, ">= 1"),

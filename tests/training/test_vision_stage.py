@@ -2,6 +2,8 @@
 learns image labels, only the tower changes, the export is a whole official checkpoint, resume, errors."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -9,7 +11,7 @@ from safetensors.torch import load_file
 from kimivl import KimiVLForConditionalGeneration
 from kimivl.errors import KimiVLInputError
 from kimivl.training import TrainingArguments, train
-from kimivl.training.vision_stage import PooledLabelHeads, VisionStageTrainer, pool_image_tokens
+from kimivl.training.vision_stage import PooledLabelHeads, SumPooledHead, VisionStageTrainer, pool_image_tokens
 
 LABELS = {"size": ["small", "wide", "tall"], "parity": ["even", "odd"]}
 
@@ -36,6 +38,43 @@ def test_pooling_is_per_image_max_and_mean():
     flat = feats.flatten(1)
     want = torch.stack([torch.cat([flat[:6].max(0).values, flat[:6].mean(0)]), torch.cat([flat[6], flat[6]])])
     torch.testing.assert_close(pooled, want, rtol=0, atol=0)
+
+
+def test_sum_head_adds_per_token_logits_so_counts_are_linear():
+    torch.manual_seed(0)
+    head = SumPooledHead(4, 3, tokens_ref=5)
+    with torch.no_grad():
+        head.proj.weight.normal_()
+        head.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    tokens = torch.randn(9, 4)
+    got = head(tokens, [6, 3])
+    per_token = torch.nn.functional.layer_norm(tokens, (4,)) @ head.proj.weight.T
+    want = torch.stack([per_token[:6].sum(0), per_token[6:].sum(0)]) / 5 + head.bias
+    torch.testing.assert_close(got, want)
+    # k copies of one "object" token among fixed background tokens: logits move by k times one step
+    obj, bg = torch.randn(1, 4), torch.zeros(1, 4)
+    logits = [head(torch.cat([obj.expand(k, 4), bg.expand(5, 4)]), [k + 5])[0] for k in range(4)]
+    steps = [logits[k + 1] - logits[k] for k in range(3)]
+    torch.testing.assert_close(steps[1], steps[0])
+    torch.testing.assert_close(steps[2], steps[0])
+    assert torch.count_nonzero(SumPooledHead(4, 3).proj.weight) == 0  # starts at chance, whatever the image size
+
+
+def test_sum_pooled_label_set_trains(tmp_path, tiny_dir, processor, records):
+    model = KimiVLForConditionalGeneration.from_pretrained(tiny_dir)
+    args = _args(tiny_dir, tmp_path, vision_pooling={"size": "sum"}, max_steps=20, export_dir="")
+    processor = copy.copy(processor)
+    processor.image_processor = copy.copy(processor.image_processor)
+    processor.image_processor.in_token_limit = 64  # the golden images have 4-40 patches: no resize either way
+    trainer = VisionStageTrainer(model, processor, args, records)
+    assert isinstance(trainer.model.heads["size"], SumPooledHead)
+    assert trainer.model.heads["size"].tokens_ref == 16  # merged tokens (2x2) of a full-budget image
+    assert isinstance(trainer.model.heads["parity"], torch.nn.Sequential)  # the default stays max + mean
+    result = trainer.train()
+    assert result.losses[-1] < 0.3 * result.losses[0], result.losses
+    batch = next(trainer._batches())
+    assert [p["size"] for p in trainer.model.predict(batch["pixel_values"], batch["image_grid_hws"])] == \
+        ["tall", "wide", "small"]
 
 
 def test_tower_learns_labels_and_only_the_tower_changes(tmp_path, tiny_dir, processor, records):
@@ -93,6 +132,9 @@ def test_bad_records_name_the_problem(tmp_path, tiny_dir, processor, images, rec
     (dict(stage="pretrain"), r"stage = 'pretrain' must be one of \('sft', 'vision'\)"),
     (dict(distributed="fsdp2"), "auto, none or ddp with stage vision"),
     (dict(lora=True), "lora is not supported"),
+    (dict(vision_pooling={"size": "median"}), r"vision_pooling\['size'\] = 'median'; expected one of"),
+    (dict(vision_pooling={"colour": "sum"}), "vision_pooling names 'colour', which is not a label set"),
+    (dict(vision_pooling=["sum"]), "vision_pooling must map label-set names"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, tiny_dir, processor, records, kw, message):
     with pytest.raises(ValueError, match=message):
