@@ -40,3 +40,14 @@ def golden_weights(golden_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def configs_dir() -> Path:
     return CONFIGS
+
+
+@pytest.fixture(scope="session")
+def cpu_ext():
+    """kimivl's compiled CPU kernels (kimivl.ops.cpu_kernels), or a skip saying why they are missing."""
+    from kimivl.ops import cpu_kernels
+
+    ext = cpu_kernels.kernels()
+    if ext is None:
+        pytest.skip("kimivl CPU kernels could not be built here (no g++/ninja?) or KIMIVL_CPU_KERNELS=0")
+    return ext

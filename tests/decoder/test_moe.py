@@ -146,12 +146,9 @@ def _bf16_moe(seed: int = 0) -> DeepseekV3MoE:
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 8])
-def test_fused_cpu_experts_match_the_per_expert_path(tokens: int) -> None:
-    from kimivl.ops import cpu_kernels
+def test_fused_cpu_experts_match_the_per_expert_path(cpu_ext, tokens: int) -> None:
     from kimivl.ops.moe import fused_cpu_experts
 
-    if cpu_kernels.kernels() is None:
-        pytest.skip("kimivl CPU kernels could not be built here (no g++/ninja?) or KIMIVL_CPU_KERNELS=0")
     moe = _bf16_moe()
     x = torch.randn(tokens, 64).bfloat16()
     with torch.no_grad():
@@ -175,12 +172,9 @@ def test_fused_cpu_experts_match_the_per_expert_path(tokens: int) -> None:
     assert err_fused <= 0.01 * scale and err_fused <= err_per_expert + 0.004 * scale, (err_fused, err_per_expert)
 
 
-def test_fused_cpu_experts_apply_only_to_small_inference_batches_of_plain_bf16_experts() -> None:
-    from kimivl.ops import cpu_kernels
+def test_fused_cpu_experts_apply_only_to_small_inference_batches_of_plain_bf16_experts(cpu_ext) -> None:
     from kimivl.ops.moe import fused_cpu_experts
 
-    if cpu_kernels.kernels() is None:
-        pytest.skip("kimivl CPU kernels could not be built here (no g++/ninja?) or KIMIVL_CPU_KERNELS=0")
     moe = _bf16_moe()
     x = torch.randn(2, 64).bfloat16()
     with torch.no_grad():

@@ -38,6 +38,15 @@ inline float widen(uint16_t v) {
 }
 inline float widen(float v) { return v; }
 
+#ifdef KIMIVL_MLA_AVX2
+// 8 values as float32: bf16 widened (a 16-bit shift), float32 loaded.
+inline __m256 load8(const uint16_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+#endif
+
 // Rows [t0, t0 + n) of one sequence's cache as float32, D values per row: the rows themselves when the
 // cache is float32 and contiguous per row, else widened into `scratch`.
 template <typename KV>
@@ -51,10 +60,7 @@ const float* rows_as_float(const KV* kv, int64_t ld, int64_t t0, int64_t n, int6
     int64_t k = 0;
 #ifdef KIMIVL_MLA_AVX2
     if constexpr (std::is_same_v<KV, uint16_t>) {
-      for (; k + 8 <= D; k += 8) {
-        __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
-        _mm256_storeu_ps(dst + k, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
-      }
+      for (; k + 8 <= D; k += 8) _mm256_storeu_ps(dst + k, load8(src + k));
     }
 #endif
     for (; k < D; ++k) dst[k] = widen(src[k]);
@@ -208,13 +214,7 @@ void vec_mat(const float* x, const W* w, int64_t K, int64_t N, int64_t ldw, floa
 #ifdef KIMIVL_MLA_AVX2
     const __m256 vx = _mm256_set1_ps(xk);
     for (; i + 8 <= N; i += 8) {
-      __m256 wv;
-      if constexpr (std::is_same_v<W, uint16_t>) {
-        __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i));
-        wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-      } else {
-        wv = _mm256_loadu_ps(row + i);
-      }
+      const __m256 wv = load8(row + i);
       _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vx, wv, _mm256_loadu_ps(y + i)));
     }
 #endif
@@ -232,13 +232,7 @@ void mat_vec(const W* w, const float* x, int64_t N, int64_t K, float* y) {
 #ifdef KIMIVL_MLA_AVX2
     __m256 a = _mm256_setzero_ps();
     for (; k + 8 <= K; k += 8) {
-      __m256 wv;
-      if constexpr (std::is_same_v<W, uint16_t>) {
-        __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k));
-        wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-      } else {
-        wv = _mm256_loadu_ps(row + k);
-      }
+      const __m256 wv = load8(row + k);
       a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k), a);
     }
     alignas(32) float buf[8];
