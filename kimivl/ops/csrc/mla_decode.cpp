@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -90,27 +91,35 @@ inline __m256 exp256(__m256 x) {
 #endif
 
 #ifdef KIMIVL_MLA_AVX2
-// Scores of 4 rows for 8 (TWO: 16) heads starting at h0: broadcast a row value, FMA with the heads' queries.
-template <bool TWO>
+// Scores of ROWS rows for 8 (TWO: 16) heads starting at h0: broadcast a row value, FMA with the heads'
+// queries. 6 rows x 16 heads = 12 accumulators + 2 query vectors + 1 broadcast: all 16 AVX2 registers.
+template <int ROWS, bool TWO>
 void score_block(const float* qt, int64_t H, int64_t h0, const float* r0, int64_t D, float* scores, int64_t n,
                  int64_t t) {
-  __m256 a[4][2];
-  for (int i = 0; i < 4; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
+  __m256 a[ROWS][2];
+  for (int i = 0; i < ROWS; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < D; ++k) {
     const __m256 q0 = _mm256_loadu_ps(qt + k * H + h0);
     const __m256 q1 = TWO ? _mm256_loadu_ps(qt + k * H + h0 + 8) : q0;
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < ROWS; ++i) {
       const __m256 x = _mm256_broadcast_ss(r0 + i * D + k);
       a[i][0] = _mm256_fmadd_ps(q0, x, a[i][0]);
       if (TWO) a[i][1] = _mm256_fmadd_ps(q1, x, a[i][1]);
     }
   }
   alignas(32) float buf[16];
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < ROWS; ++i) {
     _mm256_store_ps(buf, a[i][0]);
     if (TWO) _mm256_store_ps(buf + 8, a[i][1]);
     for (int j = 0; j < (TWO ? 16 : 8); ++j) scores[(h0 + j) * n + t + i] = buf[j];
   }
+}
+
+template <int ROWS>
+void score_rows_block(const float* qt, int64_t H, const float* rows, int64_t D, float* scores, int64_t n, int64_t t) {
+  int64_t h0 = 0;
+  for (; h0 + 16 <= H; h0 += 16) score_block<ROWS, true>(qt, H, h0, rows + t * D, D, scores, n, t);
+  if (h0 < H) score_block<ROWS, false>(qt, H, h0, rows + t * D, D, scores, n, t);
 }
 #endif
 
@@ -119,11 +128,8 @@ void score_rows(const float* qt, int64_t H, const float* rows, int64_t n, int64_
   int64_t t = 0;
 #ifdef KIMIVL_MLA_AVX2
   if (H % 8 == 0) {
-    for (; t + 4 <= n; t += 4) {
-      int64_t h0 = 0;
-      for (; h0 + 16 <= H; h0 += 16) score_block<true>(qt, H, h0, rows + t * D, D, scores, n, t);
-      if (h0 < H) score_block<false>(qt, H, h0, rows + t * D, D, scores, n, t);
-    }
+    for (; t + 6 <= n; t += 6) score_rows_block<6>(qt, H, rows, D, scores, n, t);
+    for (; t + 2 <= n; t += 2) score_rows_block<2>(qt, H, rows, D, scores, n, t);
   }
 #endif
   for (; t < n; ++t)
@@ -273,7 +279,10 @@ torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const 
 
   // 2. Chunks of the cache: local max, sum and weighted latents per head.
   const int64_t chunks = (T + CHUNK - 1) / CHUNK;
-  std::vector<float> part_m(B * chunks * H), part_l(B * chunks * H), part_acc(B * chunks * H * R);
+  std::vector<float> part_m(B * chunks * H), part_l(B * chunks * H);
+  // Every chunk writes its whole slice of part_acc: no zero-filling of B * chunks * H * R floats (4 MiB at 16K).
+  std::unique_ptr<float[]> part_acc_buf(new float[B * chunks * H * R]);
+  float* part_acc = part_acc_buf.get();
   at::parallel_for(0, B * chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> scratch(CHUNK * D), scores(H * CHUNK);
     for (int64_t c = c0; c < c1; ++c) {
@@ -285,7 +294,7 @@ torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const 
           if (!vp[b * T + t0 + t])
             for (int64_t h = 0; h < H; ++h) scores[h * n + t] = -std::numeric_limits<float>::infinity();
       softmax_parts(scores.data(), H, n, part_m.data() + c * H, part_l.data() + c * H);
-      weighted_sum(scores.data(), H, rows, n, D, R, part_acc.data() + c * H * R);
+      weighted_sum(scores.data(), H, rows, n, D, R, part_acc + c * H * R);
     }
   });
 
@@ -306,7 +315,7 @@ torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const 
           if (part_l[at] == 0.f) continue;
           const float f = std::exp(part_m[at] - mx);
           total += f * part_l[at];
-          const float* a = part_acc.data() + at * R;
+          const float* a = part_acc + at * R;
           for (int64_t j = 0; j < R; ++j) lat[j] += f * a[j];
         }
       }
