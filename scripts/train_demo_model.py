@@ -53,19 +53,21 @@ def vision_data(index: int, seed: int = 0, shape_first: int = 4800) -> dict:
     return vision_record(rng, count_share=0.4, ball_share=0.2)
 
 
-def chat_record(index: int, seed: int = 0) -> list[dict]:
-    """Training conversation number ``index``: a weighted task draw, media first (10 %: question first)."""
-    rng = random.Random(f"demo-{seed}-{index}")
-    tasks = next((group for end, group in CHAT_CURRICULUM if index < end), tuple(TASK_WEIGHTS))
-    task = rng.choices(tasks, weights=[TASK_WEIGHTS[t] for t in tasks])[0]
+def _conversation(rng: random.Random, weights: dict[str, float]) -> list[dict]:
+    """A task drawn with ``weights``, its sample as chat messages: media first (10 %: question first)."""
+    task = rng.choices(list(weights), weights=list(weights.values()))[0]
     return sample(task, rng).to_messages(text_first=rng.random() < 0.1)
+
+
+def chat_record(index: int, seed: int = 0) -> list[dict]:
+    """Training conversation number ``index`` of stages 2-3 (the curriculum group of its index)."""
+    tasks = next((group for end, group in CHAT_CURRICULUM if index < end), tuple(TASK_WEIGHTS))
+    return _conversation(random.Random(f"demo-{seed}-{index}"), {t: TASK_WEIGHTS[t] for t in tasks})
 
 
 def focus_record(index: int, seed: int = 0) -> list[dict]:
     """Stage-4 conversation number ``index``: the five tasks with FOCUS_WEIGHTS (its own sample stream)."""
-    rng = random.Random(f"demo-focus-{seed}-{index}")
-    task = rng.choices(list(FOCUS_WEIGHTS), weights=list(FOCUS_WEIGHTS.values()))[0]
-    return sample(task, rng).to_messages(text_first=rng.random() < 0.1)
+    return _conversation(random.Random(f"demo-focus-{seed}-{index}"), FOCUS_WEIGHTS)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """The optional C++ CPU kernels of kimivl (``kimivl/ops/csrc``), built just in time on first use.
 
-Two kernels (``csrc/``, one extension module, ``bindings.cpp``):
+Three kernels (``csrc/``, one extension module, ``bindings.cpp``):
 
 - ``linear_bf16w(x, w)`` — float32 activations (M, K) times bfloat16 weights (N, K) transposed, for the
   few-row shapes of a decode step, where the time is streaming the weights once from memory. torch's own
@@ -10,6 +10,9 @@ Two kernels (``csrc/``, one extension module, ``bindings.cpp``):
   (:mod:`kimivl.ops.mla`) in one pass over the latent cache: chunks of 128 rows per thread, all heads
   scored against each chunk while it sits in L2, a chunk-local softmax merged at the end (flash-decoding),
   bf16 cache rows and W_UK / W_UV widened in registers instead of converted whole every step.
+- ``experts_bf16w(xs, gate, up, down)`` — the chosen experts of a MoE layer for a few tokens
+  (:func:`kimivl.ops.moe.fused_cpu_experts`): every gate/up row as one parallel loop, silu(gate) * up in
+  float32, every down row as another.
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja, ``-O3 -march=native``)
 into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) the first time a bf16 weight meets a
@@ -63,8 +66,13 @@ def _build() -> ModuleType | None:
 def is_built() -> bool:
     """Whether the extension is loaded in this process or compiled in the extensions directory already (so
     :func:`kernels` returns in about a second instead of compiling for a minute)."""
-    if _build.cache_info().currsize:
-        return True
+    return bool(_build.cache_info().currsize) or _compiled_on_disk()
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_on_disk() -> bool:
+    # Looked up once per process: callers ask on every decode step, and only this process's own build
+    # (which fills _build's cache) can change the answer in between.
     try:
         from torch.utils.cpp_extension import _get_build_directory
 

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from kimivl.ops import cpu_kernels
+from kimivl.ops.linear import SMALL_M, Linear
 
 RunExperts = Callable[[list[int], list[torch.Tensor]], list[torch.Tensor]]
 
@@ -57,9 +59,6 @@ def fused_cpu_experts(x: torch.Tensor, experts: Sequence[torch.nn.Module]) -> Ru
     apply: off the CPU, more than :data:`kimivl.ops.linear.SMALL_M` tokens, autograd, experts that are not
     plain bf16 gated-SiLU MLPs (e.g. LoRA-wrapped), or the extension unavailable. The hidden activations
     stay in float32 (the per-expert path rounds them to the input's dtype between the projections)."""
-    from kimivl.ops import cpu_kernels
-    from kimivl.ops.linear import SMALL_M, Linear
-
     if x.device.type != "cpu" or x.shape[0] > SMALL_M:
         return None
     projections = [getattr(experts[0], name, None) for name in ("gate_proj", "up_proj", "down_proj")]
