@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimivl.ops.linear import Linear
+from kimivl.ops.moe import fused_cpu_mlp
 
 
 class DeepseekV3MLP(nn.Module):
@@ -24,4 +25,7 @@ class DeepseekV3MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., hidden_size) -> (..., hidden_size)."""
+        fused = fused_cpu_mlp(x, self)  # a decode step on the CPU: one C++ call (kimivl.ops.moe)
+        if fused is not None:
+            return fused
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -18,7 +18,7 @@ from torch import nn
 
 from kimivl.configuration import DeepseekV3Config
 from kimivl.decoder.mlp import DeepseekV3MLP
-from kimivl.ops.moe import fused_cpu_experts, moe_dispatch
+from kimivl.ops.moe import fused_cpu_moe, moe_dispatch
 from kimivl.ops.routing import route
 
 
@@ -85,7 +85,10 @@ class DeepseekV3MoE(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         topk_idx, topk_weight, _ = self.gate(x)
-        y = moe_dispatch(x, topk_idx, topk_weight, self.experts, fused_cpu_experts(x, self.experts)).view(shape)
+        fused = fused_cpu_moe(x, topk_idx, topk_weight, self.experts, self.shared_experts)
+        if fused is not None:  # a decode step on the CPU: routed + shared experts in one C++ call
+            return fused.view(shape)
+        y = moe_dispatch(x, topk_idx, topk_weight, self.experts).view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(hidden_states)
         return y

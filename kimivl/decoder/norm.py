@@ -2,13 +2,15 @@
 
 Spec: ``shared/reference/kimivl-spec.md`` §4 "RMSNorm". Official name: ``DeepseekV3RMSNorm`` (parameter
 ``weight``). Computed in float32, cast back to the input dtype, then multiplied by the weight, as the
-official code does. ``eps`` is always passed explicitly: ``rms_norm_eps`` for the layer norms, but 1e-6 for
-``kv_a_layernorm`` / ``q_a_layernorm`` (spec §9 item 3).
+official code does (the maths: :func:`kimivl.ops.rms_norm.rms_norm`). ``eps`` is always passed explicitly:
+``rms_norm_eps`` for the layer norms, but 1e-6 for ``kv_a_layernorm`` / ``q_a_layernorm`` (spec §9 item 3).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kimivl.ops.rms_norm import rms_norm
 
 
 class DeepseekV3RMSNorm(nn.Module):
@@ -21,9 +23,7 @@ class DeepseekV3RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., hidden_size) -> same shape and dtype."""
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

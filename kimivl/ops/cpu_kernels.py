@@ -31,7 +31,7 @@ from types import ModuleType
 import torch
 
 logger = logging.getLogger(__name__)
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "linear_bf16w.cpp", "mla_decode.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "linear_bf16w.cpp", "mla_decode.cpp", "rms_norm.cpp")]
 ENV_SWITCH = "KIMIVL_CPU_KERNELS"
 NAME = "kimivl_cpu_kernels"
 

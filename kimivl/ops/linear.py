@@ -19,6 +19,7 @@ from torch import nn
 from kimivl.ops import cpu_kernels
 
 SMALL_M: int = 8  # rows up to which the streaming kernel beats a GEMM (measured: docs/performance.md)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activation dtypes the kernel takes
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,13 +30,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // k if k else 0
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad))
-    if 0 < rows <= SMALL_M and not needs_grad and x.shape[-1] == k:
+    if 0 < rows <= SMALL_M and not needs_grad and x.shape[-1] == k and x.dtype in _KERNEL_DTYPES:
         ext = cpu_kernels.kernels()
-        if ext is not None:
-            y = ext.linear_bf16w(x.reshape(rows, k).float(), weight)
-            if bias is not None:
-                y += bias.float()
-            return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+        if ext is not None:  # one call: the float32 conversion, bias and output rounding happen in C++
+            return ext.linear_bf16w(x, weight, bias)
     if not cpu_kernels.cpu_has_fast_bf16():
         b = bias.float() if bias is not None else None
         return F.linear(x.float(), weight.float(), b).to(x.dtype)

@@ -7,7 +7,8 @@ Tokens are sorted by expert id once, each *active* expert runs one matmul chain 
 and the outputs are put back in (token, slot) order, weighted in float32 and summed over the k slots in
 slot order (the official summation order). One ``bincount(...).tolist()`` per call is the only host sync.
 Deliberate deviation: the same code path serves inference and autograd (the official ``moe_infer`` is
-``@torch.no_grad()``); experts are passed as callables so wrapped experts (e.g. LoRA) keep working.
+``@torch.no_grad()``); experts are passed as callables so wrapped experts (e.g. LoRA) keep working. A decode
+step's few tokens take :func:`fused_cpu_moe` instead (one C++ call, same roundings).
 """
 from __future__ import annotations
 
@@ -18,19 +19,14 @@ import torch
 from kimivl.ops import cpu_kernels
 from kimivl.ops.linear import SMALL_M, Linear
 
-RunExperts = Callable[[list[int], list[torch.Tensor]], list[torch.Tensor]]
-
 
 def moe_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
-                 experts: Sequence[Callable[[torch.Tensor], torch.Tensor]],
-                 run_experts: RunExperts | None = None) -> torch.Tensor:
+                 experts: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
     """Weighted sum of the chosen experts' outputs per token.
 
     x: (T, D). topk_idx: (T, k) int64 in [0, len(experts)). topk_weight: (T, k), float32 in practice.
     experts: E callables mapping (n, D) -> (n, D). Returns (T, D) in ``x.dtype``:
     ``out[t] = sum_j topk_weight[t, j] * experts[topk_idx[t, j]](x[t])`` accumulated in the weights' dtype.
-    run_experts: optional ``(expert ids, their input rows) -> their outputs`` that runs all active experts
-    at once (:func:`fused_cpu_experts`); by default each expert is called on its rows.
     """
     t, k = topk_idx.shape
     flat_idx = topk_idx.reshape(-1)
@@ -40,8 +36,8 @@ def moe_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Ten
     sorted_x = x.index_select(0, order // k)  # (T*k, D): each token once per slot, grouped by expert
 
     ids = [e for e, n in enumerate(counts) if n]
-    inputs = list(sorted_x.split([counts[e] for e in ids])) if ids else []
-    outputs = run_experts(ids, inputs) if run_experts is not None else [experts[e](xs) for e, xs in zip(ids, inputs)]
+    inputs = sorted_x.split([counts[e] for e in ids]) if ids else []
+    outputs = [experts[e](xs) for e, xs in zip(ids, inputs)]
     if not outputs:
         return x.new_zeros(t, x.shape[-1])
     sorted_y = torch.cat(outputs, dim=0)
@@ -52,31 +48,66 @@ def moe_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Ten
     return y.to(x.dtype)
 
 
-def fused_cpu_experts(x: torch.Tensor, experts: Sequence[torch.nn.Module]) -> RunExperts | None:
-    """A ``run_experts`` for :func:`moe_dispatch` that runs all chosen experts in two parallel C++ passes
-    (``experts_bf16w`` of :mod:`kimivl.ops.cpu_kernels`: every gate/up row, then every down row, split
-    evenly over the threads instead of matrix by matrix, no per-expert Python), or None where it does not
-    apply: off the CPU, more than :data:`kimivl.ops.linear.SMALL_M` tokens, autograd, experts that are not
-    plain bf16 gated-SiLU MLPs (e.g. LoRA-wrapped), or the extension unavailable. The hidden activations
-    stay in float32 (the per-expert path rounds them to the input's dtype between the projections)."""
-    if x.device.type != "cpu" or x.shape[0] > SMALL_M:
+def _plain_bf16_mlp(mlp: torch.nn.Module) -> bool:
+    """A gated-SiLU MLP whose three projections are plain bf16 :class:`~kimivl.ops.linear.Linear` layers (not
+    LoRA-wrapped or replaced), so the C++ pass may read their weights directly."""
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        p = getattr(mlp, name, None)
+        if type(p) is not Linear or p.weight.dtype != torch.bfloat16 or p.bias is not None:
+            return False
+    return True
+
+
+def _cpu_inference_rows(x: torch.Tensor, mlps: Sequence[torch.nn.Module]) -> bool:
+    """Whether x is a few-row CPU batch the C++ MLP pass applies to (no autograd on x or the weights)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if not 0 < x.numel() <= SMALL_M * x.shape[-1]:
+        return False
+    return not (torch.is_grad_enabled()
+                and (x.requires_grad or any(m.gate_proj.weight.requires_grad for m in mlps)))
+
+
+def fused_cpu_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                  experts: Sequence[torch.nn.Module], shared: torch.nn.Module | None = None) -> torch.Tensor | None:
+    """A MoE layer's expert part for a few tokens on the CPU in one C++ call (``moe_bf16w`` of
+    :mod:`kimivl.ops.cpu_kernels`), or None where it does not apply.
+
+    Returns ``moe_dispatch(x, topk_idx, topk_weight, experts) + shared(x)`` (the shared term only with
+    ``shared``) with the same roundings: each expert's output in x's dtype, weighted and summed in float32
+    in slot order, rounded, the shared output added and rounded. Inside, the gate and up rows of every
+    chosen expert (and the shared one) are one parallel loop and every down row another, so the threads split
+    all the weights evenly and no per-expert Python runs; the hidden activations stay in float32 (the module
+    path rounds them to x's dtype between the projections). Applies on the CPU to at most
+    :data:`kimivl.ops.linear.SMALL_M` tokens without autograd, when every expert involved is a plain bf16
+    MLP (:func:`_plain_bf16_mlp`) and the extension is available.
+    """
+    if not _cpu_inference_rows(x, [experts[0]]) or not _plain_bf16_mlp(experts[0]):
         return None
-    projections = [getattr(experts[0], name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    if not all(type(p) is Linear and p.weight.dtype == torch.bfloat16 for p in projections):
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.weight.requires_grad for p in projections)):
+    ids = sorted(set(topk_idx.reshape(-1).tolist()))
+    if ids and not 0 <= ids[0] <= ids[-1] < len(experts):
+        raise ValueError(f"expert ids {ids[0]}..{ids[-1]} chosen for a layer of {len(experts)} experts")
+    mlps = [experts[e] for e in ids] + ([shared] if shared is not None else [])
+    if not all(_plain_bf16_mlp(m) for m in mlps):
         return None
     ext = cpu_kernels.kernels()
     if ext is None:
         return None
+    return ext.moe_bf16w(x, topk_idx, topk_weight.float(), ids, [m.gate_proj.weight for m in mlps],
+                         [m.up_proj.weight for m in mlps], [m.down_proj.weight for m in mlps],
+                         int(shared is not None))
 
-    def run(ids: list[int], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        chosen = [experts[e] for e in ids]
-        if any(type(m.gate_proj) is not Linear or type(m.up_proj) is not Linear or type(m.down_proj) is not Linear
-               for m in chosen):
-            return [m(xs) for m, xs in zip(chosen, inputs)]
-        ys = ext.experts_bf16w([xs.float() for xs in inputs], [m.gate_proj.weight for m in chosen],
-                               [m.up_proj.weight for m in chosen], [m.down_proj.weight for m in chosen])
-        return [y.to(x.dtype) for y in ys]
 
-    return run
+def fused_cpu_mlp(x: torch.Tensor, mlp: torch.nn.Module) -> torch.Tensor | None:
+    """``mlp(x)`` for a few rows on the CPU in one C++ call (the same pass as :func:`fused_cpu_moe`, one MLP
+    applied to every row), or None where it does not apply (as there)."""
+    if not _cpu_inference_rows(x, [mlp]) or not _plain_bf16_mlp(mlp):
+        return None
+    ext = cpu_kernels.kernels()
+    if ext is None:
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    none = torch.empty(x2.shape[0], 0, dtype=torch.int64)
+    y = ext.moe_bf16w(x2, none, none.float(), [], [mlp.gate_proj.weight], [mlp.up_proj.weight],
+                      [mlp.down_proj.weight], 1)
+    return y.view(x.shape)

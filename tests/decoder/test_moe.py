@@ -131,12 +131,13 @@ def test_moe_output_is_routed_plus_unscaled_shared(golden_dir: Path) -> None:
         torch.testing.assert_close(moe(x), routed + moe.shared_experts(x), atol=1e-6, rtol=1e-6)
 
 
-# --- the fused CPU expert pass (kimivl.ops.moe.fused_cpu_experts, C++ experts_bf16w) --------------------------
-def _bf16_moe(seed: int = 0) -> DeepseekV3MoE:
+# --- the fused CPU pass (kimivl.ops.moe.fused_cpu_moe / fused_cpu_mlp, C++ moe_bf16w) -----------------------
+def _bf16_moe(seed: int = 0, shared: int = 1) -> DeepseekV3MoE:
     cfg = DeepseekV3Config.from_dict({
         "hidden_size": 64, "moe_intermediate_size": 40, "n_routed_experts": 8, "num_experts_per_tok": 3,
-        "n_shared_experts": 1, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 1, "topk_group": 1,
-        "norm_topk_prob": True, "routed_scaling_factor": 2.0, "num_attention_heads": 4, "vocab_size": 32})
+        "n_shared_experts": shared, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 1,
+        "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.0, "num_attention_heads": 4,
+        "vocab_size": 32})
     torch.manual_seed(seed)
     moe = DeepseekV3MoE(cfg)
     for p in moe.parameters():
@@ -145,49 +146,126 @@ def _bf16_moe(seed: int = 0) -> DeepseekV3MoE:
     return moe.to(torch.bfloat16).eval()
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 8])
-def test_fused_cpu_experts_match_the_per_expert_path(cpu_ext, tokens: int) -> None:
-    from kimivl.ops.moe import fused_cpu_experts
+def _module_path(monkeypatch) -> None:
+    """Experts and MLPs called as modules run their three projections (no fused C++ MLP pass)."""
+    import kimivl.decoder.mlp as mlp_module
 
-    moe = _bf16_moe()
-    x = torch.randn(tokens, 64).bfloat16()
+    monkeypatch.setattr(mlp_module, "fused_cpu_mlp", lambda *args: None)
+
+
+def _mlp64(m, x: torch.Tensor) -> torch.Tensor:
+    """A gated-SiLU MLP in float64 on its (bf16) weights."""
+    h = torch.nn.functional.silu(x @ m.gate_proj.weight.double().T) * (x @ m.up_proj.weight.double().T)
+    return h @ m.down_proj.weight.double().T
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_fused_cpu_moe_matches_the_module_path(cpu_ext, monkeypatch, tokens: int, shared: int) -> None:
+    from kimivl.ops.moe import fused_cpu_moe
+
+    moe = _bf16_moe(shared=shared)
+    x = torch.randn(1, tokens, 64).bfloat16()
     with torch.no_grad():
-        run = fused_cpu_experts(x, moe.experts)
-        assert run is not None
-        idx, weight, _ = moe.gate(x)
-        fused = moe_dispatch(x, idx, weight, moe.experts, run)
-        per_expert = moe_dispatch(x, idx, weight, moe.experts)
-        # float64 reference on the same bf16 weights
+        idx, weight, _ = moe.gate(x.view(-1, 64))
+        assert fused_cpu_moe(x.view(-1, 64), idx, weight, moe.experts, moe.shared_experts) is not None
+        fused = moe(x)
+        _module_path(monkeypatch)
+        per_expert = moe_dispatch(x.view(-1, 64), idx, weight, moe.experts).view_as(x)
+        if moe.shared_experts is not None:
+            per_expert = per_expert + moe.shared_experts(x)
         ref = torch.zeros(tokens, 64, dtype=torch.float64)
         for t in range(tokens):
+            xt = x[0, t].double()
             for e, w in zip(idx[t].tolist(), weight[t].tolist()):
-                m = moe.experts[e]
-                h = torch.nn.functional.silu(x[t].double() @ m.gate_proj.weight.double().T) * \
-                    (x[t].double() @ m.up_proj.weight.double().T)
-                ref[t] += w * (h @ m.down_proj.weight.double().T)
-    assert fused.dtype == torch.bfloat16 and fused.shape == (tokens, 64)
+                ref[t] += w * _mlp64(moe.experts[e], xt)
+            if moe.shared_experts is not None:
+                ref[t] += _mlp64(moe.shared_experts, xt)
+    assert fused.dtype == torch.bfloat16 and fused.shape == x.shape
     scale = ref.abs().max()
-    # the fused pass keeps the hidden activations in float32: closer to float64 than the per-expert path
-    err_fused, err_per_expert = (fused.double() - ref).abs().max(), (per_expert.double() - ref).abs().max()
-    assert err_fused <= 0.01 * scale and err_fused <= err_per_expert + 0.004 * scale, (err_fused, err_per_expert)
+    # the fused pass keeps the hidden activations in float32: at least as close to float64 as the module path
+    err_fused = (fused[0].double() - ref).abs().max()
+    err_module = (per_expert[0].double() - ref).abs().max()
+    assert err_fused <= 0.01 * scale and err_fused <= err_module + 0.004 * scale, (err_fused, err_module)
 
 
-def test_fused_cpu_experts_apply_only_to_small_inference_batches_of_plain_bf16_experts(cpu_ext) -> None:
-    from kimivl.ops.moe import fused_cpu_experts
+def test_fused_cpu_moe_rounds_like_the_module_path_given_the_same_expert_outputs(cpu_ext, monkeypatch) -> None:
+    # Experts with one hidden unit of exactly 512 (silu(128) = 128 in float32, times 4) and outputs 512 * w
+    # (exact in bf16) isolate the combine step: weighted sum in float32 in slot order, rounded to bf16, the
+    # shared output added and rounded. Bit for bit.
+    from kimivl.ops.moe import fused_cpu_moe
+
+    moe = _bf16_moe(shared=1)
+    with torch.no_grad():
+        for m in [*moe.experts, moe.shared_experts]:
+            for proj in (m.gate_proj, m.up_proj, m.down_proj):
+                proj.weight.zero_()
+        x = torch.zeros(2, 64).bfloat16()
+        x[:, 0] = 32.0
+        g = torch.Generator().manual_seed(5)
+        for m in [*moe.experts, moe.shared_experts]:
+            m.gate_proj.weight[0, 0], m.up_proj.weight[0, 0] = 4.0, 0.125
+            m.down_proj.weight[:, 0] = torch.randn(64, generator=g).bfloat16()
+        idx = torch.tensor([[0, 5, 2], [7, 1, 3]])
+        weight = torch.rand(2, 3, generator=g) * 2
+        fused = fused_cpu_moe(x, idx, weight, moe.experts, moe.shared_experts)
+        _module_path(monkeypatch)
+        module = moe_dispatch(x, idx, weight, moe.experts) + moe.shared_experts(x)
+    assert torch.equal(fused, module)
+
+
+def test_fused_cpu_mlp_is_the_dense_mlp(cpu_ext) -> None:
+    from kimivl.decoder.mlp import DeepseekV3MLP
+    from kimivl.ops.moe import fused_cpu_mlp
+
+    torch.manual_seed(0)
+    mlp = DeepseekV3MLP(64, 96)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.15)
+    mlp = mlp.bfloat16().eval()
+    x = torch.randn(2, 3, 64).bfloat16()
+    with torch.no_grad():
+        y = fused_cpu_mlp(x, mlp)
+        assert y is not None and y.shape == x.shape and y.dtype == torch.bfloat16
+        assert torch.equal(mlp(x), y)  # the module takes the fused path itself
+        ref = _mlp64(mlp, x.double())
+        assert (y.double() - ref).abs().max() <= 0.01 * ref.abs().max()
+        assert fused_cpu_mlp(torch.randn(9, 64).bfloat16(), mlp) is None  # > SMALL_M rows: GEMMs
+
+
+def test_fused_cpu_moe_applies_only_to_small_inference_batches_of_plain_bf16_experts(cpu_ext) -> None:
+    from kimivl.ops.moe import fused_cpu_moe
 
     moe = _bf16_moe()
     x = torch.randn(2, 64).bfloat16()
     with torch.no_grad():
-        assert fused_cpu_experts(x, moe.experts) is not None
-        assert fused_cpu_experts(torch.randn(9, 64).bfloat16(), moe.experts) is None  # > SMALL_M tokens: GEMMs
-        assert fused_cpu_experts(x, moe.float().experts) is None  # float32 weights
-    moe = _bf16_moe()
-    assert fused_cpu_experts(x, moe.experts) is None  # autograd on (the weights require grad)
+        idx, weight, _ = moe.gate(x)
+        assert fused_cpu_moe(x, idx, weight, moe.experts, moe.shared_experts) is not None
+        x9 = torch.randn(9, 64).bfloat16()
+        idx9, weight9, _ = moe.gate(x9)
+        assert fused_cpu_moe(x9, idx9, weight9, moe.experts) is None  # > SMALL_M tokens: GEMMs
+        moe32 = _bf16_moe().float()
+        assert fused_cpu_moe(x.float(), idx, weight, moe32.experts) is None  # float32 weights
+    assert fused_cpu_moe(x, idx, weight, moe.experts) is None  # autograd on (the weights require grad)
     with torch.no_grad():
-        moe.experts[0].gate_proj = torch.nn.Linear(64, 40, bias=False).bfloat16()  # a wrapped/replaced projection
-        assert fused_cpu_experts(x, moe.experts) is None
-        moe.experts[0].gate_proj, wrapped = moe.experts[1].gate_proj, moe.experts[2]
-        moe.experts[2].up_proj = torch.nn.Linear(64, 40, bias=False).bfloat16()  # only a chosen expert is wrapped
-        run = fused_cpu_experts(x, moe.experts)
-        outs = run([1, 2], [x[:1], x[1:]])
-        torch.testing.assert_close(outs[1], wrapped(x[1:]))  # that expert ran as a module
+        chosen = idx[0, 0].item()
+        moe.experts[chosen].gate_proj = torch.nn.Linear(64, 40, bias=False).bfloat16()  # a wrapped/replaced projection
+        assert fused_cpu_moe(x, idx, weight, moe.experts) is None
+        torch.testing.assert_close(moe(x), moe_dispatch(x, idx, weight, moe.experts) + moe.shared_experts(x))
+        with pytest.raises(ValueError, match="expert ids 0..8 chosen for a layer of 8 experts"):
+            fused_cpu_moe(x, torch.tensor([[0, 8, 1], [1, 2, 3]]), weight, _bf16_moe().experts)
+
+
+def test_moe_bf16w_names_bad_input(cpu_ext) -> None:
+    moe = _bf16_moe()
+    x = torch.randn(2, 64).bfloat16()
+    idx, weight = torch.tensor([[0, 1, 2], [1, 2, 3]]), torch.rand(2, 3)
+    ws = [[m.gate_proj.weight for m in moe.experts[:4]], [m.up_proj.weight for m in moe.experts[:4]],
+          [m.down_proj.weight for m in moe.experts[:4]]]
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="expert 3 is chosen but not among the 3 ids"):
+            cpu_ext.moe_bf16w(x, idx, weight, [0, 1, 2], *(w[:3] for w in ws), 0)
+        with pytest.raises(RuntimeError, match="4 routed ids \\+ 1 shared MLPs but 4 gate"):
+            cpu_ext.moe_bf16w(x, idx, weight, [0, 1, 2, 3], *ws, 1)
+        with pytest.raises(RuntimeError, match="topk_idx \\(T, k\\) int64"):
+            cpu_ext.moe_bf16w(x, idx[:1], weight, [0, 1, 2, 3], *ws, 0)

@@ -35,12 +35,29 @@ def test_kernel_matches_float64_on_the_bf16_weights(ext, m, n, k):
     assert ((y.double() - ref).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernel_takes_bf16_activations_of_any_shape_and_answers_in_their_dtype(ext, bias):
+    # One call does what the Python route did around it: convert to float32, add the bias in float32, round.
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 96, generator=g).bfloat16()
+    w = torch.randn(40, 96, generator=g).bfloat16()
+    b = torch.randn(40, generator=g).bfloat16() if bias else None
+    y = ext.linear_bf16w(x, w, b)
+    want = ext.linear_bf16w(x.reshape(6, 96).float(), w)
+    if b is not None:
+        want = want + b.float()
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 40)
+    assert torch.equal(y, want.bfloat16().view(2, 3, 40))
+
+
 def test_kernel_rejects_bad_input_with_the_shapes(ext):
     w = torch.randn(4, 8).bfloat16()
     with pytest.raises(RuntimeError, match="x has 9 features, w expects 8"):
         ext.linear_bf16w(torch.randn(2, 9), w)
     with pytest.raises(RuntimeError, match="w must be bfloat16"):
         ext.linear_bf16w(torch.randn(2, 8), w.float())
+    with pytest.raises(RuntimeError, match=r"bias must be \(4\), got \[5\]"):
+        ext.linear_bf16w(torch.randn(2, 8), w, torch.randn(5))
 
 
 @pytest.mark.parametrize("rows", [1, SMALL_M, SMALL_M + 1, 64])

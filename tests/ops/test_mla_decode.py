@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kimivl.ops import cpu_kernels
-from kimivl.ops.mla import absorbed_mla_attention
+from kimivl.ops.mla import absorbed_mla_attention, split_kv_b_weight
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,24 @@ def test_kernel_matches_float64(ext, shape, kv_dtype, w_dtype):
     out = ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.125, None)
     assert out.dtype == torch.float32 and out.shape == (shape[0], shape[1], shape[-1])
     torch.testing.assert_close(out.double(), _reference(q_nope, q_pe, kv, w_uk, w_uv, 0.125), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+def test_split_views_of_kv_b_proj_are_read_in_place(ext, w_dtype):
+    # The model passes W_UK / W_UV as strided views of kv_b_proj.weight (per head: nope rows, then v rows);
+    # the kernel reads them without a copy and must give exactly what contiguous copies give.
+    h, nope, v, r = 16, 32, 24, 64
+    q_nope, q_pe, kv, _, _ = _inputs(2, h, 150, nope, 16, r, v, torch.float32, w_dtype)
+    weight = (torch.randn(h * (nope + v), r, generator=torch.Generator().manual_seed(3)) / r ** 0.5).to(w_dtype)
+    w_uk, w_uv = split_kv_b_weight(weight, h, nope, v)
+    assert not w_uk.is_contiguous() and not w_uv.is_contiguous()
+    out = ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.1, None)
+    assert torch.equal(out, ext.mla_decode(q_nope, q_pe, kv, w_uk.contiguous(), w_uv.contiguous(), 0.1, None))
+    torch.testing.assert_close(out.double(), _reference(q_nope, q_pe, kv, w_uk, w_uv, 0.1), rtol=1e-4, atol=1e-5)
+    # rows that are not contiguous themselves (a column slice) are copied, and still right
+    wide = torch.randn(h, v, 2 * r, generator=torch.Generator().manual_seed(4)).to(w_dtype)[..., ::2]
+    torch.testing.assert_close(ext.mla_decode(q_nope, q_pe, kv, w_uk, wide, 0.1, None).double(),
+                               _reference(q_nope, q_pe, kv, w_uk, wide, 0.1), rtol=1e-4, atol=1e-5)
 
 
 def test_masked_keys_are_ignored_and_a_fully_masked_sequence_gives_zeros(ext):

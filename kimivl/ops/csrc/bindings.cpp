@@ -1,19 +1,26 @@
 // The Python module of kimivl's CPU kernels (kimivl/ops/cpu_kernels.py builds it).
 #include <torch/extension.h>
 
-torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w);
-std::vector<torch::Tensor> experts_bf16w(const std::vector<torch::Tensor>& xs, const std::vector<torch::Tensor>& gate,
-                                         const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down);
+torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias);
+torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
+                        const std::vector<int64_t>& ids, const std::vector<torch::Tensor>& gate,
+                        const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down,
+                        int64_t n_shared);
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 bool has_avx2();
 torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
                          const torch::Tensor& w_uk, const torch::Tensor& w_uv, double scale,
                          const c10::optional<torch::Tensor>& valid);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_bf16w", &linear_bf16w, "x (M, K) float32 @ w (N, K) bfloat16 .T -> (M, N) float32");
-  m.def("experts_bf16w", &experts_bf16w,
-        "down(silu(gate x) * up x) for several experts in two parallel passes: xs[e] (M_e, K) float32, "
-        "gate/up[e] (I, K), down[e] (K, I) bfloat16 -> [(M_e, K) float32]");
+  m.def("linear_bf16w", &linear_bf16w, "x (..., K) float32 or bfloat16 @ w (N, K) bfloat16 .T (+ bias) -> (..., N) "
+        "in x's dtype, accumulated in float32", pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none());
+  m.def("moe_bf16w", &moe_bf16w,
+        "a MoE layer's experts for a few tokens in two parallel passes: x (T, D) float32 or bfloat16, topk_idx / "
+        "topk_weight (T, k), ids = the chosen experts (sorted), gate/up/down = their bfloat16 weights followed by "
+        "n_shared shared (or dense) MLPs applied to every token -> (T, D) in x's dtype");
+  m.def("rms_norm", &rms_norm, "weight * (x / sqrt(mean(x^2) + eps)) in float32, rounded to x's dtype before the "
+        "weight, output in the promoted dtype (DeepseekV3RMSNorm's roundings)");
   m.def("has_avx2", &has_avx2, "whether the AVX2+FMA path was compiled in");
   m.def("mla_decode", &mla_decode,
         "one absorbed-MLA decode step: q_nope (B, H, nope), q_pe (B, H, rope) float32, kv (B, T, r + rope), "

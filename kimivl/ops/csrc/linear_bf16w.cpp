@@ -2,8 +2,9 @@
 // step shape, where the cost is streaming w from memory once. Each bf16 weight is widened to float32 in
 // registers (a 16-bit shift) and accumulated in float32; w is read exactly once per block of 4 rows of x.
 // Rows of w are split across torch's intra-op threads. An AVX2+FMA path and a portable scalar path.
-// experts_bf16w runs the routed experts of a MoE layer for a few tokens the same way: the gate and up rows
-// of every chosen expert as one parallel loop, silu(gate) * up in float32, then every down row as another.
+// moe_bf16w runs a MoE layer's chosen and shared experts (or a dense MLP) for a few tokens the same way:
+// the gate and up rows of every MLP as one parallel loop, silu(gate) * up in float32, then every down row
+// as another, and the routed outputs weighted and summed with the roundings of the PyTorch path.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -42,14 +43,16 @@ inline void widen16(const uint16_t* p, __m256& lo, __m256& hi) {
   hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16));
 }
 
-// R rows of w against MB rows of x; acc[r][m] holds two vectors (halves of a 16-wide step).
+// R rows of w against MB rows of x; acc[r][m] holds two vectors (halves of a 16-wide step). `pf` is the
+// offset (in elements) of the next block the thread will read, prefetched one cache line per row and step:
+// with rows of 2-6 KB every row is its own page, where the hardware prefetcher keeps restarting (measured
+// with 2 threads: 13-16 -> 17-20 GB/s on 1408-11264 x 2048 weights). 0 = nothing left to prefetch.
 template <int R, int MB>
-void block(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y, int64_t ldy) {
+void block(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y, int64_t ldy, int64_t pf) {
   __m256 acc[R][MB][2];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
+  auto step = [&](int64_t k) {
     for (int r = 0; r < R; ++r) {
       __m256 lo, hi;
       widen16(w + r * K + k, lo, hi);
@@ -58,7 +61,14 @@ void block(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y, 
         acc[r][m][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + m * ldx + k + 8), acc[r][m][1]);
       }
     }
+  };
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {  // 32 bf16 = one 64-byte line per row
+    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + pf + r * K + k), _MM_HINT_T0);
+    step(k);
+    step(k + 16);
   }
+  for (; k + 16 <= K; k += 16) step(k);
   for (int r = 0; r < R; ++r) {
     for (int m = 0; m < MB; ++m) {
       float s = hsum(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
@@ -86,17 +96,19 @@ void rows(const float* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, 
     const int64_t mb = std::min<int64_t>(4, M - m0);
     const float* xm = x + m0 * ldx;
     float* ym = y + m0 * ldy;
+    // Prefetch the next block of the same pass; the last block re-touches its own lines (harmless).
+    auto next = [&](int64_t n, int64_t r) { return n + 2 * r <= n1 ? r * K : 0; };
     int64_t n = n0;
     if (mb == 1) {
-      for (; n + 4 <= n1; n += 4) block<4, 1>(xm, ldx, w + n * K, K, ym + n, ldy);
-      for (; n < n1; ++n) block<1, 1>(xm, ldx, w + n * K, K, ym + n, ldy);
+      for (; n + 4 <= n1; n += 4) block<4, 1>(xm, ldx, w + n * K, K, ym + n, ldy, next(n, 4));
+      for (; n < n1; ++n) block<1, 1>(xm, ldx, w + n * K, K, ym + n, ldy, next(n, 1));
     } else if (mb == 2) {
-      for (; n + 2 <= n1; n += 2) block<2, 2>(xm, ldx, w + n * K, K, ym + n, ldy);
-      for (; n < n1; ++n) block<1, 2>(xm, ldx, w + n * K, K, ym + n, ldy);
+      for (; n + 2 <= n1; n += 2) block<2, 2>(xm, ldx, w + n * K, K, ym + n, ldy, next(n, 2));
+      for (; n < n1; ++n) block<1, 2>(xm, ldx, w + n * K, K, ym + n, ldy, next(n, 1));
     } else if (mb == 3) {
-      for (; n < n1; ++n) block<1, 3>(xm, ldx, w + n * K, K, ym + n, ldy);
+      for (; n < n1; ++n) block<1, 3>(xm, ldx, w + n * K, K, ym + n, ldy, next(n, 1));
     } else {
-      for (; n < n1; ++n) block<1, 4>(xm, ldx, w + n * K, K, ym + n, ldy);
+      for (; n < n1; ++n) block<1, 4>(xm, ldx, w + n * K, K, ym + n, ldy, next(n, 1));
     }
   }
 #else
@@ -106,15 +118,31 @@ void rows(const float* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, 
 
 }  // namespace
 
-torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w) {
+namespace {
+
+// Activations as float32 (M, K): a view of x when it is float32 already, else a converted copy.
+torch::Tensor as_float_rows(const torch::Tensor& x, int64_t K) {
+  return x.reshape({-1, K}).to(torch::kFloat32).contiguous();
+}
+
+// v rounded to `dtype` and back (the rounding a PyTorch op in that dtype applies to its output).
+inline float round_to(float v, bool bf16) { return bf16 ? static_cast<float>(c10::BFloat16(v)) : v; }
+
+}  // namespace
+
+torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "linear_bf16w: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "linear_bf16w: x (M, K) and w (N, K), got ", x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "linear_bf16w: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 2, "linear_bf16w: x (..., K) and w (N, K), got ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
+              "linear_bf16w: x must be float32 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "linear_bf16w: w must be bfloat16, got ", w.scalar_type());
-  TORCH_CHECK(x.size(1) == w.size(1), "linear_bf16w: x has ", x.size(1), " features, w expects ", w.size(1));
-  auto xc = x.contiguous();
+  TORCH_CHECK(x.size(-1) == w.size(1), "linear_bf16w: x has ", x.size(-1), " features, w expects ", w.size(1));
+  const int64_t K = w.size(1), N = w.size(0);
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == N), "linear_bf16w: bias must be (", N,
+              "), got ", bias.has_value() ? bias->sizes() : torch::IntArrayRef{});
+  auto xc = as_float_rows(x, K);
   auto wc = w.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
+  const int64_t M = xc.size(0);
   auto y = torch::empty({M, N}, xc.options());
   const float* xp = xc.data_ptr<float>();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
@@ -122,7 +150,10 @@ torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w) {
   // ~64 KB of weights per task: big enough to amortise scheduling, small enough to balance.
   const int64_t grain = std::max<int64_t>(4, (32768 / std::max<int64_t>(K, 1)) & ~int64_t(3));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows(xp, K, M, wp, K, n0, n1, yp, N); });
-  return y;
+  if (bias.has_value()) y.add_(bias->to(torch::kFloat32));  // in float32, before the output's rounding
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  return y.to(x.scalar_type()).view(sizes);
 }
 
 namespace {
@@ -164,44 +195,118 @@ const uint16_t* bf16_ptr(const torch::Tensor& w) {
 
 }  // namespace
 
-std::vector<torch::Tensor> experts_bf16w(const std::vector<torch::Tensor>& xs, const std::vector<torch::Tensor>& gate,
-                                         const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down) {
-  const size_t E = xs.size();
-  TORCH_CHECK(gate.size() == E && up.size() == E && down.size() == E, "experts_bf16w: ", E, " inputs but ",
-              gate.size(), " gate, ", up.size(), " up and ", down.size(), " down weights");
-  std::vector<torch::Tensor> xc(E), g(E), u(E), d(E), h(E), y(E);
-  std::vector<Segment> first, second;
-  for (size_t e = 0; e < E; ++e) {
-    TORCH_CHECK(xs[e].device().is_cpu() && xs[e].dim() == 2 && xs[e].scalar_type() == torch::kFloat32,
-                "experts_bf16w: input ", e, " must be a float32 (M, K) CPU tensor, got ", xs[e].sizes());
-    for (const auto* w : {&gate[e], &up[e], &down[e]})
+torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
+                        const std::vector<int64_t>& ids, const std::vector<torch::Tensor>& gate,
+                        const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down,
+                        int64_t n_shared) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
+                  (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "moe_bf16w: x must be a float32 or bfloat16 (T, D) CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  const int64_t T = x.size(0), D = x.size(1);
+  TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.size(0) == T && topk_idx.scalar_type() == torch::kInt64 &&
+                  topk_weight.sizes() == topk_idx.sizes() && topk_weight.scalar_type() == torch::kFloat32,
+              "moe_bf16w: topk_idx (T, k) int64 and topk_weight (T, k) float32 with T = ", T, ", got ",
+              topk_idx.sizes(), " and ", topk_weight.sizes());
+  const int64_t k = topk_idx.size(1), P = static_cast<int64_t>(ids.size());
+  TORCH_CHECK(n_shared >= 0 && static_cast<int64_t>(gate.size()) == P + n_shared && up.size() == gate.size() &&
+                  down.size() == gate.size(),
+              "moe_bf16w: ", P, " routed ids + ", n_shared, " shared MLPs but ", gate.size(), " gate, ", up.size(),
+              " up and ", down.size(), " down weights");
+  const size_t Q = gate.size();
+  for (size_t q = 0; q < Q; ++q) {
+    for (const auto* w : {&gate[q], &up[q], &down[q]})
       TORCH_CHECK(w->device().is_cpu() && w->dim() == 2 && w->scalar_type() == torch::kBFloat16,
-                  "experts_bf16w: expert ", e, " weights must be bfloat16 (N, K) CPU tensors");
-    const int64_t M = xs[e].size(0), K = xs[e].size(1), I = gate[e].size(0);
-    TORCH_CHECK(gate[e].size(1) == K && up[e].size(0) == I && up[e].size(1) == K && down[e].size(0) == K &&
-                    down[e].size(1) == I,
-                "experts_bf16w: expert ", e, ": x ", xs[e].sizes(), ", gate ", gate[e].sizes(), ", up ", up[e].sizes(),
-                ", down ", down[e].sizes(), " do not agree");
-    xc[e] = xs[e].contiguous();
-    g[e] = gate[e].contiguous();
-    u[e] = up[e].contiguous();
-    d[e] = down[e].contiguous();
-    h[e] = torch::empty({2, M, I}, xc[e].options());  // gate and up outputs
-    y[e] = torch::empty({M, K}, xc[e].options());
-    float* hp = h[e].data_ptr<float>();
-    first.push_back({xc[e].data_ptr<float>(), M, K, I, bf16_ptr(g[e]), hp});
-    first.push_back({xc[e].data_ptr<float>(), M, K, I, bf16_ptr(u[e]), hp + M * I});
+                  "moe_bf16w: MLP ", q, " weights must be bfloat16 (N, K) CPU tensors");
+    const int64_t I = gate[q].size(0);
+    TORCH_CHECK(gate[q].size(1) == D && up[q].size(0) == I && up[q].size(1) == D && down[q].size(0) == D &&
+                    down[q].size(1) == I,
+                "moe_bf16w: MLP ", q, ": x ", x.sizes(), ", gate ", gate[q].sizes(), ", up ", up[q].sizes(), ", down ",
+                down[q].sizes(), " do not agree");
+  }
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  auto x32 = as_float_rows(x, D);
+  const float* xp = x32.data_ptr<float>();
+  auto idx = topk_idx.contiguous();
+  auto wts = topk_weight.contiguous();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const float* wp = wts.data_ptr<float>();
+
+  // Which routed MLP and which of its input rows every (token, slot) pair is, in (token, slot) order.
+  std::vector<std::vector<int64_t>> members(P);
+  std::vector<int64_t> slot_mlp(T * k), slot_row(T * k);
+  for (int64_t i = 0; i < T * k; ++i) {
+    const auto it = std::lower_bound(ids.begin(), ids.end(), ip[i]);
+    TORCH_CHECK(it != ids.end() && *it == ip[i], "moe_bf16w: expert ", ip[i], " is chosen but not among the ", P,
+                " ids given (sorted, unique)");
+    const int64_t p = it - ids.begin();
+    slot_mlp[i] = p;
+    slot_row[i] = static_cast<int64_t>(members[p].size());
+    members[p].push_back(i / k);
+  }
+  // Inputs (gathered token rows for routed MLPs, every token for shared ones), hidden and output buffers.
+  std::vector<torch::Tensor> xs(Q), h(Q), y(Q);
+  std::vector<Segment> first, second;
+  for (size_t q = 0; q < Q; ++q) {
+    const int64_t I = gate[q].size(0);
+    if (static_cast<int64_t>(q) < P) {
+      const auto& rows_of = members[q];
+      xs[q] = torch::empty({static_cast<int64_t>(rows_of.size()), D}, x32.options());
+      float* dst = xs[q].data_ptr<float>();
+      for (size_t r = 0; r < rows_of.size(); ++r) std::memcpy(dst + r * D, xp + rows_of[r] * D, D * sizeof(float));
+    } else {
+      xs[q] = x32;
+    }
+    const int64_t M = xs[q].size(0);
+    h[q] = torch::empty({2, M, I}, x32.options());  // gate and up outputs
+    y[q] = torch::empty({M, D}, x32.options());
+    float* hp = h[q].data_ptr<float>();
+    first.push_back({xs[q].data_ptr<float>(), M, D, I, bf16_ptr(gate[q]), hp});
+    first.push_back({xs[q].data_ptr<float>(), M, D, I, bf16_ptr(up[q]), hp + M * I});
   }
   run_segments(first);
-  for (size_t e = 0; e < E; ++e) {
-    const int64_t M = xc[e].size(0), I = g[e].size(0);
-    float* gp = h[e].data_ptr<float>();
+  for (size_t q = 0; q < Q; ++q) {
+    const int64_t M = xs[q].size(0), I = gate[q].size(0);
+    float* gp = h[q].data_ptr<float>();
     const float* upp = gp + M * I;
     for (int64_t i = 0; i < M * I; ++i) gp[i] = gp[i] / (1.f + std::exp(-gp[i])) * upp[i];  // silu(gate) * up
-    second.push_back({gp, M, I, xc[e].size(1), bf16_ptr(d[e]), y[e].data_ptr<float>()});
+    second.push_back({gp, M, I, D, bf16_ptr(down[q]), y[q].data_ptr<float>()});
   }
   run_segments(second);
-  return y;
+
+  // Combine as the PyTorch path rounds: each expert's output in x's dtype, weighted and summed over the
+  // slots in slot order in float32, rounded; then each shared MLP's output (rounded) added and rounded.
+  auto out = torch::empty({T, D}, x.options());
+  std::vector<float> acc(D);
+  for (int64_t t = 0; t < T; ++t) {
+    bool started = false;
+    if (k > 0) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t i = t * k + j;
+        const float w = wp[i];
+        const float* src = y[slot_mlp[i]].data_ptr<float>() + slot_row[i] * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] += round_to(src[d], bf16) * w;
+      }
+      for (int64_t d = 0; d < D; ++d) acc[d] = round_to(acc[d], bf16);
+      started = true;
+    }
+    for (int64_t q = P; q < static_cast<int64_t>(Q); ++q) {
+      const float* src = y[q].data_ptr<float>() + t * D;
+      for (int64_t d = 0; d < D; ++d) {
+        const float s = round_to(src[d], bf16);
+        acc[d] = started ? round_to(acc[d] + s, bf16) : s;
+      }
+      started = true;
+    }
+    if (!started) std::fill(acc.begin(), acc.end(), 0.f);
+    if (bf16) {
+      auto* op = out.data_ptr<at::BFloat16>() + t * D;
+      for (int64_t d = 0; d < D; ++d) op[d] = c10::BFloat16(acc[d]);
+    } else {
+      std::memcpy(out.data_ptr<float>() + t * D, acc.data(), D * sizeof(float));
+    }
+  }
+  return out;
 }
 
 bool has_avx2() {

@@ -228,11 +228,11 @@ void vec_mat(const float* x, const W* w, int64_t K, int64_t N, int64_t ldw, floa
   }
 }
 
-// y[i] = w[i] . x for i < N (a (N, K) matrix times a vector), w float or bf16.
+// y[i] = w[i] . x for i < N (a (N, K) matrix with row stride ldw times a vector), w float or bf16.
 template <typename W>
-void mat_vec(const W* w, const float* x, int64_t N, int64_t K, float* y) {
+void mat_vec(const W* w, const float* x, int64_t N, int64_t K, int64_t ldw, float* y) {
   for (int64_t i = 0; i < N; ++i) {
-    const W* row = w + i * K;
+    const W* row = w + i * ldw;
     int64_t k = 0;
     float s = 0.f;
 #ifdef KIMIVL_MLA_AVX2
@@ -262,6 +262,8 @@ torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const 
   const W* wk = reinterpret_cast<const W*>(w_uk.data_ptr());
   const W* wv = reinterpret_cast<const W*>(w_uv.data_ptr());
   const int64_t kv_batch = kv.stride(0), kv_row = kv.stride(1);
+  // W_UK / W_UV are strided views of kv_b_proj.weight (heads interleave their nope and v rows): read in place.
+  const int64_t wk_head = w_uk.stride(0), wk_row = w_uk.stride(1), wv_head = w_uv.stride(0), wv_row = w_uv.stride(1);
   const bool* vp = valid.has_value() ? valid->data_ptr<bool>() : nullptr;
   const float fscale = static_cast<float>(scale);
 
@@ -271,7 +273,7 @@ torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const 
     std::vector<float> row(D);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
-      vec_mat(qn + (b * H + h) * NOPE, wk + h * NOPE * R, NOPE, R, R, row.data());
+      vec_mat(qn + (b * H + h) * NOPE, wk + h * wk_head, NOPE, R, wk_row, row.data());
       for (int64_t k = 0; k < ROPE; ++k) row[R + k] = qp[(b * H + h) * ROPE + k];
       for (int64_t k = 0; k < D; ++k) qt[(b * D + k) * H + h] = row[k] * fscale;
     }
@@ -322,7 +324,7 @@ torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const 
       // A sequence with no visible key gets zeros (the PyTorch path would give NaN from softmax(-inf)).
       const float inv = total > 0.f ? 1.f / total : 0.f;
       for (int64_t j = 0; j < R; ++j) lat[j] *= inv;
-      mat_vec(wv + h * V * R, lat.data(), V, R, op + (b * H + h) * V);
+      mat_vec(wv + h * wv_head, lat.data(), V, R, wv_row, op + (b * H + h) * V);
     }
   });
   return out;
@@ -356,7 +358,9 @@ torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe,
                 "mla_decode: valid must be bool (B, T) = (", B, ", ", kv.size(1), "), got ", valid->sizes());
     mask = valid->contiguous();
   }
-  auto qn = q_nope.contiguous(), qp = q_pe.contiguous(), wk = w_uk.contiguous(), wv = w_uv.contiguous();
+  // Weights only need contiguous rows (the split views of kv_b_proj.weight have them): no per-step copy.
+  auto rows_contiguous = [](const torch::Tensor& w) { return w.stride(2) == 1 ? w : w.contiguous(); };
+  auto qn = q_nope.contiguous(), qp = q_pe.contiguous(), wk = rows_contiguous(w_uk), wv = rows_contiguous(w_uv);
   const bool kv16 = kv.scalar_type() == torch::kBFloat16, w16 = wk.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(kv16 || kv.scalar_type() == torch::kFloat32, "mla_decode: the cache must be float32 or bfloat16");
   TORCH_CHECK(w16 || wk.scalar_type() == torch::kFloat32, "mla_decode: W_UK / W_UV must be float32 or bfloat16");

@@ -1,0 +1,32 @@
+"""RMSNorm as a pure function: ``weight * (x / sqrt(mean(x^2) + eps))`` with DeepSeek-V3's roundings.
+
+Spec: ``shared/reference/kimivl-spec.md`` §4 "RMSNorm". Normalised in float32, cast back to the input dtype,
+then multiplied by the weight (output in the promoted dtype), as the official ``DeepseekV3RMSNorm`` does.
+
+A decode step normalises a single row per sequence, where the PyTorch form's eight tensor ops cost more in
+dispatch than in arithmetic. So on the CPU, without autograd and for up to
+:data:`kimivl.ops.linear.SMALL_M` rows, it is one call into the C++ kernel ``rms_norm`` of
+:mod:`kimivl.ops.cpu_kernels` (the mean square summed in float64; same roundings otherwise). As for the other
+kernels, bf16 inputs build the extension on first use and float32 ones use it only once it is built.
+"""
+from __future__ import annotations
+
+import torch
+
+from kimivl.ops import cpu_kernels
+from kimivl.ops.linear import SMALL_M
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: (..., D); weight: (D,). Returns (..., D) in ``promote_types(x.dtype, weight.dtype)``."""
+    if (x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and weight.dtype in _KERNEL_DTYPES
+            and 0 < x.numel() <= SMALL_M * x.shape[-1]
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        ext = cpu_kernels.kernels(build=torch.bfloat16 in (x.dtype, weight.dtype))
+        if ext is not None:
+            return ext.rms_norm(x, weight, eps)
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
