@@ -31,7 +31,8 @@ from types import ModuleType
 import torch
 
 logger = logging.getLogger(__name__)
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "linear_bf16w.cpp", "mla_decode.cpp", "rms_norm.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("bindings.cpp", "linear_bf16w.cpp", "mla_decode.cpp", "rms_norm.cpp", "rope.cpp")]
 ENV_SWITCH = "KIMIVL_CPU_KERNELS"
 NAME = "kimivl_cpu_kernels"
 
@@ -55,7 +56,7 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        return load(NAME, [str(s) for s in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        return load(NAME, [str(s) for s in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: the PyTorch paths serve instead
         logger.warning("kimivl CPU kernels unavailable (%s: %s); using the PyTorch paths", type(exc).__name__,

@@ -95,5 +95,7 @@ def _fused_cpu_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor
     ext = cpu_kernels.kernels(build=w_uk.dtype == torch.bfloat16)
     if ext is None:
         return None
-    out = ext.mla_decode(q_nope[:, :, 0].float(), q_pe[:, :, 0].float(), kv, w_uk, w_uv, float(softmax_scale), valid)
-    return out.to(q_nope.dtype).view(b, 1, h * w_uv.shape[1])
+    if q_nope.dtype not in dtypes or q_pe.dtype != q_nope.dtype:
+        return None
+    out = ext.mla_decode(q_nope[:, :, 0], q_pe[:, :, 0], kv, w_uk, w_uv, float(softmax_scale), valid)  # q's dtype
+    return out.view(b, 1, h * w_uv.shape[1])

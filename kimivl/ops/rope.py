@@ -9,16 +9,21 @@ by ``pos * theta^(-2i/dim)``. Like the official code, :func:`apply_rope` first d
 channels, then odd ones) and then applies rotate-half, so its output is in the de-interleaved order. Scores
 do not depend on that order (q and k get the same permutation), but a KV cache of rotated ``k_pe`` does.
 
-Deliberate deviations: no cached tables and no module state; tables are computed from ``position_ids``
-(once per forward, by the caller) instead of being indexed from a precomputed ``max_position_embeddings``
-table, which gives the same fp32 values (``pos * inv_freq`` is one fp32 product either way).
+Deliberate deviations: no cached cos/sin tables and no module state (only the few inverse frequencies
+are cached per configuration); tables are computed from ``position_ids`` (once per forward, by the caller) instead of being indexed from a precomputed ``max_position_embeddings``
+table, which gives the same fp32 values (``pos * inv_freq`` is one fp32 product either way). A decode step's few
+rows on the CPU are rotated by the C++ kernel ``rope_rotate`` (same maths and roundings, one call).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import torch
+
+from kimivl.ops import cpu_kernels
+from kimivl.ops.linear import SMALL_M
 
 
 def _yarn_get_mscale(scale: float, mscale: float) -> float:
@@ -98,13 +103,31 @@ def rope_cos_sin(position_ids: torch.Tensor, dim: int, theta: float,
     position_ids: (B, S) integer. Returns ``cos, sin``: (B, S, dim) in ``dtype``, where channel ``j`` and
     ``j + dim/2`` both carry pair ``j``'s angle ``pos * inv_freq[j]``. Computed in float32, then cast.
     """
-    inv_freq, scale = rope_inv_freq(dim, theta, rope_scaling, device=position_ids.device)
+    inv_freq, scale = _inv_freq_for(dim, theta, rope_scaling, position_ids.device)
     freqs = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq  # (B, S, dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos(), emb.sin()
     if scale != 1.0:
         cos, sin = cos * scale, sin * scale
     return cos.to(dtype), sin.to(dtype)
+
+
+def _inv_freq_for(dim: int, theta: float, rope_scaling: dict[str, Any] | None,
+                  device: torch.device) -> tuple[torch.Tensor, float]:
+    """:func:`rope_inv_freq`, computed once per (dim, theta, scaling, device): every forward of the decoder
+    asks for it, and a decode step would otherwise spend ~6 tensor ops rebuilding the same few numbers."""
+    try:
+        key = tuple(sorted(rope_scaling.items())) if rope_scaling else None
+        hash(key)
+    except TypeError:  # unhashable values in an unusual rope_scaling: compute it every time
+        return rope_inv_freq(dim, theta, rope_scaling, device=device)
+    return _cached_inv_freq(dim, float(theta), key, str(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_inv_freq(dim: int, theta: float, key: tuple | None, device: str) -> tuple[torch.Tensor, float]:
+    with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+        return rope_inv_freq(dim, theta, dict(key) if key else None, device=device)
 
 
 def deinterleave(x: torch.Tensor) -> torch.Tensor:
@@ -119,8 +142,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x: (B, H, S, D) with the checkpoint's interleaved channel order. cos, sin: (B, S, D) from
     :func:`rope_cos_sin`. Returns (B, H, S, D): ``[x_even, x_odd] * cos + [-x_odd, x_even] * sin``.
     """
+    if _kernel_applies(x, cos, sin):
+        ext = cpu_kernels.kernels(build=x.dtype == torch.bfloat16)
+        if ext is not None:
+            return ext.rope_rotate(x, cos, sin)
     x = deinterleave(x)
     cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # broadcast over heads
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def _kernel_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether :func:`apply_rope` may take the C++ ``rope_rotate`` of :mod:`kimivl.ops.cpu_kernels` (same maths
+    and roundings in one call instead of ~12 tensor ops): a decode step's few rows on the CPU, no autograd."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
+            and cos.dtype == sin.dtype == x.dtype and cos.shape == sin.shape == (x.shape[0], *x.shape[2:])
+            and x.shape[0] * x.shape[2] <= SMALL_M
+            and not (torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)))

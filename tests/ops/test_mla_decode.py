@@ -52,6 +52,14 @@ def test_kernel_matches_float64(ext, shape, kv_dtype, w_dtype):
     torch.testing.assert_close(out.double(), _reference(q_nope, q_pe, kv, w_uk, w_uv, 0.125), rtol=1e-4, atol=1e-5)
 
 
+def test_bf16_queries_are_computed_in_float32_and_answered_in_bf16(ext):
+    q_nope, q_pe, kv, w_uk, w_uv = _inputs(2, 16, 70, 32, 16, 64, 32, torch.float32, torch.bfloat16)
+    q_nope, q_pe = q_nope.bfloat16(), q_pe.bfloat16()
+    out = ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.1, None)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, ext.mla_decode(q_nope.float(), q_pe.float(), kv, w_uk, w_uv, 0.1, None).bfloat16())
+
+
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
 def test_split_views_of_kv_b_proj_are_read_in_place(ext, w_dtype):
     # The model passes W_UK / W_UV as strided views of kv_b_proj.weight (per head: nope rows, then v rows);
@@ -112,7 +120,8 @@ def test_autograd_and_several_queries_take_the_pytorch_path(ext):
 
 @pytest.mark.parametrize("change, message", [
     (lambda a: {**a, "kv": a["kv"][..., :-1]}, "shapes do not agree"),
-    (lambda a: {**a, "q_nope": a["q_nope"].double()}, "queries must be float32"),
+    (lambda a: {**a, "q_nope": a["q_nope"].double()}, "queries must both be float32 or both bfloat16, got Double"),
+    (lambda a: {**a, "q_nope": a["q_nope"].bfloat16()}, "queries must both be float32 or both bfloat16"),
     (lambda a: {**a, "valid": torch.ones(1, 3, dtype=torch.bool)}, r"valid must be bool \(B, T\) = \(1, 20\)"),
     (lambda a: {**a, "kv": a["kv"].half()}, "cache must be float32 or bfloat16"),
     (lambda a: {**a, "kv": a["kv"].transpose(1, 2)}, "shapes do not agree|rows must be contiguous"),

@@ -137,3 +137,46 @@ def test_yarn_matches_transformers() -> None:
     inv_freq, scale = rope_inv_freq(64, 10000.0, YARN_V3)
     torch.testing.assert_close(inv_freq, ref_inv.float(), atol=0, rtol=1e-6)
     assert scale == pytest.approx(ref_attention_factor)
+
+
+# --- the C++ decode-step kernel (kimivl/ops/csrc/rope.cpp) ------------------------------------------------------
+def _pytorch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, monkeypatch) -> torch.Tensor:
+    monkeypatch.setenv("KIMIVL_CPU_KERNELS", "0")
+    try:
+        return apply_rope(x, cos, sin)
+    finally:
+        monkeypatch.delenv("KIMIVL_CPU_KERNELS")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 16, 1, 64), (2, 1, 1, 64), (3, 4, 2, 8)])
+def test_rope_kernel_equals_the_pytorch_ops_bit_for_bit(cpu_ext, monkeypatch, dtype, shape) -> None:
+    b, h, s, d = shape
+    g = torch.Generator().manual_seed(d * s + h)
+    x = (torch.randn(shape, generator=g) * 4).to(dtype)
+    pos = torch.randint(0, 5000, (b, s), generator=g)
+    cos, sin = rope_cos_sin(pos, d, 50000.0, dtype=dtype)
+    with torch.no_grad():
+        fast = apply_rope(x, cos, sin)
+    assert torch.equal(fast, cpu_ext.rope_rotate(x, cos, sin))  # the kernel ran
+    assert torch.equal(fast, _pytorch_rope(x, cos, sin, monkeypatch))  # same products and sums, same roundings
+
+
+def test_rope_kernel_applies_only_to_few_rows_without_autograd(cpu_ext, monkeypatch) -> None:
+    from kimivl.ops.rope import _kernel_applies
+
+    x = torch.randn(1, 4, 1, 8)
+    cos, sin = rope_cos_sin(torch.tensor([[3]]), 8, 10000.0)
+    assert _kernel_applies(x, cos, sin)
+    assert not _kernel_applies(x.requires_grad_(), cos, sin)  # training keeps the differentiable ops
+    many = torch.randn(1, 4, 9, 8)
+    cos9, sin9 = rope_cos_sin(torch.arange(9)[None], 8, 10000.0)
+    assert not _kernel_applies(many, cos9, sin9)  # a prefill: the vectorised PyTorch ops
+    assert not _kernel_applies(x.detach().bfloat16(), cos, sin)  # mixed dtypes
+
+
+def test_rope_kernel_names_bad_input(cpu_ext) -> None:
+    with pytest.raises(RuntimeError, match=r"x \(B, H, S, D\) with D even"):
+        cpu_ext.rope_rotate(torch.randn(1, 2, 1, 7), torch.randn(1, 1, 7), torch.randn(1, 1, 7))
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        cpu_ext.rope_rotate(torch.randn(1, 2, 1, 8), torch.randn(1, 1, 8).bfloat16(), torch.randn(1, 1, 8))

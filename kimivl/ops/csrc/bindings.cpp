@@ -7,6 +7,7 @@ torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, c
                         const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down,
                         int64_t n_shared);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+torch::Tensor rope_rotate(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 bool has_avx2();
 torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
                          const torch::Tensor& w_uk, const torch::Tensor& w_uv, double scale,
@@ -23,6 +24,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "weight, output in the promoted dtype (DeepseekV3RMSNorm's roundings)");
   m.def("has_avx2", &has_avx2, "whether the AVX2+FMA path was compiled in");
   m.def("mla_decode", &mla_decode,
-        "one absorbed-MLA decode step: q_nope (B, H, nope), q_pe (B, H, rope) float32, kv (B, T, r + rope), "
-        "w_uk (H, nope, r), w_uv (H, v, r), scale, valid (B, T) bool or None -> (B, H, v) float32");
+        "one absorbed-MLA decode step: q_nope (B, H, nope), q_pe (B, H, rope) float32 or bfloat16, kv (B, T, r + "
+        "rope), w_uk (H, nope, r), w_uv (H, v, r), scale, valid (B, T) bool or None -> (B, H, v) in q's dtype");
+  m.def("rope_rotate", &rope_rotate,
+        "RoPE on interleaved channel pairs, answered in rotate-half order: x (B, H, S, D), cos / sin (B, S, D) -> "
+        "(B, H, S, D) in x's dtype, each product and the sum rounded to it as the PyTorch ops do");
 }
