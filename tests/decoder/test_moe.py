@@ -160,7 +160,7 @@ def _mlp64(m, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("shared", [0, 1])
-@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 40])
 def test_fused_cpu_moe_matches_the_module_path(cpu_ext, monkeypatch, tokens: int, shared: int) -> None:
     from kimivl.ops.moe import fused_cpu_moe
 
@@ -234,16 +234,17 @@ def test_fused_cpu_mlp_is_the_dense_mlp(cpu_ext) -> None:
 
 
 def test_fused_cpu_moe_applies_only_to_small_inference_batches_of_plain_bf16_experts(cpu_ext) -> None:
-    from kimivl.ops.moe import fused_cpu_moe
+    from kimivl.ops.moe import MOE_FUSED_MAX_TOKENS, fused_cpu_moe
 
     moe = _bf16_moe()
     x = torch.randn(2, 64).bfloat16()
     with torch.no_grad():
         idx, weight, _ = moe.gate(x)
         assert fused_cpu_moe(x, idx, weight, moe.experts, moe.shared_experts) is not None
-        x9 = torch.randn(9, 64).bfloat16()
-        idx9, weight9, _ = moe.gate(x9)
-        assert fused_cpu_moe(x9, idx9, weight9, moe.experts) is None  # > SMALL_M tokens: GEMMs
+        big = torch.randn(MOE_FUSED_MAX_TOKENS + 1, 64).bfloat16()
+        idx_big, weight_big, _ = moe.gate(big)
+        assert fused_cpu_moe(big, idx_big, weight_big, moe.experts) is None  # a prefill: per-expert GEMMs
+        assert fused_cpu_moe(big[:-1], idx_big[:-1], weight_big[:-1], moe.experts) is not None
         moe32 = _bf16_moe().float()
         assert fused_cpu_moe(x.float(), idx, weight, moe32.experts) is None  # float32 weights
     assert fused_cpu_moe(x, idx, weight, moe.experts) is None  # autograd on (the weights require grad)

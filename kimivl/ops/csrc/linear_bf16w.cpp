@@ -92,23 +92,30 @@ void scalar_rows(const float* x, int64_t ldx, int64_t M, const uint16_t* w, int6
 void rows(const float* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, int64_t n0, int64_t n1, float* y,
           int64_t ldy) {
 #ifdef KIMIVL_AVX2
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    const int64_t mb = std::min<int64_t>(4, M - m0);
-    const float* xm = x + m0 * ldx;
-    float* ym = y + m0 * ldy;
-    // Prefetch the next block of the same pass; the last block re-touches its own lines (harmless).
-    auto next = [&](int64_t n, int64_t r) { return n + 2 * r <= n1 ? r * K : 0; };
-    int64_t n = n0;
-    if (mb == 1) {
-      for (; n + 4 <= n1; n += 4) block<4, 1>(xm, ldx, w + n * K, K, ym + n, ldy, next(n, 4));
-      for (; n < n1; ++n) block<1, 1>(xm, ldx, w + n * K, K, ym + n, ldy, next(n, 1));
-    } else if (mb == 2) {
-      for (; n + 2 <= n1; n += 2) block<2, 2>(xm, ldx, w + n * K, K, ym + n, ldy, next(n, 2));
-      for (; n < n1; ++n) block<1, 2>(xm, ldx, w + n * K, K, ym + n, ldy, next(n, 1));
-    } else if (mb == 3) {
-      for (; n < n1; ++n) block<1, 3>(xm, ldx, w + n * K, K, ym + n, ldy, next(n, 1));
-    } else {
-      for (; n < n1; ++n) block<1, 4>(xm, ldx, w + n * K, K, ym + n, ldy, next(n, 1));
+  // Blocks of 4 weight rows; every block of up to 4 activation rows runs against a weight block while it is
+  // in L1, so the weights stream from memory once whatever M is (an expert's 2-8 tokens, a shared expert's 8).
+  // While the first activation block runs, the next weight block is prefetched.
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int64_t nr = std::min<int64_t>(4, n1 - n);
+    const int64_t ahead = n + 8 <= n1 ? 4 * K : 0;  // offset of the next full block, 0 = none
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t mb = std::min<int64_t>(4, M - m0), pf = m0 == 0 ? ahead : 0;
+      const float* xm = x + m0 * ldx;
+      float* ym = y + m0 * ldy + n;
+      const uint16_t* wn = w + n * K;
+      if (mb == 1 && nr == 4) {
+        block<4, 1>(xm, ldx, wn, K, ym, ldy, pf);
+      } else if (mb == 2) {
+        int64_t r = 0;
+        for (; r + 2 <= nr; r += 2) block<2, 2>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
+        for (; r < nr; ++r) block<1, 2>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
+      } else {
+        for (int64_t r = 0; r < nr; ++r) {
+          if (mb == 1) block<1, 1>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
+          else if (mb == 3) block<1, 3>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
+          else block<1, 4>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
+        }
+      }
     }
   }
 #else
