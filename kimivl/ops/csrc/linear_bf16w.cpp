@@ -77,6 +77,43 @@ void block(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y, 
     }
   }
 }
+
+// R rows of w against MB = 3-4 rows of x, 8 columns per step: R * MB accumulators (8 for 2 x 4) and one
+// widened weight vector per row, so each step loads R + MB vectors for R * MB FMAs (the 16-wide block<1, 4>
+// loads 9 for 8 and was bound by its loads at 4+ rows).
+template <int R, int MB>
+void block8(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y, int64_t ldy, int64_t pf) {
+  __m256 acc[R][MB];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    if ((k & 31) == 0)
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + pf + r * K + k), _MM_HINT_T0);
+    __m256 wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      wv[r] = _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k))), 16));
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      float s = hsum(acc[r][m]);
+      for (int64_t kk = k; kk < K; ++kk) s += bf16_to_float(w[r * K + kk]) * x[m * ldx + kk];
+      y[m * ldy + r] = s;
+    }
+}
 #endif
 
 void scalar_rows(const float* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, int64_t n0, int64_t n1,
@@ -109,11 +146,17 @@ void rows(const float* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, 
         int64_t r = 0;
         for (; r + 2 <= nr; r += 2) block<2, 2>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
         for (; r < nr; ++r) block<1, 2>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
+      } else if (mb == 1) {
+        for (int64_t r = 0; r < nr; ++r) block<1, 1>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
       } else {
-        for (int64_t r = 0; r < nr; ++r) {
-          if (mb == 1) block<1, 1>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
-          else if (mb == 3) block<1, 3>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
-          else block<1, 4>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
+        int64_t r = 0;
+        for (; r + 2 <= nr; r += 2) {
+          if (mb == 3) block8<2, 3>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
+          else block8<2, 4>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
+        }
+        for (; r < nr; ++r) {
+          if (mb == 3) block8<1, 3>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
+          else block8<1, 4>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
         }
       }
     }
