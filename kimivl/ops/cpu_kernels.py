@@ -1,18 +1,25 @@
 """The optional C++ CPU kernels of kimivl (``kimivl/ops/csrc``), built just in time on first use.
 
-Three kernels (``csrc/``, one extension module, ``bindings.cpp``):
+Five kernels (``csrc/``, one extension module, ``bindings.cpp``), all for inference on the CPU:
 
-- ``linear_bf16w(x, w)`` — float32 activations (M, K) times bfloat16 weights (N, K) transposed, for the
-  few-row shapes of a decode step, where the time is streaming the weights once from memory. torch's own
-  bf16 GEMV streams 7-11 GB/s on an AVX2 CPU, its float32 GEMV 12-13 GB/s (of twice the bytes); this one
-  15-20 GB/s of bf16 (docs/performance.md).
+- ``linear_bf16w(x, w, bias=None)`` — activations (..., K) in float32 or bf16 times bfloat16 weights (N, K)
+  transposed, answered in x's dtype, for the few-row shapes of a decode step, where the time is streaming the
+  weights once from memory: widened in registers, float32 accumulation, the next block of weight rows
+  prefetched (rows of 2-6 KB are each their own page, where the hardware prefetcher keeps restarting).
+  torch's own bf16 GEMV streams 7-11 GB/s on an AVX2 CPU; this one 17-20 GB/s (docs/performance.md).
+- ``moe_bf16w(x, topk_idx, topk_weight, ids, gate, up, down, n_shared)`` — a MoE layer's chosen and shared
+  experts (or one dense MLP) for up to 128 tokens in one call (:func:`kimivl.ops.moe.fused_cpu_moe`,
+  :func:`~kimivl.ops.moe.fused_cpu_mlp`): every gate/up row of every MLP as one parallel loop, silu(gate) *
+  up in float32, every down row as another, then the routed outputs weighted and summed with the roundings
+  of the module path.
 - ``mla_decode(q_nope, q_pe, kv, w_uk, w_uv, scale, valid)`` — one absorbed-MLA decode step
   (:mod:`kimivl.ops.mla`) in one pass over the latent cache: chunks of 128 rows per thread, all heads
   scored against each chunk while it sits in L2, a chunk-local softmax merged at the end (flash-decoding),
-  bf16 cache rows and W_UK / W_UV widened in registers instead of converted whole every step.
-- ``experts_bf16w(xs, gate, up, down)`` — the chosen experts of a MoE layer for a few tokens
-  (:func:`kimivl.ops.moe.fused_cpu_experts`): every gate/up row as one parallel loop, silu(gate) * up in
-  float32, every down row as another.
+  bf16 cache rows and W_UK / W_UV (read in place from ``kv_b_proj.weight``) widened in registers.
+- ``rms_norm(x, weight, eps)`` and ``rope_rotate(x, cos, sin)`` — a decode step's RMSNorm and RoPE in one
+  call each instead of ~8-12 tensor ops of dispatch (:mod:`kimivl.ops.rms_norm`, :mod:`kimivl.ops.rope`),
+  with the PyTorch forms' roundings (``rope_rotate`` bit for bit; the extension is built with
+  ``-ffp-contract=off`` so a product and a sum stay two roundings).
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja, ``-O3 -march=native``)
 into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) the first time a bf16 weight meets a
