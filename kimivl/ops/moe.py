@@ -71,8 +71,8 @@ def _cpu_inference_rows(x: torch.Tensor, mlps: Sequence[torch.nn.Module], max_ro
         return False
     if not 0 < x.numel() <= max_rows * x.shape[-1]:
         return False
-    return not (torch.is_grad_enabled()
-                and (x.requires_grad or any(m.gate_proj.weight.requires_grad for m in mlps)))
+    return not (torch.is_grad_enabled() and (x.requires_grad or any(
+        getattr(m, name).weight.requires_grad for m in mlps for name in ("gate_proj", "up_proj", "down_proj"))))
 
 
 def fused_cpu_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
@@ -95,7 +95,8 @@ def fused_cpu_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Te
     if ids and not 0 <= ids[0] <= ids[-1] < len(experts):
         raise ValueError(f"expert ids {ids[0]}..{ids[-1]} chosen for a layer of {len(experts)} experts")
     mlps = [experts[e] for e in ids] + ([shared] if shared is not None else [])
-    if not all(_plain_bf16_mlp(m) for m in mlps):
+    # every MLP involved: one trainable expert among frozen ones must keep its autograd path
+    if not all(_plain_bf16_mlp(m) for m in mlps) or not _cpu_inference_rows(x, mlps, MOE_FUSED_MAX_TOKENS):
         return None
     ext = cpu_kernels.kernels()
     if ext is None:

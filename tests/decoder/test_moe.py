@@ -248,6 +248,12 @@ def test_fused_cpu_moe_applies_only_to_small_inference_batches_of_plain_bf16_exp
         moe32 = _bf16_moe().float()
         assert fused_cpu_moe(x.float(), idx, weight, moe32.experts) is None  # float32 weights
     assert fused_cpu_moe(x, idx, weight, moe.experts) is None  # autograd on (the weights require grad)
+    for p in moe.parameters():
+        p.requires_grad_(False)
+    moe.experts[idx[1, 2].item()].down_proj.weight.requires_grad_(True)  # one trainable chosen expert
+    assert fused_cpu_moe(x, idx, weight, moe.experts) is None
+    moe.experts[idx[1, 2].item()].down_proj.weight.requires_grad_(False)
+    assert fused_cpu_moe(x, idx, weight, moe.experts) is not None  # all frozen: inference even with grad on
     with torch.no_grad():
         chosen = idx[0, 0].item()
         moe.experts[chosen].gate_proj = torch.nn.Linear(64, 40, bias=False).bfloat16()  # a wrapped/replaced projection
