@@ -58,10 +58,17 @@ def _plain_bf16_mlp(mlp: torch.nn.Module) -> bool:
     return True
 
 
-# Tokens up to which a MoE layer's experts run in the C++ pass rather than as per-expert GEMMs on upcast
-# weights (no bf16 GEMM on such CPUs): each expert then sees ~tokens * top_k / 64 rows. Measured on the
-# real-width layer (2 threads, AVX2): 1.3-1.5x faster at 16-192 tokens, even at 256, slower at 384.
+# Tokens up to which a MoE layer's experts run in the C++ pass on a CPU without a bf16 GEMM, where the
+# alternative is per-expert float32 GEMMs on upcast weights: each expert then sees ~tokens * top_k / 64 rows.
+# Measured on the real-width layer (2 threads, AVX2): 1.3-1.5x faster at 16-192 tokens, even at 256, slower
+# at 384. Where torch has a bf16 GEMM (AVX512-BF16 / AMX: ~1 TFLOP/s on 2 Zen 5 cores) its GEMMs win beyond
+# the few-row decode shapes, so the pass stops at SMALL_M there (:func:`moe_fused_max_tokens`).
 MOE_FUSED_MAX_TOKENS: int = 128
+
+
+def moe_fused_max_tokens() -> int:
+    """Tokens up to which :func:`fused_cpu_moe` applies on this CPU (see ``MOE_FUSED_MAX_TOKENS``)."""
+    return SMALL_M if cpu_kernels.cpu_has_fast_bf16() else MOE_FUSED_MAX_TOKENS
 
 
 def _cpu_inference_rows(x: torch.Tensor, mlps: Sequence[torch.nn.Module], max_rows: int = SMALL_M) -> bool:
@@ -86,17 +93,17 @@ def fused_cpu_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Te
     chosen expert (and the shared one) are one parallel loop and every down row another, so the threads split
     all the weights evenly and no per-expert Python runs; the hidden activations stay in float32 (the module
     path rounds them to x's dtype between the projections). Applies on the CPU to at most
-    :data:`MOE_FUSED_MAX_TOKENS` tokens without autograd, when every expert involved is a plain bf16 MLP
+    :func:`moe_fused_max_tokens` tokens without autograd, when every expert involved is a plain bf16 MLP
     (:func:`_plain_bf16_mlp`) and the extension is available.
     """
-    if not _cpu_inference_rows(x, [experts[0]], MOE_FUSED_MAX_TOKENS) or not _plain_bf16_mlp(experts[0]):
+    if not _cpu_inference_rows(x, [experts[0]], moe_fused_max_tokens()) or not _plain_bf16_mlp(experts[0]):
         return None
     ids = sorted(set(topk_idx.reshape(-1).tolist()))
     if ids and not 0 <= ids[0] <= ids[-1] < len(experts):
         raise ValueError(f"expert ids {ids[0]}..{ids[-1]} chosen for a layer of {len(experts)} experts")
     mlps = [experts[e] for e in ids] + ([shared] if shared is not None else [])
     # every MLP involved: one trainable expert among frozen ones must keep its autograd path
-    if not all(_plain_bf16_mlp(m) for m in mlps) or not _cpu_inference_rows(x, mlps, MOE_FUSED_MAX_TOKENS):
+    if not all(_plain_bf16_mlp(m) for m in mlps) or not _cpu_inference_rows(x, mlps, moe_fused_max_tokens()):
         return None
     ext = cpu_kernels.kernels()
     if ext is None:

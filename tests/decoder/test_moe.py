@@ -8,6 +8,7 @@ import torch
 
 from kimivl.configuration import DeepseekV3Config, KimiVLConfig
 from kimivl.decoder import DeepseekV3ForCausalLM, DeepseekV3MLP, DeepseekV3MoE, MoEGate
+from kimivl.ops.linear import SMALL_M
 from kimivl.ops.moe import moe_dispatch
 
 ATOL = RTOL = 1e-4  # float32 activations vs the official implementation (golden README)
@@ -234,14 +235,14 @@ def test_fused_cpu_mlp_is_the_dense_mlp(cpu_ext) -> None:
 
 
 def test_fused_cpu_moe_applies_only_to_small_inference_batches_of_plain_bf16_experts(cpu_ext) -> None:
-    from kimivl.ops.moe import MOE_FUSED_MAX_TOKENS, fused_cpu_moe
+    from kimivl.ops.moe import fused_cpu_moe, moe_fused_max_tokens
 
     moe = _bf16_moe()
     x = torch.randn(2, 64).bfloat16()
     with torch.no_grad():
         idx, weight, _ = moe.gate(x)
         assert fused_cpu_moe(x, idx, weight, moe.experts, moe.shared_experts) is not None
-        big = torch.randn(MOE_FUSED_MAX_TOKENS + 1, 64).bfloat16()
+        big = torch.randn(moe_fused_max_tokens() + 1, 64).bfloat16()
         idx_big, weight_big, _ = moe.gate(big)
         assert fused_cpu_moe(big, idx_big, weight_big, moe.experts) is None  # a prefill: per-expert GEMMs
         assert fused_cpu_moe(big[:-1], idx_big[:-1], weight_big[:-1], moe.experts) is not None
@@ -276,3 +277,13 @@ def test_moe_bf16w_names_bad_input(cpu_ext) -> None:
             cpu_ext.moe_bf16w(x, idx, weight, [0, 1, 2, 3], *ws, 1)
         with pytest.raises(RuntimeError, match="topk_idx \\(T, k\\) int64"):
             cpu_ext.moe_bf16w(x, idx[:1], weight, [0, 1, 2, 3], *ws, 0)
+
+
+def test_the_fused_moe_limit_follows_the_cpus_bf16_gemm(monkeypatch) -> None:
+    from kimivl.ops import cpu_kernels
+    from kimivl.ops import moe as moe_ops
+
+    monkeypatch.setattr(cpu_kernels, "cpu_has_fast_bf16", lambda: False)
+    assert moe_ops.moe_fused_max_tokens() == moe_ops.MOE_FUSED_MAX_TOKENS == 128  # vs float32 GEMMs on upcasts
+    monkeypatch.setattr(cpu_kernels, "cpu_has_fast_bf16", lambda: True)
+    assert moe_ops.moe_fused_max_tokens() == SMALL_M  # torch's bf16 GEMMs beyond decode shapes
