@@ -53,6 +53,18 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activation dtypes every kernel takes
+
+
+def inference_rows(x: torch.Tensor, rows: int, max_rows: int, *others: torch.Tensor | None) -> bool:
+    """The condition every decode-step kernel shares: ``x`` on the CPU in a kernel dtype, ``0 < rows <=
+    max_rows``, and no autograd through ``x`` or any of ``others`` (weights, tables; None entries skipped)."""
+    if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES or not 0 < rows <= max_rows:
+        return False
+    return not (torch.is_grad_enabled()
+                and any(t is not None and t.requires_grad for t in (x, *others)))
+
+
 def enabled() -> bool:
     """False when ``KIMIVL_CPU_KERNELS`` is 0 / false / off."""
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
@@ -63,7 +75,8 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        return load(NAME, [str(s) for s in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+        return load(NAME, [str(s) for s in SOURCES],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: the PyTorch paths serve instead
         logger.warning("kimivl CPU kernels unavailable (%s: %s); using the PyTorch paths", type(exc).__name__,

@@ -19,7 +19,6 @@ from torch import nn
 from kimivl.ops import cpu_kernels
 
 SMALL_M: int = 8  # rows up to which the streaming kernel beats a GEMM (measured: docs/performance.md)
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activation dtypes the kernel takes
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -28,9 +27,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     k = weight.shape[-1]
     rows = x.numel() // k if k else 0
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                              or (bias is not None and bias.requires_grad))
-    if 0 < rows <= SMALL_M and not needs_grad and x.shape[-1] == k and x.dtype in _KERNEL_DTYPES:
+    if x.shape[-1] == k and cpu_kernels.inference_rows(x, rows, SMALL_M, weight, bias):
         ext = cpu_kernels.kernels()
         if ext is not None:  # one call: the float32 conversion, bias and output rounding happen in C++
             return ext.linear_bf16w(x, weight, bias)

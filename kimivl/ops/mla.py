@@ -84,7 +84,7 @@ def _fused_cpu_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor
         return None
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q_nope, q_pe, kv, w_uk, w_uv)):
         return None
-    dtypes = (torch.float32, torch.bfloat16)
+    dtypes = cpu_kernels.KERNEL_DTYPES
     if kv.dtype not in dtypes or w_uk.dtype not in dtypes or w_uv.dtype != w_uk.dtype:
         return None
     valid = None

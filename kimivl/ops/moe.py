@@ -48,10 +48,13 @@ def moe_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Ten
     return y.to(x.dtype)
 
 
+_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
 def _plain_bf16_mlp(mlp: torch.nn.Module) -> bool:
     """A gated-SiLU MLP whose three projections are plain bf16 :class:`~kimivl.ops.linear.Linear` layers (not
     LoRA-wrapped or replaced), so the C++ pass may read their weights directly."""
-    for name in ("gate_proj", "up_proj", "down_proj"):
+    for name in _PROJECTIONS:
         p = getattr(mlp, name, None)
         if type(p) is not Linear or p.weight.dtype != torch.bfloat16 or p.bias is not None:
             return False
@@ -72,14 +75,11 @@ def moe_fused_max_tokens() -> int:
 
 
 def _cpu_inference_rows(x: torch.Tensor, mlps: Sequence[torch.nn.Module], max_rows: int = SMALL_M) -> bool:
-    """Whether x is a CPU batch of at most ``max_rows`` rows the C++ MLP pass applies to (no autograd on x or
-    the weights)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    if not 0 < x.numel() <= max_rows * x.shape[-1]:
-        return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or any(
-        getattr(m, name).weight.requires_grad for m in mlps for name in ("gate_proj", "up_proj", "down_proj"))))
+    """Whether x (..., D) is a CPU batch of at most ``max_rows`` rows the C++ MLP pass applies to (no autograd
+    on x or the weights of ``mlps``)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    weights = [getattr(m, name).weight for m in mlps for name in _PROJECTIONS] if torch.is_grad_enabled() else []
+    return cpu_kernels.inference_rows(x, rows, max_rows, *weights)
 
 
 def fused_cpu_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
@@ -96,7 +96,8 @@ def fused_cpu_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Te
     :func:`moe_fused_max_tokens` tokens without autograd, when every expert involved is a plain bf16 MLP
     (:func:`_plain_bf16_mlp`) and the extension is available.
     """
-    if not _cpu_inference_rows(x, [experts[0]], moe_fused_max_tokens()) or not _plain_bf16_mlp(experts[0]):
+    # cheap checks before the host sync below (a float32 or LoRA-wrapped layer never reaches it)
+    if not _plain_bf16_mlp(experts[0]) or not _cpu_inference_rows(x, [], moe_fused_max_tokens()):
         return None
     ids = sorted(set(topk_idx.reshape(-1).tolist()))
     if ids and not 0 <= ids[0] <= ids[-1] < len(experts):

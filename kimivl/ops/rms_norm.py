@@ -16,14 +16,11 @@ import torch
 from kimivl.ops import cpu_kernels
 from kimivl.ops.linear import SMALL_M
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: (..., D); weight: (D,). Returns (..., D) in ``promote_types(x.dtype, weight.dtype)``."""
-    if (x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and weight.dtype in _KERNEL_DTYPES
-            and 0 < x.numel() <= SMALL_M * x.shape[-1]
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if weight.dtype in cpu_kernels.KERNEL_DTYPES and cpu_kernels.inference_rows(x, rows, SMALL_M, weight):
         ext = cpu_kernels.kernels(build=torch.bfloat16 in (x.dtype, weight.dtype))
         if ext is not None:
             return ext.rms_norm(x, weight, eps)

@@ -10,9 +10,10 @@ channels, then odd ones) and then applies rotate-half, so its output is in the d
 do not depend on that order (q and k get the same permutation), but a KV cache of rotated ``k_pe`` does.
 
 Deliberate deviations: no cached cos/sin tables and no module state (only the few inverse frequencies
-are cached per configuration); tables are computed from ``position_ids`` (once per forward, by the caller) instead of being indexed from a precomputed ``max_position_embeddings``
-table, which gives the same fp32 values (``pos * inv_freq`` is one fp32 product either way). A decode step's few
-rows on the CPU are rotated by the C++ kernel ``rope_rotate`` (same maths and roundings, one call).
+are cached per configuration); tables are computed from ``position_ids`` (once per forward, by the
+caller) instead of being indexed from a precomputed ``max_position_embeddings`` table, which gives the
+same fp32 values (``pos * inv_freq`` is one fp32 product either way). A decode step's few rows on the CPU
+are rotated by the C++ kernel ``rope_rotate`` (same maths and roundings, one call).
 """
 from __future__ import annotations
 
@@ -156,7 +157,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def _kernel_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether :func:`apply_rope` may take the C++ ``rope_rotate`` of :mod:`kimivl.ops.cpu_kernels` (same maths
     and roundings in one call instead of ~12 tensor ops): a decode step's few rows on the CPU, no autograd."""
-    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
-            and cos.dtype == sin.dtype == x.dtype and cos.shape == sin.shape == (x.shape[0], *x.shape[2:])
-            and x.shape[0] * x.shape[2] <= SMALL_M
-            and not (torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)))
+    return (x.dim() == 4 and cos.dtype == sin.dtype == x.dtype
+            and cos.shape == sin.shape == (x.shape[0], *x.shape[2:])
+            and cpu_kernels.inference_rows(x, x.shape[0] * x.shape[2], SMALL_M, cos, sin))
