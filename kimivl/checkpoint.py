@@ -242,6 +242,13 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * base**power)
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a copy when it is a view into a larger storage (e.g. an expert weight viewed from the
+    stacked tensor of :meth:`~kimivl.decoder.moe.DeepseekV3MoE.stacked_experts`): safetensors refuses tensors
+    that share memory."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 def save_weights(state_dict: dict[str, torch.Tensor], directory: Path, *, max_shard_size: int | str = "5GB") -> None:
     """Write ``model.safetensors`` or shards + ``model.safetensors.index.json`` (official layout)."""
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -254,7 +261,7 @@ def save_weights(state_dict: dict[str, torch.Tensor], directory: Path, *, max_sh
     split = split_torch_state_dict_into_shards(state_dict, max_shard_size=_parse_size(max_shard_size),
                                                filename_pattern="model{suffix}.safetensors")
     for filename, keys in split.filename_to_tensors.items():
-        shard = {k: state_dict[k].detach().contiguous().cpu() for k in keys}
+        shard = {k: _own_storage(state_dict[k].detach().contiguous().cpu()) for k in keys}
         save_file(shard, str(directory / filename), metadata={"format": "pt"})
     if split.is_sharded:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state_dict.values())},

@@ -7,7 +7,9 @@ is an explicit argument. :func:`generate` returns ids; :func:`stream` yields tex
 
 Works on a :class:`~kimivl.modeling.KimiVLForConditionalGeneration` (images through ``embed_inputs``) and on a
 bare :class:`~kimivl.decoder.DeepseekV3ForCausalLM` (text only). Batches are left padded; every row keeps its
-own positions and stops on its own (finished rows are filled with ``pad_token_id``). Settings given as
+own positions and stops on its own (finished rows are filled with ``pad_token_id``). On a CUDA device the
+decode steps are replayed from captured CUDA graphs (:mod:`kimivl.generation.cuda_graph`; ``KIMIVL_CUDA_GRAPHS=0``
+turns that off). Settings given as
 arguments override the model's ``generation_config``, which overrides the :class:`GenerationConfig` defaults.
 Stop strings keep the tokens that completed them (as transformers does).
 """
@@ -24,6 +26,7 @@ from torch import nn
 
 from kimivl.decoder.cache import MLACache, latent_cache_dtype
 from kimivl.errors import KimiVLInputError
+from kimivl.generation import cuda_graph
 from kimivl.generation.config import GenerationConfig
 from kimivl.generation.detokenize import IncrementalDetokenizer
 from kimivl.ops.sampling import apply_repetition_penalty, select_next_token
@@ -209,14 +212,22 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     b, n = input_ids.shape
     max_new = config.max_new_tokens
     # The last token is returned, never fed back, so the cache needs one slot less than the output.
-    cache = MLACache.from_config(lm.config, b, n + max_new - 1, device=input_ids.device,
-                                 dtype=latent_cache_dtype(lm.lm_head.weight.dtype, input_ids.device))
+    max_len, device = n + max_new - 1, input_ids.device
+    cache_dtype = latent_cache_dtype(lm.lm_head.weight.dtype, device)
+    graphs = None
+    if cuda_graph.applies(lm, b, device):  # decode steps replayed from CUDA graphs; it owns the cache
+        graphs = cuda_graph.graph_decoder_for(lm, b, max_len, cache_dtype, device)
+        cache = graphs.cache
+    else:
+        cache = MLACache.from_config(lm.config, b, max_len, device=device, dtype=cache_dtype)
     # An all-ones mask is dropped: attention then runs plain causal (SDPA's causal kernel, no mask tensors).
     full_mask = None
     if attention_mask is not None and not bool(attention_mask.all()):
         full_mask = torch.cat((attention_mask.long(), attention_mask.new_ones(b, max_new).long()), dim=1)
     logits = prefill(model, input_ids, cache, None if full_mask is None else full_mask[:, :n],
                      pixel_values, image_grid_hws)
+    if graphs is not None:
+        graphs.start(None if full_mask is None else full_mask[:, :n])
 
     seen = None
     if config.repetition_penalty != 1.0:
@@ -243,8 +254,11 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         yield token
         if step == max_new - 1 or bool(finished.all()):
             return
-        mask = None if full_mask is None else full_mask[:, :cache.length + 1]
-        logits = decode_step(model, token, cache, mask)
+        if graphs is not None:
+            logits = graphs.step(token)
+        else:
+            mask = None if full_mask is None else full_mask[:, :cache.length + 1]
+            logits = decode_step(model, token, cache, mask)
 
 
 def _prepare(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

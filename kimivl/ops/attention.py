@@ -2,6 +2,9 @@
 
 Spec: ``shared/reference/kimivl-spec.md`` §3.3 and §3.7. Official names: ``multihead_attention``
 (flash-attn varlen), ``sdpa_attention`` and ``eager_attention`` of ``modeling_kimi_vl.py``.
+Backends: ``flash`` (the flash-attn package), ``varlen`` (PyTorch's own flash varlen kernel,
+``torch.nn.attention.varlen.varlen_attn``: CUDA, no extra package), ``sdpa`` (one unmasked SDPA per image)
+and ``eager`` (float32 reference); ``auto`` takes flash where it applies, else sdpa.
 Deliberate deviations: the official sdpa path builds one dense (L, L) boolean mask and the
 official eager path *adds* that mask (+1) instead of masking, so packed images attend to each
 other. Here no backend builds an (L, L) tensor and every backend attends strictly per segment.
@@ -14,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-BACKENDS: tuple[str, ...] = ("auto", "flash", "sdpa", "eager")
+BACKENDS: tuple[str, ...] = ("auto", "flash", "varlen", "sdpa", "eager")
 
 
 def cu_seqlens_from_lengths(seqlens: torch.Tensor) -> torch.Tensor:
@@ -54,8 +57,21 @@ def _flash_usable(q: torch.Tensor) -> bool:
     return True
 
 
+def _torch_varlen_fn() -> Callable[..., torch.Tensor] | None:
+    """PyTorch's flash varlen attention (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.9), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """``"auto"`` -> ``"flash"`` when flash-attn is importable and q is a CUDA fp16/bf16 tensor, else ``"sdpa"``."""
+    """``"auto"`` -> ``"flash"`` when flash-attn is importable and q is a CUDA fp16/bf16 tensor, else ``"sdpa"``.
+
+    ``"varlen"`` is not chosen automatically: on an H100 the per-image SDPA calls (which batch runs of equal
+    lengths) encoded the benchmark's mixed 6-image batch in 5.5 ms against 6.3-6.6 ms for PyTorch's varlen
+    kernel (docs/performance.md)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
@@ -87,6 +103,8 @@ def varlen_attention(
     chosen = resolve_backend(backend, q)
     if chosen == "flash":
         return _flash_attention(q, k, v, cu_seqlens, max(lengths, default=0))
+    if chosen == "varlen":
+        return _torch_varlen_attention(q, k, v, cu_seqlens, max(lengths, default=0))
     if chosen == "sdpa":
         return _sdpa_attention(q, k, v, lengths)
     return _eager_attention(q, k, v, lengths)
@@ -99,6 +117,22 @@ def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError(f"attention backend 'flash' needs CUDA float16/bfloat16 tensors; got {q.dtype} on {q.device}")
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=False)
+
+
+def _torch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                            max_seqlen: int) -> torch.Tensor:
+    fn = _torch_varlen_fn()
+    if fn is None:
+        raise ImportError(f"attention backend 'varlen' needs torch >= 2.9 (torch.nn.attention.varlen); this is torch "
+                          f"{torch.__version__} (use backend='sdpa')")
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"attention backend 'varlen' needs CUDA float16/bfloat16 tensors; got {q.dtype} on {q.device}")
+    if q.shape[0] == 0:
+        return q.new_empty(q.shape)
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    # q, k, v may be strided views of one fused qkv tensor; the kernel wants a unit last-dim stride
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=q.shape[-1] ** -0.5)
 
 
 def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:

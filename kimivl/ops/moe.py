@@ -6,6 +6,10 @@ Spec: ``shared/reference/kimivl-spec.md`` §4 "MoE" item 4; cost model in
 Tokens are sorted by expert id once, each *active* expert runs one matmul chain on its contiguous slice,
 and the outputs are put back in (token, slot) order, weighted in float32 and summed over the k slots in
 slot order (the official summation order). One ``bincount(...).tolist()`` per call is the only host sync.
+:func:`moe_gathered` and :func:`moe_grouped` are sync-free forms over stacked expert weights for accelerators
+(a captured CUDA graph can replay them): the first gathers each (token, slot) pair's expert and runs batched
+one-row products (a decode step's few tokens), the second is ``torch._grouped_mm`` over the expert-sorted rows
+(a prefill's many tokens; bf16).
 Deliberate deviation: the same code path serves inference and autograd (the official ``moe_infer`` is
 ``@torch.no_grad()``); experts are passed as callables so wrapped experts (e.g. LoRA) keep working. A decode
 step's few tokens take :func:`fused_cpu_moe` instead (one C++ call, same roundings).
@@ -15,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from kimivl.ops import cpu_kernels
 from kimivl.ops.linear import SMALL_M, Linear
@@ -46,6 +51,46 @@ def moe_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Ten
     y = sorted_y.new_empty(sorted_y.shape).index_copy(0, order, sorted_y).view(t, k, -1)
     y = (y.to(topk_weight.dtype) * topk_weight.unsqueeze(-1)).sum(dim=1)
     return y.to(x.dtype)
+
+
+def moe_gathered(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, gate: torch.Tensor,
+                 up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """:func:`moe_dispatch` for gated-SiLU experts with stacked weights, without any host sync.
+
+    x: (T, D); topk_idx, topk_weight: (T, k); gate, up: (E, I, D) and down: (E, D, I), expert ``e``'s
+    ``gate_proj`` / ``up_proj`` / ``down_proj`` weights at index ``e``. Every (token, slot) pair gathers its
+    expert's three matrices, so this reads ``T * k`` expert weights (duplicates included) and suits
+    ``T * k <= E``: a decode step. Same roundings as the module path (each projection's output in x's
+    dtype, the weighted sum over slots in float32 in slot order, rounded once).
+    """
+    t, k = topk_idx.shape
+    idx = topk_idx.reshape(-1)
+    xs = x.unsqueeze(1).expand(t, k, x.shape[-1]).reshape(t * k, 1, x.shape[-1])  # (T*k, 1, D)
+    h = F.silu(torch.bmm(xs, gate[idx].transpose(1, 2))) * torch.bmm(xs, up[idx].transpose(1, 2))
+    y = torch.bmm(h, down[idx].transpose(1, 2)).view(t, k, -1)  # (T, k, D), x's dtype
+    return (y.to(topk_weight.dtype) * topk_weight.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    """Whether :func:`moe_grouped` can run on x: a bf16 CUDA tensor and a torch with ``_grouped_mm``."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
+
+def moe_grouped(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, gate: torch.Tensor,
+                up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """:func:`moe_dispatch` with stacked weights (as :func:`moe_gathered`) as three grouped GEMMs
+    (``torch._grouped_mm``: one launch over every expert's contiguous block of sorted rows, group ends on the
+    device), without any host sync. Same sort, roundings and slot-order sum as :func:`moe_dispatch`."""
+    t, k = topk_idx.shape
+    flat = topk_idx.reshape(-1)
+    order = flat.argsort(stable=True)
+    ends = torch.bincount(flat, minlength=gate.shape[0]).cumsum(0).to(torch.int32)
+    xs = x.index_select(0, order // k)  # (T*k, D) grouped by expert
+    h = F.silu(torch._grouped_mm(xs, gate.transpose(1, 2), offs=ends)) * torch._grouped_mm(xs, up.transpose(1, 2),
+                                                                                            offs=ends)
+    ys = torch._grouped_mm(h, down.transpose(1, 2), offs=ends)
+    y = ys.new_empty(ys.shape).index_copy(0, order, ys).view(t, k, -1)
+    return (y.to(topk_weight.dtype) * topk_weight.unsqueeze(-1)).sum(dim=1).to(x.dtype)
 
 
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")

@@ -181,7 +181,7 @@ class MoonVitEncoder(nn.Module):
 class MoonVitPretrainedModel(nn.Module):
     """MoonViT tower: (L, 3, p, p) packed patches + (N, 2) grids -> (L / (kh*kw), kh*kw, D) merged tokens.
 
-    ``attn_backend`` ("auto", "flash", "sdpa" or "eager") is a runtime choice and may be changed
+    ``attn_backend`` ("auto", "flash", "varlen", "sdpa" or "eager") is a runtime choice and may be changed
     on the instance at any time.
     """
 
@@ -206,8 +206,11 @@ class MoonVitPretrainedModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor, image_grid_hws: torch.Tensor) -> torch.Tensor:
         """pixel_values: (L, 3, p, p), image_grid_hws: (N, 2) int (h, w) -> (L / 4, 4, D) for a 2x2 merge."""
         validate_vision_inputs(pixel_values, image_grid_hws, self.config)
-        grid = image_grid_hws.to(device=pixel_values.device, dtype=torch.long)
-        x = self.patch_embed(pixel_values.to(self.dtype), grid)
+        weight = self.patch_embed.proj.weight
+        # processor outputs live on the CPU; the tower may not (a crash inside the convolution otherwise)
+        pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
+        grid = image_grid_hws.to(device=weight.device, dtype=torch.long)
+        x = self.patch_embed(pixel_values, grid)
         x = self.encoder(x, grid, self.attn_backend)
         return self.merge(x, grid)
 

@@ -1,6 +1,7 @@
 """varlen_attention: backends agree, segments are isolated, no (L, L) tensor is ever built."""
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 from typing import Any
@@ -206,3 +207,23 @@ def test_equal_length_runs_are_strided_views_not_gathers(monkeypatch: pytest.Mon
     assert not [name for name in ops.names if "index" in name or "gather" in name], ops.names
     torch.testing.assert_close(out.double(), _dense_reference(q, k, v, seqlens), atol=1e-5, rtol=1e-5)
     assert out.is_contiguous()
+
+
+def test_torch_varlen_matches_sdpa_and_eager() -> None:
+    """PyTorch's own flash varlen kernel (the 'varlen' backend, no extra package) on the same packed input."""
+    if not torch.cuda.is_available():
+        pytest.skip("the varlen backend needs a CUDA device")
+    pytest.importorskip("torch.nn.attention.varlen", reason=f"torch {torch.__version__} has no varlen_attn")
+    q, k, v, cu = (t.cuda() for t in _qkv(SEQLENS, dtype=torch.bfloat16, seed=6))
+    got = varlen_attention(q, k, v, cu, backend="varlen").float()
+    torch.testing.assert_close(got, varlen_attention(q, k, v, cu, backend="eager").float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, varlen_attention(q, k, v, cu, backend="sdpa").float(), atol=2e-2, rtol=2e-2)
+    if importlib.util.find_spec("flash_attn") is None:
+        assert resolve_backend("auto", q) == "sdpa"  # measured faster on the benchmark batch
+
+
+def test_varlen_backend_names_what_it_needs() -> None:
+    q, k, v, cu = _qkv([4, 4])  # CPU float32
+    with pytest.raises((ValueError, ImportError), match=r"varlen"):
+        varlen_attention(q, k, v, cu, backend="varlen")
+    assert resolve_backend("auto", q) == "sdpa"

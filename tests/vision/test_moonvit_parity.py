@@ -5,6 +5,7 @@ are ~2e-6. Golden ``vision.tower_out`` was made with the official sdpa (= flash)
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,21 @@ def test_flash_agrees_with_sdpa(tower: MoonVitPretrainedModel, packed: tuple[tor
     flash = model(pixels, grid).float()
     model.attn_backend = "sdpa"
     torch.testing.assert_close(flash, model(pixels, grid).float(), atol=5e-2, rtol=5e-2)  # bf16
+
+
+@torch.no_grad()
+def test_torch_varlen_agrees_with_sdpa_on_cuda(tower: MoonVitPretrainedModel,
+                                               packed: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """The 'varlen' backend (PyTorch's flash varlen kernel) and CPU-side processor outputs on a CUDA tower."""
+    if not torch.cuda.is_available():
+        pytest.skip("the varlen backend needs a CUDA device")
+    pytest.importorskip("torch.nn.attention.varlen", reason=f"torch {torch.__version__} has no varlen_attn")
+    model = copy.deepcopy(tower).to(device="cuda", dtype=torch.bfloat16)
+    pixels, grid = packed  # left on the CPU: the tower moves them to its device
+    model.attn_backend = "varlen"
+    got = model(pixels, grid).float()
+    model.attn_backend = "sdpa"
+    torch.testing.assert_close(got, model(pixels, grid).float(), atol=5e-2, rtol=5e-2)  # bf16
 
 
 @torch.no_grad()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# What a session with a lent CUDA machine runs, in one call: the CUDA tests, then the GPU rows of the
+# benchmark suite (benchmarks/bench_gpu.py). Results in OUT_DIR: tests.log, bench.log, gpu.json.
+#
+#   bash scripts/gpu_check.sh OUT_DIR [bench_gpu arguments...]
+#
+# The golden tests need ../shared/golden beside the repository, as everywhere. No install step: the
+# repository is put on PYTHONPATH and the machine's own torch / transformers are used.
+set -uo pipefail
+out=${1:-runs/gpu}
+shift || true
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export KIMIVL_CPU_KERNELS=0  # the CPU-side comparisons need no C++ build here
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda,
+"transformers", transformers.__version__)'
+timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    tests/ops/test_attention.py tests/vision/test_moonvit_parity.py tests/generation/test_cuda_graph.py \
+    2>&1 | tee "$out/tests.log" | tail -n 30
+timeout "${BENCH_TIMEOUT:-360}" python3 -m benchmarks.bench_gpu --out "$out/gpu.json" "$@" > "$out/bench.log" 2>&1
+echo "bench rc=$?"
+tail -n 4 "$out/bench.log"
