@@ -46,43 +46,54 @@ def test_windows_cover_the_slot_grow_geometrically_and_stop_at_max_len() -> None
 
 def test_static_step_matches_golden_step_logits(model: KimiVLForConditionalGeneration,
                                                 golden: dict[str, torch.Tensor], monkeypatch) -> None:
-    """The eager form of the captured step, with windows small enough that the 7 steps cross three of them."""
+    """The eager form of the captured step, with windows small enough that the 7 steps cross several."""
     monkeypatch.setattr(cuda_graph, "MIN_WINDOW", 8)
-    p = _prompt(golden)
-    runner = GraphDecoder(model.language_model, 1, 62, torch.float32, "cpu", capture=False)
+    _golden_steps(model, GraphDecoder(model.language_model, 1, 62, torch.float32, "cpu", capture=False), golden, "cpu")
+
+
+def _padded_teacher_forced(lm: torch.nn.Module, golden: dict[str, torch.Tensor], device: str, dtype: torch.dtype,
+                           steps: int, capture: bool, tol: float) -> GraphDecoder:
+    """Two rows of different lengths (left padded) fed the same tokens through the runner and the plain decode
+    step; their logits must agree at every step."""
+    long_ids = golden["text_only.input_ids"]  # (1, 35)
+    ids = torch.cat((long_ids, torch.cat((torch.full((1, 10), 997), long_ids[:, 10:]), dim=1))).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :10] = 0
+    full = torch.cat((mask, torch.ones_like(mask[:, :1]).expand(2, steps)), dim=1)
+    runner = GraphDecoder(lm, 2, 35 + steps, dtype, device, capture=capture)
+    plain = MLACache.from_config(lm.config, 2, 35 + steps, dtype=dtype, device=device)
+    with torch.inference_mode():
+        a = prefill(lm, ids, runner.cache, mask)
+        b = prefill(lm, ids, plain, mask)
+        runner.start(mask)
+        for _ in range(steps):
+            token = b.argmax(-1)
+            a = runner.step(token)
+            b = decode_step(lm, token, plain, full[:, :plain.length + 1])
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    return runner
+
+
+def _golden_steps(model: KimiVLForConditionalGeneration, runner: GraphDecoder,
+                  golden: dict[str, torch.Tensor], device: str) -> None:
+    """Prefill the golden prompt into the runner's cache and take the 7 golden greedy steps through it."""
+    p = _prompt(golden, device)
     with torch.inference_mode():
         logits = [prefill(model, p["input_ids"], runner.cache, None, p["pixel_values"], p["image_grid_hws"])]
         runner.start(None)
         for _ in range(7):
             logits.append(runner.step(logits[-1].argmax(-1)))
-    torch.testing.assert_close(torch.cat(logits), golden["generate.step_logits"], rtol=STEP_RTOL, atol=STEP_ATOL)
+    torch.testing.assert_close(torch.cat(logits).cpu(), golden["generate.step_logits"], rtol=STEP_RTOL,
+                               atol=STEP_ATOL)
     assert torch.cat(logits).argmax(-1).tolist() == GOLDEN_NEW
     assert runner.cache.length == 62
 
 
 def test_static_step_matches_plain_decode_under_left_padding(model: KimiVLForConditionalGeneration,
                                                              golden: dict[str, torch.Tensor]) -> None:
-    """Two rows of different lengths (left padded): positions and the key mask of every row are right."""
-    lm = model.language_model
-    long_ids = golden["text_only.input_ids"]  # (1, 35)
-    short = long_ids[:, 10:]
-    ids = torch.cat((long_ids, torch.cat((torch.full((1, 10), 997), short), dim=1)))
-    mask = torch.ones_like(ids)
-    mask[1, :10] = 0
-    steps = 6
-    full = torch.cat((mask, torch.ones(2, steps, dtype=mask.dtype)), dim=1)
-    runner = GraphDecoder(lm, 2, 35 + steps, torch.float32, "cpu", capture=False)
-    plain = MLACache.from_config(lm.config, 2, 35 + steps)
-    with torch.inference_mode():
-        a = prefill(lm, ids, runner.cache, mask)
-        b = prefill(lm, ids, plain, mask)
-        runner.start(mask)
-        for _ in range(steps):
-            token = a.argmax(-1)
-            a = runner.step(token)
-            b = decode_step(lm, token, plain, full[:, :plain.length + 1])
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(runner.cache.data, plain.data, rtol=1e-6, atol=1e-6)
+    """Positions and the key mask of every row are right (float32: the two paths agree to rounding)."""
+    runner = _padded_teacher_forced(model.language_model, golden, "cpu", torch.float32, 6, False, 1e-5)
+    assert runner.cache.length == 35 + 6 and not runner.graphs
 
 
 def test_generate_through_the_runner_equals_plain_generate(model: KimiVLForConditionalGeneration,
@@ -185,44 +196,20 @@ def test_captured_graphs_give_the_golden_continuation(golden_dir: Path, golden: 
     monkeypatch.setattr(cuda_graph, "MIN_WINDOW", 8)  # 7 steps over several windows: one capture each
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch embedding's convolution
     model = KimiVLForConditionalGeneration.from_pretrained(golden_dir, device="cuda")
-    p = _prompt(golden, "cuda")
     runner = GraphDecoder(model.language_model, 1, 62, torch.float32, "cuda")
-    with torch.inference_mode():
-        logits = [prefill(model, p["input_ids"], runner.cache, None, p["pixel_values"], p["image_grid_hws"])]
-        runner.start(None)
-        for _ in range(7):
-            logits.append(runner.step(logits[-1].argmax(-1)))
+    _golden_steps(model, runner, golden, "cuda")
     assert runner.capture and len(runner.graphs) == len({window_for(slot, 62) for slot in range(55, 62)}) > 1
-    torch.testing.assert_close(torch.cat(logits).cpu(), golden["generate.step_logits"], rtol=STEP_RTOL,
-                               atol=STEP_ATOL)
-    out = model.generate(**p, max_new_tokens=8, eos_token_id=[])
+    out = model.generate(**_prompt(golden, "cuda"), max_new_tokens=8, eos_token_id=[])
     assert out.cpu().tolist() == golden["generate.sequences"].tolist()
 
 
 @cuda
 def test_graph_steps_equal_eager_gpu_steps_in_bf16_with_padding(golden_dir: Path,
                                                                 golden: dict[str, torch.Tensor]) -> None:
-    """Teacher-forced: the replayed graphs and the eager GPU decode step see the same tokens; they differ only
-    in the attention window (masked slots), so the logits agree to bf16 rounding."""
+    """The replayed graphs and the eager GPU decode step differ only in the attention window (masked slots),
+    so the logits agree to bf16 rounding."""
     model = KimiVLForConditionalGeneration.from_pretrained(golden_dir, dtype=torch.bfloat16, device="cuda")
-    lm = model.language_model
-    long_ids = golden["text_only.input_ids"]
-    ids = torch.cat((long_ids, torch.cat((torch.full((1, 10), 997), long_ids[:, 10:]), dim=1))).cuda()
-    mask = torch.ones_like(ids)
-    mask[1, :10] = 0
-    steps = 24
-    full = torch.cat((mask, torch.ones(2, steps, dtype=mask.dtype, device="cuda")), dim=1)
-    runner = GraphDecoder(lm, 2, 35 + steps, torch.bfloat16, "cuda")
-    plain = MLACache.from_config(lm.config, 2, 35 + steps, dtype=torch.bfloat16, device="cuda")
-    with torch.inference_mode():
-        a = prefill(lm, ids, runner.cache, mask)
-        b = prefill(lm, ids, plain, mask)
-        runner.start(mask)
-        for _ in range(steps):
-            token = b.argmax(-1)
-            a = runner.step(token)
-            b = decode_step(lm, token, plain, full[:, :plain.length + 1])
-            torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+    runner = _padded_teacher_forced(model.language_model, golden, "cuda", torch.bfloat16, 24, True, 3e-2)
     assert runner.capture and runner.graphs
 
 
@@ -261,13 +248,6 @@ def test_compiled_graph_step_gives_the_golden_continuation(golden_dir: Path, gol
     monkeypatch.setattr(cuda_graph, "MIN_WINDOW", 8)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = KimiVLForConditionalGeneration.from_pretrained(golden_dir, device="cuda")
-    p = _prompt(golden, "cuda")
     runner = GraphDecoder(model.language_model, 1, 62, torch.float32, "cuda")
-    with torch.inference_mode():
-        logits = [prefill(model, p["input_ids"], runner.cache, None, p["pixel_values"], p["image_grid_hws"])]
-        runner.start(None)
-        for _ in range(7):
-            logits.append(runner.step(logits[-1].argmax(-1)))
+    _golden_steps(model, runner, golden, "cuda")
     assert runner.capture and runner.graphs
-    torch.testing.assert_close(torch.cat(logits).cpu(), golden["generate.step_logits"], rtol=STEP_RTOL,
-                               atol=STEP_ATOL)
