@@ -16,13 +16,15 @@ host, so the captured step differs from :func:`kimivl.generation.generate.decode
 
 :class:`GraphDecoder` is the runner; ``capture=False`` runs the same static step eagerly (how the CPU tests
 check it against the plain decode step). :func:`graph_decoder_for` keeps one runner per model so repeated
-``generate`` calls of the same shape reuse their graphs.
+``generate`` calls of the same shape reuse their graphs; a runner held by a running generation is never
+handed to another one (:func:`release` frees it).
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+import threading
 import weakref
 
 import torch
@@ -99,6 +101,7 @@ class GraphDecoder:
         self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.key_index = torch.arange(max_len, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.busy = False  # held by a running generation (graph_decoder_for / release)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.forward = self._forward
         if os.environ.get(COMPILE_SWITCH, "0").strip().lower() in ("1", "true", "on", "yes"):
@@ -180,16 +183,29 @@ class GraphDecoder:
 
 
 _RUNNERS: weakref.WeakKeyDictionary[nn.Module, GraphDecoder] = weakref.WeakKeyDictionary()
+_RUNNERS_LOCK = threading.Lock()
 
 
 def graph_decoder_for(lm: nn.Module, batch_size: int, max_len: int, dtype: torch.dtype,
                       device: torch.device) -> GraphDecoder:
-    """The model's runner for these shapes, reused across calls (its graphs with it), or a new one (which
-    replaces the previous one of that model and frees its graphs and cache)."""
-    runner = _RUNNERS.get(lm)
-    if runner is None or runner.key != (batch_size, max_len, dtype, torch.device(device)):
-        _RUNNERS.pop(lm, None)
-        runner = GraphDecoder(lm, batch_size, max_len, dtype, device, capture=torch.device(device).type == "cuda")
-        _RUNNERS[lm] = runner
+    """A runner for these shapes, marked busy until :func:`release`: the model's kept runner (its graphs with
+    it) when it has these shapes and is free, else a new one, which is kept in its place when that one is
+    free. A generation still holding the kept runner (another thread, an unfinished ``stream``) gets a private
+    runner, so two generations never share a cache."""
+    key = (batch_size, max_len, dtype, torch.device(device))
+    with _RUNNERS_LOCK:
+        kept = _RUNNERS.get(lm)
+        if kept is not None and not kept.busy and kept.key == key:
+            runner = kept
+        else:
+            runner = GraphDecoder(lm, batch_size, max_len, dtype, device, capture=torch.device(device).type == "cuda")
+            if kept is None or not kept.busy:  # replaces (and frees) a free runner of other shapes
+                _RUNNERS[lm] = runner
+        runner.busy = True
     runner.cache.reset()
     return runner
+
+
+def release(runner: GraphDecoder) -> None:
+    """The generation using ``runner`` ended (its cache and graphs may serve the next one)."""
+    runner.busy = False

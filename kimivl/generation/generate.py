@@ -220,45 +220,49 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         cache = graphs.cache
     else:
         cache = MLACache.from_config(lm.config, b, max_len, device=device, dtype=cache_dtype)
-    # An all-ones mask is dropped: attention then runs plain causal (SDPA's causal kernel, no mask tensors).
-    full_mask = None
-    if attention_mask is not None and not bool(attention_mask.all()):
-        full_mask = torch.cat((attention_mask.long(), attention_mask.new_ones(b, max_new).long()), dim=1)
-    logits = prefill(model, input_ids, cache, None if full_mask is None else full_mask[:, :n],
-                     pixel_values, image_grid_hws)
-    if graphs is not None:
-        graphs.start(None if full_mask is None else full_mask[:, :n])
-
-    seen = None
-    if config.repetition_penalty != 1.0:
-        # counts, not a bool scatter: a pad id may also be a real prompt token of another position
-        real = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-        seen = torch.zeros(b, logits.shape[-1], dtype=torch.long, device=logits.device)
-        seen = seen.scatter_add_(1, input_ids, real) > 0
-    eos = torch.tensor(config.eos_ids(), dtype=torch.long, device=input_ids.device)
-    rows = torch.arange(b, device=input_ids.device)
-    finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-    for step in range(max_new):
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
-        token = select_next_token(logits, do_sample=config.do_sample, temperature=config.temperature,
-                                  top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, generator=generator)
-        token = token.masked_fill(finished, config.pad_token_id)
-        if seen is not None:
-            seen[rows, token] = True
-        done = finished | torch.isin(token, eos)
-        if stops is not None:
-            hits = stops.hits(token.tolist(), (~finished).tolist())
-            done |= torch.tensor(hits, dtype=torch.bool, device=done.device)
-        finished = done
-        yield token
-        if step == max_new - 1 or bool(finished.all()):
-            return
+    try:
+        # An all-ones mask is dropped: attention then runs plain causal (SDPA's causal kernel, no mask tensors).
+        full_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            full_mask = torch.cat((attention_mask.long(), attention_mask.new_ones(b, max_new).long()), dim=1)
+        logits = prefill(model, input_ids, cache, None if full_mask is None else full_mask[:, :n],
+                         pixel_values, image_grid_hws)
         if graphs is not None:
-            logits = graphs.step(token)
-        else:
-            mask = None if full_mask is None else full_mask[:, :cache.length + 1]
-            logits = decode_step(model, token, cache, mask)
+            graphs.start(None if full_mask is None else full_mask[:, :n])
+
+        seen = None
+        if config.repetition_penalty != 1.0:
+            # counts, not a bool scatter: a pad id may also be a real prompt token of another position
+            real = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+            seen = torch.zeros(b, logits.shape[-1], dtype=torch.long, device=logits.device)
+            seen = seen.scatter_add_(1, input_ids, real) > 0
+        eos = torch.tensor(config.eos_ids(), dtype=torch.long, device=input_ids.device)
+        rows = torch.arange(b, device=input_ids.device)
+        finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new):
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+            token = select_next_token(logits, do_sample=config.do_sample, temperature=config.temperature,
+                                      top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, generator=generator)
+            token = token.masked_fill(finished, config.pad_token_id)
+            if seen is not None:
+                seen[rows, token] = True
+            done = finished | torch.isin(token, eos)
+            if stops is not None:
+                hits = stops.hits(token.tolist(), (~finished).tolist())
+                done |= torch.tensor(hits, dtype=torch.bool, device=done.device)
+            finished = done
+            yield token
+            if step == max_new - 1 or bool(finished.all()):
+                return
+            if graphs is not None:
+                logits = graphs.step(token)
+            else:
+                mask = None if full_mask is None else full_mask[:, :cache.length + 1]
+                logits = decode_step(model, token, cache, mask)
+    finally:
+        if graphs is not None:
+            cuda_graph.release(graphs)
 
 
 def _prepare(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -6,13 +6,14 @@ captured graphs are checked against the golden continuation and the eager GPU pa
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 import torch
 
 from kimivl.decoder import DeepseekV3MoE, MLACache
-from kimivl.generation import cuda_graph, decode_step, prefill
+from kimivl.generation import cuda_graph, decode_step, prefill, stream
 from kimivl.generation.cuda_graph import GraphDecoder, window_for
 from kimivl.modeling import KimiVLForConditionalGeneration
 from kimivl.ops.moe import moe_dispatch, moe_gathered, moe_grouped
@@ -107,6 +108,23 @@ def test_generate_through_the_runner_equals_plain_generate(model: KimiVLForCondi
         out = model.generate(**_prompt(golden), max_new_tokens=8, eos_token_id=[])
         assert torch.equal(out, golden["generate.sequences"])
     assert len(used) == 2 and used[0] is used[1]
+
+
+def test_interleaved_generations_never_share_a_runner(model: KimiVLForConditionalGeneration,
+                                                      golden: dict[str, torch.Tensor], tokenizer, monkeypatch) -> None:
+    """Two streams advanced in turn (as two threads would): the second gets a private runner, both answers
+    equal their runs alone, and the kept runner is free afterwards."""
+    monkeypatch.setattr(cuda_graph, "applies", lambda lm, b, device: True)
+    image, text = _prompt(golden), {"input_ids": golden["text_only.input_ids"]}
+    settings = dict(tokenizer=tokenizer, max_new_tokens=8, eos_token_id=[])
+    alone = ["".join(stream(model, **inputs, **settings)) for inputs in (image, text)]
+    first, second = stream(model, **image, **settings), stream(model, **text, **settings)
+    got = ["", ""]
+    for a, b in itertools.zip_longest(first, second, fillvalue=""):
+        got[0] += a
+        got[1] += b
+    assert got == alone
+    assert not cuda_graph._RUNNERS[model.language_model].busy
 
 
 def test_graphs_apply_only_on_cuda_with_few_rows_per_expert(model: KimiVLForConditionalGeneration,
