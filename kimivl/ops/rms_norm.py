@@ -8,10 +8,13 @@ dispatch than in arithmetic. So on the CPU, without autograd and for up to
 :data:`kimivl.ops.linear.SMALL_M` rows, it is one call into the C++ kernel ``rms_norm`` of
 :mod:`kimivl.ops.cpu_kernels` (the mean square summed in float64; same roundings otherwise). As for the other
 kernels, bf16 inputs build the extension on first use and float32 ones use it only once it is built.
+On a GPU the normalisation is ``F.rms_norm`` (one fused kernel where torch has one): a captured decode step is
+bound by its kernel count (docs/performance.md, "GPU").
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kimivl.ops import cpu_kernels
 from kimivl.ops.linear import SMALL_M
@@ -25,5 +28,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if ext is not None:
             return ext.rms_norm(x, weight, eps)
     x32 = x.float()
+    if x.is_cuda:
+        return weight * F.rms_norm(x32, (x.shape[-1],), eps=eps).to(x.dtype)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)

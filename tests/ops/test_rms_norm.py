@@ -59,3 +59,15 @@ def test_without_the_extension_the_pytorch_form_runs(monkeypatch):
     x, w = torch.randn(1, 64).bfloat16(), torch.rand(64).bfloat16()
     with torch.no_grad():
         assert torch.equal(rms_norm(x, w, 1e-6), _torch_form(x, w, 1e-6))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_form_equals_the_cpu_form(dtype):
+    """On a GPU the normalisation is F.rms_norm; the roundings around it are the module's."""
+    g = torch.Generator().manual_seed(9)
+    x, w = torch.randn(5, 3, 2048, generator=g).to(dtype), (1 + 0.1 * torch.randn(2048, generator=g)).to(dtype)
+    want = rms_norm(x, w, 1e-6)
+    got = rms_norm(x.cuda(), w.cuda(), 1e-6).cpu()
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
