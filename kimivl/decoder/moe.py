@@ -122,6 +122,12 @@ class DeepseekV3MoE(nn.Module):
             return "grouped"
         return "gather" if pairs <= experts else None
 
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        # .to() / .cuda() / .half() give every parameter its own new storage: drop the stack so the old one
+        # (the experts' previous weights, on their previous device) is freed now, not at the next forward
+        self.__dict__.pop("_stacked", None)
+        return super()._apply(fn, recurse)
+
     def stacked_experts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The routed experts' weights as ``gate`` (E, I, D), ``up`` (E, I, D) and ``down`` (E, D, I) tensors
         whose slices are the experts' parameters (they are re-pointed to those views on the first call, so the

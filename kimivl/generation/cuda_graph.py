@@ -102,6 +102,7 @@ class GraphDecoder:
         self.key_index = torch.arange(max_len, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.busy = False  # held by a running generation (graph_decoder_for / release)
+        self.weights: int | None = None  # _weights_key of the model when the graphs were made
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.forward = self._forward
         if os.environ.get(COMPILE_SWITCH, "0").strip().lower() in ("1", "true", "on", "yes"):
@@ -193,17 +194,30 @@ def graph_decoder_for(lm: nn.Module, batch_size: int, max_len: int, dtype: torch
     free. A generation still holding the kept runner (another thread, an unfinished ``stream``) gets a private
     runner, so two generations never share a cache."""
     key = (batch_size, max_len, dtype, torch.device(device))
+    weights = _weights_key(lm)
     with _RUNNERS_LOCK:
         kept = _RUNNERS.get(lm)
-        if kept is not None and not kept.busy and kept.key == key:
+        if kept is not None and not kept.busy and kept.key == key and kept.weights == weights:
             runner = kept
         else:
             runner = GraphDecoder(lm, batch_size, max_len, dtype, device, capture=torch.device(device).type == "cuda")
+            runner.weights = weights
             if kept is None or not kept.busy:  # replaces (and frees) a free runner of other shapes
                 _RUNNERS[lm] = runner
         runner.busy = True
     runner.cache.reset()
     return runner
+
+
+def _weights_key(lm: nn.Module) -> int:
+    """Where the parameters live: captured graphs read the weights at fixed addresses, so parameters that were
+    replaced since (``.to()``, ``load_state_dict(assign=True)``, LoRA-wrapped layers) need new graphs; in-place
+    updates (``load_state_dict`` copies, optimizer steps) keep the addresses and the graphs. Those replacements
+    touch every layer, so the first and last decoder layers, the embedding, the final norm and the head stand
+    for all (walking all ~5,500 parameters of the released model would cost milliseconds per call)."""
+    layers = lm.model.layers
+    parts = [lm.model.embed_tokens, lm.model.norm, lm.lm_head, layers[0], layers[-1]]
+    return hash(tuple(p.data_ptr() for part in parts for p in part.parameters()))
 
 
 def release(runner: GraphDecoder) -> None:

@@ -108,6 +108,14 @@ def test_generate_through_the_runner_equals_plain_generate(model: KimiVLForCondi
         out = model.generate(**_prompt(golden), max_new_tokens=8, eos_token_id=[])
         assert torch.equal(out, golden["generate.sequences"])
     assert len(used) == 2 and used[0] is used[1]
+    lm = model.language_model
+    old = lm.model.layers[-1].self_attn.o_proj.weight
+    try:  # a replaced parameter (e.g. assign-loading) invalidates the kept runner and its graphs
+        lm.model.layers[-1].self_attn.o_proj.weight = torch.nn.Parameter(old.detach().clone())
+        model.generate(**_prompt(golden), max_new_tokens=2, eos_token_id=[])
+        assert used[-1] is not used[0]
+    finally:
+        lm.model.layers[-1].self_attn.o_proj.weight = old
 
 
 def test_interleaved_generations_never_share_a_runner(model: KimiVLForConditionalGeneration,
@@ -172,7 +180,8 @@ def test_stacked_experts_are_the_parameters(golden_dir: Path, tmp_path: Path) ->
     from safetensors.torch import load_file
     saved = load_file(str(tmp_path / "model.safetensors"))
     assert all(torch.equal(saved[k], before[k]) for k in before)
-    moe.to(torch.float64)  # replaced parameters: the stack is rebuilt from them
+    moe.to(torch.float64)  # replaced parameters: the old stack is dropped at once and rebuilt on demand
+    assert "_stacked" not in moe.__dict__
     assert moe.stacked_experts()[0].dtype == torch.float64
 
 
