@@ -80,6 +80,12 @@ class DeepseekV3Attention(nn.Module):
 
     def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: (B, S, hidden) -> q (B, H, S, qk_nope + rope) = [q_nope, rotated q_pe]."""
+        return torch.cat(self.query_parts(x, cos, sin), dim=-1)
+
+    def query_parts(self, x: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`queries` before the concatenation: ``q_nope`` (B, H, S, nope), rotated ``q_pe`` (B, H, S, rope)
+        (the absorbed decode path uses them apart)."""
         b, s, _ = x.shape
         if self.q_lora_rank is None:
             q = self.q_proj(x)
@@ -87,7 +93,7 @@ class DeepseekV3Attention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(b, s, self.num_heads, self.qk_head_dim).transpose(1, 2)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        return torch.cat((q_nope, apply_rope(q_pe, cos, sin)), dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)
 
     def attend(self, q: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -123,9 +129,9 @@ class DeepseekV3Attention(nn.Module):
         (B, 1, S, P + S) with query i at absolute position P + i, or None for plain causal attention.
         """
         c_kv, k_pe = self.latent(x, cos, sin)
-        q = self.queries(x, cos, sin)
+        q_nope, q_pe = self.query_parts(x, cos, sin)
         if cache is None:
-            return self.o_proj(self.attend(q, c_kv, k_pe, attn_mask))
+            return self.o_proj(self.attend(torch.cat((q_nope, q_pe), dim=-1), c_kv, k_pe, attn_mask))
         s = x.shape[1]
         kv = cache.update(layer_idx, c_kv, k_pe)  # (B, P + S, r + rope), includes the new tokens
         t = kv.shape[1]
@@ -137,10 +143,9 @@ class DeepseekV3Attention(nn.Module):
         if absorbed:
             w_uk, w_uv = split_kv_b_weight(self.kv_b_proj.weight, self.num_heads, self.qk_nope_head_dim,
                                            self.v_head_dim)
-            q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
             out = absorbed_mla_attention(q_nope, q_pe, kv, w_uk, w_uv, self.softmax_scale, attn_mask)
         else:
-            kv = kv.to(q.dtype)  # a float32 cache under bf16 weights (latent_cache_dtype): once per prefill
+            kv = kv.to(q_nope.dtype)  # a float32 cache under bf16 weights (latent_cache_dtype): once per prefill
             c_all, pe_all = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-            out = self.attend(q, c_all, pe_all, attn_mask)
+            out = self.attend(torch.cat((q_nope, q_pe), dim=-1), c_all, pe_all, attn_mask)
         return self.o_proj(out)
