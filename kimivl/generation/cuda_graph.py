@@ -189,10 +189,14 @@ _RUNNERS_LOCK = threading.Lock()
 
 def graph_decoder_for(lm: nn.Module, batch_size: int, max_len: int, dtype: torch.dtype,
                       device: torch.device) -> GraphDecoder:
-    """A runner for these shapes, marked busy until :func:`release`: the model's kept runner (its graphs with
+    """A runner for these shapes (``max_len`` rounded up to a multiple of MIN_WINDOW), marked busy until
+    :func:`release`: the model's kept runner (its graphs with
     it) when it has these shapes and is free, else a new one, which is kept in its place when that one is
     free. A generation still holding the kept runner (another thread, an unfinished ``stream``) gets a private
     runner, so two generations never share a cache."""
+    # Cache lengths are rounded up so that prompts of similar lengths share one runner and its graphs (a chat
+    # server's every request has its own prompt length); the extra slots are never attended.
+    max_len = math.ceil(max_len / MIN_WINDOW) * MIN_WINDOW
     key = (batch_size, max_len, dtype, torch.device(device))
     weights = _weights_key(lm)
     with _RUNNERS_LOCK:

@@ -99,7 +99,8 @@ def test_static_step_matches_plain_decode_under_left_padding(model: KimiVLForCon
 
 def test_generate_through_the_runner_equals_plain_generate(model: KimiVLForConditionalGeneration,
                                                            golden: dict[str, torch.Tensor], monkeypatch) -> None:
-    """generate() wired to the runner (as on CUDA; eager steps here) gives the golden tokens, twice (reuse)."""
+    """generate() wired to the runner (as on CUDA; eager steps here) gives the golden tokens, twice (reuse);
+    another prompt length reuses the runner too."""
     monkeypatch.setattr(cuda_graph, "applies", lambda lm, b, device: True)
     used = []
     real = cuda_graph.graph_decoder_for
@@ -107,7 +108,9 @@ def test_generate_through_the_runner_equals_plain_generate(model: KimiVLForCondi
     for _ in range(2):
         out = model.generate(**_prompt(golden), max_new_tokens=8, eos_token_id=[])
         assert torch.equal(out, golden["generate.sequences"])
-    assert len(used) == 2 and used[0] is used[1]
+    model.generate(input_ids=golden["text_only.input_ids"], max_new_tokens=5, eos_token_id=[])  # 35 + 4 slots
+    assert len(used) == 3 and used[0] is used[1] is used[2]  # cache lengths are rounded: one runner for both
+    assert used[0].cache.max_len == cuda_graph.MIN_WINDOW
     lm = model.language_model
     old = lm.model.layers[-1].self_attn.o_proj.weight
     try:  # a replaced parameter (e.g. assign-loading) invalidates the kept runner and its graphs
