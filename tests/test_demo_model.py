@@ -33,10 +33,10 @@ def test_demo_model_is_small_and_in_the_official_layout(demo):
     assert model.config.vision_config.patch_size == processor.image_processor.patch_size == 7
 
 
-# Measured over 300 fresh samples per task (seeds 31337, 7, 5): colour 96 %, shape 92 %, count 78 %,
-# comparison 97 %, direction 95 %; on these 20 (seed 2026): 100 / 85 / 80 / 90 / 95 %; chance: 17 %, 33 %,
-# 17 %, 50 %, 25 %. Thresholds leave room for 20-sample noise.
-CLAIMS = {"color": 0.9, "shape": 0.7, "count": 0.65, "compare": 0.8, "direction": 0.75}
+# Measured over 300 fresh samples per task (seeds 31337, 7, 5): colour 97 %, shape 95 %, count 80 %,
+# comparison 98 %, direction 97 %; on these 20 (seed 2026): 100 / 95 / 80 / 100 / 100 %; chance: 17 %, 33 %,
+# 17 %, 50 %, 25 %. Thresholds leave room for two answers that another CPU's rounding could flip.
+CLAIMS = {"color": 0.9, "shape": 0.85, "count": 0.7, "compare": 0.85, "direction": 0.85}
 
 
 @pytest.mark.parametrize("task", sorted(CLAIMS))
