@@ -6,10 +6,11 @@ Spec: ``shared/reference/kimivl-spec.md`` §4 "MoE", §2 keys ``mlp.experts.{e}.
 
 Deliberate deviations: the gate runs in training mode (selection without gradient, weights with it);
 ``e_score_correction_bias`` is a parameter with ``requires_grad=False`` (DeepSeek-V3 updates it by a
-load-balancing rule, never by gradient); one dispatch path for inference and training, plus two decode-step
-paths: the C++ pass on the CPU and, on a GPU, a sync-free gather over stacked expert weights (the experts'
-parameters become views of three (E, ., .) tensors the first time, so the weights still exist once), which a
-captured CUDA graph can replay (:mod:`kimivl.generation.cuda_graph`).
+load-balancing rule, never by gradient); one dispatch path for inference and training, plus faster inference
+paths: the C++ pass for a decode step on the CPU and, off the CPU, sync-free forms over stacked expert weights
+(the experts' parameters become views of three (E, ., .) tensors the first time, so the weights still exist
+once): gathered pairs for a decode step, which a captured CUDA graph can replay
+(:mod:`kimivl.generation.cuda_graph`), and grouped GEMMs for more tokens (:meth:`DeepseekV3MoE._accelerator_path`).
 """
 from __future__ import annotations
 
