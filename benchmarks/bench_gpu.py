@@ -20,6 +20,10 @@ layer 0 dense 11264, layer 1 MoE 64 x 1408 top-6 + 2 shared; MoonViT 1152 x 16 h
 * ``moe``: the MoE layer for 1 ... 4096 tokens, ours against transformers' on the same weights, and the
   roofline (touched expert bytes / bandwidth, FLOPs / GEMM peak).
 * ``e2e``: the shipped demo model and the slice, one image, messages to the last token (TTFT, tokens/s).
+* ``profile``: the kernels of a prefill and 4 graph-replayed decode steps (count, top kernels by GPU time).
+* ``compiled``: decode with ``KIMIVL_COMPILE_DECODE=1`` (inductor before capture) and its first-call time.
+
+``--device cpu`` (hidden) runs the script's Python on the CPU as a dry run before spending device time.
 """
 from __future__ import annotations
 

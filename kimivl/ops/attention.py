@@ -69,9 +69,9 @@ def _torch_varlen_fn() -> Callable[..., torch.Tensor] | None:
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """``"auto"`` -> ``"flash"`` when flash-attn is importable and q is a CUDA fp16/bf16 tensor, else ``"sdpa"``.
 
-    ``"varlen"`` is not chosen automatically: on an H100 the per-image SDPA calls (which batch runs of equal
-    lengths) encoded the benchmark's mixed 6-image batch in 5.5 ms against 6.3-6.6 ms for PyTorch's varlen
-    kernel (docs/performance.md)."""
+    ``"varlen"`` is not chosen automatically: on an H100 it and the per-image SDPA calls (which batch runs of
+    equal lengths) traded places on the benchmark's mixed 6-image batch, 6.1-7.4 ms against 5.5-7.5 ms over
+    four runs (docs/performance.md), and SDPA needs no torch >= 2.9 API."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
