@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.bench_decoder import prompt
 from benchmarks.common import StepClock, emit
 
 DEVICE = "cuda"
@@ -172,10 +173,6 @@ def bench_vision(directory: Path, text_hidden: int, lim: dict[str, float], repea
 
 
 # -------------------------------------------------------------------------------------------- decoder
-def _prompt(n: int, vocab: int, seed: int) -> torch.Tensor:
-    return torch.randint(300, vocab - 300, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
 def _generate_times(model: Any, ids: torch.Tensor, new: int, **kwargs: Any) -> list[float]:
     clock = StepClock()
     _sync()
@@ -232,7 +229,7 @@ def bench_decoder(directory: Path, cfg: dict[str, Any], lim: dict[str, float], c
             out["transformers"] = {"skipped": f"{type(e).__name__}: {e}"}
 
     prefill = {}
-    ids = _prompt(prefill_len, vocab, 0)
+    ids = prompt(prefill_len, vocab, 0)
     for name, impl in impls.items():
         try:
             ttft, _ = _rates(lambda: impl(ids, 2), repeats)
@@ -246,7 +243,7 @@ def bench_decoder(directory: Path, cfg: dict[str, Any], lim: dict[str, float], c
     out["prefill"] = prefill
     decode = {}
     for ctx in contexts:
-        ids = _prompt(ctx, vocab, ctx)
+        ids = prompt(ctx, vocab, ctx)
         row: dict[str, Any] = {}
         bound = decode_bytes_per_token(cfg, 2, ctx) / (lim["copy_gb_s"] * 1e9)
         for name, impl in impls.items():
@@ -280,7 +277,7 @@ def bench_compiled(directory: Path, cfg: dict[str, Any], lim: dict[str, float], 
     out: dict[str, Any] = {}
     try:
         for ctx in contexts:
-            ids = _prompt(ctx, cfg["text_config"]["vocab_size"], ctx)
+            ids = prompt(ctx, cfg["text_config"]["vocab_size"], ctx)
             t0 = time.perf_counter()
             first = _generate_times(model, ids, new, eos_token_id=[])
             row = {"first_call_s": round(time.perf_counter() - t0, 1)}
@@ -303,7 +300,7 @@ def profile_decode(directory: Path, cfg: dict[str, Any], steps: int = 4) -> dict
     from kimivl import KimiVLForConditionalGeneration
 
     model = KimiVLForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16, device=DEVICE).eval()
-    ids = _prompt(1024, cfg["text_config"]["vocab_size"], 1)
+    ids = prompt(1024, cfg["text_config"]["vocab_size"], 1)
     model.generate(ids, max_new_tokens=steps + 1, do_sample=False, eos_token_id=[])  # captures the graphs
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         model.generate(ids, max_new_tokens=steps + 1, do_sample=False, eos_token_id=[])

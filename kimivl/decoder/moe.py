@@ -27,6 +27,12 @@ from kimivl.ops.moe import fused_cpu_moe, grouped_mm_available, moe_dispatch, mo
 from kimivl.ops.routing import route
 
 
+def gather_capturable(pairs: int, experts: int) -> bool:
+    """Whether a MoE layer can run ``pairs`` (token, slot) pairs inside a captured CUDA graph: only its gather
+    path is capturable, and it is chosen up to one pair per expert (beyond, it reads more than every expert)."""
+    return pairs <= experts
+
+
 class MoEGate(nn.Module):
     """Router: fp32 logits -> scores -> top-k experts and their weights."""
 
@@ -117,7 +123,8 @@ class DeepseekV3MoE(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or self.experts[0].gate_proj.weight.requires_grad):
             return None
         pairs, experts = topk_idx.numel(), len(self.experts)
-        if pairs <= experts // 4 or (pairs <= experts and x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if pairs <= experts // 4 or (capturing and gather_capturable(pairs, experts)):
             return "gather"
         if grouped_mm_available(x):
             return "grouped"

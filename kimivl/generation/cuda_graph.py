@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from kimivl.decoder.cache import MLACache
+from kimivl.decoder.moe import gather_capturable
 from kimivl.ops.rope import rope_cos_sin
 
 logger = logging.getLogger(__name__)
@@ -61,11 +62,11 @@ def window_for(slot: int, max_len: int) -> int:
 
 def applies(lm: nn.Module, batch_size: int, device: torch.device) -> bool:
     """Whether generate() should decode ``lm`` through graphs: CUDA, switched on, and every MoE layer can take
-    its sync-free path for ``batch_size`` rows (``batch_size * top_k <= n_routed_experts``)."""
+    its capturable path for ``batch_size`` rows (:func:`kimivl.decoder.moe.gather_capturable`)."""
     if device.type != "cuda" or not enabled():
         return False
     cfg = lm.config
-    return not cfg.n_routed_experts or batch_size * cfg.num_experts_per_tok <= cfg.n_routed_experts
+    return not cfg.n_routed_experts or gather_capturable(batch_size * cfg.num_experts_per_tok, cfg.n_routed_experts)
 
 
 class _SlotWriter:
