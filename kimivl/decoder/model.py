@@ -21,6 +21,7 @@ from torch import nn
 from kimivl.configuration import DeepseekV3Config
 from kimivl.decoder.attention import DeepseekV3Attention
 from kimivl.decoder.cache import MLACache
+from kimivl.decoder.cpu_decode import PLAN, layer_step
 from kimivl.decoder.mlp import DeepseekV3MLP
 from kimivl.decoder.moe import DeepseekV3MoE
 from kimivl.decoder.norm import DeepseekV3RMSNorm
@@ -79,8 +80,16 @@ class DeepseekV3DecoderLayer(nn.Module):
                 attn_mask: torch.Tensor | None, cache: MLACache | None = None) -> torch.Tensor:
         """h: (B, S, hidden); cos, sin: (B, S, rope); attn_mask: bool (B, 1, S, P + S) or None (causal);
         ``P`` = tokens already in ``cache`` (0 without one)."""
+        fused = layer_step(self, h, cos, sin, attn_mask, cache)
+        if fused is not None:  # a bf16 decode step on the CPU: two C++ calls (kimivl.decoder.cpu_decode)
+            return fused
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, cache=cache, layer_idx=self.layer_idx)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        # .to() / .half() swap the parameters' data in place: the fused step's plan holds copies and stacks
+        self.__dict__.pop(PLAN, None)
+        return super()._apply(fn, recurse)
 
 
 class DeepseekV3Model(nn.Module):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimivl.configuration import DeepseekV3Config
+from kimivl.decoder.cpu_decode import PLAN, moe_step
 from kimivl.decoder.mlp import DeepseekV3MLP
 from kimivl.ops.linear import Linear
 from kimivl.ops.moe import fused_cpu_moe, grouped_mm_available, moe_dispatch, moe_gathered, moe_grouped
@@ -93,6 +94,9 @@ class DeepseekV3MoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states: (B, S, hidden) -> (B, S, hidden)."""
+        fused = moe_step(self, hidden_states)
+        if fused is not None:  # a bf16 decode step on the CPU: router and experts in one C++ call
+            return fused
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         topk_idx, topk_weight, _ = self.gate(x)
@@ -134,6 +138,7 @@ class DeepseekV3MoE(nn.Module):
         # .to() / .cuda() / .half() give every parameter its own new storage: drop the stack so the old one
         # (the experts' previous weights, on their previous device) is freed now, not at the next forward
         self.__dict__.pop("_stacked", None)
+        self.__dict__.pop(PLAN, None)  # the fused CPU step's plan holds the stack and a router copy
         return super()._apply(fn, recurse)
 
     def stacked_experts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -154,7 +159,9 @@ class DeepseekV3MoE(nn.Module):
                or p.weight.device != first.device for row in weights for p in row):
             return None
         out = []
-        with torch.no_grad():
+        # inference_mode(False): a first call inside generate() must still give ordinary parameters (inference
+        # tensors cannot take part in a later training step)
+        with torch.inference_mode(False), torch.no_grad():
             for row in weights:
                 stack = torch.stack([p.weight.detach() for p in row])
                 for i, p in enumerate(row):

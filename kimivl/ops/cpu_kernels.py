@@ -1,6 +1,7 @@
 """The optional C++ CPU kernels of kimivl (``kimivl/ops/csrc``), built just in time on first use.
 
-Five kernels (``csrc/``, one extension module, ``bindings.cpp``), all for inference on the CPU:
+Five kernels and three compositions of them (``csrc/``, one extension module, ``bindings.cpp``), all for
+inference on the CPU:
 
 - ``linear_bf16w(x, w, bias=None)`` — activations (..., K) in float32 or bf16 times bfloat16 weights (N, K)
   transposed, answered in x's dtype, for the few-row shapes of a decode step, where the time is streaming the
@@ -20,6 +21,9 @@ Five kernels (``csrc/``, one extension module, ``bindings.cpp``), all for infere
   call each instead of ~8-12 tensor ops of dispatch (:mod:`kimivl.ops.rms_norm`, :mod:`kimivl.ops.rope`),
   with the PyTorch forms' roundings (``rope_rotate`` bit for bit; the extension is built with
   ``-ffp-contract=off`` so a product and a sum stay two roundings).
+- ``mla_block``, ``moe_block``, ``mlp_block`` (``decode_layer.cpp``) — a bf16 decoder layer's decode step in two
+  calls: the kernels above and the router's ATen ops in the modules' order, without the ~100 Python-level calls
+  between them (:mod:`kimivl.decoder.cpu_decode`; bit-identical to the module path).
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja, ``-O3 -march=native``)
 into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) the first time a bf16 weight meets a
@@ -39,7 +43,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("bindings.cpp", "linear_bf16w.cpp", "mla_decode.cpp", "rms_norm.cpp", "rope.cpp")]
+           for name in ("bindings.cpp", "linear_bf16w.cpp", "mla_decode.cpp", "rms_norm.cpp", "rope.cpp",
+                        "decode_layer.cpp")]
 ENV_SWITCH = "KIMIVL_CPU_KERNELS"
 NAME = "kimivl_cpu_kernels"
 

@@ -12,6 +12,28 @@ bool has_avx2();
 torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
                          const torch::Tensor& w_uk, const torch::Tensor& w_uv, double scale,
                          const c10::optional<torch::Tensor>& valid);
+torch::Tensor mla_block(const torch::Tensor& h, const torch::Tensor& ln_w, double ln_eps,
+                        const c10::optional<torch::Tensor>& q_w, const c10::optional<torch::Tensor>& q_a_w,
+                        const c10::optional<torch::Tensor>& q_a_ln_w, const c10::optional<torch::Tensor>& q_b_w,
+                        const torch::Tensor& kv_a_w, const torch::Tensor& kv_a_ln_w, double latent_eps,
+                        const torch::Tensor& kv_b_w, const torch::Tensor& o_w, const torch::Tensor& cos,
+                        const torch::Tensor& sin, const torch::Tensor& cache, int64_t pos,
+                        const c10::optional<torch::Tensor>& valid, int64_t heads, int64_t nope, int64_t rope,
+                        int64_t v, double scale);
+torch::Tensor moe_block(const torch::Tensor& h, const torch::Tensor& ln_w, double eps, const torch::Tensor& gate_w32,
+                        const c10::optional<torch::Tensor>& bias, const torch::Tensor& gate, const torch::Tensor& up,
+                        const torch::Tensor& down, const c10::optional<torch::Tensor>& shared_gate,
+                        const c10::optional<torch::Tensor>& shared_up, const c10::optional<torch::Tensor>& shared_down,
+                        int64_t top_k, int64_t n_group, int64_t topk_group, int64_t method, bool softmax,
+                        bool norm_topk_prob, double routed_scaling_factor);
+torch::Tensor moe_forward(const torch::Tensor& x, const torch::Tensor& gate_w32, const c10::optional<torch::Tensor>& bias,
+                          const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down,
+                          const c10::optional<torch::Tensor>& shared_gate, const c10::optional<torch::Tensor>& shared_up,
+                          const c10::optional<torch::Tensor>& shared_down, int64_t top_k, int64_t n_group,
+                          int64_t topk_group, int64_t method, bool softmax, bool norm_topk_prob,
+                          double routed_scaling_factor);
+torch::Tensor mlp_block(const torch::Tensor& h, const torch::Tensor& ln_w, double eps, const torch::Tensor& gate,
+                        const torch::Tensor& up, const torch::Tensor& down);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16w", &linear_bf16w, "x (..., K) float32 or bfloat16 @ w (N, K) bfloat16 .T (+ bias) -> (..., N) "
@@ -29,4 +51,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_rotate", &rope_rotate,
         "RoPE on interleaved channel pairs, answered in rotate-half order: x (B, H, S, D), cos / sin (B, S, D) -> "
         "(B, H, S, D) in x's dtype, each product and the sum rounded to it as the PyTorch ops do");
+  m.def("mla_block", &mla_block,
+        "a bf16 decoder layer's attention half for one decode step: h + o_proj(MLA(input_layernorm(h))), the new "
+        "latent written to cache row pos (kimivl.decoder.cpu_decode)");
+  m.def("moe_block", &moe_block,
+        "a bf16 MoE layer's second half for a decode step: h + moe(post_attention_layernorm(h)), router included "
+        "(kimivl.decoder.cpu_decode)");
+  m.def("moe_forward", &moe_forward,
+        "a bf16 MoE layer for a few tokens, router included: x (..., D) -> DeepseekV3MoE(x) (kimivl.decoder.cpu_decode)");
+  m.def("mlp_block", &mlp_block,
+        "a bf16 dense layer's second half for a decode step: h + mlp(post_attention_layernorm(h))");
 }

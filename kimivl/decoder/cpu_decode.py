@@ -1,0 +1,176 @@
+"""A bf16 decoder layer's decode step on the CPU in two C++ calls instead of ~100 Python-level ones.
+
+Why: a decode step of one layer is ~25 module calls and ~75 tensor ops around six weight-streaming kernels
+(norms, projections, RoPE, the cache write, the router's dozen ops, the expert dispatch). On a 2-core AVX2
+CPU that glue cost ~0.8 ms per layer and step (measured on a width-64 model where the kernels take no time:
+docs/performance.md, "The decode step's overhead"); the real 27-layer model would spend ~20 ms of every
+token in it. :func:`layer_step` runs the same computation as ``DeepseekV3DecoderLayer.forward`` through
+``mla_block`` and ``moe_block`` / ``mlp_block`` of :mod:`kimivl.ops.cpu_kernels`, which call the same kernels
+and ATen ops in the same order, so the answer is bit-identical to the module path (tested).
+
+It applies to a decode step (one new token per row, at most ``SMALL_M`` rows, a cache, no autograd) of a layer
+whose projections are plain bf16 :class:`~kimivl.ops.linear.Linear` layers without bias (not LoRA-wrapped),
+with RMSNorm weights in bf16 and routed experts that can be stacked (:meth:`DeepseekV3MoE.stacked_experts`).
+Anything else returns None and the caller runs the modules. :func:`moe_step` is the MoE half alone, for a
+``DeepseekV3MoE`` called by itself (router and experts in one call). What a layer or MoE module needs is
+gathered once into a :class:`_Plan` kept on it, and checked per step by identity of the modules and
+parameters it holds (replacing or wrapping any of them, ``.to()`` or ``load_state_dict`` rebuilds it).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kimivl.decoder.cache import MLACache
+from kimivl.ops import cpu_kernels
+from kimivl.ops.linear import SMALL_M, Linear
+
+PLAN = "_cpu_decode_plan"  # attribute of a layer's / MoE's __dict__: not a submodule, not in the state dict
+_TOPK_METHODS = {"noaux_tc": 0, "greedy": 1, "group_limited_greedy": 2}
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class _Plan:
+    """A module's arguments for its C++ call (None: the fused step does not serve it) and what they were read
+    from: ``refs`` (dict, key, object) hold while ``dict.get(key) is object``, ``versions`` (tensor, _version)
+    while the tensors the plan copied (the router weight) are not modified in place."""
+
+    args: tuple | None
+    refs: tuple
+    versions: tuple = ()
+
+    def __post_init__(self) -> None:
+        self._stores, self._keys, self._objects = (tuple(c) for c in zip(*self.refs)) if self.refs else ((), (), ())
+
+    def current(self) -> bool:
+        # ~40 identity checks per layer and step, in C loops (a Python generator took ~35 us per layer)
+        return (all(map(operator.is_, map(dict.get, self._stores, self._keys), self._objects))
+                and all(t._version == v for t, v in self.versions))
+
+
+def _plan(module: nn.Module, build) -> _Plan:  # noqa: ANN001 (a builder function)
+    plan = module.__dict__.get(PLAN)
+    if plan is None or not plan.current():
+        plan = module.__dict__[PLAN] = build(module)
+    return plan
+
+
+def _decode_rows(x: torch.Tensor) -> bool:
+    """x is a decode step's few bf16 rows on the CPU, outside autograd."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() >= 2
+            and 0 < x.numel() // x.shape[-1] <= SMALL_M and not torch.is_grad_enabled())
+
+
+def moe_step(moe: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``DeepseekV3MoE.forward(x)`` for a few tokens in one C++ call (router included: ``moe_forward``), or None
+    where it does not apply."""
+    if not _decode_rows(x):
+        return None
+    plan = _plan(moe, _moe_plan)
+    ext = cpu_kernels.kernels() if plan.args is not None else None
+    return None if ext is None else ext.moe_forward(x, *plan.args)
+
+
+def layer_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               attn_mask: torch.Tensor | None, cache: MLACache | None) -> torch.Tensor | None:
+    """``layer(h, cos, sin, attn_mask, cache)`` for a decode step through the C++ blocks, or None where they do
+    not apply (see the module docstring). Writes the new latent at ``cache.length`` as the module path does."""
+    if cache is None or h.dim() != 3 or h.shape[1] != 1 or not _decode_rows(h):
+        return None
+    valid = None
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool or tuple(attn_mask.shape) != (h.shape[0], 1, 1, cache.length + 1):
+            return None
+        valid = attn_mask.view(h.shape[0], -1)
+    plan = _plan(layer, _layer_plan)
+    if plan.args is None:
+        return None
+    attn, dims, post, mlp = plan.args
+    if mlp is None:  # a MoE layer: its own plan (also used when the MoE module is called alone)
+        moe_plan = _plan(layer.mlp, _moe_plan)
+        if moe_plan.args is None:
+            return None
+    ext = cpu_kernels.kernels()
+    if ext is None:
+        return None
+    cache.check_room(1)
+    h = ext.mla_block(h, *attn, cos, sin, cache.data[layer.layer_idx], cache.length, valid, *dims)
+    return ext.moe_block(h, *post, *moe_plan.args) if mlp is None else ext.mlp_block(h, *post, *mlp)
+
+
+def _plain(linear: nn.Module) -> bool:
+    return type(linear) is Linear and linear.bias is None and linear.weight.dtype == torch.bfloat16
+
+
+def _ref(module: nn.Module, name: str) -> tuple:
+    store = module._parameters if name in module._parameters else module._modules
+    return store, name, store.get(name)
+
+
+def _layer_plan(layer: nn.Module) -> _Plan:
+    """``mla_block``'s arguments (weights, then dimensions), the post-attention norm's, and the dense MLP's
+    weights (None for a MoE layer, whose arguments are the MoE module's own plan)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    refs = [_ref(layer, "self_attn"), _ref(layer, "mlp"), _ref(layer, "input_layernorm"),
+            _ref(layer, "post_attention_layernorm")]
+    lora = attn.q_lora_rank is not None
+    projections = ("q_a_proj", "q_a_layernorm", "q_b_proj") if lora else ("q_proj",)
+    for name in (*projections, "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"):
+        refs.append(_ref(attn, name))
+    norms = [layer.input_layernorm, layer.post_attention_layernorm, attn.kv_a_layernorm]
+    linears = [attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj]
+    if lora:
+        norms.append(attn.q_a_layernorm)
+        linears += [attn.q_a_proj, attn.q_b_proj]
+    else:
+        linears.append(attn.q_proj)
+    moe = hasattr(mlp, "experts")
+    if not moe:
+        refs += [_ref(mlp, n) for n in _MLP if n in mlp._modules]
+        linears += [getattr(mlp, n, None) for n in _MLP]
+    refs += [_ref(m, "weight") for m in (*norms, *linears) if isinstance(m, nn.Module) and "weight" in m._parameters]
+    if not all(_plain(m) for m in linears) or any(n.weight.dtype != torch.bfloat16 for n in norms):
+        return _Plan(None, tuple(refs))
+    q = (None, attn.q_a_proj.weight, attn.q_a_layernorm.weight, attn.q_b_proj.weight) if lora \
+        else (attn.q_proj.weight, None, None, None)
+    args = (layer.input_layernorm.weight, layer.input_layernorm.eps, *q, attn.kv_a_proj_with_mqa.weight,
+            attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps, attn.kv_b_proj.weight, attn.o_proj.weight)
+    dims = (attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim, float(attn.softmax_scale))
+    post = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
+    dense = None if moe else tuple(getattr(mlp, n).weight for n in _MLP)
+    return _Plan((args, dims, post, dense), tuple(refs))
+
+
+def _moe_plan(moe: nn.Module) -> _Plan:
+    """``moe_forward``'s arguments: the router weight in float32, the bias, the stacked experts, the shared MLP's
+    weights and the routing settings."""
+    gate, shared = moe.gate, moe.shared_experts
+    refs = [_ref(moe, "gate"), _ref(moe, "shared_experts"), _ref(moe, "experts"), _ref(gate, "weight"),
+            _ref(gate, "e_score_correction_bias")]
+    for e in (moe.experts[0], moe.experts[-1]):
+        refs += [_ref(e, n) for n in _MLP]
+    if shared is not None:
+        refs += [_ref(shared, n) for n in _MLP]
+    shared_ok = shared is None or all(_plain(getattr(shared, n)) for n in _MLP)
+    if (not shared_ok or gate.topk_method not in _TOPK_METHODS or gate.scoring_func not in ("sigmoid", "softmax")
+            or not all(_plain(getattr(e, n)) for e in moe.experts for n in _MLP)):
+        return _Plan(None, tuple(refs))
+    stacked = moe.stacked_experts()  # re-points the experts' parameters: their refs are taken after it
+    if stacked is None:
+        return _Plan(None, tuple(refs))
+    for e in (moe.experts[0], moe.experts[-1]):
+        refs += [_ref(getattr(e, n), "weight") for n in _MLP]
+    if shared is not None:
+        refs += [_ref(getattr(shared, n), "weight") for n in _MLP]
+    with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor even when built inside generate()
+        router = gate.weight.detach().float()  # F.linear(x.float(), weight.float()) reads the same numbers
+    bias = gate.e_score_correction_bias
+    shared_weights = (None, None, None) if shared is None else tuple(getattr(shared, n).weight for n in _MLP)
+    args = (router, None if bias is None else bias.detach(), *stacked, *shared_weights, gate.top_k, gate.n_group,
+            gate.topk_group, _TOPK_METHODS[gate.topk_method], gate.scoring_func == "softmax", gate.norm_topk_prob,
+            float(gate.routed_scaling_factor))
+    return _Plan(args, tuple(refs), ((gate.weight, gate.weight._version),))

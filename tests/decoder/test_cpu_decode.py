@@ -1,0 +1,169 @@
+"""The fused CPU decode step of a bf16 decoder layer (kimivl.decoder.cpu_decode: C++ mla_block / moe_block /
+mlp_block) against the module path it replaces: the same logits and cache bits, and the cases it must leave
+to the modules."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kimivl.decoder.model as model_module
+from kimivl.configuration import DeepseekV3Config
+from kimivl.decoder import DeepseekV3ForCausalLM
+from kimivl.decoder.cache import MLACache, latent_cache_dtype
+from kimivl.decoder.cpu_decode import PLAN
+from kimivl.generation import decode_step, prefill
+
+
+def _model(seed: int = 0, **overrides) -> DeepseekV3ForCausalLM:
+    """A 4-layer bf16 decoder (layer 0 dense, MoE after) with a router that spreads tokens over the experts."""
+    cfg = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+               num_attention_heads=4, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=16,
+               v_head_dim=16, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1,
+               topk_method="noaux_tc", scoring_func="sigmoid", n_group=4, topk_group=2, norm_topk_prob=True,
+               routed_scaling_factor=2.5, rms_norm_eps=1e-5, rope_theta=10000.0)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config.from_dict(cfg))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight"):
+                p.normal_(std=0.5)
+            elif name.endswith("e_score_correction_bias"):
+                p.normal_(std=0.1)
+            elif p.dim() == 1:  # norms: not all ones, so a skipped or misplaced norm shows
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(std=0.08)
+    return model.to(torch.bfloat16).eval()
+
+
+def _decode(model, monkeypatch, *, fused: bool, steps: int = 6, padded: bool = True):
+    """Greedy steps after a left-padded 2-row prompt: (stacked step logits, the cache's data)."""
+    with monkeypatch.context() as m:
+        if not fused:
+            m.setattr(model_module, "layer_step", lambda *args: None)
+        ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones(2, 9, dtype=torch.long)
+        if padded:
+            mask[1, :4] = 0
+        cache = MLACache.from_config(model.config, 2, 9 + steps, dtype=latent_cache_dtype(torch.bfloat16, "cpu"))
+        logits = []
+        with torch.inference_mode():
+            step = prefill(model, ids, cache, mask)
+            for _ in range(steps):
+                mask = torch.cat((mask, torch.ones(2, 1, dtype=torch.long)), dim=1)
+                step = decode_step(model, step.argmax(-1), cache, mask if padded else None)
+                logits.append(step)
+        return torch.stack(logits), cache.data.clone()
+
+
+def _plans(model) -> list[bool | None]:
+    """Per layer: whether its plan serves the fused step (None: no plan was made)."""
+    plans = [layer.__dict__.get(PLAN) for layer in model.model.layers]
+    return [None if p is None else p.args is not None for p in plans]
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # Moonlight / Kimi-VL: noaux_tc, sigmoid (with expert groups here)
+    {"q_lora_rank": 24},  # DeepSeek-V3's low-rank queries
+    {"topk_method": "group_limited_greedy", "scoring_func": "softmax", "n_shared_experts": 0},
+    {"topk_method": "greedy", "n_group": 1, "topk_group": 1, "norm_topk_prob": False},
+], ids=["noaux_tc", "q_lora", "group_limited_softmax_no_shared", "greedy"])
+def test_fused_decode_step_is_bit_identical_to_the_module_path(cpu_ext, monkeypatch, overrides) -> None:
+    model = _model(**overrides)
+    fused_logits, fused_cache = _decode(model, monkeypatch, fused=True)
+    assert _plans(model) == [True] * 4  # every layer took the C++ blocks
+    module_logits, module_cache = _decode(model, monkeypatch, fused=False)
+    assert torch.equal(fused_logits, module_logits)
+    assert torch.equal(fused_cache, module_cache)
+    # and the comparison is not vacuous: rows and steps differ
+    assert not torch.equal(fused_logits[:, 0], fused_logits[:, 1])
+
+
+def test_fused_decode_step_without_padding_and_through_generate(cpu_ext, monkeypatch) -> None:
+    from kimivl.generation import generate
+
+    model = _model(seed=3)
+    a, _ = _decode(model, monkeypatch, fused=True, padded=False)
+    b, _ = _decode(model, monkeypatch, fused=False, padded=False)
+    assert torch.equal(a, b)
+    ids = torch.randint(3, 96, (1, 7), generator=torch.Generator().manual_seed(5))
+    fused = generate(model, ids, max_new_tokens=8, do_sample=False)
+    with monkeypatch.context() as m:
+        m.setattr(model_module, "layer_step", lambda *args: None)
+        plain = generate(model, ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(fused, plain) and fused.shape == (1, 15)
+
+
+def test_layers_the_fused_step_cannot_serve_run_their_modules(cpu_ext, monkeypatch) -> None:
+    model = _model(seed=4)
+    # a projection and an expert's projection replaced by plain nn.Linear copies (as an adapter library wraps them)
+    layer1, layer2 = model.model.layers[1], model.model.layers[2]
+    for parent, name in ((layer1.self_attn, "o_proj"), (layer2.mlp.experts[3], "up_proj")):
+        old = getattr(parent, name)
+        plain = torch.nn.Linear(old.in_features, old.out_features, bias=False).to(torch.bfloat16)
+        with torch.no_grad():
+            plain.weight.copy_(old.weight)
+        setattr(parent, name, plain)
+    logits, _ = _decode(model, monkeypatch, fused=True)
+    assert _plans(model) == [True, False, True, True]
+    assert layer2.mlp.__dict__[PLAN].args is None  # layer 2: its MoE module's plan says no
+    module, _ = _decode(model, monkeypatch, fused=False)
+    assert torch.equal(logits, module)
+
+
+def test_the_plan_follows_replaced_and_reloaded_weights(cpu_ext, monkeypatch) -> None:
+    model = _model(seed=5)
+    _decode(model, monkeypatch, fused=True)
+    other = _model(seed=6)
+    # in-place copy (load_state_dict) and replaced parameter objects (assign=True) must both be seen
+    model.load_state_dict(other.state_dict())
+    assert torch.equal(_decode(model, monkeypatch, fused=True)[0], _decode(other, monkeypatch, fused=False)[0])
+    third = _model(seed=7)
+    model.load_state_dict(third.state_dict(), assign=True)
+    assert torch.equal(_decode(model, monkeypatch, fused=True)[0], _decode(third, monkeypatch, fused=False)[0])
+    # .to() round trip: the plan's stacked experts and router copy are dropped with the old storage
+    model.float().bfloat16()
+    assert all(PLAN not in layer.__dict__ for layer in model.model.layers)
+    assert torch.equal(_decode(model, monkeypatch, fused=True)[0], _decode(third, monkeypatch, fused=False)[0])
+
+
+def test_after_fused_decoding_the_model_still_trains_and_saves(cpu_ext, monkeypatch, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from kimivl.checkpoint import save_weights
+
+    model = _model(seed=8)
+    _decode(model, monkeypatch, fused=True)  # stacks the experts inside inference mode
+    moe = model.model.layers[1].mlp
+    assert moe.__dict__.get("_stacked") is not None
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    save_weights(model.state_dict(), tmp_path)
+    saved = {}
+    for f in sorted(tmp_path.glob("*.safetensors")):
+        saved.update(load_file(str(f)))
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
+    model.train()
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(2))
+    loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
+    loss.backward()  # inference tensors among the parameters would raise here
+    assert any(e.gate_proj.weight.grad is not None and e.gate_proj.weight.grad.abs().sum() > 0 for e in moe.experts)
+    assert model.model.layers[1].self_attn.q_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_a_moe_module_called_alone_routes_in_cpp_with_the_same_bits(cpu_ext, monkeypatch, tokens: int) -> None:
+    import kimivl.decoder.moe as moe_module
+
+    moe = _model(seed=9).model.layers[1].mlp
+    x = torch.randn(2, tokens, 64, generator=torch.Generator().manual_seed(tokens)).bfloat16()
+    with torch.no_grad():
+        fused = moe(x[:1]) if tokens == 8 else moe(x)  # at most SMALL_M = 8 rows
+        with monkeypatch.context() as m:
+            m.setattr(moe_module, "moe_step", lambda *args: None)
+            module = moe(x[:1]) if tokens == 8 else moe(x)
+    assert moe.__dict__[PLAN].args is not None
+    assert fused.shape == module.shape and torch.equal(fused, module)
+    with torch.no_grad():  # beyond SMALL_M rows and under autograd: the module path
+        assert moe_module.moe_step(moe, torch.randn(1, 9, 64).bfloat16()) is None
+    assert moe_module.moe_step(moe, x) is None
