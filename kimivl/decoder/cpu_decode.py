@@ -2,9 +2,9 @@
 
 Why: a decode step of one layer is ~25 module calls and ~75 tensor ops around six weight-streaming kernels
 (norms, projections, RoPE, the cache write, the router's dozen ops, the expert dispatch). On a 2-core AVX2
-CPU that glue cost ~0.8 ms per layer and step (measured on a width-64 model where the kernels take no time:
-docs/performance.md, "The decode step's overhead"); the real 27-layer model would spend ~20 ms of every
-token in it. :func:`layer_step` runs the same computation as ``DeepseekV3DecoderLayer.forward`` through
+CPU that glue cost ~0.8 ms per layer and step, ~0.3 ms with these calls (measured on a width-64 model where the
+kernels take no time: docs/performance.md, "A decoder layer's decode step in two C++ calls"); the real 27-layer
+model spent ~20 ms of every token in it. :func:`layer_step` runs the same computation as ``DeepseekV3DecoderLayer.forward`` through
 ``mla_block`` and ``moe_block`` / ``mlp_block`` of :mod:`kimivl.ops.cpu_kernels`, which call the same kernels
 and ATen ops in the same order, so the answer is bit-identical to the module path (tested).
 
