@@ -1,39 +1,5 @@
 // The Python module of kimivl's CPU kernels (kimivl/ops/cpu_kernels.py builds it).
-#include <torch/extension.h>
-
-torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias);
-torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
-                        const std::vector<int64_t>& ids, const std::vector<torch::Tensor>& gate,
-                        const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down,
-                        int64_t n_shared);
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
-torch::Tensor rope_rotate(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
-bool has_avx2();
-torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
-                         const torch::Tensor& w_uk, const torch::Tensor& w_uv, double scale,
-                         const c10::optional<torch::Tensor>& valid);
-torch::Tensor mla_block(const torch::Tensor& h, const torch::Tensor& ln_w, double ln_eps,
-                        const c10::optional<torch::Tensor>& q_w, const c10::optional<torch::Tensor>& q_a_w,
-                        const c10::optional<torch::Tensor>& q_a_ln_w, const c10::optional<torch::Tensor>& q_b_w,
-                        const torch::Tensor& kv_a_w, const torch::Tensor& kv_a_ln_w, double latent_eps,
-                        const torch::Tensor& kv_b_w, const torch::Tensor& o_w, const torch::Tensor& cos,
-                        const torch::Tensor& sin, const torch::Tensor& cache, int64_t pos,
-                        const c10::optional<torch::Tensor>& valid, int64_t heads, int64_t nope, int64_t rope,
-                        int64_t v, double scale);
-torch::Tensor moe_block(const torch::Tensor& h, const torch::Tensor& ln_w, double eps, const torch::Tensor& gate_w32,
-                        const c10::optional<torch::Tensor>& bias, const torch::Tensor& gate, const torch::Tensor& up,
-                        const torch::Tensor& down, const c10::optional<torch::Tensor>& shared_gate,
-                        const c10::optional<torch::Tensor>& shared_up, const c10::optional<torch::Tensor>& shared_down,
-                        int64_t top_k, int64_t n_group, int64_t topk_group, int64_t method, bool softmax,
-                        bool norm_topk_prob, double routed_scaling_factor);
-torch::Tensor moe_forward(const torch::Tensor& x, const torch::Tensor& gate_w32, const c10::optional<torch::Tensor>& bias,
-                          const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down,
-                          const c10::optional<torch::Tensor>& shared_gate, const c10::optional<torch::Tensor>& shared_up,
-                          const c10::optional<torch::Tensor>& shared_down, int64_t top_k, int64_t n_group,
-                          int64_t topk_group, int64_t method, bool softmax, bool norm_topk_prob,
-                          double routed_scaling_factor);
-torch::Tensor mlp_block(const torch::Tensor& h, const torch::Tensor& ln_w, double eps, const torch::Tensor& gate,
-                        const torch::Tensor& up, const torch::Tensor& down);
+#include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16w", &linear_bf16w, "x (..., K) float32 or bfloat16 @ w (N, K) bfloat16 .T (+ bias) -> (..., N) "

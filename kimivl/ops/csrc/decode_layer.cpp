@@ -4,22 +4,11 @@
 // (kimivl/decoder/attention.py, moe.py, kimivl/ops/routing.py), so the answers are bit-identical to the module
 // path; what they save is the ~100 Python-level calls per layer around those kernels (~0.8 -> ~0.3 ms per layer
 // and step on a 2-core AVX2 CPU: docs/performance.md, "A decoder layer's decode step in two C++ calls").
-#include <torch/extension.h>
+#include "kernels.h"
 
 #include <algorithm>
 #include <limits>
 #include <vector>
-
-torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias);
-torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
-                        const std::vector<int64_t>& ids, const std::vector<torch::Tensor>& gate,
-                        const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down,
-                        int64_t n_shared);
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
-torch::Tensor rope_rotate(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
-torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
-                         const torch::Tensor& w_uk, const torch::Tensor& w_uv, double scale,
-                         const c10::optional<torch::Tensor>& valid);
 
 namespace {
 
