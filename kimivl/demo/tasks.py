@@ -156,12 +156,14 @@ def _digits(rng: random.Random) -> str:
 
 
 # ---------------------------------------------------------------------------- the tasks
-def one_shape_image(rng: random.Random) -> tuple[Image.Image, str, str]:
+def one_shape_image(rng: random.Random, *, small_share: float = 0.0) -> tuple[Image.Image, str, str]:
     """One shape (12-70 % of the shorter side: from the counting size up) on a light canvas: the image, its
-    colour name and kind."""
+    colour name and kind. With probability ``small_share`` the shape is 12-25 % instead (a training emphasis:
+    after the processor's resize such shapes are 8-20 pixels, where circle / square / triangle are hardest)."""
     img = _canvas(rng)
     name, kind = rng.choice(list(COLORS)), rng.choice(SHAPES)
-    size = min(img.size) * rng.uniform(0.12, 0.7)
+    small = small_share > 0 and rng.random() < small_share  # no extra draw without the emphasis
+    size = min(img.size) * (rng.uniform(0.12, 0.25) if small else rng.uniform(0.12, 0.7))
     x, y = rng.uniform(size / 2, img.width - size / 2), rng.uniform(size / 2, img.height - size / 2)
     draw_shape(ImageDraw.Draw(img), kind, x, y, size, _paint(rng, name), rng.uniform(-0.3, 0.3))
     return img, name, kind
@@ -172,8 +174,8 @@ def color_task(rng: random.Random) -> Sample:
     return Sample("color", QUESTIONS["color"], name, images=[img])
 
 
-def shape_task(rng: random.Random) -> Sample:
-    img, _, kind = one_shape_image(rng)
+def shape_task(rng: random.Random, *, small_share: float = 0.0) -> Sample:
+    img, _, kind = one_shape_image(rng, small_share=small_share)
     return Sample("shape", QUESTIONS["shape"], kind, images=[img])
 
 

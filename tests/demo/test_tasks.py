@@ -126,3 +126,23 @@ def test_ball_records_name_the_third_the_ball_is_in():
         for value, coord in ((labels["ball_x"], cx), (labels["ball_y"], cy)):
             lo, hi = thirds[value]
             assert lo - 0.02 <= coord <= hi + 0.02, (labels, cx, cy)
+
+
+def test_the_small_shape_emphasis_draws_small_shapes_and_leaves_the_default_stream_alone():
+    import numpy as np
+
+    from kimivl.demo.tasks import one_shape_image
+
+    def extent(img) -> float:  # the shape's largest side over the canvas's shorter side
+        a = np.asarray(img).astype(int)
+        ink = np.abs(a - a[0, 0]).sum(-1) > 60  # the background is one (light) colour
+        ys, xs = np.nonzero(ink)
+        return max(np.ptp(xs), np.ptp(ys)) / min(img.size)
+
+    small = [extent(one_shape_image(random.Random(i), small_share=1.0)[0]) for i in range(30)]
+    plain = [extent(one_shape_image(random.Random(i))[0]) for i in range(30)]
+    # 12-25 % against 12-70 % of the shorter side (a rotated square spans up to 1.3x its size)
+    assert max(small) <= 0.25 * 1.3 + 0.02 and sum(e > 0.4 for e in plain) >= 10
+    # without the emphasis no extra random draw is made: the training and evaluation streams stay as they were
+    a, b = one_shape_image(random.Random(7)), one_shape_image(random.Random(7), small_share=0.0)
+    assert a[1:] == b[1:] and np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
