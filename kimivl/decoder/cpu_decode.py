@@ -102,8 +102,13 @@ def layer_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.
     return ext.moe_block(h, *post, *moe_plan.args) if mlp is None else ext.mlp_block(h, *post, *mlp)
 
 
+def _local_bf16(w: torch.Tensor) -> bool:
+    """A bf16 weight held whole by this process (not a DTensor shard of a sharded training engine)."""
+    return w.dtype == torch.bfloat16 and type(w.data) is torch.Tensor
+
+
 def _plain(linear: nn.Module) -> bool:
-    return type(linear) is Linear and linear.bias is None and linear.weight.dtype == torch.bfloat16
+    return type(linear) is Linear and linear.bias is None and _local_bf16(linear.weight)
 
 
 def _ref(module: nn.Module, name: str) -> tuple:
@@ -133,7 +138,7 @@ def _layer_plan(layer: nn.Module) -> _Plan:
         refs += [_ref(mlp, n) for n in _MLP if n in mlp._modules]
         linears += [getattr(mlp, n, None) for n in _MLP]
     refs += [_ref(m, "weight") for m in (*norms, *linears) if isinstance(m, nn.Module) and "weight" in m._parameters]
-    if not all(_plain(m) for m in linears) or any(n.weight.dtype != torch.bfloat16 for n in norms):
+    if not all(_plain(m) for m in linears) or not all(_local_bf16(n.weight) for n in norms):
         return _Plan(None, tuple(refs))
     q = (None, attn.q_a_proj.weight, attn.q_a_layernorm.weight, attn.q_b_proj.weight) if lora \
         else (attn.q_proj.weight, None, None, None)
