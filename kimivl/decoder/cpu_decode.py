@@ -26,7 +26,8 @@ from torch import nn
 
 from kimivl.decoder.cache import MLACache
 from kimivl.ops import cpu_kernels
-from kimivl.ops.linear import SMALL_M, Linear
+from kimivl.ops.linear import SMALL_M
+from kimivl.ops.moe import local_bf16, plain_bf16_linear, plain_bf16_mlp
 
 PLAN = "_cpu_decode_plan"  # attribute of a layer's / MoE's __dict__: not a submodule, not in the state dict
 _TOPK_METHODS = {"noaux_tc": 0, "greedy": 1, "group_limited_greedy": 2}
@@ -97,18 +98,8 @@ def layer_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.
     ext = cpu_kernels.kernels()
     if ext is None:
         return None
-    cache.check_room(1)
     h = ext.mla_block(h, *attn, cos, sin, cache.data[layer.layer_idx], cache.length, valid, *dims)
     return ext.moe_block(h, *post, *moe_plan.args) if mlp is None else ext.mlp_block(h, *post, *mlp)
-
-
-def _local_bf16(w: torch.Tensor) -> bool:
-    """A bf16 weight held whole by this process (not a DTensor shard of a sharded training engine)."""
-    return w.dtype == torch.bfloat16 and type(w.data) is torch.Tensor
-
-
-def _plain(linear: nn.Module) -> bool:
-    return type(linear) is Linear and linear.bias is None and _local_bf16(linear.weight)
 
 
 def _ref(module: nn.Module, name: str) -> tuple:
@@ -138,7 +129,7 @@ def _layer_plan(layer: nn.Module) -> _Plan:
         refs += [_ref(mlp, n) for n in _MLP if n in mlp._modules]
         linears += [getattr(mlp, n, None) for n in _MLP]
     refs += [_ref(m, "weight") for m in (*norms, *linears) if isinstance(m, nn.Module) and "weight" in m._parameters]
-    if not all(_plain(m) for m in linears) or not all(_local_bf16(n.weight) for n in norms):
+    if not all(plain_bf16_linear(m) for m in linears) or not all(local_bf16(n.weight) for n in norms):
         return _Plan(None, tuple(refs))
     q = (None, attn.q_a_proj.weight, attn.q_a_layernorm.weight, attn.q_b_proj.weight) if lora \
         else (attn.q_proj.weight, None, None, None)
@@ -160,9 +151,8 @@ def _moe_plan(moe: nn.Module) -> _Plan:
         refs += [_ref(e, n) for n in _MLP]
     if shared is not None:
         refs += [_ref(shared, n) for n in _MLP]
-    shared_ok = shared is None or all(_plain(getattr(shared, n)) for n in _MLP)
-    if (not shared_ok or gate.topk_method not in _TOPK_METHODS or gate.scoring_func not in ("sigmoid", "softmax")
-            or not all(_plain(getattr(e, n)) for e in moe.experts for n in _MLP)):
+    if ((shared is not None and not plain_bf16_mlp(shared)) or gate.topk_method not in _TOPK_METHODS
+            or gate.scoring_func not in ("sigmoid", "softmax") or not all(plain_bf16_mlp(e) for e in moe.experts)):
         return _Plan(None, tuple(refs))
     stacked = moe.stacked_experts()  # re-points the experts' parameters: their refs are taken after it
     if stacked is None:

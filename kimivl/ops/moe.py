@@ -96,14 +96,21 @@ def moe_grouped(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tens
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-def _plain_bf16_mlp(mlp: torch.nn.Module) -> bool:
-    """A gated-SiLU MLP whose three projections are plain bf16 :class:`~kimivl.ops.linear.Linear` layers (not
-    LoRA-wrapped or replaced), so the C++ pass may read their weights directly."""
-    for name in _PROJECTIONS:
-        p = getattr(mlp, name, None)
-        if type(p) is not Linear or p.weight.dtype != torch.bfloat16 or p.bias is not None:
-            return False
-    return True
+def local_bf16(w: torch.Tensor) -> bool:
+    """A bf16 tensor held whole by this process (not a DTensor shard of a sharded training engine): what the C++
+    kernels can read through a data pointer."""
+    return w.dtype == torch.bfloat16 and type(w.data) is torch.Tensor
+
+
+def plain_bf16_linear(p: torch.nn.Module | None) -> bool:
+    """A plain bf16 :class:`~kimivl.ops.linear.Linear` without bias (not LoRA-wrapped or replaced)."""
+    return type(p) is Linear and p.bias is None and local_bf16(p.weight)
+
+
+def plain_bf16_mlp(mlp: torch.nn.Module) -> bool:
+    """A gated-SiLU MLP whose three projections are :func:`plain_bf16_linear`, so the C++ pass may read their
+    weights directly."""
+    return all(plain_bf16_linear(getattr(mlp, name, None)) for name in _PROJECTIONS)
 
 
 # Tokens up to which a MoE layer's experts run in the C++ pass on a CPU without a bf16 GEMM, where the
@@ -139,17 +146,17 @@ def fused_cpu_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Te
     all the weights evenly and no per-expert Python runs; the hidden activations stay in float32 (the module
     path rounds them to x's dtype between the projections). Applies on the CPU to at most
     :func:`moe_fused_max_tokens` tokens without autograd, when every expert involved is a plain bf16 MLP
-    (:func:`_plain_bf16_mlp`) and the extension is available.
+    (:func:`plain_bf16_mlp`) and the extension is available.
     """
     # cheap checks before the host sync below (a float32 or LoRA-wrapped layer never reaches it)
-    if not _plain_bf16_mlp(experts[0]) or not _cpu_inference_rows(x, [], moe_fused_max_tokens()):
+    if not plain_bf16_mlp(experts[0]) or not _cpu_inference_rows(x, [], moe_fused_max_tokens()):
         return None
     ids = sorted(set(topk_idx.reshape(-1).tolist()))
     if ids and not 0 <= ids[0] <= ids[-1] < len(experts):
         raise ValueError(f"expert ids {ids[0]}..{ids[-1]} chosen for a layer of {len(experts)} experts")
     mlps = [experts[e] for e in ids] + ([shared] if shared is not None else [])
     # every MLP involved: one trainable expert among frozen ones must keep its autograd path
-    if not all(_plain_bf16_mlp(m) for m in mlps) or not _cpu_inference_rows(x, mlps, moe_fused_max_tokens()):
+    if not all(plain_bf16_mlp(m) for m in mlps) or not _cpu_inference_rows(x, mlps, moe_fused_max_tokens()):
         return None
     ext = cpu_kernels.kernels()
     if ext is None:
@@ -162,7 +169,7 @@ def fused_cpu_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Te
 def fused_cpu_mlp(x: torch.Tensor, mlp: torch.nn.Module) -> torch.Tensor | None:
     """``mlp(x)`` for a few rows on the CPU in one C++ call (the same pass as :func:`fused_cpu_moe`, one MLP
     applied to every row), or None where it does not apply (as there)."""
-    if not _cpu_inference_rows(x, [mlp]) or not _plain_bf16_mlp(mlp):
+    if not _cpu_inference_rows(x, [mlp]) or not plain_bf16_mlp(mlp):
         return None
     ext = cpu_kernels.kernels()
     if ext is None:
