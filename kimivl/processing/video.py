@@ -3,7 +3,8 @@
 Spec: ``shared/reference/kimivl-spec.md`` §6.4 (the official processor has no video path; videos are fed as
 frames, each with its own image block). Format (docs/processor.md): frame ``k`` is written as
 ``[{t:.1f}s]`` followed by the image block, ``t = k / fps`` seconds from the start of the stream (or
-``duration * k / max_frames`` when ``max_frames`` caps the count). Decoding sits behind ``VideoDecoder``;
+``duration * k / max_frames`` when ``max_frames`` caps the count; a clip shorter than ``min_frames`` samples
+gets ``min_frames`` of its frames, first and last included). Decoding sits behind ``VideoDecoder``;
 the default ``PyAVDecoder`` (the ``[video]`` extra) decodes in one pass, seeking only across long gaps, and
 picks for each time the frame on screen then (``pts <= t < next pts``, measured from the stream start).
 """
@@ -27,22 +28,28 @@ from kimivl.processing.media import (ImageBlock, MediaPlan, describe_source, fit
 @dataclass(frozen=True)
 class VideoOptions:
     """Sampling and budget of one video. ``fps``: frames per second to sample (for a list of frames: the
-    rate they were taken at); ``max_frames``: cap, spread evenly over the video; ``max_tokens``: total
+    rate they were taken at); ``max_frames``: cap, spread evenly over the video; ``min_frames``: floor for a
+    file whose duration gives fewer samples at ``fps`` (a 6-frame clip at 25 fps lasts 0.24 s: one sample at
+    2 fps, no motion left), met with the file's own frames spread evenly, as far as it has them (Qwen2-VL's
+    sampler has the same floor of 4); ``max_tokens``: total
     ``<|media_pad|>`` budget, met by lowering per-frame resolution down to ``min_frame_tokens`` and only
     then dropping frames evenly."""
 
     fps: float = 1.0
     max_frames: int = 32
+    min_frames: int = 4
     max_tokens: int = 8192
     min_frame_tokens: int = 64
 
     def updated(self, item: dict[str, Any], label: str) -> VideoOptions:
         """These options with the keys of a content item / video dict that name options."""
-        changes = {k: item[k] for k in ("fps", "max_frames", "max_tokens", "min_frame_tokens") if k in item}
-        out = replace(self, **changes)
-        if not (out.fps > 0 and out.max_frames >= 1 and out.max_tokens >= 1 and out.min_frame_tokens >= 1):
-            raise KimiVLInputError(f"{label}: need fps > 0 and max_frames, max_tokens, min_frame_tokens >= 1; got "
-                                   f"fps={out.fps}, max_frames={out.max_frames}, max_tokens={out.max_tokens}, "
+        keys = ("fps", "max_frames", "min_frames", "max_tokens", "min_frame_tokens")
+        out = replace(self, **{k: item[k] for k in keys if k in item})
+        if not (out.fps > 0 and out.max_frames >= 1 and out.min_frames >= 1 and out.max_tokens >= 1
+                and out.min_frame_tokens >= 1):
+            raise KimiVLInputError(f"{label}: need fps > 0 and max_frames, min_frames, max_tokens, min_frame_tokens "
+                                   f">= 1; got fps={out.fps}, max_frames={out.max_frames}, "
+                                   f"min_frames={out.min_frames}, max_tokens={out.max_tokens}, "
                                    f"min_frame_tokens={out.min_frame_tokens}")
         return out
 
@@ -169,7 +176,16 @@ def _sample_times(duration: float, video_fps: float, options: VideoOptions) -> l
     count = max(1, math.ceil(duration * fps - 1e-9))
     if count > options.max_frames:
         return [duration * k / options.max_frames for k in range(options.max_frames)]
-    return [k / fps for k in range(count)]
+    floor = min(options.min_frames, options.max_frames)
+    if count >= floor:
+        return [k / fps for k in range(count)]
+    if video_fps <= 0:  # frame times unknown: spread over the duration
+        return [duration * k / floor for k in range(floor)]
+    frames = max(1, round(duration * video_fps))  # a short clip: its own frames, first and last included
+    n = min(floor, frames)
+    if n <= count:
+        return [k / fps for k in range(count)]
+    return [round(k * (frames - 1) / (n - 1)) / video_fps for k in range(n)]
 
 
 def _frames_plan(label: str, times: list[float], sizes: list[tuple[int, int]], options: VideoOptions,

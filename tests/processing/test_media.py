@@ -97,6 +97,24 @@ def test_video_max_frames_and_frame_choice(make_video, tmp_path, tiny_processor)
     assert [_colour_index(f) for f in plan.load()] == [0, 8, 16]
 
 
+@pytest.mark.parametrize("frames, fps, options, expected", [
+    # 6 frames at 25 fps last 0.24 s: one sample at 2 fps; the floor takes 4 of its frames, first and last
+    (6, 25, VideoOptions(fps=2.0), [0, 2, 3, 5]),
+    (3, 25, VideoOptions(fps=2.0), [0, 1, 2]),  # fewer frames than the floor: all of them
+    (8, 10, VideoOptions(fps=2.0, min_frames=6), [0, 1, 3, 4, 6, 7]),
+    (6, 25, VideoOptions(fps=2.0, min_frames=1), [0]),  # floor off: the fps rule alone
+    (6, 25, VideoOptions(fps=2.0, max_frames=2), [0, 5]),  # max_frames bounds the floor
+])
+def test_video_short_clip_floor(make_video, tmp_path, tiny_processor, frames, fps, options, expected):
+    """A clip with fewer samples at ``fps`` than ``min_frames`` is sampled on its own frames, spread evenly."""
+    from kimivl.processing.video import plan_video
+
+    path = make_video(tmp_path / "short.mp4", frames=frames, fps=fps)
+    plan = plan_video(path, tiny_processor.image_processor, options, label="v", decoder=None)
+    assert plan.detail["timestamps"] == pytest.approx([i / fps for i in expected])
+    assert [_colour_index(f) for f in plan.load()] == expected
+
+
 def test_video_sparse_samples_seek(make_video, tmp_path):
     """Samples further apart than PyAVDecoder.seek_gap_s are reached by seeking; the frame is still exact."""
     path = make_video(tmp_path / "long.mp4", frames=60, fps=2, gop=6)  # 30 s, a keyframe every 3 s
@@ -171,7 +189,8 @@ def test_video_preflight_decodes_nothing_and_matches(processor, make_video, tmp_
     messages = [{"role": "user", "content": [{"type": "video", "video": path}, {"type": "text", "text": "Hi"}]}]
     report = processor.preflight(messages)
     assert CountingDecoder.calls == 0
-    assert report.media[0].kind == "video" and report.media[0].blocks == 2
+    # 2 s at the default 1 fps: 2 samples, raised to the floor of 4 (min_frames) of the clip's 20 frames
+    assert report.media[0].kind == "video" and report.media[0].blocks == 4
     out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                         return_tensors="pt")
     assert CountingDecoder.calls == 1
