@@ -33,6 +33,12 @@ COLOR_VARIANTS: dict[str, tuple[tuple[int, int, int], ...]] = {
     "purple": (COLORS["purple"], (128, 0, 128)),
     "orange": (COLORS["orange"], (255, 165, 0)),
 }
+# A third palette (a widely used set of "distinct colours") for the variety stage: renderers differ most in blue
+# (0, 130, 200 here) and purple.
+OTHER_VARIANTS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 25, 75), "green": (60, 180, 75), "blue": (0, 130, 200),
+    "yellow": (255, 225, 25), "purple": (145, 30, 180), "orange": (245, 130, 48),
+}
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
 
@@ -57,12 +63,16 @@ class Sample:
     images: list[Image.Image] = field(default_factory=list)  # one or two images
     video: list[Image.Image] | None = None  # frames
     document: bytes | None = None  # a PDF
+    video_fps: float | None = None  # the rate the frames were taken at, when not the processor's default
 
     def to_messages(self, *, with_answer: bool = True, text_first: bool = False) -> list[dict[str, Any]]:
         """Chat messages: the media items, then the question (or the question first)."""
         media: list[dict[str, Any]] = [{"type": "image", "image": im} for im in self.images]
         if self.video is not None:
-            media.append({"type": "video", "video": self.video})
+            item: dict[str, Any] = {"type": "video", "video": self.video}
+            if self.video_fps is not None:
+                item["fps"] = self.video_fps
+            media.append(item)
         if self.document is not None:
             media.append({"type": "document", "document": self.document})
         text = [{"type": "text", "text": self.question}]
@@ -77,9 +87,48 @@ def _jitter(rng: random.Random, rgb: tuple[int, int, int], amount: int = 18) -> 
     return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)  # type: ignore[return-value]
 
 
-def _paint(rng: random.Random, name: str) -> tuple[int, int, int]:
-    """A jittered variant of the named colour."""
-    return _jitter(rng, rng.choice(COLOR_VARIANTS[name]))
+def _paint(rng: random.Random, name: str, vary: bool = False) -> tuple[int, int, int]:
+    """A jittered variant of the named colour (``vary``: also from OTHER_VARIANTS)."""
+    variants = COLOR_VARIANTS[name] + ((OTHER_VARIANTS[name],) if vary else ())
+    return _jitter(rng, rng.choice(variants))
+
+
+@dataclass(frozen=True)
+class Style:
+    """How another renderer of the family might draw: anti-aliased edges (drawn at ``SUPERSAMPLE`` times the size,
+    then reduced with a Lanczos filter), an equilateral triangle instead of this module's (a bounding square's
+    width, 0.9 of its height), the third palette. ``Style()`` is this module's own drawing."""
+
+    antialias: bool = False
+    equilateral: bool = False
+    vary_colors: bool = False
+
+    @staticmethod
+    def draw(rng: random.Random, vary: bool) -> Style:
+        """``Style()`` without ``vary`` (no random draw, so the plain streams stay as they were), else a random one."""
+        if not vary:
+            return Style()
+        return Style(antialias=rng.random() < 0.5, equilateral=rng.random() < 0.5, vary_colors=True)
+
+
+SUPERSAMPLE = 4
+
+
+class _Painter:
+    """An ImageDraw-like canvas that draws at ``scale`` times the size when the style anti-aliases."""
+
+    def __init__(self, img: Image.Image, style: Style) -> None:
+        self.img, self.style = img, style
+        self.scale = SUPERSAMPLE if style.antialias else 1
+        self.big = img.resize((img.width * self.scale, img.height * self.scale)) if self.scale > 1 else img
+        self.draw = ImageDraw.Draw(self.big)
+
+    def shape(self, kind: str, cx: float, cy: float, size: float, color: tuple[int, int, int], angle: float = 0.0) -> None:
+        k = self.scale
+        draw_shape(self.draw, kind, cx * k, cy * k, size * k, color, angle, equilateral=self.style.equilateral)
+
+    def image(self) -> Image.Image:
+        return self.big.resize(self.img.size, Image.LANCZOS) if self.scale > 1 else self.img
 
 
 def _canvas(rng: random.Random, width: int | None = None, height: int | None = None) -> Image.Image:
@@ -89,14 +138,17 @@ def _canvas(rng: random.Random, width: int | None = None, height: int | None = N
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, size: float,
-               color: tuple[int, int, int], angle: float = 0.0) -> None:
-    """A filled shape of bounding size ``size`` centred at (cx, cy)."""
+               color: tuple[int, int, int], angle: float = 0.0, *, equilateral: bool = False) -> None:
+    """A filled shape of bounding size ``size`` centred at (cx, cy) (``equilateral``: the triangle inscribed in
+    the circle of diameter ``size`` instead)."""
     r = size / 2
     if kind == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
         return
     if kind == "square":
         corners = [(-r, -r), (r, -r), (r, r), (-r, r)]
+    elif equilateral:
+        corners = [(0.0, -r), (r * math.sqrt(3) / 2, r / 2), (-r * math.sqrt(3) / 2, r / 2)]
     else:  # triangle, apex up before rotation
         corners = [(0.0, -r), (r, r * 0.8), (-r, r * 0.8)]
     c, s = math.cos(angle), math.sin(angle)
@@ -118,7 +170,8 @@ def _place(rng: random.Random, w: int, h: int, sizes: list[float], tries: int = 
     return centres
 
 
-def shapes_image(rng: random.Random, n: int, *, size_range: tuple[float, float] = (0.12, 0.20)) -> Image.Image:
+def shapes_image(rng: random.Random, n: int, *, size_range: tuple[float, float] = (0.12, 0.20),
+                 style: Style = Style()) -> Image.Image:
     """An image with ``n`` non-overlapping shapes of any kind and colour."""
     while True:
         img = _canvas(rng)
@@ -127,11 +180,11 @@ def shapes_image(rng: random.Random, n: int, *, size_range: tuple[float, float] 
         centres = _place(rng, *img.size, sizes)
         if centres is None:
             continue
-        draw = ImageDraw.Draw(img)
+        painter = _Painter(img, style)
         for (x, y), size in zip(centres, sizes):
-            draw_shape(draw, rng.choice(SHAPES), x, y, size, _paint(rng, rng.choice(list(COLORS))),
-                       rng.uniform(-0.3, 0.3))
-        return img
+            painter.shape(rng.choice(SHAPES), x, y, size, _paint(rng, rng.choice(list(COLORS)), style.vary_colors),
+                          rng.uniform(-0.3, 0.3))
+        return painter.image()
 
 
 def number_image(rng: random.Random, text: str, *, width: int | None = None, height: int | None = None,
@@ -156,7 +209,8 @@ def _digits(rng: random.Random) -> str:
 
 
 # ---------------------------------------------------------------------------- the tasks
-def one_shape_image(rng: random.Random, *, small_share: float = 0.0) -> tuple[Image.Image, str, str]:
+def one_shape_image(rng: random.Random, *, small_share: float = 0.0,
+                    style: Style = Style()) -> tuple[Image.Image, str, str]:
     """One shape (12-70 % of the shorter side: from the counting size up) on a light canvas: the image, its
     colour name and kind. With probability ``small_share`` the shape is 12-25 % instead (a training emphasis:
     after the processor's resize such shapes are 8-20 pixels, where circle / square / triangle are hardest)."""
@@ -165,23 +219,27 @@ def one_shape_image(rng: random.Random, *, small_share: float = 0.0) -> tuple[Im
     small = small_share > 0 and rng.random() < small_share  # no extra draw without the emphasis
     size = min(img.size) * (rng.uniform(0.12, 0.25) if small else rng.uniform(0.12, 0.7))
     x, y = rng.uniform(size / 2, img.width - size / 2), rng.uniform(size / 2, img.height - size / 2)
-    draw_shape(ImageDraw.Draw(img), kind, x, y, size, _paint(rng, name), rng.uniform(-0.3, 0.3))
-    return img, name, kind
+    painter = _Painter(img, style)
+    painter.shape(kind, x, y, size, _paint(rng, name, style.vary_colors), rng.uniform(-0.3, 0.3))
+    return painter.image(), name, kind
 
 
-def color_task(rng: random.Random) -> Sample:
-    img, name, _ = one_shape_image(rng)
+# ``vary``: draw the sample in a random Style, and the video task with the ball's travel and size and the frame
+# rate drawn wider (the variety stage of scripts/train_demo_model.py). Without it no extra random number is
+# drawn, so the streams of the other stages stay as they were.
+def color_task(rng: random.Random, *, vary: bool = False) -> Sample:
+    img, name, _ = one_shape_image(rng, style=Style.draw(rng, vary))
     return Sample("color", QUESTIONS["color"], name, images=[img])
 
 
-def shape_task(rng: random.Random, *, small_share: float = 0.0) -> Sample:
-    img, _, kind = one_shape_image(rng, small_share=small_share)
+def shape_task(rng: random.Random, *, small_share: float = 0.0, vary: bool = False) -> Sample:
+    img, _, kind = one_shape_image(rng, small_share=small_share, style=Style.draw(rng, vary))
     return Sample("shape", QUESTIONS["shape"], kind, images=[img])
 
 
-def count_task(rng: random.Random) -> Sample:
+def count_task(rng: random.Random, *, vary: bool = False) -> Sample:
     n = rng.randint(1, 6)
-    return Sample("count", QUESTIONS["count"], str(n), images=[shapes_image(rng, n)])
+    return Sample("count", QUESTIONS["count"], str(n), images=[shapes_image(rng, n, style=Style.draw(rng, vary))])
 
 
 def number_task(rng: random.Random) -> Sample:
@@ -189,22 +247,30 @@ def number_task(rng: random.Random) -> Sample:
     return Sample("number", QUESTIONS["number"], text, images=[number_image(rng, text)])
 
 
-def compare_task(rng: random.Random) -> Sample:
+def compare_task(rng: random.Random, *, vary: bool = False) -> Sample:
     a, b = rng.sample(range(1, 7), 2)
+    style = Style.draw(rng, vary)
     return Sample("compare", QUESTIONS["compare"], "first" if a > b else "second",
-                  images=[shapes_image(rng, a), shapes_image(rng, b)])
+                  images=[shapes_image(rng, a, style=style), shapes_image(rng, b, style=style)])
 
 
-def direction_task(rng: random.Random) -> Sample:
+# Frame rates a video of the variety stage claims (the timestamps the processor writes before its frames).
+VARY_FPS = (1.0, 2.0, 2.0, 5.0, 10.0, 25.0)
+
+
+def direction_task(rng: random.Random, *, vary: bool = False) -> Sample:
+    """A ball moving in a straight line over 4-8 frames: 50-95 % of the free span, radius 5-15 % of the shorter
+    side (``vary``: 15-95 % and 4-15 %, a random frame rate and Style)."""
     direction = rng.choice(DIRECTIONS)
     n = rng.randint(4, 8)
     w, h = rng.randint(MIN_SIDE, MAX_SIDE), rng.randint(MIN_SIDE, MAX_SIDE)
     bg = tuple(rng.randint(200, 255) for _ in range(3))
-    color = _paint(rng, rng.choice(list(COLORS)))
-    r = min(w, h) * rng.uniform(0.05, 0.15)
+    style = Style.draw(rng, vary)
+    color = _paint(rng, rng.choice(list(COLORS)), style.vary_colors)
+    r = min(w, h) * rng.uniform(0.04 if vary else 0.05, 0.15)
     horizontal = direction in ("left", "right")
     span = (w if horizontal else h) - 2 * r
-    travel = span * rng.uniform(0.5, 0.95)
+    travel = span * rng.uniform(0.15 if vary else 0.5, 0.95)
     start = rng.uniform(r, r + span - travel)
     sign = 1 if direction in ("right", "down") else -1
     if sign < 0:
@@ -214,10 +280,11 @@ def direction_task(rng: random.Random) -> Sample:
     for i in range(n):
         pos = start + sign * travel * i / (n - 1)
         cx, cy = (pos, fixed) if horizontal else (fixed, pos)
-        frame = Image.new("RGB", (w, h), bg)
-        ImageDraw.Draw(frame).ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-        frames.append(frame)
-    return Sample("direction", QUESTIONS["direction"], direction, video=frames)
+        painter = _Painter(Image.new("RGB", (w, h), bg), style)
+        painter.shape("circle", cx, cy, 2 * r, color)
+        frames.append(painter.image())
+    fps = rng.choice(VARY_FPS) if vary else None
+    return Sample("direction", QUESTIONS["direction"], direction, video=frames, video_fps=fps)
 
 
 def pdf_bytes(pages: list[Image.Image]) -> bytes:
@@ -303,10 +370,14 @@ GENERATORS: dict[str, Callable[[random.Random], Sample]] = {
 }
 
 
-def sample(task: str, rng: random.Random) -> Sample:
+VARIED = ("color", "shape", "count", "compare", "direction")  # the tasks that take ``vary``
+
+
+def sample(task: str, rng: random.Random, *, vary: bool = False) -> Sample:
+    """A sample of ``task`` (``vary``: in a random Style, for the tasks in VARIED)."""
     if task not in GENERATORS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
-    return GENERATORS[task](rng)
+    return GENERATORS[task](rng, vary=True) if vary and task in VARIED else GENERATORS[task](rng)
 
 
 def is_correct(prediction: str, answer: str) -> bool:

@@ -146,3 +146,49 @@ def test_the_small_shape_emphasis_draws_small_shapes_and_leaves_the_default_stre
     # without the emphasis no extra random draw is made: the training and evaluation streams stay as they were
     a, b = one_shape_image(random.Random(7)), one_shape_image(random.Random(7), small_share=0.0)
     assert a[1:] == b[1:] and np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+
+
+def test_the_variety_style_draws_like_another_renderer_and_the_ball_still_moves_that_way():
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from kimivl.demo.tasks import OTHER_VARIANTS, VARY_FPS, draw_shape
+
+    # an equilateral triangle of size 100 (apex up): 86.6 wide, 75 high
+    img = Image.new("RGB", (200, 200), (255, 255, 255))
+    draw_shape(ImageDraw.Draw(img), "triangle", 100, 100, 100, (0, 0, 0), equilateral=True)
+    ys, xs = np.nonzero(np.asarray(img)[..., 0] < 128)
+    assert abs(np.ptp(xs) - 86.6) <= 2 and abs(np.ptp(ys) - 75) <= 2
+
+    travels, fps, edge_colours = [], set(), []
+    for seed in range(24):
+        s = sample("direction", random.Random(seed), vary=True)
+        assert s.video_fps in VARY_FPS and s.to_messages()[0]["content"][0]["fps"] == s.video_fps
+        first, last = (np.asarray(f).astype(int) for f in (s.video[0], s.video[-1]))
+        fps.add(s.video_fps)
+
+        def centre(a):
+            ys, xs = np.nonzero(np.abs(a - a[0, 0]).sum(-1) > 60)
+            return xs.mean(), ys.mean()
+
+        (x0, y0), (x1, y1) = centre(first), centre(last)
+        moved = {"left": x0 - x1, "right": x1 - x0, "up": y0 - y1, "down": y1 - y0}
+        assert max(moved, key=moved.get) == s.answer
+        side = first.shape[1] if s.answer in ("left", "right") else first.shape[0]
+        travels.append(moved[s.answer] / side)
+        edge_colours.append(len(np.unique(first.reshape(-1, 3), axis=0)))
+    assert min(travels) < 0.3 and len(fps) >= 3  # slower balls and other frame rates than the plain stream
+    assert max(edge_colours) > 2 and min(edge_colours) == 2  # some frames anti-aliased, some not
+
+    # the colour stays the named one, from the third palette too
+    hits = 0
+    for seed in range(40):
+        s = sample("color", random.Random(seed), vary=True)
+        a = np.asarray(s.images[0]).reshape(-1, 3).astype(int)
+        colours, counts = np.unique(a, axis=0, return_counts=True)
+        ink = colours[np.argsort(counts)[-2]]  # the most common colour after the background
+        variants = COLOR_VARIANTS[s.answer] + (OTHER_VARIANTS[s.answer],)
+        dist = [np.abs(ink - np.array(v)).sum() for v in variants]
+        assert min(dist) <= 3 * 18
+        hits += int(np.argmin(dist) == len(variants) - 1)
+    assert hits >= 5
