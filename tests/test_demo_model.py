@@ -33,10 +33,10 @@ def test_demo_model_is_small_and_in_the_official_layout(demo):
     assert model.config.vision_config.patch_size == processor.image_processor.patch_size == 7
 
 
-# Measured over 600 fresh samples per task (seeds 31337, 7, 5, 11, 12, 13): colour 98 %, shape 95 %, count 83 %,
-# comparison 99 %, direction 98 %; on these 20 (seed 2026): 100 / 100 / 80 / 100 / 100 %; chance: 17 %, 33 %,
+# Measured over 600 fresh samples per task (seeds 31337, 7, 5, 11, 12, 13): colour 98 %, shape 95 %, count 81 %,
+# comparison 99 %, direction 97 %; on these 20 (seed 2026): 95 / 100 / 75 / 100 / 100 %; chance: 17 %, 33 %,
 # 17 %, 50 %, 25 %. Thresholds leave room for two answers that another CPU's rounding could flip.
-CLAIMS = {"color": 0.9, "shape": 0.85, "count": 0.7, "compare": 0.85, "direction": 0.85}
+CLAIMS = {"color": 0.85, "shape": 0.85, "count": 0.65, "compare": 0.85, "direction": 0.85}
 
 
 @pytest.mark.parametrize("task", sorted(CLAIMS))
@@ -44,6 +44,32 @@ def test_demo_model_answers_fresh_samples(demo, task):
     model, processor = demo
     result = evaluate(model, processor, samples_per_task=20, seed=2026, tasks=[task])[task]
     assert result.accuracy >= CLAIMS[task], f"{task}: {result.correct}/{result.total}, e.g. {result.failures}"
+
+
+def test_demo_model_answers_the_video_question_on_mp4_files(demo, tmp_path):
+    """A clip of 4-8 frames written as an mp4 at 25 fps lasts 0.16-0.32 s: at the demo's 2 fps that was one
+    sampled frame (6 % right, ninth session); the processor's min_frames floor gives all of its frames."""
+    import random
+
+    av = pytest.importorskip("av", reason="mp4 input needs PyAV (the `video` extra)")
+    from kimivl.demo.tasks import is_correct, sample
+
+    model, processor = demo
+    right = 0
+    for i in range(10):
+        s = sample("direction", random.Random(f"mp4-{i}"))
+        path = tmp_path / f"ball{i}.mp4"
+        w, h = (side - side % 2 for side in s.video[0].size)
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("libx264", rate=25)
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            for frame in s.video:
+                container.mux(stream.encode(av.VideoFrame.from_image(frame.crop((0, 0, w, h)))))
+            container.mux(stream.encode())
+        messages = [{"role": "user", "content": [{"type": "video", "video": str(path)},
+                                                 {"type": "text", "text": s.question}]}]
+        right += is_correct(answer(model, processor, messages), s.answer)
+    assert right >= 8, f"{right}/10"
 
 
 def test_demo_model_answers_the_readme_example(demo):
