@@ -80,3 +80,20 @@ def test_demo_model_answers_the_readme_example(demo):
     messages = [{"role": "user", "content": [{"type": "image", "image": image},
                                              {"type": "text", "text": "What color is the shape?"}]}]
     assert answer(model, processor, messages) == "blue"
+
+
+def test_the_other_renderer_evaluation_runs_and_reports_every_task():
+    """scripts/eval_other_renderer.py (the demo model asked by a renderer of its own): one JSON line per variant
+    and task, accuracies in [0, 1]."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("av", reason="the mp4 variant needs PyAV (the `video` extra)")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "eval_other_renderer.py"
+    out = subprocess.run([sys.executable, str(script), "--samples", "2", "--variants", "plain", "mp4-25"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["variant"], r["task"]) for r in rows] == [
+        ("plain", t) for t in ("color", "shape", "count", "compare", "direction")] + [("mp4-25", "direction")]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] == 2 for r in rows)
