@@ -177,15 +177,13 @@ def _sample_times(duration: float, video_fps: float, options: VideoOptions) -> l
     if count > options.max_frames:
         return [duration * k / options.max_frames for k in range(options.max_frames)]
     floor = min(options.min_frames, options.max_frames)
-    if count >= floor:
-        return [k / fps for k in range(count)]
-    if video_fps <= 0:  # frame times unknown: spread over the duration
-        return [duration * k / floor for k in range(floor)]
-    frames = max(1, round(duration * video_fps))  # a short clip: its own frames, first and last included
+    frames = max(1, round(duration * video_fps)) if video_fps > 0 else floor  # in the file (unknown: the floor)
     n = min(floor, frames)
     if n <= count:
         return [k / fps for k in range(count)]
-    return [round(k * (frames - 1) / (n - 1)) / video_fps for k in range(n)]
+    if video_fps <= 0:  # frame times unknown: spread over the duration
+        return [duration * k / n for k in range(n)]
+    return [round(k * (frames - 1) / (n - 1)) / video_fps for k in range(n)]  # its own frames, first and last
 
 
 def _frames_plan(label: str, times: list[float], sizes: list[tuple[int, int]], options: VideoOptions,
