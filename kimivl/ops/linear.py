@@ -5,8 +5,8 @@ is False) torch's bf16 matmul has no fast path (~0.4 GFLOP/s for GEMMs,
 7-11 GB/s for GEMVs). So, for a bf16 weight on the CPU:
 - few rows (<= ``SMALL_M``, a decode step, an expert's share of one token) and no autograd: the C++
   weight-streaming kernel of :mod:`kimivl.ops.cpu_kernels` (float32 accumulation), when it is built;
-- otherwise, on a CPU without a bf16 fast path: float32 GEMM on an upcast copy of the weight (the GEMM is
-  compute-bound at these sizes, so the copy is cheap next to it);
+- otherwise, on a CPU without a bf16 fast path, or for non-bf16 activations: float32 GEMM on an upcast copy
+  of the weight (the GEMM is compute-bound at these sizes, so the copy is cheap next to it);
 - otherwise ``F.linear`` unchanged.
 The output has the input's dtype, as ``F.linear``'s. Everything else (GPU, float32 weights) is ``F.linear``.
 """
@@ -31,7 +31,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         ext = cpu_kernels.kernels()
         if ext is not None:  # one call: the float32 conversion, bias and output rounding happen in C++
             return ext.linear_bf16w(x, weight, bias)
-    if not cpu_kernels.cpu_has_fast_bf16():
+    if not cpu_kernels.cpu_has_fast_bf16() or x.dtype != torch.bfloat16:  # (F.linear refuses mixed dtypes)
         b = bias.float() if bias is not None else None
         return F.linear(x.float(), weight.float(), b).to(x.dtype)
     return F.linear(x, weight, bias)

@@ -62,4 +62,10 @@ def test_two_processes_follow_the_single_process_loss_curve(tmp_path, tiny_dir, 
     b = load_file(str(Path(single["export_dir"]) / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in b:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
+        # Adam divides by sqrt(v): where an element's gradient is ~0, reduction-order noise in it becomes a step
+        # of up to lr (seen once in 2,048 elements of an expert on an AVX-512 host: 3e-4). So: at most 0.1 % of
+        # a tensor's elements outside the tight tolerance, and none by more than one step of lr.
+        diff = (a[k].double() - b[k].double()).abs()
+        loose = diff > 1e-4 + 1e-3 * b[k].double().abs()
+        assert loose.float().mean() <= 1e-3 and diff.max() <= STEPS["learning_rate"], (
+            k, int(loose.sum()), a[k].numel(), float(diff.max()))
