@@ -121,3 +121,35 @@ def test_rotation_factors_layout() -> None:
     rot_cos, rot_sin = rope_2d_rotation(cos, sin)
     assert rot_cos.tolist() == [[pytest.approx(0.1), pytest.approx(0.1), pytest.approx(0.2), pytest.approx(0.2)]]
     assert rot_sin.tolist() == [[pytest.approx(-0.3), pytest.approx(0.3), pytest.approx(-0.4), pytest.approx(0.4)]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_is_bit_identical_to_the_pytorch_form(cpu_ext, monkeypatch, dtype: torch.dtype) -> None:
+    """The one-pass C++ rotation (inference on the CPU) gives the PyTorch form's numbers bit for bit, on the
+    strided q/k view of a fused qkv and on a plain (L, H, Dh) tensor; autograd keeps the PyTorch form."""
+    from kimivl.ops import cpu_kernels
+
+    rows, cols = grid_positions(torch.tensor([[9, 7], [4, 6], [1, 1]]))
+    qkv = (torch.randn(rows.numel(), 3, 5, 72, generator=torch.Generator().manual_seed(8)) * 30).to(dtype)
+    rot = rope_2d_rotation(*rope_2d_cos_sin(rows * 37, cols * 53, 72))  # large angles: every rounding matters
+    fused = {name: rotate_pairs(x, *rot) for name, x in (("qk", qkv[:, :2]), ("q", qkv[:, 0]))}
+    direct = cpu_ext.rope_pairs(qkv[:, :2].flatten(1, 2), *rot)
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert cpu_kernels.kernels() is None
+    for name, x in (("qk", qkv[:, :2]), ("q", qkv[:, 0])):
+        reference = rotate_pairs(x, *rot)
+        assert fused[name].shape == reference.shape and fused[name].is_contiguous()
+        torch.testing.assert_close(fused[name], reference, atol=0, rtol=0)
+    torch.testing.assert_close(direct.view(-1, 2, 5, 72), rotate_pairs(qkv[:, :2], *rot), atol=0, rtol=0)
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH)
+    x = qkv[:, 0].float().requires_grad_()
+    rotate_pairs(x, *rot).sum().backward()  # the PyTorch form, differentiable
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_cpu_kernel_names_bad_shapes(cpu_ext) -> None:
+    rot = torch.zeros(4, 8), torch.zeros(4, 8)
+    with pytest.raises(RuntimeError, match=r"rot_cos / rot_sin must be \(4, 6\)"):
+        cpu_ext.rope_pairs(torch.zeros(4, 2, 6), *rot)
+    with pytest.raises(RuntimeError, match="D even"):
+        cpu_ext.rope_pairs(torch.zeros(4, 2, 7), torch.zeros(4, 7), torch.zeros(4, 7))

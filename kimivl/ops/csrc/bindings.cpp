@@ -17,6 +17,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_rotate", &rope_rotate,
         "RoPE on interleaved channel pairs, answered in rotate-half order: x (B, H, S, D), cos / sin (B, S, D) -> "
         "(B, H, S, D) in x's dtype, each product and the sum rounded to it as the PyTorch ops do");
+  m.def("rope_pairs", &rope_pairs,
+        "the vision tower's 2-D RoPE in one pass: x (L, G, D) float32 or bfloat16 with contiguous rows (a view of a "
+        "fused qkv projection is read in place), rot_cos / rot_sin (L, D) float32 -> contiguous (L, G, D) in x's "
+        "dtype, with kimivl.ops.rope_2d.rotate_pairs' roundings");
   m.def("mla_block", &mla_block,
         "a bf16 decoder layer's attention half for one decode step: h + o_proj(MLA(input_layernorm(h))), the new "
         "latent written to cache row pos (kimivl.decoder.cpu_decode)");
