@@ -14,8 +14,8 @@ from torch import nn
 
 from kimivl.configuration import DeepseekV3Config, MoonViTConfig
 from kimivl.errors import KimiVLInputError
-from kimivl.ops.linear import Linear
-from kimivl.vision.moonvit import VISION_LAYER_NORM_EPS, gelu_
+from kimivl.ops.linear import Linear, linear_gelu
+from kimivl.vision.moonvit import VISION_LAYER_NORM_EPS
 
 
 class KimiVLMultiModalProjector(nn.Module):
@@ -39,4 +39,4 @@ class KimiVLMultiModalProjector(nn.Module):
         # Each sub-patch is normalised on its own, then the kh*kw sub-patches are concatenated
         # in merger order.
         x = self.pre_norm(image_features).view(image_features.shape[0], -1)
-        return self.linear_2(gelu_(self.linear_1(x)))  # exact (erf) GELU, in place when no gradient is needed
+        return self.linear_2(linear_gelu(self.linear_1, x))  # exact (erf) GELU

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimivl.ops import cpu_kernels
-from kimivl.ops.linear import SMALL_M, Linear, linear
+from kimivl.ops.linear import SMALL_M, Linear, _onednn_post_op_applies, gelu_, linear, linear_gelu
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +119,58 @@ def test_linear_module_is_an_nn_linear_with_the_same_keys():
     x = torch.randn(2, 4)
     assert torch.equal(m(x), F.linear(x, m.weight, m.bias))
     assert cpu_kernels.cpu_has_fast_bf16() in (True, False)
+
+
+def _gelu_layer(bias: bool = True) -> Linear:
+    torch.manual_seed(3)
+    layer = Linear(96, 200, bias=bias)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.3)
+        if bias:
+            layer.bias.normal_(0, 0.5)
+    return layer.bfloat16()
+
+
+@pytest.mark.skipif(not cpu_kernels.cpu_has_fast_bf16(),
+                    reason="the oneDNN GELU post-op is used only where torch's bf16 GEMM is oneDNN's (AVX512-BF16 / AMX)")
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gelu_post_op_is_as_accurate_as_two_steps(approximate, bias):
+    layer = _gelu_layer(bias)
+    x = torch.randn(300, 96).bfloat16()
+    with torch.inference_mode():
+        assert _onednn_post_op_applies(x, layer.weight, layer.bias)
+        fused = linear_gelu(layer, x, approximate)
+        two_steps = F.gelu(layer(x), approximate=approximate)
+    exact = F.gelu(F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double()),
+                   approximate=approximate)
+    assert fused.dtype == torch.bfloat16 and fused.shape == (300, 200)
+    err_fused = (fused.double() - exact).norm() / exact.norm()
+    err_two = (two_steps.double() - exact).norm() / exact.norm()
+    # one bf16 rounding instead of two: never worse than the two-step form (measured ~0.7x its error)
+    assert err_fused <= err_two * 1.05 and err_fused < 4e-3, (err_fused, err_two)
+    other = "tanh" if approximate == "none" else "none"  # the right GELU variant, not the other one
+    assert (fused.double() - exact).abs().max() < (F.gelu(exact.new_tensor(0) + F.linear(
+        x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double()), approximate=other)
+        - exact).abs().max() + 0.05
+
+
+def test_linear_gelu_keeps_the_two_step_form_for_autograd_float32_few_rows_and_wrapped_layers():
+    layer = _gelu_layer()
+    x = torch.randn(40, 96).bfloat16()
+    with torch.inference_mode():
+        assert not _onednn_post_op_applies(x[:SMALL_M], layer.weight, layer.bias)  # a decode step's rows
+        assert not _onednn_post_op_applies(x.float(), layer.weight, layer.bias)
+    x32, layer32 = x.float().requires_grad_(), _gelu_layer().float()
+    out = linear_gelu(layer32, x32, "tanh")
+    torch.testing.assert_close(out, F.gelu(F.linear(x32, layer32.weight, layer32.bias), approximate="tanh"),
+                               rtol=0, atol=0)
+    out.sum().backward()
+    assert x32.grad is not None and layer32.weight.grad is not None
+    seen = []
+    handle = layer.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    with torch.inference_mode():
+        hooked = linear_gelu(layer, x, "tanh")
+        torch.testing.assert_close(hooked, gelu_(layer(x), "tanh"), rtol=0, atol=0)
+    handle.remove()
+    assert seen and seen[0] == (40, 200)  # the layer itself ran: its hook saw the call
