@@ -196,22 +196,25 @@ def main() -> None:
             cache["transformers"] = impls[1].cache_bytes_per_token(prompt(128, vocab, seed=3))
 
     if not args.no_llamacpp:
-        try:
-            from benchmarks.peers import llamacpp
+        # the same dtype as ours (f32 where this CPU has no fast bf16), and Q8_0 for reference; each type on
+        # its own, so one that fails is reported without losing the other
+        for outtype in ("bf16" if args.dtype == "bf16" else "f32", "q8_0"):
+            key = f"llamacpp_{outtype}"
+            try:
+                from benchmarks.peers import llamacpp
 
-            # the same dtype as ours (f32 where this CPU has no fast bf16), and Q8_0 for reference
-            for outtype in ("bf16" if args.dtype == "bf16" else "f32", "q8_0"):
                 gguf = llamacpp.convert_text(directory, outtype=outtype)
                 lc = llamacpp.bench_text(gguf, threads=args.threads, prompt=args.prefill_len, gen=args.new_tokens,
                                          depths=tuple(args.contexts), repetitions=args.repeats)
-                key = f"llamacpp_{outtype}"
-                prefill[key] = lc["prefill_tok_s"]
-                for ctx in args.contexts:
-                    if str(ctx) in lc["decode_tok_s"]:
-                        decode[str(ctx)][key] = lc["decode_tok_s"][str(ctx)]
-                result.setdefault("llamacpp_commands", []).append(lc.get("command"))
-        except Exception as e:  # optional peer: any failure to build/convert/run is reported, not fatal
-            result["llamacpp"] = {"skipped": f"{type(e).__name__}: {e}"}
+            except Exception as e:  # optional peer: any failure to build/convert/run is reported, not fatal
+                result.setdefault("llamacpp", {})[outtype] = {"skipped": f"{type(e).__name__}: {e}"}
+                continue
+            prefill[key] = lc["prefill_tok_s"]
+            for ctx in args.contexts:
+                if str(ctx) in lc["decode_tok_s"]:
+                    decode[str(ctx)][key] = lc["decode_tok_s"][str(ctx)]
+            result.setdefault("llamacpp", {})[outtype] = {
+                k: lc[k] for k in ("command", "by_depth", "flash_attn", "kv_type", "repack_off_because") if k in lc}
 
     dtype_bytes = torch.finfo(dtype).bits // 8
     result["prefill"] = {"tokens": args.prefill_len, **{f"{k}_tok_s": round(v, 1) for k, v in prefill.items()},

@@ -299,7 +299,16 @@ def bench_text(gguf: Path, threads: int = 2, prompt: int = 512, gen: int = 32,
     bench = ensure_built(build_dir) / "llama-bench"
     cmd = [str(bench), "-m", str(gguf), "-p", str(prompt), "-n", str(gen), "-d", ",".join(map(str, depths)),
            "-t", str(threads), "-r", str(repetitions), "-o", "json"]
-    rows = json.loads(_run(cmd, f"llama-bench on {Path(gguf).name}").stdout)
+    repack_off = None
+    try:
+        rows = json.loads(_run(cmd, f"llama-bench on {Path(gguf).name}").stdout)
+    except PeerUnavailable as e:
+        # On AMX hosts ggml's CPU "repack" buffer (AMX/AVX-512 layouts for quantized weights) can leave an op
+        # without a backend (GGML_ASSERT(*cur_backend_id != -1), seen with Q8_0 on a Xeon with amx_int8);
+        # the plain CPU buffer runs every op, so the run is retried once with `--repack 0` and says so.
+        repack_off = str(e)
+        cmd += ["--repack", "0"]
+        rows = json.loads(_run(cmd, f"llama-bench on {Path(gguf).name} with --repack 0").stdout)
     by_depth: dict[str, dict[str, dict[str, float]]] = {}
     for row in rows:
         # llama-bench emits one row per (test, depth): a prompt test has n_gen 0, a generation test n_prompt 0
@@ -316,7 +325,7 @@ def bench_text(gguf: Path, threads: int = 2, prompt: int = 512, gen: int = 32,
             "kv_type": first.get("type_k"),
             "prefill_tok_s": next(iter(means["prefill_tok_s"].values()), None),
             "prefill_tok_s_by_depth": means["prefill_tok_s"], "decode_tok_s": means["decode_tok_s"],
-            "by_depth": by_depth}
+            "by_depth": by_depth, **({"repack_off_because": repack_off} if repack_off else {})}
 
 
 KIMIVL_PATCH = 14
