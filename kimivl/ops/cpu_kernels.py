@@ -33,9 +33,12 @@ single warning says why.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -75,14 +78,43 @@ def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
+_BUILD_LOCK = threading.Lock()  # lru_cache does not stop two threads' first calls from both building
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An inter-process lock that the kernel drops when its holder dies (``flock``; nothing where absent)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock file only
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @functools.lru_cache(maxsize=1)
 def _build() -> ModuleType | None:
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
-        return load(NAME, [str(s) for s in SOURCES],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        build_dir = Path(_get_build_directory(NAME, False))
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with _BUILD_LOCK, _exclusive(build_dir / "kimivl-build.flock"):
+            # torch's own lock is a plain file: a process killed while building (a timed-out test, a stopped
+            # server) leaves it behind and every later load() waits for it forever. Under the flock no other
+            # kimivl process is building, so a file found here is such a leftover.
+            stale = build_dir / "lock"
+            if stale.exists():
+                logger.warning("removing %s, left by a build that did not finish", stale)
+                stale.unlink(missing_ok=True)
+            return load(NAME, [str(s) for s in SOURCES],
+                        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+                        extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: the PyTorch paths serve instead
         logger.warning("kimivl CPU kernels unavailable (%s: %s); using the PyTorch paths", type(exc).__name__,
                        str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
