@@ -15,6 +15,7 @@ once): gathered pairs for a decode step, which a captured CUDA graph can replay
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from torch import nn
 from kimivl.configuration import DeepseekV3Config
 from kimivl.decoder.cpu_decode import PLAN, moe_step
 from kimivl.decoder.mlp import DeepseekV3MLP
-from kimivl.ops.linear import Linear
+from kimivl.ops.linear import Linear, linear
 from kimivl.ops.moe import fused_cpu_moe, grouped_mm_available, moe_dispatch, moe_gathered, moe_grouped
 from kimivl.ops.routing import route
 
@@ -108,7 +109,8 @@ class DeepseekV3MoE(nn.Module):
         if stacked is not None:  # inference on a GPU: no per-expert Python, no host sync (CUDA-graph safe)
             y = (moe_gathered if path == "gather" else moe_grouped)(x, topk_idx, topk_weight, *stacked).view(shape)
         else:
-            y = moe_dispatch(x, topk_idx, topk_weight, self.experts).view(shape)
+            experts = self._cpu_gate_up_experts(x) or self.experts
+            y = moe_dispatch(x, topk_idx, topk_weight, experts).view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(hidden_states)
         return y
@@ -134,17 +136,39 @@ class DeepseekV3MoE(nn.Module):
             return "grouped"
         return "gather" if pairs <= experts else None
 
+    def _cpu_gate_up_experts(self, x: torch.Tensor) -> list[Callable[[torch.Tensor], torch.Tensor]] | None:
+        """In inference mode on the CPU: each expert as ``down(silu(gate) * up)`` with gate and up as ONE matmul
+        over the adjacent (2I, D) rows of the stacked weights (:meth:`stacked_experts`), or None.
+
+        A prefill's experts see ~8-50 rows each, where a GEMM's rate grows with its width: measured on a 2-core
+        Xeon (bf16, oneDNN) 2 x 0.80 -> 1.00 ms per expert at 51 rows (docs/performance.md). Same products as the
+        module path; the GEMM library may block the wider product differently (last-bit differences).
+        Inference mode only: a training or evaluation step under FSDP / DeepSpeed must not re-point sharded
+        parameters."""
+        if x.device.type != "cpu" or not torch.is_inference_mode_enabled():
+            return None
+        if self.stacked_experts() is None:
+            return None
+        gate_up, down = self.__dict__.get("_gate_up"), self.__dict__["_stacked"][2]
+        if gate_up is None:
+            return None
+        inter = gate_up.shape[1] // 2
+        return [_GateUpExpert(gate_up[e], down[e], inter) for e in range(gate_up.shape[0])]
+
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         # .to() / .cuda() / .half() give every parameter its own new storage: drop the stack so the old one
         # (the experts' previous weights, on their previous device) is freed now, not at the next forward
         self.__dict__.pop("_stacked", None)
+        self.__dict__.pop("_gate_up", None)
         self.__dict__.pop(PLAN, None)  # the fused CPU step's plan holds the stack and a router copy
         return super()._apply(fn, recurse)
 
     def stacked_experts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The routed experts' weights as ``gate`` (E, I, D), ``up`` (E, I, D) and ``down`` (E, D, I) tensors
         whose slices are the experts' parameters (they are re-pointed to those views on the first call, so the
-        memory is not doubled; ``state_dict`` keys and values are unchanged). None when an expert is not a plain
+        memory is not doubled; ``state_dict`` keys and values are unchanged). On the CPU ``gate`` and ``up`` are
+        the two halves of one (E, 2I, D) tensor (each expert's gate rows, then its up rows), which
+        :meth:`_cpu_gate_up_experts` multiplies in one GEMM; elsewhere they are two contiguous tensors. None when an expert is not a plain
         :class:`~kimivl.ops.linear.Linear` MLP (e.g. LoRA-wrapped) or the experts differ in dtype / device.
         Rebuilt when the parameters were replaced since (``.to()``, ``load_state_dict(assign=True)``)."""
         stacked = self.__dict__.get("_stacked")
@@ -155,17 +179,38 @@ class DeepseekV3MoE(nn.Module):
             return stacked
         weights = [[getattr(e, name) for e in self.experts] for name in ("gate_proj", "up_proj", "down_proj")]
         first = weights[0][0].weight
+        num, (inter, dim) = len(self.experts), first.shape
+        shapes = ((inter, dim), (inter, dim), (dim, inter))
         if any(type(p) is not Linear or p.bias is not None or p.weight.dtype != first.dtype
-               or p.weight.device != first.device for row in weights for p in row):
+               or p.weight.device != first.device or tuple(p.weight.shape) != shape
+               for row, shape in zip(weights, shapes) for p in row):
             return None
-        out = []
         # inference_mode(False): a first call inside generate() must still give ordinary parameters (inference
         # tensors cannot take part in a later training step)
         with torch.inference_mode(False), torch.no_grad():
-            for row in weights:
-                stack = torch.stack([p.weight.detach() for p in row])
-                for i, p in enumerate(row):
+            gate_up = None
+            if first.device.type == "cpu":
+                gate_up = first.new_empty(num, 2 * inter, dim)
+                gate, up = gate_up[:, :inter], gate_up[:, inter:]
+            else:
+                gate, up = first.new_empty(num, inter, dim), first.new_empty(num, inter, dim)
+            down = first.new_empty(num, dim, inter)
+            for stack, row in zip((gate, up, down), weights):
+                for i, p in enumerate(row):  # copy, then re-point: each old weight is freed as it goes
+                    stack[i].copy_(p.weight.detach())
                     p.weight = nn.Parameter(stack[i], requires_grad=p.weight.requires_grad)
-                out.append(stack)
-        self.__dict__["_stacked"] = stacked = (out[0], out[1], out[2])
+        self.__dict__["_gate_up"] = gate_up
+        self.__dict__["_stacked"] = stacked = (gate, up, down)
         return stacked
+
+
+class _GateUpExpert:
+    """One expert of :meth:`DeepseekV3MoE._cpu_gate_up_experts`: ``down(silu(h[:, :I]) * h[:, I:])`` with
+    ``h = x @ gate_up.T``."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, inter: int) -> None:
+        self.gate_up, self.down, self.inter = gate_up, down, inter
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h = linear(x, self.gate_up)
+        return linear(F.silu(h[..., :self.inter]) * h[..., self.inter:], self.down)

@@ -289,3 +289,25 @@ def test_the_fused_moe_limit_follows_the_cpus_bf16_gemm(monkeypatch) -> None:
     assert moe_ops.moe_fused_max_tokens() == moe_ops.MOE_FUSED_MAX_TOKENS == 128  # vs float32 GEMMs on upcasts
     monkeypatch.setattr(cpu_kernels, "cpu_has_fast_bf16", lambda: True)
     assert moe_ops.moe_fused_max_tokens() == SMALL_M  # torch's bf16 GEMMs beyond decode shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_inference_runs_gate_and_up_as_one_matmul(dtype: torch.dtype) -> None:
+    """In inference mode on the CPU each expert multiplies its adjacent gate and up rows at once; the layer's
+    output equals the per-expert module path up to the GEMM's blocking (float32: 1e-6; bf16: rounding)."""
+    moe = _bf16_moe(shared=1).to(dtype)
+    x = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(5)).to(dtype)
+    with torch.no_grad():  # not inference mode: the module path, and no stacking (FSDP / DeepSpeed safe)
+        assert moe._cpu_gate_up_experts(x) is None and "_stacked" not in moe.__dict__
+        per_expert = moe(x)
+    with torch.inference_mode():
+        experts = moe._cpu_gate_up_experts(x.view(-1, 64))
+        assert experts is not None and len(experts) == 8
+        e = moe.experts[2]
+        one = experts[2](x[0, :5])  # 5 rows: the streaming kernel for bf16, F.linear for float32
+        fused = moe(x)
+    want = e.down_proj(torch.nn.functional.silu(e.gate_proj(x[0, :5])) * e.up_proj(x[0, :5]))
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(one, want, **tol)
+    torch.testing.assert_close(fused, per_expert, **tol)
+    assert moe._cpu_gate_up_experts(torch.zeros(2, 64, device="meta")) is None  # off the CPU: not this path

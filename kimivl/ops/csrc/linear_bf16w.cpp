@@ -265,8 +265,8 @@ torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, c
   const size_t Q = gate.size();
   for (size_t q = 0; q < Q; ++q) {
     for (const auto* w : {&gate[q], &up[q], &down[q]})
-      TORCH_CHECK(w->device().is_cpu() && w->dim() == 2 && w->scalar_type() == torch::kBFloat16,
-                  "moe_bf16w: MLP ", q, " weights must be bfloat16 (N, K) CPU tensors");
+      TORCH_CHECK(w->device().is_cpu() && w->dim() == 2 && w->scalar_type() == torch::kBFloat16 && w->is_contiguous(),
+                  "moe_bf16w: MLP ", q, " weights must be contiguous bfloat16 (N, K) CPU tensors");
     const int64_t I = gate[q].size(0);
     TORCH_CHECK(gate[q].size(1) == D && up[q].size(0) == I && up[q].size(1) == D && down[q].size(0) == D &&
                     down[q].size(1) == I,
