@@ -168,8 +168,9 @@ class DeepseekV3MoE(nn.Module):
         whose slices are the experts' parameters (they are re-pointed to those views on the first call, so the
         memory is not doubled; ``state_dict`` keys and values are unchanged). On the CPU ``gate`` and ``up`` are
         the two halves of one (E, 2I, D) tensor (each expert's gate rows, then its up rows), which
-        :meth:`_cpu_gate_up_experts` multiplies in one GEMM; elsewhere they are two contiguous tensors. None when an expert is not a plain
-        :class:`~kimivl.ops.linear.Linear` MLP (e.g. LoRA-wrapped) or the experts differ in dtype / device.
+        :meth:`_cpu_gate_up_experts` multiplies in one GEMM; elsewhere they are two contiguous tensors. None
+        when an expert is not a plain :class:`~kimivl.ops.linear.Linear` MLP (e.g. LoRA-wrapped) or the experts
+        differ in dtype / device / shape.
         Rebuilt when the parameters were replaced since (``.to()``, ``load_state_dict(assign=True)``)."""
         stacked = self.__dict__.get("_stacked")
         if stacked is not None and all(
