@@ -75,13 +75,14 @@ def rotate_pairs(x: torch.Tensor, rot_cos: torch.Tensor, rot_sin: torch.Tensor) 
 
 def _rotate_pairs_kernel(x: torch.Tensor, rot_cos: torch.Tensor, rot_sin: torch.Tensor) -> torch.Tensor | None:
     """:func:`rotate_pairs` in one pass of the C++ extension (same roundings, bit-identical), or None where it
-    does not apply: off the CPU, other dtypes, autograd through any input, or the extension not built. The
+    does not apply: off the CPU, other dtypes, autograd through any input, or the extension not built yet (it
+    is built by the decoder's bf16 paths or ``python -m kimivl.ops.cpu_kernels``, not here). The
     PyTorch form makes six passes over q and k (14 % of a bf16 MoonViT forward on a 2-core CPU)."""
     if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.ndim < 3
             or rot_cos.dtype != torch.float32 or rot_sin.dtype != torch.float32 or x.shape[-1] % 2
             or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, rot_cos, rot_sin)))):
         return None
-    ext = cpu_kernels.kernels()
+    ext = cpu_kernels.kernels(build=False)  # never pause a vision forward (a float32 model's too) to compile
     if ext is None:
         return None
     rows = x.flatten(1, -2) if x.ndim > 3 else x  # (L, G, Dh): a view for qkv[:, :2], else a copy
