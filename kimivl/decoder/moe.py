@@ -166,7 +166,8 @@ class DeepseekV3MoE(nn.Module):
     def stacked_experts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The routed experts' weights as ``gate`` (E, I, D), ``up`` (E, I, D) and ``down`` (E, D, I) tensors
         whose slices are the experts' parameters (they are re-pointed to those views on the first call, so the
-        memory is not doubled; ``state_dict`` keys and values are unchanged). On the CPU ``gate`` and ``up`` are
+        memory is not doubled; ``state_dict`` keys and values are unchanged; the Parameter objects stay the same,
+        so an optimizer built before keeps training them). On the CPU ``gate`` and ``up`` are
         the two halves of one (E, 2I, D) tensor (each expert's gate rows, then its up rows), which
         :meth:`_cpu_gate_up_experts` multiplies in one GEMM; elsewhere they are two contiguous tensors. None
         when an expert is not a plain :class:`~kimivl.ops.linear.Linear` MLP (e.g. LoRA-wrapped) or the experts
@@ -184,6 +185,7 @@ class DeepseekV3MoE(nn.Module):
         shapes = ((inter, dim), (inter, dim), (dim, inter))
         if any(type(p) is not Linear or p.bias is not None or p.weight.dtype != first.dtype
                or p.weight.device != first.device or tuple(p.weight.shape) != shape
+               or type(p.weight.detach()) is not torch.Tensor  # not a sharded (DTensor) or other subclass
                for row, shape in zip(weights, shapes) for p in row):
             return None
         # inference_mode(False): a first call inside generate() must still give ordinary parameters (inference
@@ -199,7 +201,8 @@ class DeepseekV3MoE(nn.Module):
             for stack, row in zip((gate, up, down), weights):
                 for i, p in enumerate(row):  # copy, then re-point: each old weight is freed as it goes
                     stack[i].copy_(p.weight.detach())
-                    p.weight = nn.Parameter(stack[i], requires_grad=p.weight.requires_grad)
+                    # the same Parameter object on new storage: an optimizer built earlier keeps training it
+                    p.weight.data = stack[i]
         self.__dict__["_gate_up"] = gate_up
         self.__dict__["_stacked"] = stacked = (gate, up, down)
         return stacked

@@ -311,3 +311,22 @@ def test_cpu_inference_runs_gate_and_up_as_one_matmul(dtype: torch.dtype) -> Non
     torch.testing.assert_close(one, want, **tol)
     torch.testing.assert_close(fused, per_expert, **tol)
     assert moe._cpu_gate_up_experts(torch.zeros(2, 64, device="meta")) is None  # off the CPU: not this path
+
+
+def test_an_optimizer_built_before_stacking_keeps_training_the_experts() -> None:
+    """Stacking (on the first inference-mode forward on the CPU, e.g. a generate() between training steps)
+    moves the experts' weights into the stack without replacing their Parameter objects."""
+    moe = _bf16_moe(shared=1).float()
+    params = {name: p for name, p in moe.named_parameters()}
+    opt = torch.optim.SGD([p for p in moe.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        moe(x)
+    assert "_stacked" in moe.__dict__ and dict(moe.named_parameters()) == params  # same objects
+    before = moe.experts[3].up_proj.weight.detach().clone()
+    moe(x).square().sum().backward()
+    opt.step()
+    assert moe.experts[3].up_proj.weight.grad is not None
+    assert not torch.equal(moe.experts[3].up_proj.weight.detach(), before)  # the optimizer's step reached it
+    gate, up, _ = moe.stacked_experts()  # and the stack is that same memory
+    assert torch.equal(up[3], moe.experts[3].up_proj.weight.detach())
