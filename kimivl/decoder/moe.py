@@ -145,21 +145,15 @@ class DeepseekV3MoE(nn.Module):
         module path; the GEMM library may block the wider product differently (last-bit differences).
         Inference mode only: a training or evaluation step under FSDP / DeepSpeed must not re-point sharded
         parameters."""
-        if x.device.type != "cpu" or not torch.is_inference_mode_enabled():
+        if x.device.type != "cpu" or not torch.is_inference_mode_enabled() or self.stacked_experts() is None:
             return None
-        if self.stacked_experts() is None:
-            return None
-        gate_up, down = self.__dict__.get("_gate_up"), self.__dict__["_stacked"][2]
-        if gate_up is None:
-            return None
-        inter = gate_up.shape[1] // 2
-        return [_GateUpExpert(gate_up[e], down[e], inter) for e in range(gate_up.shape[0])]
+        return self.__dict__.get("_gate_up_experts")  # made with the stack (None off the CPU)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         # .to() / .cuda() / .half() give every parameter its own new storage: drop the stack so the old one
         # (the experts' previous weights, on their previous device) is freed now, not at the next forward
         self.__dict__.pop("_stacked", None)
-        self.__dict__.pop("_gate_up", None)
+        self.__dict__.pop("_gate_up_experts", None)
         self.__dict__.pop(PLAN, None)  # the fused CPU step's plan holds the stack and a router copy
         return super()._apply(fn, recurse)
 
@@ -203,7 +197,8 @@ class DeepseekV3MoE(nn.Module):
                     stack[i].copy_(p.weight.detach())
                     # the same Parameter object on new storage: an optimizer built earlier keeps training it
                     p.weight.data = stack[i]
-        self.__dict__["_gate_up"] = gate_up
+        self.__dict__["_gate_up_experts"] = None if gate_up is None else [
+            _GateUpExpert(gate_up[e], down[e], inter) for e in range(num)]
         self.__dict__["_stacked"] = stacked = (gate, up, down)
         return stacked
 
