@@ -25,7 +25,8 @@ from kimivl.configuration import DeepseekV3Config
 from kimivl.decoder.cpu_decode import PLAN, moe_step
 from kimivl.decoder.mlp import DeepseekV3MLP
 from kimivl.ops.linear import Linear, linear
-from kimivl.ops.moe import fused_cpu_moe, grouped_mm_available, moe_dispatch, moe_gathered, moe_grouped
+from kimivl.ops.moe import (fused_cpu_moe, grouped_cpu_moe, grouped_mm_available, moe_dispatch, moe_gathered,
+                            moe_grouped)
 from kimivl.ops.routing import route
 
 
@@ -109,8 +110,11 @@ class DeepseekV3MoE(nn.Module):
         if stacked is not None:  # inference on a GPU: no per-expert Python, no host sync (CUDA-graph safe)
             y = (moe_gathered if path == "gather" else moe_grouped)(x, topk_idx, topk_weight, *stacked).view(shape)
         else:
-            experts = self._cpu_gate_up_experts(x) or self.experts
-            y = moe_dispatch(x, topk_idx, topk_weight, experts).view(shape)
+            y = self._cpu_grouped(x, topk_idx, topk_weight)
+            if y is None:
+                experts = self._cpu_gate_up_experts(x) or self.experts
+                y = moe_dispatch(x, topk_idx, topk_weight, experts)
+            y = y.view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(hidden_states)
         return y
@@ -149,11 +153,20 @@ class DeepseekV3MoE(nn.Module):
             return None
         return self.__dict__.get("_gate_up_experts")  # made with the stack (None off the CPU)
 
+    def _cpu_grouped(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor | None:
+        """In inference mode on a CPU with AMX / AVX512-BF16: the routed experts as one C++ call over the stacked
+        weights (:func:`~kimivl.ops.moe.grouped_cpu_moe`), or None. Inference mode only, as
+        :meth:`_cpu_gate_up_experts`."""
+        stacked = self.stacked_experts() if x.device.type == "cpu" and torch.is_inference_mode_enabled() else None
+        gate_up = self.__dict__.get("_gate_up") if stacked is not None else None
+        return None if gate_up is None else grouped_cpu_moe(x, topk_idx, topk_weight, gate_up, stacked[2])
+
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         # .to() / .cuda() / .half() give every parameter its own new storage: drop the stack so the old one
         # (the experts' previous weights, on their previous device) is freed now, not at the next forward
         self.__dict__.pop("_stacked", None)
         self.__dict__.pop("_gate_up_experts", None)
+        self.__dict__.pop("_gate_up", None)
         self.__dict__.pop(PLAN, None)  # the fused CPU step's plan holds the stack and a router copy
         return super()._apply(fn, recurse)
 
@@ -197,6 +210,7 @@ class DeepseekV3MoE(nn.Module):
                     stack[i].copy_(p.weight.detach())
                     # the same Parameter object on new storage: an optimizer built earlier keeps training it
                     p.weight.data = stack[i]
+        self.__dict__["_gate_up"] = gate_up  # (E, 2I, D) on the CPU, None elsewhere
         self.__dict__["_gate_up_experts"] = None if gate_up is None else [
             _GateUpExpert(gate_up[e], down[e], inter) for e in range(num)]
         self.__dict__["_stacked"] = stacked = (gate, up, down)

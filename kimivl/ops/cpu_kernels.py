@@ -47,7 +47,7 @@ import torch
 logger = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("bindings.cpp", "linear_bf16w.cpp", "mla_decode.cpp", "rms_norm.cpp", "rope.cpp",
-                        "decode_layer.cpp")]
+                        "decode_layer.cpp", "experts_bf16.cpp")]
 ENV_SWITCH = "KIMIVL_CPU_KERNELS"
 NAME = "kimivl_cpu_kernels"
 

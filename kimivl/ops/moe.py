@@ -45,12 +45,16 @@ def moe_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Ten
     outputs = [experts[e](xs) for e, xs in zip(ids, inputs)]
     if not outputs:
         return x.new_zeros(t, x.shape[-1])
-    sorted_y = torch.cat(outputs, dim=0)
+    return unsort_and_combine(torch.cat(outputs, dim=0), order, topk_weight).to(x.dtype)
 
+
+def unsort_and_combine(sorted_y: torch.Tensor, order: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+    """Expert outputs in expert-sorted order (row i belongs to (token, slot) pair ``order[i]``) -> (T, D) weighted
+    sum over the k slots in slot order, in ``topk_weight``'s dtype (the caller rounds)."""
+    t, k = topk_weight.shape
     # Undo the sort: row `order[i]` of (token, slot) order receives sorted row i.
     y = sorted_y.new_empty(sorted_y.shape).index_copy(0, order, sorted_y).view(t, k, -1)
-    y = (y.to(topk_weight.dtype) * topk_weight.unsqueeze(-1)).sum(dim=1)
-    return y.to(x.dtype)
+    return (y.to(topk_weight.dtype) * topk_weight.unsqueeze(-1)).sum(dim=1)
 
 
 def moe_gathered(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, gate: torch.Tensor,
@@ -89,8 +93,44 @@ def moe_grouped(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tens
     h = F.silu(torch._grouped_mm(xs, gate.transpose(1, 2), offs=ends)) * torch._grouped_mm(xs, up.transpose(1, 2),
                                                                                             offs=ends)
     ys = torch._grouped_mm(h, down.transpose(1, 2), offs=ends)
-    y = ys.new_empty(ys.shape).index_copy(0, order, ys).view(t, k, -1)
-    return (y.to(topk_weight.dtype) * topk_weight.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+    return unsort_and_combine(ys, order, topk_weight).to(x.dtype)
+
+
+# Mean rows per active expert up to which ``moe_experts_bf16`` (kimivl/ops/csrc/experts_bf16.cpp) beats per-expert
+# library GEMMs, by instruction set. Measured on the real-width layer, 2 threads of a Xeon with AMX
+# (docs/performance.md): AMX 75-85 ms vs 168 ms at 512 tokens (~48 rows), 258 vs 272 at 2,048 (~190 rows),
+# 458 vs 325 at 4,096. AVX512-BF16 (vdpbf16ps): 1.0-1.2x oneDNN's own avx512_core_bf16 kernel per expert up to
+# 64 rows, even at 128 (there measured with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 on the same Xeon).
+GROUPED_CPU_MAX_ROWS: dict[str, int] = {"amx": 128, "avx512_bf16": 64}
+
+
+def grouped_cpu_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, gate_up: torch.Tensor,
+                    down: torch.Tensor) -> torch.Tensor | None:
+    """:func:`moe_dispatch` for gated-SiLU experts with stacked bf16 weights on a CPU with AMX or AVX512-BF16, in
+    one C++ call (``moe_experts_bf16``: sort, experts, weighted sum), or None where it does not apply.
+
+    gate_up: (E, 2I, D), expert ``e``'s gate rows then its up rows; down: (E, D, I). Applies to bf16 x without
+    autograd when the extension has a path for this CPU and the experts see at most
+    ``GROUPED_CPU_MAX_ROWS[isa]`` rows each on average (a prefill; wider batches are the GEMM library's). Same
+    roundings and slot-order sum as :func:`moe_dispatch`; the products' summation order differs. No host sync:
+    the routing is read where it lies.
+    """
+    if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or not local_bf16(gate_up) or not local_bf16(down)
+            or (torch.is_grad_enabled() and (x.requires_grad or gate_up.requires_grad or down.requires_grad))):
+        return None
+    ext = cpu_kernels.kernels()
+    isa = ext.experts_bf16_isa() if ext is not None else ""
+    if not isa:
+        return None
+    dim, inter = down.shape[1], down.shape[2]
+    if dim % 2 or inter % 2:  # the kernels multiply pairs of bf16
+        return None
+    if isa == "amx" and (dim % 32 or inter % 32):  # AMX tiles are 32 columns; the vdpbf16ps kernel serves
+        isa = "avx512_bf16"
+    if topk_idx.shape[1] * topk_idx.shape[0] > GROUPED_CPU_MAX_ROWS[isa] * gate_up.shape[0]:
+        return None  # more rows per expert than the limit even if every expert is chosen
+    return ext.moe_experts_bf16(x, topk_idx, topk_weight.float(), gate_up, down, isa == "amx",
+                                GROUPED_CPU_MAX_ROWS[isa])
 
 
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")

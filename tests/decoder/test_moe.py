@@ -330,3 +330,141 @@ def test_an_optimizer_built_before_stacking_keeps_training_the_experts() -> None
     assert not torch.equal(moe.experts[3].up_proj.weight.detach(), before)  # the optimizer's step reached it
     gate, up, _ = moe.stacked_experts()  # and the stack is that same memory
     assert torch.equal(up[3], moe.experts[3].up_proj.weight.detach())
+
+
+# --- the grouped CPU kernel for prefills (kimivl.ops.moe.grouped_cpu_moe, C++ moe_experts_bf16) -------------
+def _isas(ext) -> list[str]:
+    isa = ext.experts_bf16_isa()
+    return {"amx": ["amx", "avx512_bf16"], "avx512_bf16": ["avx512_bf16"]}.get(isa, [])
+
+
+def _stack(moe: DeepseekV3MoE) -> tuple[torch.Tensor, torch.Tensor]:
+    gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in moe.experts])
+    return gate_up.contiguous(), torch.stack([e.down_proj.weight for e in moe.experts]).contiguous()
+
+
+def _bf16_moe_sized(hidden: int, inter: int, seed: int = 0) -> DeepseekV3MoE:
+    cfg = DeepseekV3Config.from_dict({
+        "hidden_size": hidden, "moe_intermediate_size": inter, "n_routed_experts": 8, "num_experts_per_tok": 3,
+        "n_shared_experts": 1, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 1,
+        "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.0, "num_attention_heads": 4,
+        "vocab_size": 32})
+    torch.manual_seed(seed)
+    moe = DeepseekV3MoE(cfg)
+    for p in moe.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.15)
+    return moe.to(torch.bfloat16).eval()
+
+
+# (64, 32): AMX tiles apply; (48, 20): hidden 48 leaves a 16-column tail of the 16-token vectors' gather and
+# an expert width that is not a multiple of 32 (the vdpbf16ps kernel only)
+@pytest.mark.parametrize("hidden,inter", [(64, 32), (48, 20), (96, 64)])
+@pytest.mark.parametrize("tokens", [1, 17, 40, 150])
+def test_grouped_cpu_moe_matches_the_module_path(cpu_ext, monkeypatch, hidden: int, inter: int, tokens: int) -> None:
+    isas = _isas(cpu_ext)
+    if not isas:
+        pytest.skip(f"this CPU / build has neither AMX nor AVX512-BF16 (experts_bf16_isa() = "
+                    f"{cpu_ext.experts_bf16_isa()!r}): the grouped kernel does not apply")
+    moe = _bf16_moe_sized(hidden, inter)
+    gate_up, down = _stack(moe)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens)).bfloat16()
+    _module_path(monkeypatch)
+    with torch.no_grad():
+        idx, weight, _ = moe.gate(x)
+        module = moe_dispatch(x, idx, weight, moe.experts)
+        ref = torch.zeros(tokens, hidden, dtype=torch.float64)
+        for t in range(tokens):
+            for e, w in zip(idx[t].tolist(), weight[t].tolist()):
+                ref[t] += w * _mlp64(moe.experts[e], x[t].double())
+        scale = ref.abs().max()
+        err_module = (module.double() - ref).abs().max()
+        for isa in isas:
+            if isa == "amx" and (hidden % 32 or inter % 32):
+                continue
+            y = cpu_ext.moe_experts_bf16(x, idx, weight, gate_up, down, isa == "amx", 10**6)
+            assert y.dtype == torch.bfloat16 and y.shape == x.shape
+            # the same roundings as the module path; only the products' summation order differs
+            err = (y.double() - ref).abs().max()
+            assert err <= err_module + 0.004 * scale, (isa, err, err_module)
+            torch.testing.assert_close(y, module, atol=0.02 * scale.item(), rtol=0.02)
+        assert err_module <= 0.02 * scale  # bf16's own rounding of outputs, weights and hidden activations
+
+
+def test_grouped_cpu_moe_rounds_like_the_module_path_given_the_same_expert_outputs(cpu_ext, monkeypatch) -> None:
+    # One hidden unit of exactly 512 per expert (see the fused test above): the expert outputs are exact, so this
+    # isolates the weighted sum over slots in float32, slot order, one rounding. Bit for bit.
+    isas = _isas(cpu_ext)
+    if not isas:
+        pytest.skip("this CPU / build has neither AMX nor AVX512-BF16: the grouped kernel does not apply")
+    moe = _bf16_moe_sized(64, 32)
+    with torch.no_grad():
+        for m in moe.experts:
+            for proj in (m.gate_proj, m.up_proj, m.down_proj):
+                proj.weight.zero_()
+        g = torch.Generator().manual_seed(5)
+        for m in moe.experts:
+            m.gate_proj.weight[0, 0], m.up_proj.weight[0, 0] = 4.0, 0.125
+            m.down_proj.weight[:, 0] = torch.randn(64, generator=g).bfloat16()
+        x = torch.zeros(20, 64).bfloat16()
+        x[:, 0] = 32.0
+        idx = torch.rand(20, 8, generator=g).argsort(-1)[:, :3]
+        weight = torch.rand(20, 3, generator=g) * 2
+        gate_up, down = _stack(moe)
+        _module_path(monkeypatch)
+        module = moe_dispatch(x, idx, weight, moe.experts)
+        for isa in isas:
+            assert torch.equal(cpu_ext.moe_experts_bf16(x, idx, weight, gate_up, down, isa == "amx", 10**6), module)
+
+
+def test_grouped_cpu_moe_applies_to_inference_prefills_only(cpu_ext, monkeypatch) -> None:
+    import kimivl.ops.moe as moe_ops
+
+    if not _isas(cpu_ext):
+        pytest.skip("this CPU / build has neither AMX nor AVX512-BF16: the grouped kernel does not apply")
+    moe = _bf16_moe_sized(64, 32)
+    x = torch.randn(1, 40, 64).bfloat16()
+    calls = []
+    real = moe_ops.grouped_cpu_moe
+
+    def spy(*args):
+        calls.append(real(*args))
+        return calls[-1]
+
+    import kimivl.decoder.moe as moe_module
+    monkeypatch.setattr(moe_module, "grouped_cpu_moe", spy)
+    with torch.no_grad():
+        module = moe(x)  # not inference mode: no stacking, the module path (FSDP / DeepSpeed safe)
+    assert calls == []
+    with torch.inference_mode():
+        grouped = moe(x)
+    assert len(calls) == 1 and calls[0] is not None
+    torch.testing.assert_close(grouped, module, atol=0.05, rtol=0.02)
+    gate_up, down = moe.__dict__["_gate_up"], moe.stacked_experts()[2]
+    with torch.inference_mode():
+        idx, weight, _ = moe.gate(x.view(40, 64))
+        # more (token, slot) pairs per expert than the limit: the GEMM library's path
+        monkeypatch.setitem(moe_ops.GROUPED_CPU_MAX_ROWS, cpu_ext.experts_bf16_isa(), 1)
+        assert moe_ops.grouped_cpu_moe(x.view(40, 64), idx, weight, gate_up, down) is None
+        assert cpu_ext.moe_experts_bf16(x.view(40, 64), idx, weight, gate_up, down, False, 1) is None
+        # float32 activations, or autograd through them: not this kernel
+        assert moe_ops.grouped_cpu_moe(x.view(40, 64).float(), idx, weight, gate_up, down) is None
+
+
+def test_moe_experts_bf16_names_bad_input(cpu_ext) -> None:
+    if not _isas(cpu_ext):
+        pytest.skip("this CPU / build has neither AMX nor AVX512-BF16: the grouped kernel does not apply")
+    moe = _bf16_moe_sized(48, 20)
+    gate_up, down = _stack(moe)
+    x = torch.randn(4, 48).bfloat16()
+    idx = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 9], [0, 1, 2]])
+    w = torch.rand(4, 3)
+    with pytest.raises(RuntimeError, match="expert id 9 chosen for token 2 of a layer of 8 experts"):
+        cpu_ext.moe_experts_bf16(x, idx, w, gate_up, down, False, 100)
+    with pytest.raises(RuntimeError, match=r"x has 64 features; gate_up \[8, 40, 48\] and down \[8, 48, 20\]"):
+        cpu_ext.moe_experts_bf16(torch.randn(4, 64).bfloat16(), idx.clamp(max=7), w, gate_up, down, False, 100)
+    with pytest.raises(RuntimeError, match=r"topk_idx \(T, k\) int64 and topk_weight \(T, k\) float32 with T = 4"):
+        cpu_ext.moe_experts_bf16(x, idx.clamp(max=7)[:3], w[:3], gate_up, down, False, 100)
+    if cpu_ext.experts_bf16_isa() == "amx":
+        with pytest.raises(RuntimeError, match="AMX tiles need hidden size 48 and expert width 20 in multiples of 32"):
+            cpu_ext.moe_experts_bf16(x, idx.clamp(max=7), w, gate_up, down, True, 100)

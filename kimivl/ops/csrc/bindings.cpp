@@ -11,6 +11,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "weight * (x / sqrt(mean(x^2) + eps)) in float32, rounded to x's dtype before the "
         "weight, output in the promoted dtype (DeepseekV3RMSNorm's roundings)");
   m.def("has_avx2", &has_avx2, "whether the AVX2+FMA path was compiled in");
+  m.def("experts_bf16_isa", &experts_bf16_isa,
+        "what moe_experts_bf16 can run here: 'amx', 'avx512_bf16' or '' (not compiled for this CPU)");
+  m.def("moe_experts_bf16", &moe_experts_bf16,
+        "a MoE layer's routed experts over many tokens: x (T, D) bfloat16, topk_idx / topk_weight (T, k) int64 / "
+        "float32, gate_up (E, 2I, D) = each expert's gate rows then its up rows, down (E, D, I), use_amx, max_rows "
+        "-> (T, D) bfloat16 = moe_dispatch's weighted sum (its roundings), or None when the (token, slot) pairs "
+        "exceed max_rows per active expert");
   m.def("mla_decode", &mla_decode,
         "one absorbed-MLA decode step: q_nope (B, H, nope), q_pe (B, H, rope) float32 or bfloat16, kv (B, T, r + "
         "rope), w_uk (H, nope, r), w_uv (H, v, r), scale, valid (B, T) bool or None -> (B, H, v) in q's dtype");

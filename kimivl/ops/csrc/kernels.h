@@ -3,6 +3,7 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <string>
 #include <vector>
 
 torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias);
@@ -14,6 +15,10 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 torch::Tensor rope_rotate(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 torch::Tensor rope_pairs(const torch::Tensor& x, const torch::Tensor& rot_cos, const torch::Tensor& rot_sin);
 bool has_avx2();
+std::string experts_bf16_isa();
+c10::optional<torch::Tensor> moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk_idx,
+                                              const torch::Tensor& topk_weight, const torch::Tensor& gate_up,
+                                              const torch::Tensor& down, bool use_amx, int64_t max_rows);
 torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
                          const torch::Tensor& w_uk, const torch::Tensor& w_uv, double scale,
                          const c10::optional<torch::Tensor>& valid);

@@ -1,0 +1,416 @@
+// The routed experts of a MoE layer over a prefill's tokens, on CPUs with AMX or AVX512-BF16: every expert's
+// gated-SiLU MLP on its contiguous block of expert-sorted rows, all experts in one call.
+//
+// Why not a library GEMM per expert: a prefill gives each of 64 experts only ~tokens * 6 / 64 rows (~50 at
+// 512 tokens), and a bf16 GEMM library multiplies x (n, K) @ w.T by first copying w (N, K) into its blocked
+// pairs-of-K layout, a pass over the expert's 17 MB that costs about as much as the product at 50 rows; and
+// splitting a 50-row GEMM between threads halves its efficiency again.
+// Here the product is computed transposed, C^T = w @ x^T: the weights are the A operand, read in place (16
+// rows x 32 columns of w is one AMX tile at stride K; two adjacent bf16 of a row are one vdpbf16ps broadcast
+// pair), and only the small activations are packed: x^T as pairs of K, 16 tokens wide (the B layout of both).
+// Accumulation is float32; each projection's output is rounded to bf16 as the PyTorch path rounds it (gate, up,
+// silu(gate), the product, the down projection), so results differ from it only in summation order (and AMX
+// flushes denormals).
+// Experts are split between threads whole (longest first onto the least loaded thread), so no thread waits for
+// another inside the layer and each streams its own experts' weights, with software prefetch: 16 or 24 weight
+// rows at once are 16-24 concurrent streams on as many pages, which the hardware prefetcher does not follow.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define KIMIVL_AVX512BF16 1
+#endif
+
+#ifdef KIMIVL_AVX512BF16
+namespace {
+
+constexpr int64_t KC = 1024;  // K block (elements): a 64-token panel of packed x is 128 KB, L2-resident
+
+// n rows of K bf16 (row t at rows[t]) -> pairs (K / 2, nt) of uint32 (x[t][2p] | x[t][2p+1] << 16), the
+// columns n..nt zero (nt is n rounded up to 16: one vector of tokens).
+void pack_pairs(const uint16_t* const* rows, int64_t n, int64_t K, int64_t nt, uint32_t* out) {
+  for (int64_t t = 0; t < n; ++t) {
+    const uint16_t* row = rows[t];
+    for (int64_t p = 0; p < K / 2; ++p) {
+      uint32_t v;
+      std::memcpy(&v, row + 2 * p, sizeof(v));
+      out[p * nt + t] = v;
+    }
+  }
+  for (int64_t p = 0; p < K / 2; ++p)
+    for (int64_t t = n; t < nt; ++t) out[p * nt + t] = 0;
+}
+
+// c (MR, 16 * NV) float32 (+)= a (MR rows of a bf16 matrix, stride lda, from column k0) @ b (pairs, nt wide).
+template <int MR, int NV>
+inline void micro(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t nt, int64_t pairs, float* c,
+                  bool accumulate) {
+  // every loop over r and v unrolled: the accumulators must live in registers, not on the stack
+  __m512 acc[MR][NV];
+#pragma GCC unroll 32
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * nt + 16 * v) : _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    if ((p & 15) == 0 && p + 128 < pairs)  // each row's line 8 lines ahead (see the header: rows on many pages)
+#pragma GCC unroll 32
+      for (int r = 0; r < MR; ++r) _mm_prefetch(reinterpret_cast<const char*>(a + r * lda + 2 * p + 256), _MM_HINT_T0);
+    __m512bh bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + p * nt + 16 * v);
+#pragma GCC unroll 32
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * p, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * nt + 16 * v, acc[r][v]);
+}
+
+// The register blocks gemm_t uses: (rows, token vectors) with rows * vectors <= 24 accumulators.
+inline void micro_block(int mr, int nv, const uint16_t* a, int64_t lda, const uint32_t* b, int64_t nt, int64_t pairs,
+                        float* c, bool accumulate) {
+  switch (mr * 8 + nv) {
+    case 24 * 8 + 1: micro<24, 1>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 12 * 8 + 2: micro<12, 2>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 8 * 8 + 3: micro<8, 3>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 6 * 8 + 1: micro<6, 1>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 6 * 8 + 2: micro<6, 2>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 6 * 8 + 3: micro<6, 3>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 6 * 8 + 4: micro<6, 4>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 1 * 8 + 1: micro<1, 1>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 1 * 8 + 2: micro<1, 2>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 1 * 8 + 3: micro<1, 3>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 1 * 8 + 4: micro<1, 4>(a, lda, b, nt, pairs, c, accumulate); break;
+    default: TORCH_CHECK(false, "experts_bf16: no register block of ", mr, " rows x ", nv, " token vectors");
+  }
+}
+
+// Rows per register block for NV token vectors: MR * NV accumulators + NV panel vectors within 32 registers.
+constexpr int rows_for(int nv) { return nv == 1 ? 24 : nv == 2 ? 12 : nv == 3 ? 8 : 6; }
+
+// c (M, nt) float32 = w (M, K) bf16 row-major @ x^T, x^T given as pairs (K / 2, nt).
+void gemm_t(const uint16_t* w, int64_t M, int64_t K, const uint32_t* xp, int64_t nt, float* c) {
+  // One 16..64-token chunk: the largest row block for its width. Wider: 6 rows against every 64-token chunk
+  // in turn, so the block's weights are read from memory once and then from L1.
+  const int nv_all = static_cast<int>(std::min<int64_t>(nt / 16, 4));
+  const int mr = nt <= 64 ? rows_for(nv_all) : 6;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t pairs = std::min(KC, K - k0) / 2;
+    const bool acc = k0 > 0;
+    const uint32_t* xk = xp + (k0 / 2) * nt;
+    int64_t m0 = 0;
+    for (; m0 < M; m0 += mr) {
+      const int rows = static_cast<int>(std::min<int64_t>(mr, M - m0));
+      for (int64_t n0 = 0; n0 < nt; n0 += 64) {
+        const int nv = static_cast<int>(std::min<int64_t>((nt - n0) / 16, 4));
+        const uint16_t* a = w + m0 * K + k0;
+        float* cb = c + m0 * nt + n0;
+        if (rows == mr) {
+          micro_block(mr, nv, a, K, xk + n0, nt, pairs, cb, acc);
+        } else {  // the last few rows, one at a time
+          for (int r = 0; r < rows; ++r) micro_block(1, nv, a + r * K, K, xk + n0, nt, pairs, cb + r * nt, acc);
+        }
+      }
+    }
+  }
+}
+
+inline __m512 round_bf16(__m512 v) {  // round to nearest even bf16 and back to float32
+  const __m256bh h = _mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+}
+
+// exp(x) in float32 to ~2 ulp: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2] (degree-6 Taylor-like polynomial).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-103.9f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// h = bf16(bf16(silu(bf16(gate))) * bf16(up)) for c = [gate rows (I, nt); up rows (I, nt)], written as pairs
+// (I / 2, nt) for the down projection. Rows i and i + 1 make one pair: their 16-token vectors interleave.
+void silu_mul_pack(const float* c, int64_t I, int64_t nt, uint32_t* hp) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  auto act = [&](int64_t i, int64_t t) {
+    const __m512 g = round_bf16(_mm512_loadu_ps(c + i * nt + t));
+    const __m512 u = round_bf16(_mm512_loadu_ps(c + (I + i) * nt + t));
+    const __m512 s = round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+    return _mm512_cvtneps_pbh(_mm512_mul_ps(s, u));
+  };
+  // element 2m <- a_m (half m), element 2m + 1 <- b_m (half 16 + m)
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t i = 0; i < I; i += 2) {
+    for (int64_t t = 0; t < nt; t += 16) {
+      // a = 16 bf16 of row i, b = 16 of row i + 1 -> (a0 b0 a1 b1 ...) as 16 pairs = 32 halves
+      const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)act(i, t)), (__m256i)act(i + 1, t), 1);
+      _mm512_storeu_si512(hp + (i / 2) * nt + t, _mm512_permutexvar_epi16(interleave, ab));
+    }
+  }
+}
+
+
+// c (D, nt) float32 -> n rows of D bf16 (row t at rows[t]): the transpose back, rounding each value once.
+void unpack_rows(const float* c, int64_t D, int64_t nt, int64_t n, uint16_t* const* rows) {
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(static_cast<int>(nt)));
+  for (int64_t t = 0; t < n; ++t) {
+    uint16_t* row = rows[t];
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      const __m512 v = _mm512_i32gather_ps(column, c + d * nt + t, 4);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + d), (__m256i)_mm512_cvtneps_pbh(v));
+    }
+    if (d < D) {  // D % 16 columns: a masked gather and store
+      const __mmask16 m = static_cast<__mmask16>((1u << (D - d)) - 1);
+      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, column, c + d * nt + t, 4);
+      _mm256_mask_storeu_epi16(row + d, m, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
+}
+
+// out[t] = bf16(sum over slots j in order of float32(w[t][j] * y[t * k + j])): moe_dispatch's weighting and sum.
+void combine_rows(const uint16_t* y, const float* w, int64_t k, int64_t D, int64_t t0, int64_t t1, uint16_t* out) {
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t d = 0;
+    for (; d < D; d += 16) {
+      const __mmask16 m = D - d >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (D - d)) - 1);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t j = 0; j < k; ++j) {
+        const __m256i h = _mm256_maskz_loadu_epi16(m, y + (t * k + j) * D + d);
+        const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(w[t * k + j]), v));  // two roundings, as torch
+      }
+      _mm256_mask_storeu_epi16(out + t * D + d, m, (__m256i)_mm512_cvtneps_pbh(acc));
+    }
+  }
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define KIMIVL_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+// Linux hands out AMX's tile state only on request (once per process; oneDNN makes the same request).
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr int kReqXcompPerm = 0x1023, kXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct TileConfig {  // ldtilecfg's 64-byte layout, palette 1: every tile 16 rows x 64 bytes
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// c (16, 16 * NT) float32 = a (16 rows of w from column 0, stride lda elements; K of them) @ b (pairs (K / 2, nt)).
+// Tiles: 0..NT-1 the outputs, 6 the weights, 7 the tokens; a pass streams its 16 weight rows once.
+template <int NT>
+inline void amx_rows(const uint16_t* a, int64_t lda, int64_t K, const uint32_t* b, int64_t nt, float* c) {
+  static_assert(NT >= 1 && NT <= 6, "six output tiles at most");
+  if (NT > 0) _tile_zero(0);
+  if (NT > 1) _tile_zero(1);
+  if (NT > 2) _tile_zero(2);
+  if (NT > 3) _tile_zero(3);
+  if (NT > 4) _tile_zero(4);
+  if (NT > 5) _tile_zero(5);
+  const int64_t sb = nt * 4;
+  for (int64_t k = 0; k < K; k += 32) {
+    if (k + 256 < K)  // the weight rows 8 steps ahead: 16 rows on 16 pages defeat the hardware prefetcher
+      for (int r = 0; r < 16; ++r) _mm_prefetch(reinterpret_cast<const char*>(a + r * lda + k + 256), _MM_HINT_T0);
+    _tile_loadd(6, a + k, lda * 2);
+    const uint32_t* bk = b + (k / 2) * nt;
+    if (NT > 0) { _tile_loadd(7, bk, sb); _tile_dpbf16ps(0, 6, 7); }
+    if (NT > 1) { _tile_loadd(7, bk + 16, sb); _tile_dpbf16ps(1, 6, 7); }
+    if (NT > 2) { _tile_loadd(7, bk + 32, sb); _tile_dpbf16ps(2, 6, 7); }
+    if (NT > 3) { _tile_loadd(7, bk + 48, sb); _tile_dpbf16ps(3, 6, 7); }
+    if (NT > 4) { _tile_loadd(7, bk + 64, sb); _tile_dpbf16ps(4, 6, 7); }
+    if (NT > 5) { _tile_loadd(7, bk + 80, sb); _tile_dpbf16ps(5, 6, 7); }
+  }
+  if (NT > 0) _tile_stored(0, c, sb);
+  if (NT > 1) _tile_stored(1, c + 16, sb);
+  if (NT > 2) _tile_stored(2, c + 32, sb);
+  if (NT > 3) _tile_stored(3, c + 48, sb);
+  if (NT > 4) _tile_stored(4, c + 64, sb);
+  if (NT > 5) _tile_stored(5, c + 80, sb);
+}
+
+// gemm_t on AMX tiles (M % 16 == 0, K % 32 == 0; the caller has loaded the tile configuration).
+void gemm_t_amx(const uint16_t* w, int64_t M, int64_t K, const uint32_t* xp, int64_t nt, float* c) {
+  // row blocks outer: a block's 16 weight rows come from memory once and from cache for every further 96 tokens
+  for (int64_t m0 = 0; m0 < M; m0 += 16) {
+    for (int64_t n0 = 0; n0 < nt; n0 += 96) {
+      const int tiles = static_cast<int>(std::min<int64_t>((nt - n0) / 16, 6));
+      const uint16_t* a = w + m0 * K;
+      float* cb = c + m0 * nt + n0;
+      switch (tiles) {
+        case 1: amx_rows<1>(a, K, K, xp + n0, nt, cb); break;
+        case 2: amx_rows<2>(a, K, K, xp + n0, nt, cb); break;
+        case 3: amx_rows<3>(a, K, K, xp + n0, nt, cb); break;
+        case 4: amx_rows<4>(a, K, K, xp + n0, nt, cb); break;
+        case 5: amx_rows<5>(a, K, K, xp + n0, nt, cb); break;
+        default: amx_rows<6>(a, K, K, xp + n0, nt, cb); break;
+      }
+    }
+  }
+}
+#endif
+
+struct Work {
+  int64_t expert, first, rows;  // rows (token, slot) pairs of the expert, listed from pairs[first]
+};
+
+}  // namespace
+#endif
+
+// What this build can run here: "amx" (AMX tiles, permitted by the kernel), "avx512_bf16", or "" (neither).
+std::string experts_bf16_isa() {
+#if defined(KIMIVL_AMX)
+  if (amx_permitted()) return "amx";
+#endif
+#if defined(KIMIVL_AVX512BF16)
+  return "avx512_bf16";
+#else
+  return "";
+#endif
+}
+
+c10::optional<torch::Tensor> moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk_idx,
+                                              const torch::Tensor& topk_weight, const torch::Tensor& gate_up,
+                                              const torch::Tensor& down, bool use_amx, int64_t max_rows) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == torch::kBFloat16,
+              "moe_experts_bf16: x must be a bfloat16 (T, D) CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  const int64_t T = x.size(0), D = x.size(1);
+  TORCH_CHECK(topk_idx.device().is_cpu() && topk_idx.dim() == 2 && topk_idx.size(0) == T &&
+                  topk_idx.scalar_type() == torch::kInt64 && topk_weight.sizes() == topk_idx.sizes() &&
+                  topk_weight.scalar_type() == torch::kFloat32,
+              "moe_experts_bf16: topk_idx (T, k) int64 and topk_weight (T, k) float32 with T = ", T, ", got ",
+              topk_idx.sizes(), " ", topk_idx.scalar_type(), " and ", topk_weight.sizes(), " ",
+              topk_weight.scalar_type());
+  TORCH_CHECK(gate_up.device().is_cpu() && down.device().is_cpu() && gate_up.dim() == 3 && down.dim() == 3 &&
+                  gate_up.scalar_type() == torch::kBFloat16 && down.scalar_type() == torch::kBFloat16 &&
+                  gate_up.is_contiguous() && down.is_contiguous(),
+              "moe_experts_bf16: gate_up (E, 2I, D) and down (E, D, I) must be contiguous bfloat16 CPU tensors, "
+              "got ", gate_up.sizes(), " and ", down.sizes());
+  const int64_t E = gate_up.size(0), I = gate_up.size(1) / 2, k = topk_idx.size(1), P = T * k;
+  TORCH_CHECK(gate_up.size(1) == 2 * I && gate_up.size(2) == D && down.size(0) == E && down.size(1) == D &&
+                  down.size(2) == I,
+              "moe_experts_bf16: x has ", D, " features; gate_up ", gate_up.sizes(), " and down ", down.sizes(),
+              " must be (E, 2I, ", D, ") and (E, ", D, ", I)");
+  TORCH_CHECK(D % 2 == 0 && I % 2 == 0, "moe_experts_bf16: hidden size ", D, " and expert width ", I,
+              " must be even");
+  const bool amx = use_amx && experts_bf16_isa() == "amx";
+  TORCH_CHECK(!use_amx || amx, "moe_experts_bf16: AMX asked for, but this build or process cannot use it");
+  TORCH_CHECK(!amx || (D % 32 == 0 && I % 32 == 0), "moe_experts_bf16: AMX tiles need hidden size ", D,
+              " and expert width ", I, " in multiples of 32");
+#ifndef KIMIVL_AVX512BF16
+  TORCH_CHECK(false, "moe_experts_bf16: this build has no AVX512-BF16 path (check experts_bf16_isa() first)");
+#else
+  auto idx_c = topk_idx.contiguous();
+  auto w_c = topk_weight.contiguous();
+  const int64_t* idx = idx_c.data_ptr<int64_t>();
+  std::vector<int64_t> counts(E, 0);
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK(idx[p] >= 0 && idx[p] < E, "moe_experts_bf16: expert id ", idx[p], " chosen for token ", p / k,
+                " of a layer of ", E, " experts");
+    ++counts[idx[p]];
+  }
+  const int64_t active = E - std::count(counts.begin(), counts.end(), int64_t(0));
+  if (active == 0 || P > max_rows * active) return c10::nullopt;  // wider than this kernel is for
+  // pairs grouped by expert, each group in (token, slot) order (a stable sort by expert id)
+  std::vector<int64_t> first(E, 0), pairs(P);
+  for (int64_t e = 1; e < E; ++e) first[e] = first[e - 1] + counts[e - 1];
+  std::vector<int64_t> fill(first);
+  for (int64_t p = 0; p < P; ++p) pairs[fill[idx[p]]++] = p;
+  std::vector<Work> work;
+  for (int64_t e = 0; e < E; ++e)
+    if (counts[e]) work.push_back({e, first[e], counts[e]});
+  // Longest first onto the least loaded thread; cost ~ padded token vectors + 1 for streaming the weights.
+  const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(work.size())));
+  std::stable_sort(work.begin(), work.end(), [](const Work& a, const Work& b) { return a.rows > b.rows; });
+  std::vector<std::vector<Work>> plan(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (const Work& w : work) {
+    const int th = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+    plan[th].push_back(w);
+    load[th] += (w.rows + 15) / 16 + 1;
+  }
+  auto xc = x.contiguous();
+  auto ys = torch::empty({P, D}, x.options());  // each (token, slot) pair's expert output, bf16 as the module's
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  const uint16_t* gu = reinterpret_cast<const uint16_t*>(gate_up.data_ptr<at::BFloat16>());
+  const uint16_t* dn = reinterpret_cast<const uint16_t*>(down.data_ptr<at::BFloat16>());
+  uint16_t* yb = reinterpret_cast<uint16_t*>(ys.data_ptr<at::BFloat16>());
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+#ifdef KIMIVL_AMX
+    if (amx) {  // per thread: the tile configuration is thread state
+      TileConfig cfg;
+      for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+      _tile_loadconfig(&cfg);
+    }
+    auto gemm = [&](const uint16_t* w, int64_t M, int64_t K, const uint32_t* xp, int64_t nt, float* c) {
+      if (amx) gemm_t_amx(w, M, K, xp, nt, c); else gemm_t(w, M, K, xp, nt, c);
+    };
+#else
+    auto gemm = gemm_t;
+#endif
+    for (int64_t th = t0; th < t1; ++th) {
+      int64_t widest = 0;
+      for (const Work& w : plan[th]) widest = std::max(widest, (w.rows + 15) / 16 * 16);
+      std::vector<uint32_t> xpk(D / 2 * widest), hpk(I / 2 * widest);
+      std::vector<float> c1(2 * I * widest), c2(D * widest);
+      std::vector<const uint16_t*> in(widest);
+      std::vector<uint16_t*> out(widest);
+      for (const Work& w : plan[th]) {
+        const int64_t nt = (w.rows + 15) / 16 * 16;
+        for (int64_t r = 0; r < w.rows; ++r) {
+          const int64_t p = pairs[w.first + r];
+          in[r] = xb + (p / k) * D;
+          out[r] = yb + p * D;
+        }
+        pack_pairs(in.data(), w.rows, D, nt, xpk.data());
+        gemm(gu + w.expert * 2 * I * D, 2 * I, D, xpk.data(), nt, c1.data());
+        silu_mul_pack(c1.data(), I, nt, hpk.data());
+        gemm(dn + w.expert * D * I, D, I, hpk.data(), nt, c2.data());
+        unpack_rows(c2.data(), D, nt, w.rows, out.data());
+      }
+    }
+#ifdef KIMIVL_AMX
+    if (amx) _tile_release();
+#endif
+  });
+  auto y = torch::empty({T, D}, x.options());
+  const float* wp = w_c.data_ptr<float>();
+  uint16_t* out = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) { combine_rows(yb, wp, k, D, t0, t1, out); });
+  return y;
+#endif
+}
