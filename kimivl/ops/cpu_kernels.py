@@ -1,6 +1,6 @@
 """The optional C++ CPU kernels of kimivl (``kimivl/ops/csrc``), built just in time on first use.
 
-Five kernels and three compositions of them (``csrc/``, one extension module, ``bindings.cpp``), all for
+Six kernels and three compositions of them (``csrc/``, one extension module, ``bindings.cpp``), all for
 inference on the CPU:
 
 - ``linear_bf16w(x, w, bias=None)`` — activations (..., K) in float32 or bf16 times bfloat16 weights (N, K)
@@ -13,6 +13,11 @@ inference on the CPU:
   :func:`~kimivl.ops.moe.fused_cpu_mlp`): every gate/up row of every MLP as one parallel loop, silu(gate) *
   up in float32, every down row as another, then the routed outputs weighted and summed with the roundings
   of the module path.
+- ``moe_experts_bf16(x, topk_idx, topk_weight, gate_up, down, use_amx, max_rows)`` (``experts_bf16.cpp``) —
+  a prefill's routed experts on CPUs with AMX or AVX512-BF16 (:func:`kimivl.ops.moe.grouped_cpu_moe`): each
+  expert's products transposed (its weights as the A operand, read in place: AMX tiles or vdpbf16ps
+  broadcasts), whole experts per thread, the weighted sum over slots fused; ``experts_bf16_isa()`` says which
+  path this build and CPU have.
 - ``mla_decode(q_nope, q_pe, kv, w_uk, w_uv, scale, valid)`` — one absorbed-MLA decode step
   (:mod:`kimivl.ops.mla`) in one pass over the latent cache: chunks of 128 rows per thread, all heads
   scored against each chunk while it sits in L2, a chunk-local softmax merged at the end (flash-decoding),
@@ -26,7 +31,9 @@ inference on the CPU:
   between them (:mod:`kimivl.decoder.cpu_decode`; bit-identical to the module path).
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja, ``-O3 -march=native``)
-into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) the first time a bf16 weight meets a
+into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), under a name that carries a hash of the
+CPU's feature flags (a build for one CPU's instructions, AMX say, must not be loaded on another that lacks
+them, e.g. through a home directory shared between machines), the first time a bf16 weight meets a
 small CPU batch, ~1 minute once; ``python -m kimivl.ops.cpu_kernels`` builds it ahead of time. When it
 cannot be built (no compiler), or with ``KIMIVL_CPU_KERNELS=0``, every caller uses its PyTorch path and a
 single warning says why.
@@ -35,8 +42,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
+import platform
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,7 +58,19 @@ SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("bindings.cpp", "linear_bf16w.cpp", "mla_decode.cpp", "rms_norm.cpp", "rope.cpp",
                         "decode_layer.cpp", "experts_bf16.cpp")]
 ENV_SWITCH = "KIMIVL_CPU_KERNELS"
-NAME = "kimivl_cpu_kernels"
+
+
+def _cpu_tag() -> str:
+    """8 hex digits of the CPU's feature flags (``-march=native`` builds are only valid on such a CPU)."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
+                     "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1((flags or platform.machine()).encode()).hexdigest()[:8]
+
+
+NAME = f"kimivl_cpu_kernels_{_cpu_tag()}"
 
 
 @functools.lru_cache(maxsize=1)
