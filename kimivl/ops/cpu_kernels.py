@@ -118,6 +118,14 @@ def _exclusive(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _headers_hash() -> str:
+    """A hash of csrc/*.h, passed as a define: torch rebuilds when sources or flags change, not headers."""
+    digest = hashlib.sha1()
+    for header in sorted((Path(__file__).parent / "csrc").glob("*.h")):
+        digest.update(header.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 @functools.lru_cache(maxsize=1)
 def _build() -> ModuleType | None:
     try:
@@ -134,7 +142,8 @@ def _build() -> ModuleType | None:
                 logger.warning("removing %s, left by a build that did not finish", stale)
                 stale.unlink(missing_ok=True)
             return load(NAME, [str(s) for s in SOURCES],
-                        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+                        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off",
+                                      f"-DKIMIVL_HEADERS={_headers_hash()}"],
                         extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: the PyTorch paths serve instead
         logger.warning("kimivl CPU kernels unavailable (%s: %s); using the PyTorch paths", type(exc).__name__,

@@ -23,13 +23,17 @@
 #include <string>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define KIMIVL_AVX512BF16 1
-#endif
+#include "bf16_simd.h"
 
 #ifdef KIMIVL_AVX512BF16
 namespace {
+
+using kimivl_simd::exp_ps;
+using kimivl_simd::round_bf16;
+#ifdef KIMIVL_AMX
+using kimivl_simd::amx_permitted;
+using kimivl_simd::TileConfig;
+#endif
 
 constexpr int64_t KC = 1024;  // K block (elements): a 64-token panel of packed x is 128 KB, L2-resident
 
@@ -130,28 +134,6 @@ void gemm_t(const uint16_t* w, int64_t M, int64_t K, const uint32_t* xp, int64_t
   }
 }
 
-inline __m512 round_bf16(__m512 v) {  // round to nearest even bf16 and back to float32
-  const __m256bh h = _mm512_cvtneps_pbh(v);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
-}
-
-// exp(x) in float32 to ~2 ulp: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2] (degree-6 Taylor-like polynomial).
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-103.9f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // h = bf16(bf16(silu(bf16(gate))) * bf16(up)) for c = [gate rows (I, nt); up rows (I, nt)], written as pairs
 // (I / 2, nt) for the down projection. Rows i and i + 1 make one pair: their 16-token vectors interleave.
 void silu_mul_pack(const float* c, int64_t I, int64_t nt, uint32_t* hp) {
@@ -211,26 +193,7 @@ void combine_rows(const uint16_t* y, const float* w, int64_t k, int64_t D, int64
   }
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define KIMIVL_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-
-// Linux hands out AMX's tile state only on request (once per process; oneDNN makes the same request).
-bool amx_permitted() {
-  static const bool ok = [] {
-    constexpr int kReqXcompPerm = 0x1023, kXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
-  }();
-  return ok;
-}
-
-struct TileConfig {  // ldtilecfg's 64-byte layout, palette 1: every tile 16 rows x 64 bytes
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
+#ifdef KIMIVL_AMX
 // c (16, 16 * NT) float32 = a (16 rows of w from column 0, stride lda elements; K of them) @ b (pairs (K / 2, nt)).
 // Tiles: 0..NT-1 the outputs, 6 the weights, 7 the tokens; a pass streams its 16 weight rows once.
 template <int NT>

@@ -1,0 +1,64 @@
+// Helpers of the AVX512-BF16 / AMX kernels (experts_bf16.cpp): what the build
+// targets, bf16 rounding, a vector exp, and AMX's tile configuration and permission.
+#pragma once
+#include <cstdint>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define KIMIVL_AVX512BF16 1
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define KIMIVL_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#endif
+
+namespace kimivl_simd {
+
+#ifdef KIMIVL_AVX512BF16
+inline __m512 round_bf16(__m512 v) {  // round to nearest even bf16 and back to float32
+  const __m256bh h = _mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+}
+
+// exp(x) in float32 to ~2 ulp: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2] (degree-6 Taylor polynomial);
+// exp(-inf) = 0.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-103.9f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+#ifdef KIMIVL_AMX
+// Linux hands out AMX's tile state only on request (once per process; oneDNN makes the same request).
+inline bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr int kReqXcompPerm = 0x1023, kXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct TileConfig {  // ldtilecfg's 64-byte layout, palette 1
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  void set(int tile, int rows_, int colsb_) {
+    rows[tile] = static_cast<uint8_t>(rows_);
+    colsb[tile] = static_cast<uint16_t>(colsb_);
+  }
+};
+#endif
+
+}  // namespace kimivl_simd
