@@ -133,9 +133,9 @@ def test_moe_output_is_routed_plus_unscaled_shared(golden_dir: Path) -> None:
 
 
 # --- the fused CPU pass (kimivl.ops.moe.fused_cpu_moe / fused_cpu_mlp, C++ moe_bf16w) -----------------------
-def _bf16_moe(seed: int = 0, shared: int = 1) -> DeepseekV3MoE:
+def _bf16_moe(seed: int = 0, shared: int = 1, hidden: int = 64, inter: int = 40) -> DeepseekV3MoE:
     cfg = DeepseekV3Config.from_dict({
-        "hidden_size": 64, "moe_intermediate_size": 40, "n_routed_experts": 8, "num_experts_per_tok": 3,
+        "hidden_size": hidden, "moe_intermediate_size": inter, "n_routed_experts": 8, "num_experts_per_tok": 3,
         "n_shared_experts": shared, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 1,
         "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.0, "num_attention_heads": 4,
         "vocab_size": 32})
@@ -343,20 +343,6 @@ def _stack(moe: DeepseekV3MoE) -> tuple[torch.Tensor, torch.Tensor]:
     return gate_up.contiguous(), torch.stack([e.down_proj.weight for e in moe.experts]).contiguous()
 
 
-def _bf16_moe_sized(hidden: int, inter: int, seed: int = 0) -> DeepseekV3MoE:
-    cfg = DeepseekV3Config.from_dict({
-        "hidden_size": hidden, "moe_intermediate_size": inter, "n_routed_experts": 8, "num_experts_per_tok": 3,
-        "n_shared_experts": 1, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 1,
-        "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.0, "num_attention_heads": 4,
-        "vocab_size": 32})
-    torch.manual_seed(seed)
-    moe = DeepseekV3MoE(cfg)
-    for p in moe.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.15)
-    return moe.to(torch.bfloat16).eval()
-
-
 # (64, 32): AMX tiles apply; (48, 20): hidden 48 leaves a 16-column tail of the 16-token vectors' gather and
 # an expert width that is not a multiple of 32 (the vdpbf16ps kernel only)
 @pytest.mark.parametrize("hidden,inter", [(64, 32), (48, 20), (96, 64)])
@@ -366,7 +352,7 @@ def test_grouped_cpu_moe_matches_the_module_path(cpu_ext, monkeypatch, hidden: i
     if not isas:
         pytest.skip(f"this CPU / build has neither AMX nor AVX512-BF16 (experts_bf16_isa() = "
                     f"{cpu_ext.experts_bf16_isa()!r}): the grouped kernel does not apply")
-    moe = _bf16_moe_sized(hidden, inter)
+    moe = _bf16_moe(hidden=hidden, inter=inter)
     gate_up, down = _stack(moe)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens)).bfloat16()
     _module_path(monkeypatch)
@@ -397,7 +383,7 @@ def test_grouped_cpu_moe_rounds_like_the_module_path_given_the_same_expert_outpu
     isas = _isas(cpu_ext)
     if not isas:
         pytest.skip("this CPU / build has neither AMX nor AVX512-BF16: the grouped kernel does not apply")
-    moe = _bf16_moe_sized(64, 32)
+    moe = _bf16_moe(hidden=64, inter=32)
     with torch.no_grad():
         for m in moe.experts:
             for proj in (m.gate_proj, m.up_proj, m.down_proj):
@@ -422,7 +408,7 @@ def test_grouped_cpu_moe_applies_to_inference_prefills_only(cpu_ext, monkeypatch
 
     if not _isas(cpu_ext):
         pytest.skip("this CPU / build has neither AMX nor AVX512-BF16: the grouped kernel does not apply")
-    moe = _bf16_moe_sized(64, 32)
+    moe = _bf16_moe(hidden=64, inter=32)
     x = torch.randn(1, 40, 64).bfloat16()
     calls = []
     real = moe_ops.grouped_cpu_moe
@@ -454,7 +440,7 @@ def test_grouped_cpu_moe_applies_to_inference_prefills_only(cpu_ext, monkeypatch
 def test_moe_experts_bf16_names_bad_input(cpu_ext) -> None:
     if not _isas(cpu_ext):
         pytest.skip("this CPU / build has neither AMX nor AVX512-BF16: the grouped kernel does not apply")
-    moe = _bf16_moe_sized(48, 20)
+    moe = _bf16_moe(hidden=48, inter=20)
     gate_up, down = _stack(moe)
     x = torch.randn(4, 48).bfloat16()
     idx = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 9], [0, 1, 2]])
