@@ -99,8 +99,9 @@ def moe_grouped(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tens
 # Mean rows per active expert up to which ``moe_experts_bf16`` (kimivl/ops/csrc/experts_bf16.cpp) beats per-expert
 # library GEMMs, by instruction set. Measured on the real-width layer, 2 threads of a Xeon with AMX
 # (docs/performance.md): AMX 75-85 ms vs 168 ms at 512 tokens (~48 rows), 258 vs 272 at 2,048 (~190 rows),
-# 458 vs 325 at 4,096. AVX512-BF16 (vdpbf16ps): 1.0-1.2x oneDNN's own avx512_core_bf16 kernel per expert up to
-# 64 rows, even at 128 (there measured with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 on the same Xeon).
+# 458 vs 325 at 4,096. AVX512-BF16 (vdpbf16ps): 1.0-1.2x oneDNN's own avx512_core_bf16 kernel per expert at
+# 16-64 rows, equal at 128 (measured with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 on the same Xeon; unmeasured on
+# a CPU whose vdpbf16ps is fast, such as Zen 5).
 GROUPED_CPU_MAX_ROWS: dict[str, int] = {"amx": 128, "avx512_bf16": 64}
 
 
