@@ -96,12 +96,13 @@ def moe_grouped(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tens
     return unsort_and_combine(ys, order, topk_weight).to(x.dtype)
 
 
-# Mean rows per active expert up to which ``moe_experts_bf16`` (kimivl/ops/csrc/experts_bf16.cpp) beats per-expert
-# library GEMMs, by instruction set. Measured on the real-width layer, 2 threads of a Xeon with AMX
-# (docs/performance.md): AMX 75-85 ms vs 168 ms at 512 tokens (~48 rows), 258 vs 272 at 2,048 (~190 rows),
-# 458 vs 325 at 4,096. AVX512-BF16 (vdpbf16ps): 1.0-1.2x oneDNN's own avx512_core_bf16 kernel per expert at
-# 16-64 rows, equal at 128 (measured with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 on the same Xeon; unmeasured on
-# a CPU whose vdpbf16ps is fast, such as Zen 5).
+# Rows ((token, slot) pairs) of an expert up to which ``moe_experts_bf16`` (kimivl/ops/csrc/experts_bf16.cpp) runs
+# it in its own kernels, by instruction set; wider experts are ATen GEMMs inside the same call. Measured on the
+# real-width layer, 2 threads of a Xeon with AMX (docs/performance.md), routed experts: AMX 75-85 ms vs 168 ms of
+# per-expert GEMMs at 512 tokens (~48 rows each), 258 vs 272 at 2,048 (~190), 458 vs 325 at 4,096 (~384).
+# AVX512-BF16 (vdpbf16ps): 1.0-1.2x oneDNN's own avx512_core_bf16 kernel per expert at 16-64 rows, equal at 128
+# (measured with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 on the same Xeon; unmeasured on a CPU whose vdpbf16ps is
+# fast, such as Zen 5).
 GROUPED_CPU_MAX_ROWS: dict[str, int] = {"amx": 128, "avx512_bf16": 64}
 
 
@@ -110,11 +111,11 @@ def grouped_cpu_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.
     """:func:`moe_dispatch` for gated-SiLU experts with stacked bf16 weights on a CPU with AMX or AVX512-BF16, in
     one C++ call (``moe_experts_bf16``: sort, experts, weighted sum), or None where it does not apply.
 
-    gate_up: (E, 2I, D), expert ``e``'s gate rows then its up rows; down: (E, D, I). Applies to bf16 x without
-    autograd when the extension has a path for this CPU and the experts see at most
-    ``GROUPED_CPU_MAX_ROWS[isa]`` rows each on average (a prefill; wider batches are the GEMM library's). Same
-    roundings and slot-order sum as :func:`moe_dispatch`; the products' summation order differs. No host sync:
-    the routing is read where it lies.
+    gate_up: (E, 2I, D), expert ``e``'s gate rows then its up rows; down: (E, D, I).
+    Applies to bf16 x without autograd when the extension has a kernel for this CPU; experts with more than
+    ``GROUPED_CPU_MAX_ROWS[isa]`` rows run as the GEMM library's products inside the same call (gathering and
+    weighted sum stay in C++: as Python-level tensor ops they were ~28 % of the layer at 4,096 tokens). Same
+    roundings and slot-order sum as :func:`moe_dispatch`; the products' summation order differs.
     """
     if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or not local_bf16(gate_up) or not local_bf16(down)
             or (torch.is_grad_enabled() and (x.requires_grad or gate_up.requires_grad or down.requires_grad))):
@@ -128,8 +129,6 @@ def grouped_cpu_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.
         return None
     if isa == "amx" and (dim % 32 or inter % 32):  # AMX tiles are 32 columns; the vdpbf16ps kernel serves
         isa = "avx512_bf16"
-    if topk_idx.shape[1] * topk_idx.shape[0] > GROUPED_CPU_MAX_ROWS[isa] * gate_up.shape[0]:
-        return None  # more rows per expert than the limit even if every expert is chosen
     return ext.moe_experts_bf16(x, topk_idx, topk_weight.float(), gate_up, down, isa == "amx",
                                 GROUPED_CPU_MAX_ROWS[isa])
 

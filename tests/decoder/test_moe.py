@@ -409,7 +409,7 @@ def test_grouped_cpu_moe_applies_to_inference_prefills_only(cpu_ext, monkeypatch
     if not _isas(cpu_ext):
         pytest.skip("this CPU / build has neither AMX nor AVX512-BF16: the grouped kernel does not apply")
     moe = _bf16_moe(hidden=64, inter=32)
-    x = torch.randn(1, 40, 64).bfloat16()
+    x = torch.randn(1, 96, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
     calls = []
     real = moe_ops.grouped_cpu_moe
 
@@ -428,13 +428,20 @@ def test_grouped_cpu_moe_applies_to_inference_prefills_only(cpu_ext, monkeypatch
     torch.testing.assert_close(grouped, module, atol=0.05, rtol=0.02)
     gate_up, down = moe.__dict__["_gate_up"], moe.stacked_experts()[2]
     with torch.inference_mode():
-        idx, weight, _ = moe.gate(x.view(40, 64))
-        # more (token, slot) pairs per expert than the limit: the GEMM library's path
-        monkeypatch.setitem(moe_ops.GROUPED_CPU_MAX_ROWS, cpu_ext.experts_bf16_isa(), 1)
-        assert moe_ops.grouped_cpu_moe(x.view(40, 64), idx, weight, gate_up, down) is None
-        assert cpu_ext.moe_experts_bf16(x.view(40, 64), idx, weight, gate_up, down, False, 1) is None
+        x2 = x.view(96, 64)
+        idx, weight, _ = moe.gate(x2)
+        counts = torch.bincount(idx.reshape(-1), minlength=8)
+        # experts wider than max_rows run as ATen GEMMs inside the call: the module path's very ops and roundings
+        # (for experts of more than SMALL_M rows; fewer take the module path's streaming kernel)
+        assert counts.min() > SMALL_M, counts
+        per_expert = moe_dispatch(x2, idx, weight, moe._cpu_gate_up_experts(x2))
+        assert torch.equal(cpu_ext.moe_experts_bf16(x2, idx, weight, gate_up, down, False, 0), per_expert)
+        mixed = cpu_ext.moe_experts_bf16(x2, idx, weight, gate_up, down, False, int(counts.median()))
+        torch.testing.assert_close(mixed, per_expert, atol=0.05, rtol=0.02)
         # float32 activations, or autograd through them: not this kernel
-        assert moe_ops.grouped_cpu_moe(x.view(40, 64).float(), idx, weight, gate_up, down) is None
+        assert moe_ops.grouped_cpu_moe(x2.float(), idx, weight, gate_up, down) is None
+    x_grad = x2.clone().requires_grad_()
+    assert moe_ops.grouped_cpu_moe(x_grad, idx, weight, gate_up, down) is None
 
 
 def test_moe_experts_bf16_names_bad_input(cpu_ext) -> None:

@@ -16,8 +16,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_experts_bf16", &moe_experts_bf16,
         "a MoE layer's routed experts over many tokens: x (T, D) bfloat16, topk_idx / topk_weight (T, k) int64 / "
         "float32, gate_up (E, 2I, D) = each expert's gate rows then its up rows, down (E, D, I), use_amx, max_rows "
-        "-> (T, D) bfloat16 = moe_dispatch's weighted sum (its roundings), or None when the (token, slot) pairs "
-        "exceed max_rows per active expert");
+        "-> (T, D) bfloat16 = moe_dispatch's weighted sum (its roundings); experts with more than max_rows (token, "
+        "slot) pairs run as ATen GEMMs inside the call");
   m.def("mla_decode", &mla_decode,
         "one absorbed-MLA decode step: q_nope (B, H, nope), q_pe (B, H, rope) float32 or bfloat16, kv (B, T, r + "
         "rope), w_uk (H, nope, r), w_uv (H, v, r), scale, valid (B, T) bool or None -> (B, H, v) in q's dtype");

@@ -266,9 +266,9 @@ std::string experts_bf16_isa() {
 #endif
 }
 
-c10::optional<torch::Tensor> moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk_idx,
-                                              const torch::Tensor& topk_weight, const torch::Tensor& gate_up,
-                                              const torch::Tensor& down, bool use_amx, int64_t max_rows) {
+torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
+                               const torch::Tensor& gate_up, const torch::Tensor& down, bool use_amx,
+                               int64_t max_rows) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == torch::kBFloat16,
               "moe_experts_bf16: x must be a bfloat16 (T, D) CPU tensor, got ", x.sizes(), " ", x.scalar_type());
   const int64_t T = x.size(0), D = x.size(1);
@@ -306,16 +306,16 @@ c10::optional<torch::Tensor> moe_experts_bf16(const torch::Tensor& x, const torc
                 " of a layer of ", E, " experts");
     ++counts[idx[p]];
   }
-  const int64_t active = E - std::count(counts.begin(), counts.end(), int64_t(0));
-  if (active == 0 || P > max_rows * active) return c10::nullopt;  // wider than this kernel is for
   // pairs grouped by expert, each group in (token, slot) order (a stable sort by expert id)
   std::vector<int64_t> first(E, 0), pairs(P);
   for (int64_t e = 1; e < E; ++e) first[e] = first[e - 1] + counts[e - 1];
   std::vector<int64_t> fill(first);
   for (int64_t p = 0; p < P; ++p) pairs[fill[idx[p]]++] = p;
-  std::vector<Work> work;
+  // Experts of up to max_rows rows run in this file's kernels, wider ones as the GEMM library's products (which
+  // win there, see kimivl/ops/moe.py) with the gathering, activation and combining done here all the same.
+  std::vector<Work> work, wide;
   for (int64_t e = 0; e < E; ++e)
-    if (counts[e]) work.push_back({e, first[e], counts[e]});
+    if (counts[e]) (counts[e] <= max_rows ? work : wide).push_back({e, first[e], counts[e]});
   // Longest first onto the least loaded thread; cost ~ padded token vectors + 1 for streaming the weights.
   const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(work.size())));
   std::stable_sort(work.begin(), work.end(), [](const Work& a, const Work& b) { return a.rows > b.rows; });
@@ -370,6 +370,16 @@ c10::optional<torch::Tensor> moe_experts_bf16(const torch::Tensor& x, const torc
     if (amx) _tile_release();
 #endif
   });
+  if (!wide.empty()) {
+    // x rows gathered, h = gate_up(x) rounded, silu(gate) * up (the module's ops), down, rows scattered back
+    auto pair_index = torch::from_blob(pairs.data(), {P}, torch::kInt64);
+    for (const Work& w : wide) {
+      auto slots = pair_index.narrow(0, w.first, w.rows);
+      auto h = at::linear(xc.index_select(0, at::floor_divide(slots, k)), gate_up[w.expert]);
+      auto a = at::silu(h.narrow(1, 0, I)) * h.narrow(1, I, I);
+      ys.index_copy_(0, slots, at::linear(a, down[w.expert]));
+    }
+  }
   auto y = torch::empty({T, D}, x.options());
   const float* wp = w_c.data_ptr<float>();
   uint16_t* out = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());

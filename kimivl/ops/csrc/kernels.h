@@ -16,9 +16,9 @@ torch::Tensor rope_rotate(const torch::Tensor& x, const torch::Tensor& cos, cons
 torch::Tensor rope_pairs(const torch::Tensor& x, const torch::Tensor& rot_cos, const torch::Tensor& rot_sin);
 bool has_avx2();
 std::string experts_bf16_isa();
-c10::optional<torch::Tensor> moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk_idx,
-                                              const torch::Tensor& topk_weight, const torch::Tensor& gate_up,
-                                              const torch::Tensor& down, bool use_amx, int64_t max_rows);
+torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
+                               const torch::Tensor& gate_up, const torch::Tensor& down, bool use_amx,
+                               int64_t max_rows);
 torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
                          const torch::Tensor& w_uk, const torch::Tensor& w_uv, double scale,
                          const c10::optional<torch::Tensor>& valid);
