@@ -110,10 +110,12 @@ class DeepseekV3MoE(nn.Module):
         if stacked is not None:  # inference on a GPU: no per-expert Python, no host sync (CUDA-graph safe)
             y = (moe_gathered if path == "gather" else moe_grouped)(x, topk_idx, topk_weight, *stacked).view(shape)
         else:
-            y = self._cpu_grouped(x, topk_idx, topk_weight)
+            experts = self._cpu_gate_up_experts(x)  # a CPU stack in inference mode, else None
+            # on a CPU with AMX / AVX512-BF16 the routed experts are one C++ call over the stacked weights
+            y = None if experts is None else grouped_cpu_moe(x, topk_idx, topk_weight, self.__dict__["_gate_up"],
+                                                             self.__dict__["_stacked"][2])
             if y is None:
-                experts = self._cpu_gate_up_experts(x) or self.experts
-                y = moe_dispatch(x, topk_idx, topk_weight, experts)
+                y = moe_dispatch(x, topk_idx, topk_weight, experts or self.experts)
             y = y.view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(hidden_states)
@@ -152,14 +154,6 @@ class DeepseekV3MoE(nn.Module):
         if x.device.type != "cpu" or not torch.is_inference_mode_enabled() or self.stacked_experts() is None:
             return None
         return self.__dict__.get("_gate_up_experts")  # made with the stack (None off the CPU)
-
-    def _cpu_grouped(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor | None:
-        """In inference mode on a CPU with AMX / AVX512-BF16: the routed experts as one C++ call over the stacked
-        weights (:func:`~kimivl.ops.moe.grouped_cpu_moe`), or None. Inference mode only, as
-        :meth:`_cpu_gate_up_experts`."""
-        stacked = self.stacked_experts() if x.device.type == "cpu" and torch.is_inference_mode_enabled() else None
-        gate_up = self.__dict__.get("_gate_up") if stacked is not None else None
-        return None if gate_up is None else grouped_cpu_moe(x, topk_idx, topk_weight, gate_up, stacked[2])
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         # .to() / .cuda() / .half() give every parameter its own new storage: drop the stack so the old one

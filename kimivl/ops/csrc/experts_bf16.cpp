@@ -336,7 +336,7 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
 #ifdef KIMIVL_AMX
     if (amx) {  // per thread: the tile configuration is thread state
       TileConfig cfg;
-      for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+      for (int i = 0; i < 8; ++i) cfg.set(i, 16, 64);  // every tile 16 rows x 64 bytes
       _tile_loadconfig(&cfg);
     }
     auto gemm = [&](const uint16_t* w, int64_t M, int64_t K, const uint32_t* xp, int64_t nt, float* c) {
