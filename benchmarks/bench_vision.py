@@ -9,7 +9,10 @@ projector 4608 -> 4608 -> 2048) and encodes the same mixed batch of 6 images, 28
 preprocessed by kimivl's image processor (the real patch packing, 6,660 patches). Implementations, timed
 alternately in one invocation (:func:`benchmarks.common.compare`), medians of ``--repeats``:
 
-* ``kimivl``: our tower + projector (per-image SDPA over the packed sequence);
+* ``kimivl``: our tower + projector with ``--attn-backend`` (default ``auto``: for bf16 on a CPU with AVX512-BF16
+  and no AMX, kimivl's C++ ``avx512_bf16`` attention kernel; elsewhere torch's SDPA per image);
+* ``kimivl_sdpa`` (when that backend is not SDPA): the same tower through torch's SDPA per image, so the
+  kernel's own gain is the ratio ``vs_kimivl_sdpa``;
 * ``dense_mask``: the same modules with the official remote code's ``sdpa_attention`` swapped in: one SDPA
   call over the whole packed sequence with a dense (L, L) block-diagonal boolean mask;
 * ``open_moonvit`` (optional): PyPI open-moonvit 0.2.0 in its own venv, in a child process, on the same
@@ -20,7 +23,7 @@ alternately in one invocation (:func:`benchmarks.common.compare`), medians of ``
 
 Also reported: useful GFLOP/s (linear layers incl. patch embedding and projector, plus attention within
 each image), the fraction of the roofline (linear FLOPs at the measured GEMM peak + attention FLOPs at the
-measured SDPA rate, both in ``--dtype`` on this machine), and peak memory for batches whose largest image
+faster of the measured SDPA and attention-kernel rates, all in ``--dtype`` on this machine), and peak memory for batches whose largest image
 grows (a fresh process per batch, one layer: peak RSS over the forward minus RSS before it), ours against
 the dense mask. Shared host: ``worst_foreign_cores`` says how busy other processes kept the CPU.
 """
@@ -47,6 +50,8 @@ import torch.nn.functional as F
 
 from benchmarks.common import CACHE, REPO, CpuMeter, compare, dtype_of, emit, machine_info, measure_gemm, ratios
 from benchmarks.slice import write_slice
+from kimivl.ops import cpu_kernels
+from kimivl.ops.attention import BACKENDS, resolve_backend
 
 # (width, height) in pixels: 2x2 up to 64x64 patches; 6,660 patches, 1,665 merged tokens.
 MIXED_SIZES: tuple[tuple[int, int], ...] = ((28, 28), (112, 224), (224, 224), (448, 448), (336, 672), (896, 896))
@@ -146,17 +151,31 @@ def vision_flops(grid: torch.Tensor, hidden: int, intermediate: int, layers: int
     return {"linear": float(embed + layers * per_layer + projector), "attention": float(attention)}
 
 
-def measure_sdpa(dtype: torch.dtype, n: int, heads: int, head_dim: int, meter: CpuMeter, repeats: int = 3) -> float:
-    """GFLOP/s of one unmasked SDPA over an n-patch image (the attention roof)."""
+def measure_sdpa(dtype: torch.dtype, n: int, heads: int, head_dim: int, meter: CpuMeter, repeats: int = 3,
+                 backend: str = "sdpa") -> float:
+    """GFLOP/s of one unmasked attention over an n-patch image (the attention roof): torch's SDPA, or another
+    backend of :func:`kimivl.ops.attention.varlen_attention` (``avx512_bf16``: kimivl's C++ kernel)."""
+    from kimivl.ops.attention import varlen_attention
+
     q, k, v = (torch.randn(1, heads, n, head_dim).to(dtype) for _ in range(3))
+    packed = [t[0].transpose(0, 1).contiguous() for t in (q, k, v)]  # (n, heads, head_dim)
+    cu = torch.tensor([0, n], dtype=torch.int32)
+
+    def once() -> None:
+        with torch.inference_mode():
+            if backend == "sdpa":  # (1, H, n, D) contiguous: a 3-D or strided input can take the math kernel
+                F.scaled_dot_product_attention(q, k, v)
+            else:
+                varlen_attention(*packed, cu, backend=backend, seqlens=[n])
+
     t0 = time.perf_counter()
-    F.scaled_dot_product_attention(q, k, v)
+    once()
     # Timed regions of >= ~0.3 s: the meter's foreign-load reading is in 10 ms ticks.
     calls = max(1, math.ceil(0.3 / max(time.perf_counter() - t0, 1e-6)))
 
     def run() -> None:
         for _ in range(calls):
-            F.scaled_dot_product_attention(q, k, v)
+            once()
 
     seconds = statistics.median(meter.timed(run) for _ in range(repeats)) / calls
     return 4 * n * n * heads * head_dim / seconds / 1e9
@@ -315,6 +334,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--sizes", nargs="+", metavar="WxH", default=[f"{w}x{h}" for w, h in MIXED_SIZES],
                         help="image sizes of the batch in pixels (default: the mixed batch of 6)")
+    parser.add_argument("--attn-backend", default="auto", choices=BACKENDS,
+                        help="kimivl's vision attention backend (default auto: the C++ avx512_bf16 kernel for bf16 on "
+                             "CPUs with AVX512-BF16 and no AMX, else torch's SDPA per image); when it is not sdpa, "
+                             "the same tower through SDPA is timed too (row kimivl_sdpa)")
     parser.add_argument("--no-open-moonvit", action="store_true")
     parser.add_argument("--no-llamacpp", action="store_true")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense-mask path (slow)")
@@ -351,10 +374,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return fn()
         return call
 
+    if dtype == torch.bfloat16:
+        cpu_kernels.kernels()  # built before any timing (a first bf16 forward would build it: ~1-2 min, once)
+    probe = torch.empty(1, config.num_attention_heads, config.head_dim, dtype=dtype)
+    with torch.inference_mode():
+        backend = resolve_backend(args.attn_backend, probe)
+    tower.attn_backend = backend
+    result["attention_backend"] = backend
+
+    def through_sdpa() -> torch.Tensor:
+        tower.attn_backend = "sdpa"
+        try:
+            return projector(tower(pixel_values, grid))
+        finally:
+            tower.attn_backend = backend
+
     runs: dict[str, Callable[[], Any]] = {"kimivl": run(lambda: projector(tower(pixel_values, grid)))}
-    log(f"{patches} patches, {args.layers} layers, {args.dtype}: warm-up and output checks")
+    log(f"{patches} patches, {args.layers} layers, {args.dtype}, attention {backend}: warm-up and output checks")
     reference = runs["kimivl"]()  # also the warm-up
     checks: dict[str, Any] = {}
+    if backend != "sdpa":  # the same tower on torch's attention: what the backend itself gains
+        runs["kimivl_sdpa"] = run(through_sdpa)
+        checks["kimivl_sdpa"] = agreement(reference, runs["kimivl_sdpa"]())
     if not args.no_dense:
         def dense() -> torch.Tensor:
             with official_dense_attention():
@@ -379,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as e:  # optional peer: reported with the reason, never fatal
             peers["open_moonvit"] = {"skipped": f"{type(e).__name__}: {e}"}
     result["rel_error_vs_kimivl"] = {k: float(f"{v:.3g}") for k, v in checks.items()}
-    for name in ("dense_mask",):
+    for name in ("dense_mask", "kimivl_sdpa"):
         if name in checks and checks[name] > AGREEMENT[args.dtype]:
             raise SystemExit(f"{name} output differs from ours ({checks[name]:.2e}): not timing a wrong result")
 
@@ -403,7 +444,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     largest = int(grid.prod(-1).max())
     gemm = measure_gemm(dtype, meter=meter)
     sdpa = measure_sdpa(dtype, min(largest, 4096), config.num_attention_heads, config.head_dim, meter)
-    bound = flops["linear"] / (gemm * 1e9) + flops["attention"] / (sdpa * 1e9)
+    kernel = (measure_sdpa(dtype, min(largest, 4096), config.num_attention_heads, config.head_dim, meter,
+                           backend=backend) if backend not in ("sdpa", "eager") else None)
+    attention_rate = max(sdpa, kernel or 0.0)  # the faster attention this machine has
+    bound = flops["linear"] / (gemm * 1e9) + flops["attention"] / (attention_rate * 1e9)
     total = flops["linear"] + flops["attention"]
     result.update({
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -412,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "targets": TARGETS,
         "useful_gflop_per_s": {k: round(total / s / 1e9, 1) for k, s in seconds.items()},
         "roofline": {"gemm_gflop_s": round(gemm, 1), "sdpa_gflop_s": round(sdpa, 1),
+                     **({f"{backend}_gflop_s": round(kernel, 1)} if kernel else {}),
                      "sdpa_at_patches": min(largest, 4096), "bound_s": round(bound, 3),
                      "fraction": {k: round(bound / s, 3) for k, s in seconds.items()}},
         "peers": peers,

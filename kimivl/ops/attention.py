@@ -3,8 +3,10 @@
 Spec: ``shared/reference/kimivl-spec.md`` §3.3 and §3.7. Official names: ``multihead_attention``
 (flash-attn varlen), ``sdpa_attention`` and ``eager_attention`` of ``modeling_kimi_vl.py``.
 Backends: ``flash`` (the flash-attn package), ``varlen`` (PyTorch's own flash varlen kernel,
-``torch.nn.attention.varlen.varlen_attn``: CUDA, no extra package), ``sdpa`` (one unmasked SDPA per image)
-and ``eager`` (float32 reference); ``auto`` takes flash where it applies, else sdpa.
+``torch.nn.attention.varlen.varlen_attn``: CUDA, no extra package), ``avx512_bf16`` (kimivl's C++ kernel for
+bf16 inference on CPUs with AVX512-BF16, every image and head in one call), ``sdpa`` (one unmasked SDPA per
+image) and ``eager`` (float32 reference); ``auto`` takes flash where it applies, avx512_bf16 on CPUs that have
+AVX512-BF16 but no AMX, else sdpa.
 Deliberate deviations: the official sdpa path builds one dense (L, L) boolean mask and the
 official eager path *adds* that mask (+1) instead of masking, so packed images attend to each
 other. Here no backend builds an (L, L) tensor and every backend attends strictly per segment.
@@ -17,7 +19,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-BACKENDS: tuple[str, ...] = ("auto", "flash", "varlen", "sdpa", "eager")
+from kimivl.ops import cpu_kernels
+
+BACKENDS: tuple[str, ...] = ("auto", "flash", "varlen", "avx512_bf16", "sdpa", "eager")
 
 
 def cu_seqlens_from_lengths(seqlens: torch.Tensor) -> torch.Tensor:
@@ -66,8 +70,32 @@ def _torch_varlen_fn() -> Callable[..., torch.Tensor] | None:
     return varlen_attn
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """``"auto"`` -> ``"flash"`` when flash-attn is importable and q is a CUDA fp16/bf16 tensor, else ``"sdpa"``.
+def _cpu_kernel_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the ``avx512_bf16`` kernel cannot take these tensors, or None when it can (the CPU aside)."""
+    if any(t.device.type != "cpu" or t.dtype != torch.bfloat16 for t in (q, k, v)):
+        return f"bfloat16 CPU tensors; got q, k, v as {[f'{t.dtype} on {t.device}' for t in (q, k, v)]}"
+    if q.shape[-1] % 2 or q.shape[-1] > 128:
+        return f"an even head dim of at most 128; got {q.shape[-1]}"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "inference (it has no backward); run under torch.no_grad() / inference_mode() or pick 'sdpa'"
+    return None
+
+
+def _cpu_kernel_preferred(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``auto`` takes the ``avx512_bf16`` kernel: bf16 inference on a CPU with AVX512-BF16 and without AMX.
+    There torch's flash CPU kernel runs at ~1/5 of the bf16 GEMM rate (~100 against ~510 GFLOP/s per core on a
+    Zen 5, performance notes §1); on AMX CPUs it runs on AMX tiles through oneDNN, 3x this kernel's rate on the
+    Xeon of docs/performance.md, so SDPA stays the choice there. Building the extension on first use (about a
+    minute, once) is worth it here: attention is most of a large image's time on such a CPU."""
+    flags = cpu_kernels.cpu_flags()
+    return ("avx512_bf16" in flags and "amx_bf16" not in flags and cpu_kernels.enabled()
+            and _cpu_kernel_problem(q, k, v) is None and cpu_kernels.kernels() is not None)
+
+
+def resolve_backend(backend: str, q: torch.Tensor, k: torch.Tensor | None = None,
+                    v: torch.Tensor | None = None) -> str:
+    """``"auto"`` -> ``"flash"`` when flash-attn is importable and q is a CUDA fp16/bf16 tensor, ``"avx512_bf16"``
+    for bf16 inference on a CPU with AVX512-BF16 and no AMX (k and v default to q), else ``"sdpa"``.
 
     ``"varlen"`` is not chosen automatically: on an H100 it and the per-image SDPA calls (which batch runs of
     equal lengths) traded places on the benchmark's mixed 6-image batch, 6.1-7.4 ms against 5.5-7.5 ms over
@@ -75,7 +103,11 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
-        return "flash" if _flash_usable(q) else "sdpa"
+        if _flash_usable(q):
+            return "flash"
+        if _cpu_kernel_preferred(q, q if k is None else k, q if v is None else v):
+            return "avx512_bf16"
+        return "sdpa"
     return backend
 
 
@@ -100,7 +132,9 @@ def varlen_attention(
     if sum(lengths) != q.shape[0] or len(lengths) != cu_seqlens.numel() - 1:
         raise ValueError(f"segments of lengths {lengths} (sum {sum(lengths)}) do not tile the {q.shape[0]} "
                          f"packed tokens / {cu_seqlens.numel() - 1} segments of cu_seqlens")
-    chosen = resolve_backend(backend, q)
+    chosen = resolve_backend(backend, q, k, v)
+    if chosen == "avx512_bf16":
+        return _cpu_kernel_attention(q, k, v, lengths)
     if chosen == "flash":
         return _flash_attention(q, k, v, cu_seqlens, max(lengths, default=0))
     if chosen == "varlen":
@@ -133,6 +167,22 @@ def _torch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     # q, k, v may be strided views of one fused qkv tensor; the kernel wants a unit last-dim stride
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=q.shape[-1] ** -0.5)
+
+
+def _cpu_kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Every segment and head in one call of the C++ ``attention_bf16`` (:mod:`kimivl.ops.cpu_kernels`); q, k, v
+    may be strided views of a fused qkv (rows are read in place). Its numerics are those of a bf16 flash kernel:
+    float32 scores and accumulators, the probabilities rounded to bf16 for the product with v."""
+    problem = _cpu_kernel_problem(q, k, v)
+    if problem is not None:
+        raise ValueError(f"attention backend 'avx512_bf16' needs {problem}")
+    ext = cpu_kernels.kernels()
+    if ext is None or not ext.attention_bf16_available():
+        raise RuntimeError("attention backend 'avx512_bf16' needs kimivl's CPU kernels built for a CPU with "
+                           f"AVX512-BF16 (flags here: avx512_bf16={'avx512_bf16' in cpu_kernels.cpu_flags()}, "
+                           f"extension built: {ext is not None}); use backend='sdpa'")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return ext.attention_bf16(q, k, v, lengths)
 
 
 def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:

@@ -171,8 +171,8 @@ class MoonVitEncoder(nn.Module):
 class MoonVitPretrainedModel(nn.Module):
     """MoonViT tower: (L, 3, p, p) packed patches + (N, 2) grids -> (L / (kh*kw), kh*kw, D) merged tokens.
 
-    ``attn_backend`` ("auto", "flash", "varlen", "sdpa" or "eager") is a runtime choice and may be changed
-    on the instance at any time.
+    ``attn_backend`` ("auto", "flash", "varlen", "avx512_bf16", "sdpa" or "eager") is a runtime choice and may
+    be changed on the instance at any time.
     """
 
     def __init__(self, config: MoonViTConfig, *, attn_backend: str = "auto") -> None:

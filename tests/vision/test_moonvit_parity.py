@@ -158,6 +158,25 @@ def test_flash_agrees_with_sdpa(tower: MoonVitPretrainedModel, packed: tuple[tor
 
 
 @torch.no_grad()
+def test_cpu_bf16_kernel_is_as_close_to_golden_as_sdpa(tower: MoonVitPretrainedModel,
+                                                        golden: dict[str, torch.Tensor],
+                                                        packed: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """The 'avx512_bf16' backend (kimivl's C++ kernel, what ``auto`` takes on AVX512-BF16 CPUs without AMX) on a
+    bf16 tower: as close to the float32 golden output as the same tower through torch's SDPA."""
+    from kimivl.ops import cpu_kernels
+
+    ext = cpu_kernels.kernels() if "avx512_bf16" in cpu_kernels.cpu_flags() else None
+    if ext is None or not ext.attention_bf16_available():
+        pytest.skip("the avx512_bf16 attention kernel needs a CPU with AVX512-BF16 and kimivl's CPU kernels built")
+    model = copy.deepcopy(tower).to(torch.bfloat16)
+    errors = {}
+    for backend in ("avx512_bf16", "sdpa"):
+        model.attn_backend = backend
+        errors[backend] = (model(*packed).float() - golden["vision.tower_out"]).abs().max().item()
+    assert errors["avx512_bf16"] <= 1.25 * errors["sdpa"] + 1e-2, errors
+
+
+@torch.no_grad()
 def test_torch_varlen_agrees_with_sdpa_on_cuda(tower: MoonVitPretrainedModel,
                                                packed: tuple[torch.Tensor, torch.Tensor]) -> None:
     """The 'varlen' backend (PyTorch's flash varlen kernel) and CPU-side processor outputs on a CUDA tower."""

@@ -13,6 +13,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_avx2", &has_avx2, "whether the AVX2+FMA path was compiled in");
   m.def("experts_bf16_isa", &experts_bf16_isa,
         "what moe_experts_bf16 can run here: 'amx', 'avx512_bf16' or '' (not compiled for this CPU)");
+  m.def("attention_bf16_available", &attention_bf16_available,
+        "whether attention_bf16 was compiled in (a CPU with AVX512-BF16)");
+  m.def("attention_bf16", &attention_bf16,
+        "per-segment non-causal attention with AVX512-BF16 dot products: q, k, v (L, H, D) bfloat16 (D even, at most "
+        "128; rows may be strided views of a fused qkv), lengths = the packed segments -> (L, H, D) bfloat16, scale "
+        "1/sqrt(D)");
   m.def("moe_experts_bf16", &moe_experts_bf16,
         "a MoE layer's routed experts over many tokens: x (T, D) bfloat16, topk_idx / topk_weight (T, k) int64 / "
         "float32, gate_up (E, 2I, D) = each expert's gate rows then its up rows, down (E, D, I), use_amx, max_rows "

@@ -16,6 +16,9 @@ torch::Tensor rope_rotate(const torch::Tensor& x, const torch::Tensor& cos, cons
 torch::Tensor rope_pairs(const torch::Tensor& x, const torch::Tensor& rot_cos, const torch::Tensor& rot_sin);
 bool has_avx2();
 std::string experts_bf16_isa();
+bool attention_bf16_available();
+torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                             const std::vector<int64_t>& lengths);
 torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
                                const torch::Tensor& gate_up, const torch::Tensor& down, bool use_amx,
                                int64_t max_rows);
