@@ -77,6 +77,24 @@ def test_large_scores_stay_finite_and_exact() -> None:
     torch.testing.assert_close(out.double(), _reference(q, k, v, seqlens), atol=3e-2, rtol=2e-2)
 
 
+def test_uniformly_negative_scores_ignore_the_padded_keys() -> None:
+    """Every score ~-424 (k = -q; exp(-424) is 0 in float32): the packed blocks' padding keys score 0, and
+    letting them into the running max would underflow every exp to 0 (0/0 rows). The answer is each segment's
+    mean v."""
+    _kernel_or_skip()
+    seqlens = [70, 5]  # both end inside a block of 64 keys
+    gen = torch.Generator().manual_seed(4)
+    u = torch.randn(1, 2, 72, generator=gen)
+    u = 60 * u / u.norm(dim=-1, keepdim=True)
+    q = u.expand(75, 2, 72).bfloat16()
+    k = (-u).expand(75, 2, 72).bfloat16()
+    v = torch.randn(75, 2, 72, generator=gen).bfloat16()
+    out = _kernel(q.contiguous(), k.contiguous(), v, seqlens)
+    mean = torch.cat([v[:70].double().mean(0, keepdim=True).expand(70, 2, 72),
+                      v[70:].double().mean(0, keepdim=True).expand(5, 2, 72)])
+    torch.testing.assert_close(out.double(), mean, atol=1e-2, rtol=1e-2)
+
+
 def test_strided_views_equal_contiguous_copies_and_segments_are_isolated() -> None:
     _kernel_or_skip()
     seqlens = [90, 300, 17]

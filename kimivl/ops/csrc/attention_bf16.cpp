@@ -8,10 +8,11 @@
 // Python does not pick this one there (kimivl.ops.attention).
 //
 // For each image (segment) and head: k packed once as pairs of head dims ([block of 64 keys][dim pair][key]), v
-// as pairs of keys ([key pair][dim], dims padded to 16); then 48 queries at a time, 256 keys per step (flash
+// as pairs of keys ([key pair][dim], dims padded to 16); then 48 queries at a time, 512 keys per step (flash
 // attention's online softmax):
-//   S = q k^T                      (48 x 256 float32; 6 queries x 64 keys per register block, q read in place)
-//   m' = max(m, rowmax(S) * scale); O *= exp(m - m'); l *= exp(m - m')
+//   S = q k^T                      (48 x 512 float32; 6 queries x 64 keys per register block, q read in place;
+//                                   the rows' maxima taken from the accumulators)
+//   m' = max(m, rowmax(S) * scale); O *= exp(m - m'); l *= exp(m - m')   (in base 2, scale * log2(e) folded in)
 //   P = exp(S * scale - m')         rounded to bf16 for the second product; l += rowsum of the unrounded exps
 //   O += P v                        (4 queries x up to 80 dims per register block; 2 x 128 dims)
 // and out = O / l rounded to bf16. P's rounding to bf16 and the float32 accumulators are those of bf16 flash
@@ -34,7 +35,7 @@ constexpr int64_t kMaxDim = 128;
 #ifdef KIMIVL_AVX512BF16
 namespace {
 
-using kimivl_simd::exp_ps;
+using kimivl_simd::exp2_nonpositive_ps;
 
 constexpr int64_t KB = 64;   // keys per packed k block: 4 score vectors
 constexpr int64_t KC = 512;  // keys per softmax step
@@ -51,14 +52,20 @@ struct Scratch {
   std::vector<uint16_t> p, zero;
 };
 
+inline __mmask16 head_mask(int64_t n) {  // the first min(n, 16) lanes
+  return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1);
+}
+
 inline __m512bh pair_bcast(const uint16_t* at) {  // two adjacent bf16 in every 32-bit lane
   uint32_t bits;
   std::memcpy(&bits, at, sizeof(bits));
   return (__m512bh)_mm512_set1_epi32(static_cast<int>(bits));
 }
 
-// s[r][0..64) = q_r . k_j for 6 query rows (zero rows past the segment) and one packed block of 64 keys.
-inline void score_block(const uint16_t* const* q, const uint32_t* kb, int64_t pairs, float* s) {
+// s[r][0..64) = q_r . k_j for 6 query rows (zero rows past the segment) and one packed block of 64 keys, of which
+// the first `valid` are keys of the segment; rowmax[r] = lane-wise max of itself and the valid scores.
+inline void score_block(const uint16_t* const* q, const uint32_t* kb, int64_t pairs, int64_t valid, float* s,
+                        __m512* rowmax) {
   __m512 acc[RQ][4];
 #pragma GCC unroll 6
   for (int r = 0; r < RQ; ++r)
@@ -77,10 +84,21 @@ inline void score_block(const uint16_t* const* q, const uint32_t* kb, int64_t pa
       acc[r][3] = _mm512_dpbf16_ps(acc[r][3], qb, k3);
     }
   }
+  const __mmask16 m2 = head_mask(valid - 32), m3 = head_mask(valid - 48);
 #pragma GCC unroll 6
-  for (int r = 0; r < RQ; ++r)
+  for (int r = 0; r < RQ; ++r) {
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(s + r * KC + 16 * j, acc[r][j]);
+    if (valid >= KB) {
+      rowmax[r] = _mm512_max_ps(rowmax[r], _mm512_max_ps(_mm512_max_ps(acc[r][0], acc[r][1]),
+                                                         _mm512_max_ps(acc[r][2], acc[r][3])));
+    } else {  // the segment's last block: keys past its end (zero scores) must not raise the max
+      __m512 m = _mm512_mask_max_ps(rowmax[r], head_mask(valid), rowmax[r], acc[r][0]);
+      m = _mm512_mask_max_ps(m, head_mask(valid - 16), m, acc[r][1]);
+      m = _mm512_mask_max_ps(m, m2, m, acc[r][2]);
+      rowmax[r] = _mm512_mask_max_ps(m, m3, m, acc[r][3]);
+    }
+  }
 }
 
 // o[r][0..16 NV) += sum over key pairs t of P[r][2t, 2t+1] . v[2t, 2t+1][:] for R rows of P (stride KC).
@@ -129,10 +147,6 @@ ValueKernel value_kernel(int64_t nv) {  // 4 rows x NV <= 20 accumulators; 2 row
   }
 }
 
-inline __mmask16 head_mask(int64_t n) {  // the first min(n, 16) lanes
-  return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1);
-}
-
 // One (segment, head): q, k, v rows of L tokens at strides sq, sk, sv; out rows at stride so.
 void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t sq, int64_t sk, int64_t sv, int64_t D,
             int64_t L, float scale, uint16_t* out, int64_t so, Scratch& w) {
@@ -158,6 +172,8 @@ void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t sq,
   w.l.resize(BQ);
   w.zero.assign(kMaxDim, 0);
   const uint16_t* qrow[BQ];
+  __m512 rowmax[BQ];
+  const float scale2 = scale * 1.4426950408889634f;  // scores to base-2 exponents
   for (int64_t q0 = 0; q0 < L; q0 += BQ) {
     const int64_t rows = std::min<int64_t>(BQ, L - q0);
     const int64_t score_rows = (rows + RQ - 1) / RQ * RQ, value_rows = (rows + vk.rows - 1) / vk.rows * vk.rows;
@@ -167,20 +183,20 @@ void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t sq,
     std::fill(w.l.begin(), w.l.end(), 0.0f);
     for (int64_t c0 = 0; c0 < L; c0 += KC) {
       const int64_t keys = std::min<int64_t>(KC, L - c0), kblocks = (keys + KB - 1) / KB;
-      // 1. scores: each block of 64 keys (9 KB at D = 72) against every row group while it is in L1
+      // 1. scores: each block of 64 keys (9 KB at D = 72) against every row group while it is in L1, and the
+      //    rows' maxima on the way
+      for (int64_t r = 0; r < score_rows; ++r) rowmax[r] = _mm512_set1_ps(-INFINITY);
       for (int64_t b = 0; b < kblocks; ++b) {
         const uint32_t* kb = w.kp.data() + (c0 / KB + b) * pairs * KB;
-        for (int64_t r = 0; r < score_rows; r += RQ) score_block(qrow + r, kb, pairs, w.s.data() + r * KC + b * KB);
+        for (int64_t r = 0; r < score_rows; r += RQ)
+          score_block(qrow + r, kb, pairs, keys - b * KB, w.s.data() + r * KC + b * KB, rowmax + r);
       }
-      // 2. online softmax of the step's keys
-      const __m512 vscale = _mm512_set1_ps(scale);
+      // 2. online softmax of the step's keys, in base 2: exp(s * scale - m) = 2^(s * scale * log2(e) - m log2(e))
+      const __m512 vscale = _mm512_set1_ps(scale2);
       for (int64_t r = 0; r < rows; ++r) {
         const float* sr = w.s.data() + r * KC;
-        __m512 vmax = _mm512_set1_ps(-INFINITY);
-        for (int64_t j = 0; j < keys; j += 16)
-          vmax = _mm512_mask_max_ps(vmax, head_mask(keys - j), vmax, _mm512_loadu_ps(sr + j));
-        const float m_new = std::max(w.m[r], _mm512_reduce_max_ps(vmax) * scale);
-        const float alpha = std::exp(w.m[r] - m_new);  // 0 on the first step (m = -inf)
+        const float m_new = std::max(w.m[r], _mm512_reduce_max_ps(rowmax[r]) * scale2);
+        const float alpha = std::exp2(w.m[r] - m_new);  // 0 on the first step (m = -inf)
         w.m[r] = m_new;
         if (alpha != 1.0f) {
           const __m512 va = _mm512_set1_ps(alpha);
@@ -192,7 +208,8 @@ void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t sq,
         uint16_t* pr = w.p.data() + r * KC;
         for (int64_t j = 0; j < keys; j += 16) {
           const __mmask16 mk = head_mask(keys - j);
-          const __m512 e = _mm512_maskz_mov_ps(mk, exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vscale, vm)));
+          const __m512 e =
+              _mm512_maskz_mov_ps(mk, exp2_nonpositive_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vscale, vm)));
           vsum = _mm512_add_ps(vsum, e);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
         }
