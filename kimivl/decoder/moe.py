@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -110,12 +111,11 @@ class DeepseekV3MoE(nn.Module):
         if stacked is not None:  # inference on a GPU: no per-expert Python, no host sync (CUDA-graph safe)
             y = (moe_gathered if path == "gather" else moe_grouped)(x, topk_idx, topk_weight, *stacked).view(shape)
         else:
-            experts = self._cpu_gate_up_experts(x)  # a CPU stack in inference mode, else None
+            cpu = self._cpu_stack(x)  # the CPU stack in inference mode, else None
             # on a CPU with AMX / AVX512-BF16 the routed experts are one C++ call over the stacked weights
-            y = None if experts is None else grouped_cpu_moe(x, topk_idx, topk_weight, self.__dict__["_gate_up"],
-                                                             self.__dict__["_stacked"][2])
+            y = None if cpu is None else grouped_cpu_moe(x, topk_idx, topk_weight, cpu.gate_up, cpu.down)
             if y is None:
-                y = moe_dispatch(x, topk_idx, topk_weight, experts or self.experts)
+                y = moe_dispatch(x, topk_idx, topk_weight, self.experts if cpu is None else cpu.experts)
             y = y.view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(hidden_states)
@@ -142,9 +142,10 @@ class DeepseekV3MoE(nn.Module):
             return "grouped"
         return "gather" if pairs <= experts else None
 
-    def _cpu_gate_up_experts(self, x: torch.Tensor) -> list[Callable[[torch.Tensor], torch.Tensor]] | None:
-        """In inference mode on the CPU: each expert as ``down(silu(gate) * up)`` with gate and up as ONE matmul
-        over the adjacent (2I, D) rows of the stacked weights (:meth:`stacked_experts`), or None.
+    def _cpu_stack(self, x: torch.Tensor) -> _CpuStack | None:
+        """In inference mode on the CPU: the stacked weights (:meth:`stacked_experts`) as the C++ call takes them
+        and each expert as ``down(silu(gate) * up)`` with gate and up as ONE matmul over its adjacent (2I, D)
+        rows; else None.
 
         A prefill's experts see ~8-50 rows each, where a GEMM's rate grows with its width: measured on a 2-core
         Xeon (bf16, oneDNN) 2 x 0.80 -> 1.00 ms per expert at 51 rows (docs/performance.md). Same products as the
@@ -153,14 +154,13 @@ class DeepseekV3MoE(nn.Module):
         parameters."""
         if x.device.type != "cpu" or not torch.is_inference_mode_enabled() or self.stacked_experts() is None:
             return None
-        return self.__dict__.get("_gate_up_experts")  # made with the stack (None off the CPU)
+        return self.__dict__.get("_cpu_stacked")  # made with the stack (None off the CPU)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         # .to() / .cuda() / .half() give every parameter its own new storage: drop the stack so the old one
         # (the experts' previous weights, on their previous device) is freed now, not at the next forward
         self.__dict__.pop("_stacked", None)
-        self.__dict__.pop("_gate_up_experts", None)
-        self.__dict__.pop("_gate_up", None)
+        self.__dict__.pop("_cpu_stacked", None)
         self.__dict__.pop(PLAN, None)  # the fused CPU step's plan holds the stack and a router copy
         return super()._apply(fn, recurse)
 
@@ -170,7 +170,7 @@ class DeepseekV3MoE(nn.Module):
         memory is not doubled; ``state_dict`` keys and values are unchanged; the Parameter objects stay the same,
         so an optimizer built before keeps training them). On the CPU ``gate`` and ``up`` are
         the two halves of one (E, 2I, D) tensor (each expert's gate rows, then its up rows), which
-        :meth:`_cpu_gate_up_experts` multiplies in one GEMM; elsewhere they are two contiguous tensors. None
+        :meth:`_cpu_stack` multiplies in one GEMM; elsewhere they are two contiguous tensors. None
         when an expert is not a plain :class:`~kimivl.ops.linear.Linear` MLP (e.g. LoRA-wrapped) or the experts
         differ in dtype / device / shape.
         Rebuilt when the parameters were replaced since (``.to()``, ``load_state_dict(assign=True)``)."""
@@ -204,16 +204,24 @@ class DeepseekV3MoE(nn.Module):
                     stack[i].copy_(p.weight.detach())
                     # the same Parameter object on new storage: an optimizer built earlier keeps training it
                     p.weight.data = stack[i]
-        self.__dict__["_gate_up"] = gate_up  # (E, 2I, D) on the CPU, None elsewhere
-        self.__dict__["_gate_up_experts"] = None if gate_up is None else [
-            _GateUpExpert(gate_up[e], down[e], inter) for e in range(num)]
+        self.__dict__["_cpu_stacked"] = None if gate_up is None else _CpuStack(
+            gate_up, down, [_GateUpExpert(gate_up[e], down[e], inter) for e in range(num)])
         self.__dict__["_stacked"] = stacked = (gate, up, down)
         return stacked
 
 
+class _CpuStack(NamedTuple):
+    """The CPU form of the stacked experts: ``gate_up`` (E, 2I, D) (each expert's gate rows, then its up rows) and
+    ``down`` (E, D, I) for :func:`~kimivl.ops.moe.grouped_cpu_moe`, and per-expert callables over the same
+    storage for :func:`~kimivl.ops.moe.moe_dispatch` (built once with the stack, not per forward)."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    experts: list[Callable[[torch.Tensor], torch.Tensor]]
+
+
 class _GateUpExpert:
-    """One expert of :meth:`DeepseekV3MoE._cpu_gate_up_experts`: ``down(silu(h[:, :I]) * h[:, I:])`` with
-    ``h = x @ gate_up.T``."""
+    """One expert of :attr:`_CpuStack.experts`: ``down(silu(h[:, :I]) * h[:, I:])`` with ``h = x @ gate_up.T``."""
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, inter: int) -> None:
         self.gate_up, self.down, self.inter = gate_up, down, inter

@@ -298,10 +298,10 @@ def test_cpu_inference_runs_gate_and_up_as_one_matmul(dtype: torch.dtype) -> Non
     moe = _bf16_moe(shared=1).to(dtype)
     x = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(5)).to(dtype)
     with torch.no_grad():  # not inference mode: the module path, and no stacking (FSDP / DeepSpeed safe)
-        assert moe._cpu_gate_up_experts(x) is None and "_stacked" not in moe.__dict__
+        assert moe._cpu_stack(x) is None and "_stacked" not in moe.__dict__
         per_expert = moe(x)
     with torch.inference_mode():
-        experts = moe._cpu_gate_up_experts(x.view(-1, 64))
+        experts = moe._cpu_stack(x.view(-1, 64)).experts
         assert experts is not None and len(experts) == 8
         e = moe.experts[2]
         one = experts[2](x[0, :5])  # 5 rows: the streaming kernel for bf16, F.linear for float32
@@ -310,7 +310,7 @@ def test_cpu_inference_runs_gate_and_up_as_one_matmul(dtype: torch.dtype) -> Non
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(one, want, **tol)
     torch.testing.assert_close(fused, per_expert, **tol)
-    assert moe._cpu_gate_up_experts(torch.zeros(2, 64, device="meta")) is None  # off the CPU: not this path
+    assert moe._cpu_stack(torch.zeros(2, 64, device="meta")) is None  # off the CPU: not this path
 
 
 def test_an_optimizer_built_before_stacking_keeps_training_the_experts() -> None:
@@ -426,7 +426,7 @@ def test_grouped_cpu_moe_applies_to_inference_prefills_only(cpu_ext, monkeypatch
         grouped = moe(x)
     assert len(calls) == 1 and calls[0] is not None
     torch.testing.assert_close(grouped, module, atol=0.05, rtol=0.02)
-    gate_up, down = moe.__dict__["_gate_up"], moe.stacked_experts()[2]
+    gate_up, down = moe.__dict__["_cpu_stacked"].gate_up, moe.stacked_experts()[2]
     with torch.inference_mode():
         x2 = x.view(96, 64)
         idx, weight, _ = moe.gate(x2)
@@ -434,7 +434,7 @@ def test_grouped_cpu_moe_applies_to_inference_prefills_only(cpu_ext, monkeypatch
         # experts wider than max_rows run as ATen GEMMs inside the call: the module path's very ops and roundings
         # (for experts of more than SMALL_M rows; fewer take the module path's streaming kernel)
         assert counts.min() > SMALL_M, counts
-        per_expert = moe_dispatch(x2, idx, weight, moe._cpu_gate_up_experts(x2))
+        per_expert = moe_dispatch(x2, idx, weight, moe._cpu_stack(x2).experts)
         assert torch.equal(cpu_ext.moe_experts_bf16(x2, idx, weight, gate_up, down, False, 0), per_expert)
         mixed = cpu_ext.moe_experts_bf16(x2, idx, weight, gate_up, down, False, int(counts.median()))
         torch.testing.assert_close(mixed, per_expert, atol=0.05, rtol=0.02)

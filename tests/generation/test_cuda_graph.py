@@ -175,7 +175,7 @@ def test_stacked_experts_are_the_parameters(golden_dir: Path, tmp_path: Path) ->
     for e, expert in enumerate(moe.experts):  # views, not copies: the weights exist once
         assert expert.gate_proj.weight.data_ptr() == gate[e].data_ptr()
         assert expert.down_proj.weight.data_ptr() == down[e].data_ptr()
-        # on the CPU an expert's up rows follow its gate rows: one (2I, D) matrix (DeepseekV3MoE._cpu_gate_up_experts)
+        # on the CPU an expert's up rows follow its gate rows: one (2I, D) matrix (DeepseekV3MoE._cpu_stack)
         assert expert.up_proj.weight.data_ptr() == gate[e].data_ptr() + gate[e].numel() * gate.element_size()
         assert expert.gate_proj.weight.is_contiguous() and expert.up_proj.weight.is_contiguous()
     assert moe.stacked_experts()[0] is gate  # cached
