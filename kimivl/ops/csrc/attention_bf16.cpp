@@ -35,6 +35,7 @@ constexpr int64_t kMaxDim = 128;
 #ifdef KIMIVL_AVX512BF16
 namespace {
 
+using kimivl_simd::dot_block;
 using kimivl_simd::exp2_nonpositive_ps;
 
 constexpr int64_t KB = 64;   // keys per packed k block: 4 score vectors
@@ -101,33 +102,8 @@ inline void score_block(const uint16_t* const* q, const uint32_t* kb, int64_t pa
   }
 }
 
-// o[r][0..16 NV) += sum over key pairs t of P[r][2t, 2t+1] . v[2t, 2t+1][:] for R rows of P (stride KC).
-template <int R, int NV>
-inline void value_block(const uint16_t* p, const uint32_t* vp, int64_t dv, int64_t key_pairs, float* o) {
-  __m512 acc[R][NV];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int n = 0; n < NV; ++n) acc[r][n] = _mm512_loadu_ps(o + r * dv + 16 * n);
-  for (int64_t t = 0; t < key_pairs; ++t) {
-    const uint32_t* vv = vp + t * dv;
-    __m512bh v[NV];
-#pragma GCC unroll 8
-    for (int n = 0; n < NV; ++n) v[n] = (__m512bh)_mm512_loadu_si512(vv + 16 * n);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m512bh pb = pair_bcast(p + r * KC + 2 * t);
-#pragma GCC unroll 8
-      for (int n = 0; n < NV; ++n) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], pb, v[n]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int n = 0; n < NV; ++n) _mm512_storeu_ps(o + r * dv + 16 * n, acc[r][n]);
-}
-
-using ValueFn = void (*)(const uint16_t*, const uint32_t*, int64_t, int64_t, float*);
+// O (+)= P v for a group of rows: kimivl_simd::dot_block with a = rows of P (stride KC), b = v as pairs of keys.
+using ValueFn = void (*)(const uint16_t*, int64_t, const uint32_t*, int64_t, int64_t, float*, bool);
 
 struct ValueKernel {
   ValueFn fn;
@@ -136,14 +112,14 @@ struct ValueKernel {
 
 ValueKernel value_kernel(int64_t nv) {  // 4 rows x NV <= 20 accumulators; 2 rows above 5 vectors (D > 80)
   switch (nv) {
-    case 1: return {value_block<4, 1>, 4};
-    case 2: return {value_block<4, 2>, 4};
-    case 3: return {value_block<4, 3>, 4};
-    case 4: return {value_block<4, 4>, 4};
-    case 5: return {value_block<4, 5>, 4};
-    case 6: return {value_block<2, 6>, 2};
-    case 7: return {value_block<2, 7>, 2};
-    default: return {value_block<2, 8>, 2};
+    case 1: return {dot_block<4, 1>, 4};
+    case 2: return {dot_block<4, 2>, 4};
+    case 3: return {dot_block<4, 3>, 4};
+    case 4: return {dot_block<4, 4>, 4};
+    case 5: return {dot_block<4, 5>, 4};
+    case 6: return {dot_block<2, 6>, 2};
+    case 7: return {dot_block<2, 7>, 2};
+    default: return {dot_block<2, 8>, 2};
   }
 }
 
@@ -219,7 +195,7 @@ void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t sq,
       const uint32_t* vb = w.vp.data() + (c0 / 2) * dv;
       const int64_t key_pairs = (keys + 1) / 2;
       for (int64_t r = 0; r < value_rows; r += vk.rows)
-        vk.fn(w.p.data() + r * KC, vb, dv, key_pairs, w.o.data() + r * dv);
+        vk.fn(w.p.data() + r * KC, KC, vb, dv, key_pairs, w.o.data() + r * dv, true);
     }
     for (int64_t r = 0; r < rows; ++r) {
       const __m512 il = _mm512_set1_ps(1.0f / w.l[r]);

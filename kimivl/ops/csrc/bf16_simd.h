@@ -1,7 +1,9 @@
-// Helpers of the AVX512-BF16 / AMX kernels (experts_bf16.cpp): what the build
-// targets, bf16 rounding, a vector exp, and AMX's tile configuration and permission.
+// Helpers of the AVX512-BF16 / AMX kernels (experts_bf16.cpp, attention_bf16.cpp): what the build targets, bf16
+// rounding, vector exps, the vdpbf16ps register block both kernels multiply with, and AMX's tile configuration
+// and permission.
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -37,6 +39,43 @@ inline __m512 exp_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+
+// c (MR, 16 * NV) float32 (+)= a (MR rows of a bf16 matrix, stride lda) @ b (pairs of rows, nt wide: b[p][j] holds
+// the two bf16 of rows 2p and 2p + 1 of column j), c's rows at stride nt: vdpbf16ps with a pair of a row of `a`
+// broadcast against NV vectors of b. The weights of experts_bf16.cpp (a = weight rows) and the probabilities of
+// attention_bf16.cpp (a = rows of P, b = v as pairs of keys) go through it.
+template <int MR, int NV>
+inline void dot_block(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t nt, int64_t pairs, float* c,
+                  bool accumulate) {
+  // every loop over r and v unrolled: the accumulators must live in registers, not on the stack
+  __m512 acc[MR][NV];
+#pragma GCC unroll 32
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * nt + 16 * v) : _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    if ((p & 15) == 0 && p + 128 < pairs)  // each row's line 8 lines ahead: MR rows on as many pages are MR
+                                             // streams, which the hardware prefetcher does not follow
+#pragma GCC unroll 32
+      for (int r = 0; r < MR; ++r) _mm_prefetch(reinterpret_cast<const char*>(a + r * lda + 2 * p + 256), _MM_HINT_T0);
+    __m512bh bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + p * nt + 16 * v);
+#pragma GCC unroll 32
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * p, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * nt + 16 * v, acc[r][v]);
 }
 
 // 2^x in float32 for x <= 0 to ~1 ulp: 2^n * p(f), n = round(x), f = x - n in [-1/2, 1/2], p the degree-6 Taylor

@@ -28,6 +28,7 @@
 #ifdef KIMIVL_AVX512BF16
 namespace {
 
+using kimivl_simd::dot_block;
 using kimivl_simd::exp_ps;
 using kimivl_simd::round_bf16;
 #ifdef KIMIVL_AMX
@@ -52,54 +53,21 @@ void pack_pairs(const uint16_t* const* rows, int64_t n, int64_t K, int64_t nt, u
     for (int64_t t = n; t < nt; ++t) out[p * nt + t] = 0;
 }
 
-// c (MR, 16 * NV) float32 (+)= a (MR rows of a bf16 matrix, stride lda, from column k0) @ b (pairs, nt wide).
-template <int MR, int NV>
-inline void micro(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t nt, int64_t pairs, float* c,
-                  bool accumulate) {
-  // every loop over r and v unrolled: the accumulators must live in registers, not on the stack
-  __m512 acc[MR][NV];
-#pragma GCC unroll 32
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * nt + 16 * v) : _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    if ((p & 15) == 0 && p + 128 < pairs)  // each row's line 8 lines ahead (see the header: rows on many pages)
-#pragma GCC unroll 32
-      for (int r = 0; r < MR; ++r) _mm_prefetch(reinterpret_cast<const char*>(a + r * lda + 2 * p + 256), _MM_HINT_T0);
-    __m512bh bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + p * nt + 16 * v);
-#pragma GCC unroll 32
-    for (int r = 0; r < MR; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, a + r * lda + 2 * p, sizeof(pair));
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
-    }
-  }
-#pragma GCC unroll 32
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * nt + 16 * v, acc[r][v]);
-}
-
 // The register blocks gemm_t uses: (rows, token vectors) with rows * vectors <= 24 accumulators.
 inline void micro_block(int mr, int nv, const uint16_t* a, int64_t lda, const uint32_t* b, int64_t nt, int64_t pairs,
                         float* c, bool accumulate) {
   switch (mr * 8 + nv) {
-    case 24 * 8 + 1: micro<24, 1>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 12 * 8 + 2: micro<12, 2>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 8 * 8 + 3: micro<8, 3>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 6 * 8 + 1: micro<6, 1>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 6 * 8 + 2: micro<6, 2>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 6 * 8 + 3: micro<6, 3>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 6 * 8 + 4: micro<6, 4>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 1 * 8 + 1: micro<1, 1>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 1 * 8 + 2: micro<1, 2>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 1 * 8 + 3: micro<1, 3>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 1 * 8 + 4: micro<1, 4>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 24 * 8 + 1: dot_block<24, 1>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 12 * 8 + 2: dot_block<12, 2>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 8 * 8 + 3: dot_block<8, 3>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 6 * 8 + 1: dot_block<6, 1>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 6 * 8 + 2: dot_block<6, 2>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 6 * 8 + 3: dot_block<6, 3>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 6 * 8 + 4: dot_block<6, 4>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 1 * 8 + 1: dot_block<1, 1>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 1 * 8 + 2: dot_block<1, 2>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 1 * 8 + 3: dot_block<1, 3>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 1 * 8 + 4: dot_block<1, 4>(a, lda, b, nt, pairs, c, accumulate); break;
     default: TORCH_CHECK(false, "experts_bf16: no register block of ", mr, " rows x ", nv, " token vectors");
   }
 }
