@@ -88,8 +88,12 @@ def _cpu_kernel_preferred(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     Xeon of docs/performance.md, so SDPA stays the choice there. Building the extension on first use (about a
     minute, once) is worth it here: attention is most of a large image's time on such a CPU."""
     flags = cpu_kernels.cpu_flags()
-    return ("avx512_bf16" in flags and "amx_bf16" not in flags and cpu_kernels.enabled()
-            and _cpu_kernel_problem(q, k, v) is None and cpu_kernels.kernels() is not None)
+    if "avx512_bf16" not in flags or "amx_bf16" in flags or not cpu_kernels.enabled():
+        return False
+    if _cpu_kernel_problem(q, k, v) is not None:
+        return False
+    ext = cpu_kernels.kernels()
+    return ext is not None and ext.attention_bf16_available()  # (a compiler without AVX512-BF16 leaves it out)
 
 
 def resolve_backend(backend: str, q: torch.Tensor, k: torch.Tensor | None = None,

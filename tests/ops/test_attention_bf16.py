@@ -3,6 +3,7 @@ torch's own bf16 SDPA, segment isolation, strided inputs, when ``auto`` picks it
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -136,6 +137,12 @@ def test_auto_takes_the_kernel_only_without_amx(monkeypatch: pytest.MonkeyPatch)
     with torch.inference_mode():
         assert resolve_backend("auto", q, k, v) == "sdpa"
     monkeypatch.delenv(cpu_kernels.ENV_SWITCH)
+    built = cpu_kernels.kernels()
+    with monkeypatch.context() as m:  # an extension whose compiler left the AVX512-BF16 code out
+        m.setattr(cpu_kernels, "kernels", lambda build=True: types.SimpleNamespace(
+            attention_bf16_available=lambda: False, attention_bf16=built.attention_bf16))
+        with torch.inference_mode():
+            assert resolve_backend("auto", q, k, v) == "sdpa"
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))  # a Xeon
     with torch.inference_mode():
         assert resolve_backend("auto", q, k, v) == "sdpa"
