@@ -23,9 +23,9 @@ alternately in one invocation (:func:`benchmarks.common.compare`), medians of ``
 
 Also reported: useful GFLOP/s (linear layers incl. patch embedding and projector, plus attention within
 each image), the fraction of the roofline (linear FLOPs at the measured GEMM peak + attention FLOPs at the
-faster of the measured SDPA and attention-kernel rates, all in ``--dtype`` on this machine), and peak memory for batches whose largest image
-grows (a fresh process per batch, one layer: peak RSS over the forward minus RSS before it), ours against
-the dense mask. Shared host: ``worst_foreign_cores`` says how busy other processes kept the CPU.
+faster of the measured SDPA and attention-kernel rates, all in ``--dtype`` on this machine), and peak memory
+for batches whose largest image grows (a fresh process per batch, one layer: peak RSS over the forward minus
+RSS before it), ours against the dense mask. Shared host: ``worst_foreign_cores`` says how busy other processes kept the CPU.
 """
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def vision_flops(grid: torch.Tensor, hidden: int, intermediate: int, layers: int
     return {"linear": float(embed + layers * per_layer + projector), "attention": float(attention)}
 
 
-def measure_sdpa(dtype: torch.dtype, n: int, heads: int, head_dim: int, meter: CpuMeter, repeats: int = 3,
+def measure_attention(dtype: torch.dtype, n: int, heads: int, head_dim: int, meter: CpuMeter, repeats: int = 3,
                  backend: str = "sdpa") -> float:
     """GFLOP/s of one unmasked attention over an n-patch image (the attention roof): torch's SDPA, or another
     backend of :func:`kimivl.ops.attention.varlen_attention` (``avx512_bf16``: kimivl's C++ kernel)."""
@@ -443,8 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log("machine limits: GEMM and SDPA rates")
     largest = int(grid.prod(-1).max())
     gemm = measure_gemm(dtype, meter=meter)
-    sdpa = measure_sdpa(dtype, min(largest, 4096), config.num_attention_heads, config.head_dim, meter)
-    kernel = (measure_sdpa(dtype, min(largest, 4096), config.num_attention_heads, config.head_dim, meter,
+    sdpa = measure_attention(dtype, min(largest, 4096), config.num_attention_heads, config.head_dim, meter)
+    kernel = (measure_attention(dtype, min(largest, 4096), config.num_attention_heads, config.head_dim, meter,
                            backend=backend) if backend not in ("sdpa", "eager") else None)
     attention_rate = max(sdpa, kernel or 0.0)  # the faster attention this machine has
     bound = flops["linear"] / (gemm * 1e9) + flops["attention"] / (attention_rate * 1e9)
