@@ -36,7 +36,8 @@ inference on the CPU:
 The extension is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja, ``-O3 -march=native``)
 into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), under a name that carries a hash of the
 CPU's feature flags (a build for one CPU's instructions, AMX say, must not be loaded on another that lacks
-them, e.g. through a home directory shared between machines), the first time a bf16 weight meets a
+them, e.g. through a home directory shared between machines) and of the checkout's path (two checkouts would
+otherwise rebuild each other's build folder on every load), the first time a bf16 weight meets a
 small CPU batch, ~1 minute once; ``python -m kimivl.ops.cpu_kernels`` builds it ahead of time. When it
 cannot be built (no compiler), or with ``KIMIVL_CPU_KERNELS=0``, every caller uses its PyTorch path and a
 single warning says why.
@@ -71,9 +72,12 @@ def _cpuinfo_flags() -> str:
         return ""
 
 
-def _cpu_tag() -> str:
-    """8 hex digits of the CPU's feature flags (``-march=native`` builds are only valid on such a CPU)."""
-    return hashlib.sha1((_cpuinfo_flags() or platform.machine()).encode()).hexdigest()[:8]
+def _build_tag() -> str:
+    """8 hex digits of the CPU's feature flags (``-march=native`` builds are only valid on such a CPU) and of this
+    checkout's path: two checkouts sharing the extensions directory would otherwise share a build folder whose
+    ninja file names the other's sources, and each load would recompile everything (~2 min)."""
+    key = f"{_cpuinfo_flags() or platform.machine()}|{Path(__file__).resolve().parent}"
+    return hashlib.sha1(key.encode()).hexdigest()[:8]
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,7 +86,7 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(_cpuinfo_flags().partition(":")[2].split())
 
 
-NAME = f"kimivl_cpu_kernels_{_cpu_tag()}"
+NAME = f"kimivl_cpu_kernels_{_build_tag()}"
 
 
 @functools.lru_cache(maxsize=1)
