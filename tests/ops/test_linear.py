@@ -156,6 +156,32 @@ def test_linear_gelu_post_op_is_as_accurate_as_two_steps(approximate, bias):
                                F.gelu(F.linear(x32, w32), approximate=approximate), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not cpu_kernels.cpu_has_fast_bf16(),
+                    reason="the bias goes into oneDNN's GEMM only where torch's bf16 GEMM is oneDNN's "
+                           "(AVX512-BF16 / AMX)")
+def test_bias_inside_onednn_gemm_is_bit_identical_to_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = _gelu_layer()
+    x = torch.randn(2, 150, 96).bfloat16()
+    calls = []
+    pointwise = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[3]) or pointwise(*a))
+    with torch.inference_mode():
+        out = layer(x)
+        assert calls == ["none"]  # it took the fused-bias call
+        assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
+        # a strided 3-D input: the same as F.linear on a contiguous copy (F.linear on the strided view itself takes
+        # a path that rounds the product before adding the bias: twice the error)
+        xt = x.transpose(0, 1)
+        assert torch.equal(layer(xt), F.linear(xt.contiguous(), layer.weight, layer.bias))
+        assert torch.equal(linear(x, layer.weight), F.linear(x, layer.weight))  # no bias: F.linear
+    assert calls == ["none", "none"]
+    with torch.no_grad():  # not inference mode, but no gradient either: fused too
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    x_grad = x.detach().clone().requires_grad_()
+    out = layer(x_grad)  # autograd: F.linear
+    assert out.requires_grad and len(calls) == 3
+
+
 def test_linear_gelu_keeps_the_two_step_form_for_autograd_float32_few_rows_and_wrapped_layers():
     layer = _gelu_layer()
     x = torch.randn(40, 96).bfloat16()
