@@ -93,7 +93,7 @@ def _cpu_kernel_preferred(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     if _cpu_kernel_problem(q, k, v) is not None:
         return False
     ext = cpu_kernels.kernels()
-    return ext is not None and ext.attention_bf16_available()  # (a compiler without AVX512-BF16 leaves it out)
+    return ext is not None and ext.bf16_isa() != ""  # (a compiler without AVX512-BF16 leaves it out)
 
 
 def resolve_backend(backend: str, q: torch.Tensor, k: torch.Tensor | None = None,
@@ -181,7 +181,7 @@ def _cpu_kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, len
     if problem is not None:
         raise ValueError(f"attention backend 'avx512_bf16' needs {problem}")
     ext = cpu_kernels.kernels()
-    if ext is None or not ext.attention_bf16_available():
+    if ext is None or not ext.bf16_isa():
         raise RuntimeError("attention backend 'avx512_bf16' needs kimivl's CPU kernels built for a CPU with "
                            f"AVX512-BF16 (flags here: avx512_bf16={'avx512_bf16' in cpu_kernels.cpu_flags()}, "
                            f"extension built: {ext is not None}); use backend='sdpa'")

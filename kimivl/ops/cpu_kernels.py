@@ -16,7 +16,7 @@ inference on the CPU:
 - ``moe_experts_bf16(x, topk_idx, topk_weight, gate_up, down, use_amx, max_rows)`` (``experts_bf16.cpp``) —
   a prefill's routed experts on CPUs with AMX or AVX512-BF16 (:func:`kimivl.ops.moe.grouped_cpu_moe`): each
   expert's products transposed (its weights as the A operand, read in place: AMX tiles or vdpbf16ps
-  broadcasts), whole experts per thread, the weighted sum over slots fused; ``experts_bf16_isa()`` says which
+  broadcasts), whole experts per thread, the weighted sum over slots fused; ``bf16_isa()`` says which
   path this build and CPU have.
 - ``attention_bf16(q, k, v, lengths)`` (``attention_bf16.cpp``) — the vision tower's per-image attention with
   AVX512-BF16 dot products and an online softmax (:mod:`kimivl.ops.attention`, backend ``"avx512_bf16"``), for

@@ -121,7 +121,7 @@ def grouped_cpu_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.
             or (torch.is_grad_enabled() and (x.requires_grad or gate_up.requires_grad or down.requires_grad))):
         return None
     ext = cpu_kernels.kernels()
-    isa = ext.experts_bf16_isa() if ext is not None else ""
+    isa = ext.bf16_isa() if ext is not None else ""
     if not isa:
         return None
     dim, inter = down.shape[1], down.shape[2]

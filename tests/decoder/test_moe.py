@@ -334,7 +334,7 @@ def test_an_optimizer_built_before_stacking_keeps_training_the_experts() -> None
 
 # --- the grouped CPU kernel for prefills (kimivl.ops.moe.grouped_cpu_moe, C++ moe_experts_bf16) -------------
 def _isas(ext) -> list[str]:
-    isa = ext.experts_bf16_isa()
+    isa = ext.bf16_isa()
     return {"amx": ["amx", "avx512_bf16"], "avx512_bf16": ["avx512_bf16"]}.get(isa, [])
 
 
@@ -350,8 +350,8 @@ def _stack(moe: DeepseekV3MoE) -> tuple[torch.Tensor, torch.Tensor]:
 def test_grouped_cpu_moe_matches_the_module_path(cpu_ext, monkeypatch, hidden: int, inter: int, tokens: int) -> None:
     isas = _isas(cpu_ext)
     if not isas:
-        pytest.skip(f"this CPU / build has neither AMX nor AVX512-BF16 (experts_bf16_isa() = "
-                    f"{cpu_ext.experts_bf16_isa()!r}): the grouped kernel does not apply")
+        pytest.skip(f"this CPU / build has neither AMX nor AVX512-BF16 (bf16_isa() = "
+                    f"{cpu_ext.bf16_isa()!r}): the grouped kernel does not apply")
     moe = _bf16_moe(hidden=hidden, inter=inter)
     gate_up, down = _stack(moe)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens)).bfloat16()
@@ -458,6 +458,6 @@ def test_moe_experts_bf16_names_bad_input(cpu_ext) -> None:
         cpu_ext.moe_experts_bf16(torch.randn(4, 64).bfloat16(), idx.clamp(max=7), w, gate_up, down, False, 100)
     with pytest.raises(RuntimeError, match=r"topk_idx \(T, k\) int64 and topk_weight \(T, k\) float32 with T = 4"):
         cpu_ext.moe_experts_bf16(x, idx.clamp(max=7)[:3], w[:3], gate_up, down, False, 100)
-    if cpu_ext.experts_bf16_isa() == "amx":
+    if cpu_ext.bf16_isa() == "amx":
         with pytest.raises(RuntimeError, match="AMX tiles need hidden size 48 and expert width 20 in multiples of 32"):
             cpu_ext.moe_experts_bf16(x, idx.clamp(max=7), w, gate_up, down, True, 100)

@@ -16,7 +16,7 @@ def _kernel_or_skip() -> None:
     if "avx512_bf16" not in cpu_kernels.cpu_flags():
         pytest.skip("the attention_bf16 kernel needs a CPU with AVX512-BF16 (this one has none)")
     ext = cpu_kernels.kernels()
-    if ext is None or not ext.attention_bf16_available():
+    if ext is None or not ext.bf16_isa():
         pytest.skip("kimivl's CPU kernels are not built here (no compiler, or KIMIVL_CPU_KERNELS=0)")
 
 
@@ -140,7 +140,7 @@ def test_auto_takes_the_kernel_only_without_amx(monkeypatch: pytest.MonkeyPatch)
     built = cpu_kernels.kernels()
     with monkeypatch.context() as m:  # an extension whose compiler left the AVX512-BF16 code out
         m.setattr(cpu_kernels, "kernels", lambda build=True: types.SimpleNamespace(
-            attention_bf16_available=lambda: False, attention_bf16=built.attention_bf16))
+            bf16_isa=lambda: "", attention_bf16=built.attention_bf16))
         with torch.inference_mode():
             assert resolve_backend("auto", q, k, v) == "sdpa"
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))  # a Xeon

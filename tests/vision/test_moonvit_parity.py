@@ -166,7 +166,7 @@ def test_cpu_bf16_kernel_is_as_close_to_golden_as_sdpa(tower: MoonVitPretrainedM
     from kimivl.ops import cpu_kernels
 
     ext = cpu_kernels.kernels() if "avx512_bf16" in cpu_kernels.cpu_flags() else None
-    if ext is None or not ext.attention_bf16_available():
+    if ext is None or not ext.bf16_isa():
         pytest.skip("the avx512_bf16 attention kernel needs a CPU with AVX512-BF16 and kimivl's CPU kernels built")
     model = copy.deepcopy(tower).to(torch.bfloat16)
     errors = {}

@@ -212,14 +212,6 @@ void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t sq,
 }  // namespace
 #endif
 
-bool attention_bf16_available() {
-#ifdef KIMIVL_AVX512BF16
-  return true;
-#else
-  return false;
-#endif
-}
-
 torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                              const std::vector<int64_t>& lengths) {
   TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && q.scalar_type() == torch::kBFloat16 && k.sizes() == q.sizes() &&
@@ -238,7 +230,7 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
   }
   TORCH_CHECK(total == L, "attention_bf16: segments of ", total, " tokens in all for ", L, " packed tokens");
 #ifndef KIMIVL_AVX512BF16
-  TORCH_CHECK(false, "attention_bf16: this build has no AVX512-BF16 path (check attention_bf16_available() first)");
+  TORCH_CHECK(false, "attention_bf16: this build has no AVX512-BF16 path (check bf16_isa() first)");
 #else
   auto out = torch::empty({L, H, D}, q.options());
   std::vector<Task> tasks;

@@ -11,10 +11,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "weight * (x / sqrt(mean(x^2) + eps)) in float32, rounded to x's dtype before the "
         "weight, output in the promoted dtype (DeepseekV3RMSNorm's roundings)");
   m.def("has_avx2", &has_avx2, "whether the AVX2+FMA path was compiled in");
-  m.def("experts_bf16_isa", &experts_bf16_isa,
-        "what moe_experts_bf16 can run here: 'amx', 'avx512_bf16' or '' (not compiled for this CPU)");
-  m.def("attention_bf16_available", &attention_bf16_available,
-        "whether attention_bf16 was compiled in (a CPU with AVX512-BF16)");
+  m.def("bf16_isa", &bf16_isa,
+        "what moe_experts_bf16 and attention_bf16 can run here: 'amx', 'avx512_bf16' or '' (not compiled for this "
+        "CPU: neither runs)");
   m.def("attention_bf16", &attention_bf16,
         "per-segment non-causal attention with AVX512-BF16 dot products: q, k, v (L, H, D) bfloat16 (D even, at most "
         "128; rows may be strided views of a fused qkv), lengths = the packed segments -> (L, H, D) bfloat16, scale "

@@ -222,8 +222,9 @@ struct Work {
 }  // namespace
 #endif
 
-// What this build can run here: "amx" (AMX tiles, permitted by the kernel), "avx512_bf16", or "" (neither).
-std::string experts_bf16_isa() {
+// What this build can run here: "amx" (AMX tiles, permitted by the kernel), "avx512_bf16", or "" (neither): the
+// prefill experts' path, and whether attention_bf16 is compiled in (any non-empty answer).
+std::string bf16_isa() {
 #if defined(KIMIVL_AMX)
   if (amx_permitted()) return "amx";
 #endif
@@ -258,12 +259,12 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
               " must be (E, 2I, ", D, ") and (E, ", D, ", I)");
   TORCH_CHECK(D % 2 == 0 && I % 2 == 0, "moe_experts_bf16: hidden size ", D, " and expert width ", I,
               " must be even");
-  const bool amx = use_amx && experts_bf16_isa() == "amx";
+  const bool amx = use_amx && bf16_isa() == "amx";
   TORCH_CHECK(!use_amx || amx, "moe_experts_bf16: AMX asked for, but this build or process cannot use it");
   TORCH_CHECK(!amx || (D % 32 == 0 && I % 32 == 0), "moe_experts_bf16: AMX tiles need hidden size ", D,
               " and expert width ", I, " in multiples of 32");
 #ifndef KIMIVL_AVX512BF16
-  TORCH_CHECK(false, "moe_experts_bf16: this build has no AVX512-BF16 path (check experts_bf16_isa() first)");
+  TORCH_CHECK(false, "moe_experts_bf16: this build has no AVX512-BF16 path (check bf16_isa() first)");
 #else
   auto idx_c = topk_idx.contiguous();
   auto w_c = topk_weight.contiguous();
