@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from benchmarks.common import CACHE, REPO, CpuMeter, compare, dtype_of, emit, machine_info, measure_gemm, ratios
 from benchmarks.slice import write_slice
 from kimivl.ops import cpu_kernels
-from kimivl.ops.attention import BACKENDS, resolve_backend
+from kimivl.ops.attention import BACKENDS, resolve_backend, varlen_attention
 
 # (width, height) in pixels: 2x2 up to 64x64 patches; 6,660 patches, 1,665 merged tokens.
 MIXED_SIZES: tuple[tuple[int, int], ...] = ((28, 28), (112, 224), (224, 224), (448, 448), (336, 672), (896, 896))
@@ -155,8 +155,6 @@ def measure_attention(dtype: torch.dtype, n: int, heads: int, head_dim: int, met
                  backend: str = "sdpa") -> float:
     """GFLOP/s of one unmasked attention over an n-patch image (the attention roof): torch's SDPA, or another
     backend of :func:`kimivl.ops.attention.varlen_attention` (``avx512_bf16``: kimivl's C++ kernel)."""
-    from kimivl.ops.attention import varlen_attention
-
     q, k, v = (torch.randn(1, heads, n, head_dim).to(dtype) for _ in range(3))
     packed = [t[0].transpose(0, 1).contiguous() for t in (q, k, v)]  # (n, heads, head_dim)
     cu = torch.tensor([0, n], dtype=torch.int32)
