@@ -87,8 +87,7 @@ def _cpu_kernel_preferred(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     Zen 5, performance notes §1); on AMX CPUs it runs on AMX tiles through oneDNN, 3x this kernel's rate on the
     Xeon of docs/performance.md, so SDPA stays the choice there. Building the extension on first use (about a
     minute, once) is worth it here: attention is most of a large image's time on such a CPU."""
-    flags = cpu_kernels.cpu_flags()
-    if "avx512_bf16" not in flags or "amx_bf16" in flags or not cpu_kernels.enabled():
+    if not cpu_kernels.vdpbf16_preferred() or not cpu_kernels.enabled():
         return False
     if _cpu_kernel_problem(q, k, v) is not None:
         return False

@@ -21,10 +21,11 @@ inference on the CPU:
 - ``attention_bf16(q, k, v, lengths)`` (``attention_bf16.cpp``) — the vision tower's per-image attention with
   AVX512-BF16 dot products and an online softmax (:mod:`kimivl.ops.attention`, backend ``"avx512_bf16"``), for
   CPUs that have AVX512-BF16 but no AMX, where torch's flash CPU kernel runs at ~1/5 of the bf16 GEMM rate.
-- ``mla_decode(q_nope, q_pe, kv, w_uk, w_uv, scale, valid)`` — one absorbed-MLA decode step
+- ``mla_decode(q_nope, q_pe, kv, w_uk, w_uv, scale, valid, bf16_dot)`` — one absorbed-MLA decode step
   (:mod:`kimivl.ops.mla`) in one pass over the latent cache: chunks of 128 rows per thread, all heads
   scored against each chunk while it sits in L2, a chunk-local softmax merged at the end (flash-decoding),
-  bf16 cache rows and W_UK / W_UV (read in place from ``kv_b_proj.weight``) widened in registers.
+  W_UK / W_UV read in place from ``kv_b_proj.weight``. Float32 FMAs on widened rows, or with ``bf16_dot``
+  (a bf16 cache and weights on a CPU where :func:`vdpbf16_preferred`) vdpbf16ps on the bf16 rows in place.
 - ``rms_norm(x, weight, eps)`` and ``rope_rotate(x, cos, sin)`` — a decode step's RMSNorm and RoPE in one
   call each instead of ~8-12 tensor ops of dispatch (:mod:`kimivl.ops.rms_norm`, :mod:`kimivl.ops.rope`),
   with the PyTorch forms' roundings (``rope_rotate`` bit for bit; the extension is built with
@@ -87,6 +88,17 @@ def cpu_flags() -> frozenset[str]:
 
 
 NAME = f"kimivl_cpu_kernels_{_build_tag()}"
+
+
+def vdpbf16_preferred() -> bool:
+    """Whether bf16 dot products (vdpbf16ps) beat float32 FMAs on this CPU: AVX512-BF16 without AMX (AMD Zen 4 / 5,
+    the acceptance machine of performance notes §1), where one vdpbf16ps does twice the FLOPs of a float32 FMA at
+    the same issue rate (oneDNN's bf16 GEMM 510-536 GFLOP/s per core there, its float32 one 254-264). On AMX Xeons
+    it issues at half that rate, so float32 FMAs (or AMX through oneDNN) stay the faster choice (docs/performance.md).
+    The vision attention backend ``auto`` and the MLA decode step ask this. The CPU's flags only: whether the
+    extension was compiled with the instruction is ``kernels().bf16_isa()``."""
+    flags = cpu_flags()
+    return "avx512_bf16" in flags and "amx_bf16" not in flags
 
 
 @functools.lru_cache(maxsize=1)

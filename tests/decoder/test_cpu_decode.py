@@ -12,6 +12,7 @@ from kimivl.decoder import DeepseekV3ForCausalLM
 from kimivl.decoder.cache import MLACache, latent_cache_dtype
 from kimivl.decoder.cpu_decode import PLAN
 from kimivl.generation import decode_step, prefill
+from kimivl.ops import cpu_kernels
 
 
 def _model(seed: int = 0, **overrides) -> DeepseekV3ForCausalLM:
@@ -78,6 +79,21 @@ def test_fused_decode_step_is_bit_identical_to_the_module_path(cpu_ext, monkeypa
     assert torch.equal(fused_cache, module_cache)
     # and the comparison is not vacuous: rows and steps differ
     assert not torch.equal(fused_logits[:, 0], fused_logits[:, 1])
+
+
+def test_on_a_cpu_preferring_vdpbf16ps_both_paths_take_the_dot_form_alike(cpu_ext, monkeypatch) -> None:
+    """On AVX512-BF16 CPUs without AMX (the acceptance Zen 5) the MLA decode step takes its vdpbf16ps form in
+    mla_block and in the module path alike: still the same bits, and not the float32 form's."""
+    if not cpu_ext.bf16_isa():
+        pytest.skip("the vdpbf16ps form needs the extension compiled for a CPU with AVX512-BF16 (this one has none)")
+    model = _model(seed=2)
+    float32_form, _ = _decode(model, monkeypatch, fused=True)
+    monkeypatch.setattr(cpu_kernels, "vdpbf16_preferred", lambda: True)
+    fused_logits, fused_cache = _decode(model, monkeypatch, fused=True)
+    module_logits, module_cache = _decode(model, monkeypatch, fused=False)
+    assert torch.equal(fused_logits, module_logits) and torch.equal(fused_cache, module_cache)
+    assert not torch.equal(fused_logits, float32_form)
+    torch.testing.assert_close(fused_logits.float(), float32_form.float(), rtol=0.05, atol=0.05)
 
 
 def test_fused_decode_step_without_padding_and_through_generate(cpu_ext, monkeypatch) -> None:

@@ -145,3 +145,99 @@ def test_float32_weights_use_the_kernel_only_once_it_is_built(ext, monkeypatch):
     not_built = absorbed_mla_attention(q_nope, q_pe, kv, w_uk, w_uv, 0.1)  # the PyTorch products
     torch.testing.assert_close(not_built, built, rtol=1e-5, atol=1e-6)
     assert not torch.equal(not_built, built)  # (different summation order: the two paths really differ)
+
+
+# --- the vdpbf16ps form (bf16 cache and weights, bf16_dot=True; auto on AVX512-BF16 CPUs without AMX) ---------
+
+def _dot_or_skip(ext) -> None:
+    if not ext.bf16_isa():
+        pytest.skip("the vdpbf16ps form needs the extension compiled for a CPU with AVX512-BF16 (this one has none)")
+
+
+def _rounded_reference(q_nope, q_pe, kv, w_uk, w_uv, scale, valid=None, chunk=128):
+    """The dot form's arithmetic in float64: the scaled latent queries rounded to bf16, per 128-row chunk the
+    exps against the chunk's max rounded to bf16 for the weighted latents (their sum unrounded), chunks merged
+    as flash-decoding does."""
+    q_nope, q_pe, kv, w_uk, w_uv = (x.double() for x in (q_nope, q_pe, kv, w_uk, w_uv))
+    r = w_uk.shape[-1]
+    q = (torch.cat([torch.einsum("bhn,hnr->bhr", q_nope, w_uk), q_pe], -1) * scale).bfloat16().double()
+    scores = torch.einsum("bhd,btd->bht", q, kv)
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    parts = []
+    for t0 in range(0, kv.shape[1], chunk):
+        s = scores[..., t0:t0 + chunk]
+        m = s.amax(-1, keepdim=True)
+        e = torch.where(torch.isinf(s), 0.0, (s - m.nan_to_num(neginf=0.0)).exp())
+        parts.append((m, e.sum(-1, keepdim=True), torch.einsum("bht,btr->bhr", e.bfloat16().double(),
+                                                                kv[:, t0:t0 + chunk, :r])))
+    mx = torch.stack([m for m, _, _ in parts]).amax(0)
+    f = [torch.where(torch.isinf(m), 0.0, (m - mx).exp()) for m, _, _ in parts]
+    total = sum(fi * l for fi, (_, l, _) in zip(f, parts))
+    lat = sum(fi * a for fi, (_, _, a) in zip(f, parts)) / total
+    return torch.einsum("bhr,hvr->bhv", lat, w_uv)
+
+
+DOT_SHAPES = SHAPES + [(1, 16, 4096, 128, 64, 512, 128), (2, 32, 257, 16, 8, 64, 16), (1, 5, 131, 8, 8, 32, 8)]
+
+
+@pytest.mark.parametrize("shape", DOT_SHAPES)
+def test_dot_form_computes_the_bf16_products_it_describes(ext, monkeypatch, shape):
+    _dot_or_skip(ext)
+    q_nope, q_pe, kv, w_uk, w_uv = _inputs(*shape, torch.bfloat16, torch.bfloat16)
+    out = ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.125, None, True)
+    if shape[-2] % 32:  # a latent width the vdpbf16ps form does not take: the float32 form answers
+        assert torch.equal(out, ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.125, None, False))
+        return
+    assert not torch.equal(out, ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.125, None, False))  # it ran
+    # It does the roundings described: against them written out in float64, what is left (float32 sums, and a
+    # float32 exp landing on the other side of a bf16 rounding than float64's: at 4,096 keys a few probabilities
+    # move by one bf16 step) is a few % of what the roundings themselves move, on average and at worst.
+    exact = _reference(q_nope, q_pe, kv, w_uk, w_uv, 0.125)
+    rounded = _rounded_reference(q_nope, q_pe, kv, w_uk, w_uv, 0.125)
+    rounding = (rounded - exact).abs()
+    left = (out.double() - rounded).abs()
+    assert left.mean() < 0.05 * rounding.mean() and left.max() < 0.25 * rounding.max(), (left.max(), rounding.max())
+    # Against the exact answer: closer than the PyTorch path's bf16 products, which also round the scores, the
+    # weighted latents and the output to bf16 (the official expanded attention rounds as much).
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    torch_bf16 = absorbed_mla_attention(q_nope[:, :, None].bfloat16(), q_pe[:, :, None].bfloat16(), kv, w_uk, w_uv,
+                                        0.125)
+    err = (out.double() - exact).abs().max().item()
+    torch_err = (torch_bf16.view_as(out).double() - exact).abs().max().item()
+    assert err <= torch_err, (err, torch_err)
+
+
+def test_dot_form_masks_and_odd_chunks(ext):
+    _dot_or_skip(ext)
+    q_nope, q_pe, kv, w_uk, w_uv = _inputs(3, 16, 401, 16, 8, 64, 16, torch.bfloat16, torch.bfloat16)
+    valid = torch.rand(3, 401, generator=torch.Generator().manual_seed(1)) > 0.5
+    valid[1, :300] = False  # whole 128-row chunks without a visible key
+    valid[2] = False
+    out = ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.2, valid, True)
+    exact = _reference(q_nope[:2], q_pe[:2], kv[:2], w_uk, w_uv, 0.2, valid[:2])
+    rounded = _rounded_reference(q_nope[:2], q_pe[:2], kv[:2], w_uk, w_uv, 0.2, valid[:2])
+    assert (out[:2].double() - rounded).abs().max() < 0.25 * (rounded - exact).abs().max()
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    kv2 = kv.clone()
+    kv2[0, ~valid[0]] = 100.0  # a masked key's values change nothing, bit for bit
+    assert torch.equal(ext.mla_decode(q_nope, q_pe, kv2, w_uk, w_uv, 0.2, valid, True), out)
+
+
+@pytest.mark.parametrize("kv_dtype, w_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_dot_form_is_only_for_a_bf16_cache_with_bf16_weights(ext, kv_dtype, w_dtype):
+    q_nope, q_pe, kv, w_uk, w_uv = _inputs(1, 16, 300, 32, 16, 64, 32, kv_dtype, w_dtype)
+    assert torch.equal(ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.1, None, True),
+                       ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.1, None, False))
+
+
+def test_the_decode_step_asks_for_the_dot_form_only_without_amx(ext, monkeypatch):
+    _dot_or_skip(ext)
+    q_nope, q_pe, kv, w_uk, w_uv = _inputs(1, 16, 200, 32, 16, 64, 32, torch.bfloat16, torch.bfloat16)
+    args = (q_nope[:, :, None].bfloat16(), q_pe[:, :, None].bfloat16(), kv, w_uk, w_uv, 0.1)
+    direct = {dot: ext.mla_decode(q_nope.bfloat16(), q_pe.bfloat16(), kv, w_uk, w_uv, 0.1, None, dot).view(1, 1, -1)
+              for dot in (False, True)}
+    for flags, dot in (({"avx512f", "avx512_bf16"}, True), ({"avx512_bf16", "amx_bf16"}, False), ({"avx2"}, False)):
+        monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda flags=flags: frozenset(flags))
+        with torch.inference_mode():
+            assert torch.equal(absorbed_mla_attention(*args), direct[dot]), flags

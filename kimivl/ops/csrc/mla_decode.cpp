@@ -12,6 +12,9 @@
 // the two per-row loops (scores of 16 heads in one register, weighted latents 32 wide) where the compiler
 // targets it, and a portable scalar path; every sum is accumulated in float32, each lane in the same order
 // on every path (a sum over the cache rows or over the latent width, one term after another).
+// The caller may ask for the vdpbf16ps form instead (bf16_dot; namespace `dot` below): for a bf16 cache with
+// bf16 weights it takes the products in bf16 on the rows in place, the way the model's prefill does; Python asks
+// for it on CPUs where vdpbf16ps outruns float32 FMAs (kimivl.ops.cpu_kernels.vdpbf16_preferred).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -23,6 +26,8 @@
 #include <memory>
 #include <type_traits>
 #include <vector>
+
+#include "bf16_simd.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -259,6 +264,157 @@ void weighted_sum(const float* p, int64_t H, const float* rows, int64_t n, int64
   }
 }
 
+#ifdef KIMIVL_AVX512BF16
+// The vdpbf16ps form of a chunk, for a bf16 cache with bf16 W_UK / W_UV (any number of heads; latent width a
+// multiple of 32): the products of a bf16 model in bf16, as its prefill (and the official expanded attention)
+// takes them. The scaled latent queries are rounded to bf16 once per step and the chunk's probabilities to bf16
+// (as bf16 flash kernels round P); every sum stays float32. Per chunk: scores with a lane per head (a pair of
+// a cache row broadcast, 12 rows per block), the softmax down the rows (lane-wise, no horizontal sums), then per
+// 32 latent columns the chunk's row pairs interleaved into an L1 buffer and every head's probability pairs
+// broadcast against them. Per cache row, for 16 heads: 288 + 256 vdpbf16ps of 32 multiply-adds where the float32
+// form issues 576 + 512 FMAs of 16, on rows it first widens; a vdpbf16ps issues as fast as an FMA on AMD Zen 4 /
+// 5 (twice the FLOPs) but at half the rate on the AMX Xeons measured (docs/performance.md).
+namespace dot {
+
+using kimivl_simd::exp_ps;
+
+inline __m512bh pair_bcast(const uint16_t* at) {  // two adjacent bf16 in every 32-bit lane
+  uint32_t bits;
+  std::memcpy(&bits, at, sizeof(bits));
+  return (__m512bh)_mm512_set1_epi32(static_cast<int>(bits));
+}
+
+// S[i * H + h0 + l] = q[h0 + l] . row i for ROWS rows at stride ld and the heads h0 + l of `lanes` (up to 16);
+// qp holds q as (pairs, H) pairs of bf16. One accumulator per row (a lane per head), a pair of the row broadcast.
+template <int ROWS>
+inline void scores(const uint32_t* qp, int64_t H, int64_t h0, __mmask16 lanes, const uint16_t* r0, int64_t ld,
+                   int64_t pairs, float* S) {
+  __m512 a[ROWS];
+#pragma GCC unroll 16
+  for (int i = 0; i < ROWS; ++i) a[i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh q = (__m512bh)_mm512_maskz_loadu_epi32(lanes, qp + p * H + h0);
+#pragma GCC unroll 16
+    for (int i = 0; i < ROWS; ++i) a[i] = _mm512_dpbf16_ps(a[i], q, pair_bcast(r0 + i * ld + 2 * p));
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < ROWS; ++i) _mm512_mask_storeu_ps(S + i * H + h0, lanes, a[i]);
+}
+
+inline __mmask16 lanes_from(int64_t h0, int64_t H) {  // heads h0 .. min(h0 + 16, H)
+  return H - h0 >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (H - h0)) - 1);
+}
+
+// Two float32 vectors rounded to bf16 and interleaved: lane l = lo[l] | hi[l] << 16 (a pair for vdpbf16ps).
+inline __m512i pack_pair(__m512 lo, __m512 hi) {
+  const __m512i a = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
+  const __m512i b = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
+  return _mm512_or_si512(a, _mm512_slli_epi32(b, 16));
+}
+
+// In place over S (n rows of H heads): per head the chunk's max m and sum l of exp(S - m); P (ceil(n / 2), H)
+// = those exps as bf16 pairs of rows (a missing last row and masked keys (-inf) give exact zeros).
+inline void softmax_pairs(const float* S, int64_t n, int64_t H, float* m, float* l, uint32_t* P) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), zero = _mm512_setzero_ps();
+  for (int64_t h0 = 0; h0 < H; h0 += 16) {
+    const __mmask16 lanes = lanes_from(h0, H);
+    __m512 mx = ninf;
+    for (int64_t t = 0; t < n; ++t) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, lanes, S + t * H + h0));
+    _mm512_mask_storeu_ps(m + h0, lanes, mx);
+    const __m512 shift = _mm512_mask_mov_ps(mx, _mm512_cmp_ps_mask(mx, ninf, _CMP_EQ_OQ), zero);
+    auto ex = [&](int64_t t) {
+      if (t >= n) return zero;
+      const __m512 s = _mm512_mask_loadu_ps(ninf, lanes, S + t * H + h0);
+      return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, ninf, _CMP_NEQ_OQ), exp_ps(_mm512_sub_ps(s, shift)));
+    };
+    __m512 sum = zero;
+    for (int64_t t = 0; t < n; t += 2) {
+      const __m512 e0 = ex(t), e1 = ex(t + 1);
+      sum = _mm512_add_ps(_mm512_add_ps(sum, e0), e1);
+      _mm512_mask_storeu_epi32(P + (t / 2) * H + h0, lanes, pack_pair(e0, e1));
+    }
+    _mm512_mask_storeu_ps(l + h0, lanes, sum);
+  }
+}
+
+// out (ceil(n / 2), 32) = 32 columns of the chunk's rows as pairs of rows (a missing last row reads as zeros). One
+// in-lane interleave each way (a cheap shuffle, where a full permute costs three on Intel), so the two vectors
+// of a row pair hold the columns' pairs in the order {0-3, 8-11, 16-19, 24-27} and {4-7, 12-15, 20-23, 28-31};
+// weighted() puts the sums back in column order.
+inline void pack_columns(const uint16_t* r0, int64_t ld, int64_t n, uint32_t* out) {
+  for (int64_t t = 0; t < n; t += 2) {
+    const __m512i x = _mm512_loadu_si512(r0 + t * ld);
+    const __m512i y = t + 1 < n ? _mm512_loadu_si512(r0 + (t + 1) * ld) : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + (t / 2) * 32, _mm512_unpacklo_epi16(x, y));
+    _mm512_storeu_si512(out + (t / 2) * 32 + 16, _mm512_unpackhi_epi16(x, y));
+  }
+}
+
+// out[h * ldo + j] = sum_t p[h, t] row t [j] for HB heads from h0 and 32 columns (pack_columns' order in, column
+// order out): a head's pair of probabilities broadcast against the two vectors of a row pair.
+template <int HB>
+inline void weighted(const uint32_t* P, int64_t H, int64_t h0, const uint32_t* cols, int64_t pairs, float* out,
+                     int64_t ldo) {
+  __m512 a[HB][2];
+#pragma GCC unroll 16
+  for (int i = 0; i < HB; ++i) a[i][0] = a[i][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(cols + p * 32), x1 = (__m512bh)_mm512_loadu_si512(cols + p * 32 + 16);
+#pragma GCC unroll 16
+    for (int i = 0; i < HB; ++i) {
+      const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(P[p * H + h0 + i]));
+      a[i][0] = _mm512_dpbf16_ps(a[i][0], w, x0);
+      a[i][1] = _mm512_dpbf16_ps(a[i][1], w, x1);
+    }
+  }
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+#pragma GCC unroll 16
+  for (int i = 0; i < HB; ++i) {
+    float* o = out + (h0 + i) * ldo;
+    _mm512_storeu_ps(o, _mm512_permutex2var_ps(a[i][0], first, a[i][1]));
+    _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(a[i][0], second, a[i][1]));
+  }
+}
+
+struct Scratch {
+  std::vector<float> S;
+  std::vector<uint32_t> P, cols;
+};
+
+// One chunk of n rows (n <= CHUNK) of a sequence's bf16 cache: max, sum and weighted latents per head, as the
+// float32 form's chunk gives them. valid: the chunk's mask entries or nullptr.
+inline void chunk(const uint32_t* qp, int64_t H, const uint16_t* rows, int64_t ld, int64_t n, int64_t D, int64_t R,
+                  const bool* valid, float* m, float* l, float* acc, Scratch& w) {
+  w.S.resize(CHUNK * H);
+  w.P.resize((CHUNK / 2) * H);
+  w.cols.resize((CHUNK / 2) * 32);
+  float* S = w.S.data();
+  const int64_t pairs = D / 2;
+  for (int64_t h0 = 0; h0 < H; h0 += 16) {
+    const __mmask16 lanes = lanes_from(h0, H);
+    int64_t t = 0;
+    for (; t + 12 <= n; t += 12) scores<12>(qp, H, h0, lanes, rows + t * ld, ld, pairs, S + t * H);
+    for (; t + 4 <= n; t += 4) scores<4>(qp, H, h0, lanes, rows + t * ld, ld, pairs, S + t * H);
+    for (; t < n; ++t) scores<1>(qp, H, h0, lanes, rows + t * ld, ld, pairs, S + t * H);
+  }
+  if (valid != nullptr)
+    for (int64_t t = 0; t < n; ++t)
+      if (!valid[t]) std::fill(S + t * H, S + (t + 1) * H, -std::numeric_limits<float>::infinity());
+  softmax_pairs(S, n, H, m, l, w.P.data());
+  // 32 columns at a time: their row pairs (8 KiB, in L1) against every head
+  const int64_t row_pairs = (n + 1) / 2;
+  for (int64_t j0 = 0; j0 < R; j0 += 32) {
+    pack_columns(rows + j0, ld, n, w.cols.data());
+    int64_t h = 0;
+    for (; h + 8 <= H; h += 8) weighted<8>(w.P.data(), H, h, w.cols.data(), row_pairs, acc + j0, R);
+    for (; h < H; ++h) weighted<1>(w.P.data(), H, h, w.cols.data(), row_pairs, acc + j0, R);
+  }
+}
+
+}  // namespace dot
+#endif
+
 // In place: scores -> exp(scores - max) per head row (masked keys give 0); returns max and sum per head.
 void softmax_parts(float* scores, int64_t H, int64_t n, float* m, float* l) {
   for (int64_t h = 0; h < H; ++h) {
@@ -293,29 +449,68 @@ void softmax_parts(float* scores, int64_t H, int64_t n, float* m, float* l) {
   }
 }
 
+#ifdef KIMIVL_MLA_AVX512
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+#endif
+
 // y[i] = sum_k x[k] * w[k * ldw + i] for i < N (a row vector times a (K, N) matrix), w float or bf16.
+// These two products read W_UK and W_UV (4 MB of bf16 per layer at the real size) once per step: they must run
+// at the memory's rate, so their outputs are register blocks (128 columns, or 8 rows), not a pass over y per k.
 template <typename W>
 void vec_mat(const float* x, const W* w, int64_t K, int64_t N, int64_t ldw, float* y) {
-  std::fill(y, y + N, 0.f);
+  int64_t i = 0;
+#ifdef KIMIVL_MLA_AVX512
+  for (; i + 128 <= N; i += 128) {
+    __m512 a[8];
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; ++v) a[v] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const __m512 xk = _mm512_set1_ps(x[k]);
+      const W* row = w + k * ldw + i;
+#pragma GCC unroll 8
+      for (int v = 0; v < 8; ++v) a[v] = _mm512_fmadd_ps(xk, load16(row + 16 * v), a[v]);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; ++v) _mm512_storeu_ps(y + i + 16 * v, a[v]);
+  }
+#endif
+  std::fill(y + i, y + N, 0.f);
   for (int64_t k = 0; k < K; ++k) {
     const float xk = x[k];
     const W* row = w + k * ldw;
-    int64_t i = 0;
+    int64_t j = i;
 #ifdef KIMIVL_MLA_AVX2
     const __m256 vx = _mm256_set1_ps(xk);
-    for (; i + 8 <= N; i += 8) {
-      const __m256 wv = load8(row + i);
-      _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vx, wv, _mm256_loadu_ps(y + i)));
+    for (; j + 8 <= N; j += 8) {
+      const __m256 wv = load8(row + j);
+      _mm256_storeu_ps(y + j, _mm256_fmadd_ps(vx, wv, _mm256_loadu_ps(y + j)));
     }
 #endif
-    for (; i < N; ++i) y[i] += xk * widen(row[i]);
+    for (; j < N; ++j) y[j] += xk * widen(row[j]);
   }
 }
 
 // y[i] = w[i] . x for i < N (a (N, K) matrix with row stride ldw times a vector), w float or bf16.
 template <typename W>
 void mat_vec(const W* w, const float* x, int64_t N, int64_t K, int64_t ldw, float* y) {
-  for (int64_t i = 0; i < N; ++i) {
+  int64_t i = 0;
+#ifdef KIMIVL_MLA_AVX512
+  if (K % 16 == 0) {
+    for (; i + 8 <= N; i += 8) {
+      __m512 a[8];
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) a[r] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + k);
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r) a[r] = _mm512_fmadd_ps(load16(w + (i + r) * ldw + k), xv, a[r]);
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) y[i + r] = _mm512_reduce_add_ps(a[r]);
+    }
+  }
+#endif
+  for (; i < N; ++i) {
     const W* row = w + i * ldw;
     int64_t k = 0;
     float s = 0.f;
@@ -337,7 +532,7 @@ void mat_vec(const W* w, const float* x, int64_t N, int64_t K, int64_t ldw, floa
 template <typename KV, typename W>
 torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
                   const torch::Tensor& w_uk, const torch::Tensor& w_uv, double scale,
-                  const c10::optional<torch::Tensor>& valid) {
+                  const c10::optional<torch::Tensor>& valid, bool bf16_dot) {
   const int64_t B = q_nope.size(0), H = q_nope.size(1), NOPE = q_nope.size(2), ROPE = q_pe.size(2);
   const int64_t T = kv.size(1), D = kv.size(2), R = w_uk.size(2), V = w_uv.size(1);
   const float* qn = q_nope.data_ptr<float>();
@@ -363,6 +558,21 @@ torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const 
     }
   });
 
+#ifdef KIMIVL_AVX512BF16
+  // A bf16 model (bf16 cache and weights) takes the vdpbf16ps form: the queries as (D / 2, H) pairs of bf16.
+  const bool use_dot = bf16_dot && std::is_same_v<KV, uint16_t> && std::is_same_v<W, uint16_t> && D % 2 == 0 && R % 32 == 0;
+  std::vector<uint32_t> qpair(use_dot ? B * D * H / 2 : 0);
+  if (use_dot)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t p = 0; p < D / 2; ++p)
+        for (int64_t h0 = 0; h0 < H; h0 += 16) {
+          const __mmask16 lanes = dot::lanes_from(h0, H);
+          const float* q0 = qt.data() + (b * D + 2 * p) * H + h0;
+          _mm512_mask_storeu_epi32(qpair.data() + (b * D / 2 + p) * H + h0, lanes,
+                                   dot::pack_pair(_mm512_maskz_loadu_ps(lanes, q0), _mm512_maskz_loadu_ps(lanes, q0 + H)));
+        }
+#endif
+
   // 2. Chunks of the cache: local max, sum and weighted latents per head.
   const int64_t chunks = (T + CHUNK - 1) / CHUNK;
   std::vector<float> part_m(B * chunks * H), part_l(B * chunks * H);
@@ -370,6 +580,18 @@ torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const 
   std::unique_ptr<float[]> part_acc_buf(new float[B * chunks * H * R]);
   float* part_acc = part_acc_buf.get();
   at::parallel_for(0, B * chunks, 1, [&](int64_t c0, int64_t c1) {
+#ifdef KIMIVL_AVX512BF16
+    if (use_dot) {
+      dot::Scratch work;
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t b = c / chunks, t0 = (c % chunks) * CHUNK, n = std::min(CHUNK, T - t0);
+        dot::chunk(qpair.data() + b * D * H / 2, H, reinterpret_cast<const uint16_t*>(kvp) + b * kv_batch + t0 * kv_row,
+                   kv_row, n, D, R, vp != nullptr ? vp + b * T + t0 : nullptr, part_m.data() + c * H,
+                   part_l.data() + c * H, part_acc + c * H * R, work);
+      }
+      return;
+    }
+#endif
     std::vector<float> scratch(CHUNK * D), scores(H * CHUNK);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b = c / chunks, t0 = (c % chunks) * CHUNK, n = std::min(CHUNK, T - t0);
@@ -418,7 +640,7 @@ torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const 
 
 torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
                          const torch::Tensor& w_uk, const torch::Tensor& w_uv, double scale,
-                         const c10::optional<torch::Tensor>& valid) {
+                         const c10::optional<torch::Tensor>& valid, bool bf16_dot) {
   for (const auto* t : {&q_nope, &q_pe, &kv, &w_uk, &w_uv})
     TORCH_CHECK(t->device().is_cpu(), "mla_decode: CPU tensors only");
   TORCH_CHECK(q_nope.dim() == 3 && q_pe.dim() == 3 && kv.dim() == 3 && w_uk.dim() == 3 && w_uv.dim() == 3,
@@ -452,12 +674,12 @@ torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe,
   TORCH_CHECK(w16 || wk.scalar_type() == torch::kFloat32, "mla_decode: W_UK / W_UV must be float32 or bfloat16");
   torch::Tensor out;
   if (kv16 && w16)
-    out = run<uint16_t, uint16_t>(qn, qp, kv, wk, wv, scale, mask);
+    out = run<uint16_t, uint16_t>(qn, qp, kv, wk, wv, scale, mask, bf16_dot);
   else if (kv16)
-    out = run<uint16_t, float>(qn, qp, kv, wk, wv, scale, mask);
+    out = run<uint16_t, float>(qn, qp, kv, wk, wv, scale, mask, bf16_dot);
   else if (w16)
-    out = run<float, uint16_t>(qn, qp, kv, wk, wv, scale, mask);
+    out = run<float, uint16_t>(qn, qp, kv, wk, wv, scale, mask, bf16_dot);
   else
-    out = run<float, float>(qn, qp, kv, wk, wv, scale, mask);
+    out = run<float, float>(qn, qp, kv, wk, wv, scale, mask, bf16_dot);
   return out.to(q_type);  // computed in float32, answered in the queries' dtype
 }
