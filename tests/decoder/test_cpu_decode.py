@@ -87,6 +87,7 @@ def test_on_a_cpu_preferring_vdpbf16ps_both_paths_take_the_dot_form_alike(cpu_ex
     if not cpu_ext.bf16_isa():
         pytest.skip("the vdpbf16ps form needs the extension compiled for a CPU with AVX512-BF16 (this one has none)")
     model = _model(seed=2)
+    monkeypatch.setattr(cpu_kernels, "vdpbf16_preferred", lambda: False)
     float32_form, _ = _decode(model, monkeypatch, fused=True)
     monkeypatch.setattr(cpu_kernels, "vdpbf16_preferred", lambda: True)
     fused_logits, fused_cache = _decode(model, monkeypatch, fused=True)

@@ -99,7 +99,8 @@ def test_absorbed_attention_gives_the_same_with_the_kernel_switched_off(ext, mon
     q_nope, q_pe = q_nope[:, :, None].bfloat16(), q_pe[:, :, None].bfloat16()  # (B, H, 1, .) as the model has
     mask = (torch.arange(200) >= torch.tensor([[0], [17]]))[:, None, None, :]  # left padding of row 1
     on = absorbed_mla_attention(q_nope, q_pe, kv, w_uk, w_uv, 0.1, mask)
-    direct = ext.mla_decode(q_nope[:, :, 0].float(), q_pe[:, :, 0].float(), kv, w_uk, w_uv, 0.1, mask[:, 0, 0])
+    direct = ext.mla_decode(q_nope[:, :, 0].float(), q_pe[:, :, 0].float(), kv, w_uk, w_uv, 0.1, mask[:, 0, 0],
+                            cpu_kernels.vdpbf16_preferred())
     assert torch.equal(on, direct.bfloat16().view(2, 1, -1))  # the decode step took the kernel
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     off = absorbed_mla_attention(q_nope, q_pe, kv, w_uk, w_uv, 0.1, mask)
