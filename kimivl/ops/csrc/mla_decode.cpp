@@ -11,8 +11,8 @@
 // converted or copied per step. An AVX2+FMA path (heads in groups of 8 for the scores), AVX-512 forms of
 // the two per-row loops (scores of 16 heads in one register, weighted latents 32 wide) where the compiler
 // targets it, and a portable scalar path; every sum is accumulated in float32, each lane in the same order
-// on every path (a sum over the cache rows or over the latent width, one term after another).
-// The caller may ask for the vdpbf16ps form instead (bf16_dot; namespace `dot` below): for a bf16 cache with
+// on every path (a sum over the cache rows or over the latent width, one term after another; only W_UV's
+// dot products end in a sum over 16 or 8 lanes, by path). The caller may ask for the vdpbf16ps form instead (bf16_dot; namespace `dot` below): for a bf16 cache with
 // bf16 weights it takes the products in bf16 on the rows in place, the way the model's prefill does; Python asks
 // for it on CPUs where vdpbf16ps outruns float32 FMAs (kimivl.ops.cpu_kernels.vdpbf16_preferred).
 #include <torch/extension.h>
