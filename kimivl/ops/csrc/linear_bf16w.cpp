@@ -1,7 +1,8 @@
 // y = x @ w.T for a few rows of float32 activations x (M, K) and bfloat16 weights w (N, K): the decode-
 // step shape, where the cost is streaming w from memory once. Each bf16 weight is widened to float32 in
 // registers (a 16-bit shift) and accumulated in float32; w is read exactly once per block of 4 rows of x.
-// Rows of w are split across torch's intra-op threads. An AVX2+FMA path and a portable scalar path.
+// Rows of w are split across torch's intra-op threads. An AVX-512 path (x's columns reordered so a weight line
+// widens without shuffles), an AVX2+FMA path and a portable scalar path.
 // moe_bf16w runs a MoE layer's chosen and shared experts (or a dense MLP) for a few tokens the same way:
 // the gate and up rows of every MLP as one parallel loop, silu(gate) * up in float32, then every down row
 // as another, and the routed outputs weighted and summed with the roundings of the PyTorch path.
@@ -17,6 +18,9 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define KIMIVL_AVX2 1
+#if defined(__AVX512F__)
+#define KIMIVL_AVX512 1
+#endif
 #endif
 
 namespace {
@@ -116,6 +120,66 @@ void block8(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y,
 }
 #endif
 
+#ifdef KIMIVL_AVX512
+// With AVX-512 the rows of x come split (split_pairs): in every block of 32 columns the 16 even ones, then the 16
+// odd ones. A 512-bit load of 32 bf16 weights then widens without a shuffle: shifted left 16 bits it is the even
+// weights as float32, masked it is the odd ones; 2 integer ops per 32 weights where the AVX2 blocks spend 8 (with
+// cross-lane shuffles). R = 4 weight rows against MB = 1-4 rows of x: at 2-8 rows of x the AVX2 blocks are
+// bound by their FMAs and conversions (M = 8: 8.6 GB/s of weights on this Xeon's 2 cores, M = 1 28), these
+// stream at the memory's rate. Columns past the last full block of 32 (in place in the split rows) are summed
+// one by one.
+inline int64_t split_columns(int64_t K) { return K & ~int64_t(31); }
+
+template <int R, int MB>
+void block512(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y, int64_t ldy, int64_t pf) {
+  constexpr bool kTwo = R * MB < 8;  // too few accumulators for the FMA latency: even and odd ones apart
+  __m512 acc[R][MB][kTwo ? 2 : 1];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 2
+      for (int e = 0; e < (kTwo ? 2 : 1); ++e) acc[r][m][e] = _mm512_setzero_ps();
+  const __m512i odd_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const int64_t K32 = split_columns(K);
+  for (int64_t k = 0; k < K32; k += 32) {  // 32 bf16 = one 64-byte line per row
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + pf + r * K + k), _MM_HINT_T0);
+    __m512 we[R], wo[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512i raw = _mm512_loadu_si512(w + r * K + k);
+      we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+      wo[r] = _mm512_castsi512_ps(_mm512_and_si512(raw, odd_mask));
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xe = _mm512_loadu_ps(x + m * ldx + k), xo = _mm512_loadu_ps(x + m * ldx + k + 16);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        acc[r][m][0] = _mm512_fmadd_ps(we[r], xe, acc[r][m][0]);
+        acc[r][m][kTwo ? 1 : 0] = _mm512_fmadd_ps(wo[r], xo, acc[r][m][kTwo ? 1 : 0]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) {
+      float s = _mm512_reduce_add_ps(kTwo ? _mm512_add_ps(acc[r][m][0], acc[r][m][kTwo ? 1 : 0]) : acc[r][m][0]);
+      for (int64_t kk = K32; kk < K; ++kk) s += bf16_to_float(w[r * K + kk]) * x[m * ldx + kk];
+      y[m * ldy + r] = s;
+    }
+}
+
+template <int MB>
+void rows512(const float* x, int64_t ldx, const uint16_t* w, int64_t K, int64_t n, int64_t nr, float* y,
+             int64_t ldy, int64_t pf) {
+  if (nr == 4) return block512<4, MB>(x, ldx, w + n * K, K, y + n, ldy, pf);
+  for (int64_t r = 0; r < nr; ++r) block512<1, MB>(x, ldx, w + (n + r) * K, K, y + n + r, ldy, pf);
+}
+#endif
+
 void scalar_rows(const float* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, int64_t n0, int64_t n1,
                  float* y, int64_t ldy) {
   for (int64_t n = n0; n < n1; ++n)
@@ -128,7 +192,23 @@ void scalar_rows(const float* x, int64_t ldx, int64_t M, const uint16_t* w, int6
 
 void rows(const float* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, int64_t n0, int64_t n1, float* y,
           int64_t ldy) {
-#ifdef KIMIVL_AVX2
+#if defined(KIMIVL_AVX512)
+  // x is split (split_pairs). Blocks of 4 weight rows, each against every block of up to 4 rows of x while it
+  // is in L1; the next weight block prefetched during the first.
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int64_t nr = std::min<int64_t>(4, n1 - n);
+    const int64_t ahead = n + 8 <= n1 ? 4 * K : 0;  // offset of the next full block, 0 = none
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t mb = std::min<int64_t>(4, M - m0), pf = m0 == 0 ? ahead : 0;
+      const float* xm = x + m0 * ldx;
+      float* ym = y + m0 * ldy;
+      if (mb == 1) rows512<1>(xm, ldx, w, K, n, nr, ym, ldy, pf);
+      else if (mb == 2) rows512<2>(xm, ldx, w, K, n, nr, ym, ldy, pf);
+      else if (mb == 3) rows512<3>(xm, ldx, w, K, n, nr, ym, ldy, pf);
+      else rows512<4>(xm, ldx, w, K, n, nr, ym, ldy, pf);
+    }
+  }
+#elif defined(KIMIVL_AVX2)
   // Blocks of 4 weight rows; every block of up to 4 activation rows runs against a weight block while it is
   // in L1, so the weights stream from memory once whatever M is (an expert's 2-8 tokens, a shared expert's 8).
   // While the first activation block runs, the next weight block is prefetched.
@@ -170,9 +250,33 @@ void rows(const float* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, 
 
 namespace {
 
-// Activations as float32 (M, K): a view of x when it is float32 already, else a converted copy.
+// In place: each row's blocks of 32 columns as their 16 even columns, then their 16 odd ones (the order rows()
+// reads x in with AVX-512); columns past the last full block stay. A no-op without AVX-512.
+void split_pairs(float* x, int64_t M, int64_t K) {
+#ifdef KIMIVL_AVX512
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const int64_t K32 = split_columns(K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K32; k += 32) {
+      float* p = x + m * K + k;
+      const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
+      _mm512_storeu_ps(p, _mm512_permutex2var_ps(a, even, b));
+      _mm512_storeu_ps(p + 16, _mm512_permutex2var_ps(a, odd, b));
+    }
+#else
+  (void)x, (void)M, (void)K;
+#endif
+}
+
+// Activations as float32 (M, K) in the order rows() reads them: a new tensor (never a view of x: split_pairs
+// reorders it in place).
 torch::Tensor as_float_rows(const torch::Tensor& x, int64_t K) {
-  return x.reshape({-1, K}).to(torch::kFloat32).contiguous();
+  auto rows = x.reshape({-1, K});
+  auto out = torch::empty(rows.sizes(), rows.options().dtype(torch::kFloat32));
+  out.copy_(rows);
+  split_pairs(out.data_ptr<float>(), out.size(0), K);
+  return out;
 }
 
 // v rounded to `dtype` and back (the rounding a PyTorch op in that dtype applies to its output).
@@ -319,6 +423,7 @@ torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, c
     float* gp = h[q].data_ptr<float>();
     const float* upp = gp + M * I;
     for (int64_t i = 0; i < M * I; ++i) gp[i] = gp[i] / (1.f + std::exp(-gp[i])) * upp[i];  // silu(gate) * up
+    split_pairs(gp, M, I);  // the down projection's x
     second.push_back({gp, M, I, D, bf16_ptr(down[q]), y[q].data_ptr<float>()});
   }
   run_segments(second);
