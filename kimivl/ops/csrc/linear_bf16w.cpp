@@ -173,10 +173,42 @@ void block512(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* 
 }
 
 template <int MB>
-void rows512(const float* x, int64_t ldx, const uint16_t* w, int64_t K, int64_t n, int64_t nr, float* y,
-             int64_t ldy, int64_t pf) {
-  if (nr == 4) return block512<4, MB>(x, ldx, w + n * K, K, y + n, ldy, pf);
-  for (int64_t r = 0; r < nr; ++r) block512<1, MB>(x, ldx, w + (n + r) * K, K, y + n + r, ldy, pf);
+void rows512(const float* x, int64_t ldx, const uint16_t* w, int64_t K, int64_t nr, float* y, int64_t ldy,
+             int64_t pf) {
+  if (nr == 4) return block512<4, MB>(x, ldx, w, K, y, ldy, pf);
+  for (int64_t r = 0; r < nr; ++r) block512<1, MB>(x, ldx, w + r * K, K, y + r, ldy, pf);
+}
+
+// nr <= 4 weight rows from w against mb <= 4 rows of (split) x, into y's columns from y.
+void tile(const float* x, int64_t ldx, int64_t mb, const uint16_t* w, int64_t K, int64_t nr, float* y, int64_t ldy,
+          int64_t pf) {
+  if (mb == 1) rows512<1>(x, ldx, w, K, nr, y, ldy, pf);
+  else if (mb == 2) rows512<2>(x, ldx, w, K, nr, y, ldy, pf);
+  else if (mb == 3) rows512<3>(x, ldx, w, K, nr, y, ldy, pf);
+  else rows512<4>(x, ldx, w, K, nr, y, ldy, pf);
+}
+#elif defined(KIMIVL_AVX2)
+void tile(const float* x, int64_t ldx, int64_t mb, const uint16_t* w, int64_t K, int64_t nr, float* y, int64_t ldy,
+          int64_t pf) {
+  if (mb == 1 && nr == 4) {
+    block<4, 1>(x, ldx, w, K, y, ldy, pf);
+  } else if (mb == 2) {
+    int64_t r = 0;
+    for (; r + 2 <= nr; r += 2) block<2, 2>(x, ldx, w + r * K, K, y + r, ldy, pf);
+    for (; r < nr; ++r) block<1, 2>(x, ldx, w + r * K, K, y + r, ldy, pf);
+  } else if (mb == 1) {
+    for (int64_t r = 0; r < nr; ++r) block<1, 1>(x, ldx, w + r * K, K, y + r, ldy, pf);
+  } else {
+    int64_t r = 0;
+    for (; r + 2 <= nr; r += 2) {
+      if (mb == 3) block8<2, 3>(x, ldx, w + r * K, K, y + r, ldy, pf);
+      else block8<2, 4>(x, ldx, w + r * K, K, y + r, ldy, pf);
+    }
+    for (; r < nr; ++r) {
+      if (mb == 3) block8<1, 3>(x, ldx, w + r * K, K, y + r, ldy, pf);
+      else block8<1, 4>(x, ldx, w + r * K, K, y + r, ldy, pf);
+    }
+  }
 }
 #endif
 
@@ -192,54 +224,16 @@ void scalar_rows(const float* x, int64_t ldx, int64_t M, const uint16_t* w, int6
 
 void rows(const float* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, int64_t n0, int64_t n1, float* y,
           int64_t ldy) {
-#if defined(KIMIVL_AVX512)
-  // x is split (split_pairs). Blocks of 4 weight rows, each against every block of up to 4 rows of x while it
-  // is in L1; the next weight block prefetched during the first.
-  for (int64_t n = n0; n < n1; n += 4) {
-    const int64_t nr = std::min<int64_t>(4, n1 - n);
-    const int64_t ahead = n + 8 <= n1 ? 4 * K : 0;  // offset of the next full block, 0 = none
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t mb = std::min<int64_t>(4, M - m0), pf = m0 == 0 ? ahead : 0;
-      const float* xm = x + m0 * ldx;
-      float* ym = y + m0 * ldy;
-      if (mb == 1) rows512<1>(xm, ldx, w, K, n, nr, ym, ldy, pf);
-      else if (mb == 2) rows512<2>(xm, ldx, w, K, n, nr, ym, ldy, pf);
-      else if (mb == 3) rows512<3>(xm, ldx, w, K, n, nr, ym, ldy, pf);
-      else rows512<4>(xm, ldx, w, K, n, nr, ym, ldy, pf);
-    }
-  }
-#elif defined(KIMIVL_AVX2)
+#ifdef KIMIVL_AVX2
   // Blocks of 4 weight rows; every block of up to 4 activation rows runs against a weight block while it is
   // in L1, so the weights stream from memory once whatever M is (an expert's 2-8 tokens, a shared expert's 8).
   // While the first activation block runs, the next weight block is prefetched.
   for (int64_t n = n0; n < n1; n += 4) {
     const int64_t nr = std::min<int64_t>(4, n1 - n);
     const int64_t ahead = n + 8 <= n1 ? 4 * K : 0;  // offset of the next full block, 0 = none
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t mb = std::min<int64_t>(4, M - m0), pf = m0 == 0 ? ahead : 0;
-      const float* xm = x + m0 * ldx;
-      float* ym = y + m0 * ldy + n;
-      const uint16_t* wn = w + n * K;
-      if (mb == 1 && nr == 4) {
-        block<4, 1>(xm, ldx, wn, K, ym, ldy, pf);
-      } else if (mb == 2) {
-        int64_t r = 0;
-        for (; r + 2 <= nr; r += 2) block<2, 2>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
-        for (; r < nr; ++r) block<1, 2>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
-      } else if (mb == 1) {
-        for (int64_t r = 0; r < nr; ++r) block<1, 1>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
-      } else {
-        int64_t r = 0;
-        for (; r + 2 <= nr; r += 2) {
-          if (mb == 3) block8<2, 3>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
-          else block8<2, 4>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
-        }
-        for (; r < nr; ++r) {
-          if (mb == 3) block8<1, 3>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
-          else block8<1, 4>(xm, ldx, wn + r * K, K, ym + r, ldy, pf);
-        }
-      }
-    }
+    for (int64_t m0 = 0; m0 < M; m0 += 4)
+      tile(x + m0 * ldx, ldx, std::min<int64_t>(4, M - m0), w + n * K, K, nr, y + m0 * ldy + n, ldy,
+           m0 == 0 ? ahead : 0);
   }
 #else
   scalar_rows(x, ldx, M, w, K, n0, n1, y, ldy);
