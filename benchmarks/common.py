@@ -116,9 +116,14 @@ def machine_info(threads: int) -> dict[str, Any]:
         pass
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    from kimivl.ops import cpu_kernels
+
     return {"cpu": model, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags}
+            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags,
+            # which forms kimivl's bf16 kernels take here: vdpbf16ps for the MLA decode step and (backend auto) the
+            # vision attention where True, float32 FMAs / torch's SDPA otherwise (docs/performance.md)
+            "kimivl_vdpbf16_preferred": cpu_kernels.vdpbf16_preferred()}
 
 
 # ------------------------------------------------------------------------------------------ machine limits
