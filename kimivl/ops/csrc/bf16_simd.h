@@ -55,11 +55,7 @@ inline void dot_block(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v)
       acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * nt + 16 * v) : _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    if ((p & 15) == 0 && p + 128 < pairs)  // each row's line 8 lines ahead: MR rows on as many pages are MR
-                                             // streams, which the hardware prefetcher does not follow
-#pragma GCC unroll 32
-      for (int r = 0; r < MR; ++r) _mm_prefetch(reinterpret_cast<const char*>(a + r * lda + 2 * p + 256), _MM_HINT_T0);
+  auto step = [&](int64_t p) {
     __m512bh bv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + p * nt + 16 * v);
@@ -71,7 +67,18 @@ inline void dot_block(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
     }
+  };
+  int64_t p = 0;
+  for (; p + 16 <= pairs; p += 16) {
+    if (p + 128 < pairs)  // each row's line 8 lines ahead: MR rows on as many pages are MR streams, which the
+                          // hardware prefetcher does not follow
+#pragma GCC unroll 32
+      for (int r = 0; r < MR; ++r) _mm_prefetch(reinterpret_cast<const char*>(a + r * lda + 2 * p + 256), _MM_HINT_T0);
+    // unrolled: the MR row pointers advance once per 4 steps (fixed offsets in between), not once per step
+#pragma GCC unroll 4
+    for (int64_t q = p; q < p + 16; ++q) step(q);
   }
+  for (; p < pairs; ++p) step(p);
 #pragma GCC unroll 32
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
