@@ -36,6 +36,8 @@ constexpr int64_t kMaxDim = 128;
 namespace {
 
 using kimivl_simd::dot_block;
+using kimivl_simd::first_lanes;
+using kimivl_simd::pair_bcast;
 using kimivl_simd::exp2_nonpositive_ps;
 
 constexpr int64_t KB = 64;   // keys per packed k block: 4 score vectors
@@ -52,16 +54,6 @@ struct Scratch {
   std::vector<float> s, o, m, l;
   std::vector<uint16_t> p, zero;
 };
-
-inline __mmask16 head_mask(int64_t n) {  // the first min(n, 16) lanes
-  return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1);
-}
-
-inline __m512bh pair_bcast(const uint16_t* at) {  // two adjacent bf16 in every 32-bit lane
-  uint32_t bits;
-  std::memcpy(&bits, at, sizeof(bits));
-  return (__m512bh)_mm512_set1_epi32(static_cast<int>(bits));
-}
 
 // s[r][0..64) = q_r . k_j for 6 query rows (zero rows past the segment) and one packed block of 64 keys, of which
 // the first `valid` are keys of the segment; rowmax[r] = lane-wise max of itself and the valid scores.
@@ -85,7 +77,7 @@ inline void score_block(const uint16_t* const* q, const uint32_t* kb, int64_t pa
       acc[r][3] = _mm512_dpbf16_ps(acc[r][3], qb, k3);
     }
   }
-  const __mmask16 m2 = head_mask(valid - 32), m3 = head_mask(valid - 48);
+  const __mmask16 m2 = first_lanes(valid - 32), m3 = first_lanes(valid - 48);
 #pragma GCC unroll 6
   for (int r = 0; r < RQ; ++r) {
 #pragma GCC unroll 4
@@ -94,8 +86,8 @@ inline void score_block(const uint16_t* const* q, const uint32_t* kb, int64_t pa
       rowmax[r] = _mm512_max_ps(rowmax[r], _mm512_max_ps(_mm512_max_ps(acc[r][0], acc[r][1]),
                                                          _mm512_max_ps(acc[r][2], acc[r][3])));
     } else {  // the segment's last block: keys past its end (zero scores) must not raise the max
-      __m512 m = _mm512_mask_max_ps(rowmax[r], head_mask(valid), rowmax[r], acc[r][0]);
-      m = _mm512_mask_max_ps(m, head_mask(valid - 16), m, acc[r][1]);
+      __m512 m = _mm512_mask_max_ps(rowmax[r], first_lanes(valid), rowmax[r], acc[r][0]);
+      m = _mm512_mask_max_ps(m, first_lanes(valid - 16), m, acc[r][1]);
       m = _mm512_mask_max_ps(m, m2, m, acc[r][2]);
       rowmax[r] = _mm512_mask_max_ps(m, m3, m, acc[r][3]);
     }
@@ -183,7 +175,7 @@ void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t sq,
         __m512 vsum = _mm512_setzero_ps();
         uint16_t* pr = w.p.data() + r * KC;
         for (int64_t j = 0; j < keys; j += 16) {
-          const __mmask16 mk = head_mask(keys - j);
+          const __mmask16 mk = first_lanes(keys - j);
           const __m512 e =
               _mm512_maskz_mov_ps(mk, exp2_nonpositive_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vscale, vm)));
           vsum = _mm512_add_ps(vsum, e);
@@ -201,7 +193,7 @@ void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t sq,
       const __m512 il = _mm512_set1_ps(1.0f / w.l[r]);
       uint16_t* dst = out + (q0 + r) * so;
       for (int64_t d = 0; d < D; d += 16) {
-        const __mmask16 mk = head_mask(D - d);
+        const __mmask16 mk = first_lanes(D - d);
         const __m512 val = _mm512_mul_ps(_mm512_loadu_ps(w.o.data() + r * dv + d), il);
         _mm256_mask_storeu_epi16(dst + d, mk, (__m256i)_mm512_cvtneps_pbh(val));
       }

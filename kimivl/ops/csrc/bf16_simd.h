@@ -41,6 +41,18 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// Two adjacent bf16 (a pair for vdpbf16ps) in every 32-bit lane.
+inline __m512bh pair_bcast(const uint16_t* at) {
+  uint32_t bits;
+  std::memcpy(&bits, at, sizeof(bits));
+  return (__m512bh)_mm512_set1_epi32(static_cast<int>(bits));
+}
+
+// The first min(n, 16) lanes (none for n <= 0).
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n > 0 ? n : 0)) - 1);
+}
+
 // c (MR, 16 * NV) float32 (+)= a (MR rows of a bf16 matrix, stride lda) @ b (pairs of rows, nt wide: b[p][j] holds
 // the two bf16 of rows 2p and 2p + 1 of column j), c's rows at stride nt: vdpbf16ps with a pair of a row of `a`
 // broadcast against NV vectors of b. The weights of experts_bf16.cpp (a = weight rows) and the probabilities of
@@ -61,9 +73,7 @@ inline void dot_block(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t
     for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + p * nt + 16 * v);
 #pragma GCC unroll 32
     for (int r = 0; r < MR; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, a + r * lda + 2 * p, sizeof(pair));
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      const __m512bh av = pair_bcast(a + r * lda + 2 * p);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
     }

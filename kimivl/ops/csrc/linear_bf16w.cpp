@@ -132,14 +132,14 @@ inline int64_t split_columns(int64_t K) { return K & ~int64_t(31); }
 
 template <int R, int MB>
 void block512(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y, int64_t ldy, int64_t pf) {
-  constexpr bool kTwo = R * MB < 8;  // too few accumulators for the FMA latency: even and odd ones apart
-  __m512 acc[R][MB][kTwo ? 2 : 1];
+  constexpr int kOdd = R * MB < 8 ? 1 : 0;  // too few accumulators for the FMA latency: odd ones apart
+  __m512 acc[R][MB][kOdd + 1];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 2
-      for (int e = 0; e < (kTwo ? 2 : 1); ++e) acc[r][m][e] = _mm512_setzero_ps();
+      for (int e = 0; e <= kOdd; ++e) acc[r][m][e] = _mm512_setzero_ps();
   const __m512i odd_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   const int64_t K32 = split_columns(K);
   for (int64_t k = 0; k < K32; k += 32) {  // 32 bf16 = one 64-byte line per row
@@ -158,7 +158,7 @@ void block512(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* 
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         acc[r][m][0] = _mm512_fmadd_ps(we[r], xe, acc[r][m][0]);
-        acc[r][m][kTwo ? 1 : 0] = _mm512_fmadd_ps(wo[r], xo, acc[r][m][kTwo ? 1 : 0]);
+        acc[r][m][kOdd] = _mm512_fmadd_ps(wo[r], xo, acc[r][m][kOdd]);
       }
     }
   }
@@ -166,7 +166,7 @@ void block512(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* 
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int m = 0; m < MB; ++m) {
-      float s = _mm512_reduce_add_ps(kTwo ? _mm512_add_ps(acc[r][m][0], acc[r][m][kTwo ? 1 : 0]) : acc[r][m][0]);
+      float s = _mm512_reduce_add_ps(kOdd ? _mm512_add_ps(acc[r][m][0], acc[r][m][kOdd]) : acc[r][m][0]);
       for (int64_t kk = K32; kk < K; ++kk) s += bf16_to_float(w[r * K + kk]) * x[m * ldx + kk];
       y[m * ldy + r] = s;
     }
@@ -263,14 +263,18 @@ void split_pairs(float* x, int64_t M, int64_t K) {
 #endif
 }
 
-// Activations as float32 (M, K) in the order rows() reads them: a new tensor (never a view of x: split_pairs
-// reorders it in place).
+// Activations as float32 (M, K) in the order rows() reads them. With AVX-512 a new tensor (never a view of x:
+// split_pairs reorders it in place); without, a view of x when it is float32 and contiguous already.
 torch::Tensor as_float_rows(const torch::Tensor& x, int64_t K) {
   auto rows = x.reshape({-1, K});
+#ifdef KIMIVL_AVX512
   auto out = torch::empty(rows.sizes(), rows.options().dtype(torch::kFloat32));
   out.copy_(rows);
   split_pairs(out.data_ptr<float>(), out.size(0), K);
   return out;
+#else
+  return rows.to(torch::kFloat32).contiguous();
+#endif
 }
 
 // v rounded to `dtype` and back (the rounding a PyTorch op in that dtype applies to its output).

@@ -277,12 +277,8 @@ void weighted_sum(const float* p, int64_t H, const float* rows, int64_t n, int64
 namespace dot {
 
 using kimivl_simd::exp_ps;
-
-inline __m512bh pair_bcast(const uint16_t* at) {  // two adjacent bf16 in every 32-bit lane
-  uint32_t bits;
-  std::memcpy(&bits, at, sizeof(bits));
-  return (__m512bh)_mm512_set1_epi32(static_cast<int>(bits));
-}
+using kimivl_simd::first_lanes;
+using kimivl_simd::pair_bcast;
 
 // S[i * H + h0 + l] = q[h0 + l] . row i for ROWS rows at stride ld and the heads h0 + l of `lanes` (up to 16);
 // qp holds q as (pairs, H) pairs of bf16. One accumulator per row (a lane per head), a pair of the row broadcast.
@@ -301,10 +297,6 @@ inline void scores(const uint32_t* qp, int64_t H, int64_t h0, __mmask16 lanes, c
   for (int i = 0; i < ROWS; ++i) _mm512_mask_storeu_ps(S + i * H + h0, lanes, a[i]);
 }
 
-inline __mmask16 lanes_from(int64_t h0, int64_t H) {  // heads h0 .. min(h0 + 16, H)
-  return H - h0 >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (H - h0)) - 1);
-}
-
 // Two float32 vectors rounded to bf16 and interleaved: lane l = lo[l] | hi[l] << 16 (a pair for vdpbf16ps).
 inline __m512i pack_pair(__m512 lo, __m512 hi) {
   const __m512i a = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
@@ -317,7 +309,7 @@ inline __m512i pack_pair(__m512 lo, __m512 hi) {
 inline void softmax_pairs(const float* S, int64_t n, int64_t H, float* m, float* l, uint32_t* P) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), zero = _mm512_setzero_ps();
   for (int64_t h0 = 0; h0 < H; h0 += 16) {
-    const __mmask16 lanes = lanes_from(h0, H);
+    const __mmask16 lanes = first_lanes(H - h0);
     __m512 mx = ninf;
     for (int64_t t = 0; t < n; ++t) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, lanes, S + t * H + h0));
     _mm512_mask_storeu_ps(m + h0, lanes, mx);
@@ -392,7 +384,7 @@ inline void chunk(const uint32_t* qp, int64_t H, const uint16_t* rows, int64_t l
   float* S = w.S.data();
   const int64_t pairs = D / 2;
   for (int64_t h0 = 0; h0 < H; h0 += 16) {
-    const __mmask16 lanes = lanes_from(h0, H);
+    const __mmask16 lanes = first_lanes(H - h0);
     int64_t t = 0;
     for (; t + 12 <= n; t += 12) scores<12>(qp, H, h0, lanes, rows + t * ld, ld, pairs, S + t * H);
     for (; t + 4 <= n; t += 4) scores<4>(qp, H, h0, lanes, rows + t * ld, ld, pairs, S + t * H);
@@ -566,7 +558,7 @@ torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const 
     for (int64_t b = 0; b < B; ++b)
       for (int64_t p = 0; p < D / 2; ++p)
         for (int64_t h0 = 0; h0 < H; h0 += 16) {
-          const __mmask16 lanes = dot::lanes_from(h0, H);
+          const __mmask16 lanes = kimivl_simd::first_lanes(H - h0);
           const float* q0 = qt.data() + (b * D + 2 * p) * H + h0;
           _mm512_mask_storeu_epi32(qpair.data() + (b * D / 2 + p) * H + h0, lanes,
                                    dot::pack_pair(_mm512_maskz_loadu_ps(lanes, q0), _mm512_maskz_loadu_ps(lanes, q0 + H)));
