@@ -7,7 +7,8 @@ tokenize=True, return_dict=True, return_tensors="pt")`` then ``model.generate(**
 * ``demo``: the shipped demo model (``kimivl.DEMO_MODEL``, float32, 3 M parameters) on
   ``kimivl/assets/examples/shape.png`` with "What color is the shape?";
 * ``slice``: the synthetic real-width slice (``benchmarks/slice.py``: released layer shapes, reduced depth,
-  random weights) on a 448x448 image (1024 patches -> 256 image tokens) with a short question.
+  random weights), or the official-layout checkpoint given as ``--checkpoint DIR``, on a 448x448 image (1024
+  patches -> 256 image tokens) with a short question (``--image`` / ``--question`` for others).
 
 Generation is greedy with ``max_new_tokens=--new-tokens`` and ``eos_token_id=[]`` so every run makes the same
 number of tokens. Per run, from one streamer that timestamps every step:
@@ -132,7 +133,8 @@ def measure(directory: Path, image: Path, question: str, dtype: str, new_tokens:
     result = {
         "checkpoint": str(directory.relative_to(REPO)) if directory.is_relative_to(REPO) else str(directory),
         "dtype": str(model.dtype).replace("torch.", ""), "parameters": model.num_parameters(),
-        "image": str(image.relative_to(REPO)), "question": question,
+        "image": str(image.resolve().relative_to(REPO)) if image.resolve().is_relative_to(REPO) else str(image),
+        "question": question,
         "prompt_tokens": int(inputs["input_ids"].shape[1]), "image_patches": int(inputs["pixel_values"].shape[0]),
         "load_s": round(load_s, 2), "answer": answer,
         **{k: round(v, 4 if k.endswith("_s") else 2) for k, v in med.items()},
@@ -192,7 +194,7 @@ def text_peer(embeds: torch.Tensor, directory: Path, dtype: torch.dtype, repeats
 
 
 def main(argv: list[str] | None = None) -> None:
-    from benchmarks.slice import write_slice
+    from benchmarks.slice import add_checkpoint_arguments, checkpoint_from_args
     from kimivl import DEMO_MODEL
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -201,12 +203,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", choices=["demo", "slice"], help="run one of the two models")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--text-layers", type=int, default=2, help="slice decoder depth")
-    p.add_argument("--vision-layers", type=int, default=4, help="slice MoonViT depth")
+    p.add_argument("--text-layers", type=int, default=None, help="decoder depth of the synthetic slice (2)")
+    p.add_argument("--vision-layers", type=int, default=None, help="MoonViT depth of the synthetic slice (4)")
+    p.add_argument("--image", type=Path, default=None, help="the slice's image (default: a 448x448 picture)")
+    p.add_argument("--question", default=SLICE_QUESTION, help="the slice's question")
+    add_checkpoint_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
+    if args.image is not None and not args.image.is_file():
+        p.error(f"--image {args.image}: no such file")
     if not args.no_peer and args.only != "demo":
         import transformers  # noqa: F401  (fail now, not after minutes of work, when the peer is missing)
     if args.threads:
@@ -217,9 +224,9 @@ def main(argv: list[str] | None = None) -> None:
         result["demo"] = measure(Path(DEMO_MODEL), DEMO_IMAGE, DEMO_QUESTION, args.dtype, args.new_tokens,
                                  args.repeats, meter)[0]
     if args.only in (None, "slice"):
-        directory = write_slice(text_layers=args.text_layers, vision_layers=args.vision_layers)
+        directory, _ = checkpoint_from_args(p, args, text_layers=args.text_layers, vision_layers=args.vision_layers)
         result["slice"], model, processor, conversation = measure(
-            directory, slice_image(), SLICE_QUESTION, args.dtype, args.new_tokens, args.repeats, meter)
+            directory, args.image or slice_image(), args.question, args.dtype, args.new_tokens, args.repeats, meter)
         if not args.no_peer:
             inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
                                                    return_dict=True, return_tensors="pt")

@@ -192,20 +192,22 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dtype", choices=["all", "bf16", "fp32", "auto"], default="all",
                    help="which load dtype to measure besides the default call (all: every case)")
-    p.add_argument("--text-layers", type=int, default=2, help="decoder depth of the slice (2: ~1.5 GB bf16)")
-    p.add_argument("--vision-layers", type=int, default=4)
+    p.add_argument("--text-layers", type=int, default=None,
+                   help="decoder depth of the synthetic slice (2: ~1.5 GB bf16)")
+    p.add_argument("--vision-layers", type=int, default=None, help="MoonViT depth of the synthetic slice (4)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
+    from benchmarks.slice import add_checkpoint_arguments, checkpoint_from_args, text_only_dir, weight_bytes
+
+    add_checkpoint_arguments(p)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, Path(args.dir))))
         return
 
-    from benchmarks.slice import text_only_dir, weight_bytes, write_slice
-
-    directory = write_slice(text_layers=args.text_layers, vision_layers=args.vision_layers)
+    directory, _ = checkpoint_from_args(p, args, text_layers=args.text_layers, vision_layers=args.vision_layers)
     cases = ["meta_build", "default"] + (["bf16", "fp32", "auto"] if args.dtype == "all" else [args.dtype])
     if not args.no_peer:
         text_only_dir(directory)
@@ -222,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     ours = [r["peak_through_first_use_ratio"] for c, r in results.items()
             if c != "transformers_bf16" and "error" not in r]
     emit({
-        "benchmark": "load_memory", "checkpoint": str(directory.relative_to(REPO)),
+        "benchmark": "load_memory",
+        "checkpoint": str(directory.relative_to(REPO)) if directory.is_relative_to(REPO) else str(directory),
         "checkpoint_bytes": weight_bytes(directory), "target_ratio": 1.1,
         "worst_ratio_kimivl": max(ours) if ours else None, "meta_build_mib": fixed, "cases": results,
         **meter.report(), "machine": machine_info(1),

@@ -4,9 +4,10 @@
     python -m benchmarks.bench_moe --dtype fp32 --tokens 1 8 64
 
 The layer is layer 1 of the real-width slice (:mod:`benchmarks.slice`: 64 routed experts of width 1408,
-top-6 ``noaux_tc`` sigmoid routing, 2 shared experts, hidden 2048), loaded through each library's own
-``from_pretrained`` (transformers stacks the experts into 3-D tensors on load). Both layers get the same
-hidden states; their outputs are compared before timing.
+top-6 ``noaux_tc`` sigmoid routing, 2 shared experts, hidden 2048), or the first MoE layer of the checkpoint
+given as ``--checkpoint DIR``, loaded through each library's own ``from_pretrained`` (transformers stacks the
+experts into 3-D tensors on load). Both layers get the same hidden states (standard normal, ``--seed``); their
+outputs are compared before timing.
 
 Roofline per call: ``max(bytes / bandwidth, flops / gemm_peak)`` with bytes = the weights actually touched
 (the distinct routed experts hit by the T tokens, the shared experts, the router) and flops = 2 x the
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import CpuMeter, compare, dtype_of, emit, machine_info, measure_bandwidth, measure_gemm
-from benchmarks.slice import slice_config, text_only_dir, write_slice
+from benchmarks.slice import add_checkpoint_arguments, checkpoint_from_args, moe_layer_indices, text_only_dir
 
 
 def roofline_seconds(cfg: dict[str, Any], experts_hit: int, tokens: int, dtype_bytes: int,
@@ -30,8 +31,9 @@ def roofline_seconds(cfg: dict[str, Any], experts_hit: int, tokens: int, dtype_b
     t = cfg["text_config"]
     h, f = t["hidden_size"], t["moe_intermediate_size"]
     expert = 3 * h * f
-    weights = (experts_hit + t["n_shared_experts"]) * expert + h * t["n_routed_experts"]
-    flops = 2.0 * tokens * (t["num_experts_per_tok"] + t["n_shared_experts"]) * expert
+    shared = t.get("n_shared_experts") or 0
+    weights = (experts_hit + shared) * expert + h * t["n_routed_experts"]
+    flops = 2.0 * tokens * (t["num_experts_per_tok"] + shared) * expert
     return weights * dtype_bytes / (bandwidth_gb_s * 1e9), flops / (gemm_gflop_s * 1e9)
 
 
@@ -43,34 +45,40 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--out", default=None)
+    add_checkpoint_arguments(parser)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     dtype = dtype_of(args.dtype)
-    directory = write_slice()
-    cfg = slice_config()
+    directory, cfg = checkpoint_from_args(parser, args)
+    moe_layers = moe_layer_indices(cfg["text_config"])
+    if not moe_layers:
+        parser.error(f"{directory}: no MoE layer among its {cfg['text_config']['num_hidden_layers']} decoder layers")
+    layer = moe_layers[0]
     meter = CpuMeter()
     bandwidth, gemm = measure_bandwidth(meter), measure_gemm(dtype, meter=meter)
 
     from kimivl import KimiVLForConditionalGeneration
 
-    ours = KimiVLForConditionalGeneration.from_pretrained(directory, dtype=dtype).language_model.model.layers[1].mlp
+    model = KimiVLForConditionalGeneration.from_pretrained(directory, dtype=dtype)
+    ours = model.language_model.model.layers[layer].mlp
     layers: dict[str, Any] = {"kimivl": ours.eval()}
     result: dict[str, Any] = {"benchmark": "moe_layer", "machine": machine_info(args.threads), "dtype": args.dtype,
+                              "checkpoint": str(directory), "layer": layer, "seed": args.seed,
                               "limits": {"read_bandwidth_gb_s": round(bandwidth, 1), "gemm_gflop_s": round(gemm, 1)}}
     if not args.no_transformers:
         try:
             import transformers
 
             hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(text_only_dir(directory)), dtype=dtype)
-            layers["transformers"] = hf.model.layers[1].mlp.eval()
+            layers["transformers"] = hf.model.layers[layer].mlp.eval()
             result["transformers"] = {"version": transformers.__version__,
                                       "experts_implementation": hf.config._experts_implementation}
         except ImportError as e:
             result["transformers"] = {"skipped": f"not importable: {e}"}
 
     rows = {}
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(args.seed)
     with torch.inference_mode():
         for n in args.tokens:
             x = torch.randn(1, n, cfg["text_config"]["hidden_size"], generator=g).to(dtype)

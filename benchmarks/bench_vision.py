@@ -5,8 +5,9 @@
 
 Every implementation reads the same weights (the synthetic real-width slice of :mod:`benchmarks.slice`:
 hidden 1152, 16 heads x 72, MLP 4304, 64x64 position table, ``--layers`` encoder layers, the released
-projector 4608 -> 4608 -> 2048) and encodes the same mixed batch of 6 images, 28x28 to 896x896 pixels,
-preprocessed by kimivl's image processor (the real patch packing, 6,660 patches). Implementations, timed
+projector 4608 -> 4608 -> 2048; or the official-layout checkpoint given as ``--checkpoint DIR``) and encodes
+the same mixed batch of 6 images (``--seed``), 28x28 to 896x896 pixels, preprocessed by kimivl's image
+processor (the real patch packing, 6,660 patches). Implementations, timed
 alternately in one invocation (:func:`benchmarks.common.compare`), medians of ``--repeats``:
 
 * ``kimivl``: our tower + projector with ``--attn-backend`` (default ``auto``: for bf16 on a CPU with AVX512-BF16
@@ -49,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import CACHE, REPO, CpuMeter, compare, dtype_of, emit, machine_info, measure_gemm, ratios
-from benchmarks.slice import write_slice
+from benchmarks.slice import add_checkpoint_arguments, checkpoint_from_args
 from kimivl.ops import cpu_kernels
 from kimivl.ops.attention import BACKENDS, resolve_backend, varlen_attention
 
@@ -294,8 +295,8 @@ def open_moonvit_peer(official: dict[str, torch.Tensor], config: Any, text_hidde
                              images, dtype, threads)
 
 
-def llamacpp_peer(directory: Path, sizes: Sequence[tuple[int, int]], dtype: str, threads: int, repeats: int,
-                  meter: CpuMeter) -> dict[str, Any]:
+def llamacpp_peer(directory: Path, sizes: Sequence[tuple[int, int]], seed: int, dtype: str, threads: int,
+                  repeats: int, meter: CpuMeter) -> dict[str, Any]:
     """llama-mtmd-cli on each image of the mixed batch; patches/s = its patches / its encode time, summed."""
     from benchmarks.peers import llamacpp
 
@@ -305,8 +306,8 @@ def llamacpp_peer(directory: Path, sizes: Sequence[tuple[int, int]], dtype: str,
     image_dir = CACHE / "vision-images"
     image_dir.mkdir(parents=True, exist_ok=True)
     per_image = []
-    for (width, height), image in zip(sizes, synthetic_images(sizes)):
-        path = image_dir / f"mixed-{width}x{height}.png"
+    for (width, height), image in zip(sizes, synthetic_images(sizes, seed)):
+        path = image_dir / (f"mixed-{width}x{height}.png" if seed == 0 else f"mixed-{width}x{height}-seed{seed}.png")
         image.save(path)
         result: dict[str, Any] = {}
         meter.timed(lambda: result.update(llamacpp.bench_vision(mmproj, gguf, path, threads=threads,
@@ -326,7 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    parser.add_argument("--layers", type=int, default=4, help="encoder layers of the slice (released: 27)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="encoder layers of the synthetic slice (4; released: 27)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
@@ -341,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-dense", action="store_true", help="skip the dense-mask path (slow)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory sweep")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    add_checkpoint_arguments(parser)
     args = parser.parse_args(argv)
     if args.memory_probe:
         print(json.dumps(memory_probe(json.loads(args.memory_probe))))
@@ -349,18 +352,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     dtype = dtype_of(args.dtype)
     meter = ProcessTreeMeter()
-    directory = write_slice(vision_layers=args.layers)
+    directory, _ = checkpoint_from_args(parser, args, {"vision_layers": "--layers"}, vision_layers=args.layers)
     tower, projector, official = load_vision(directory, dtype)
     config = tower.config
     text_hidden = projector.linear_2.out_features
     sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.sizes]
-    pixel_values, grid = preprocess(directory, synthetic_images(sizes))
+    pixel_values, grid = preprocess(directory, synthetic_images(sizes, args.seed))
     patches = int(pixel_values.shape[0])
     flops = vision_flops(grid, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
                          config.patch_size, text_hidden)
     result: dict[str, Any] = {
-        "benchmark": "vision", "machine": machine_info(args.threads), "dtype": args.dtype, "layers": args.layers,
-        "checkpoint": directory.name,
+        "benchmark": "vision", "machine": machine_info(args.threads), "dtype": args.dtype,
+        "layers": config.num_hidden_layers, "checkpoint": str(directory), "seed": args.seed,
         "batch": {"images_px_wh": [list(s) for s in sizes], "grids_hw": grid.tolist(), "patches": patches,
                   "merged_tokens": patches // 4},
         "useful_gflop": {"linear": round(flops["linear"] / 1e9, 1), "attention": round(flops["attention"] / 1e9, 1)},
@@ -388,7 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             tower.attn_backend = backend
 
     runs: dict[str, Callable[[], Any]] = {"kimivl": run(lambda: projector(tower(pixel_values, grid)))}
-    log(f"{patches} patches, {args.layers} layers, {args.dtype}, attention {backend}: warm-up and output checks")
+    log(f"{patches} patches, {config.num_hidden_layers} layers, {args.dtype}, attention {backend}: "
+        "warm-up and output checks")
     reference = runs["kimivl"]()  # also the warm-up
     checks: dict[str, Any] = {}
     if backend != "sdpa":  # the same tower on torch's attention: what the backend itself gains
@@ -433,7 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_llamacpp:
         log("llama.cpp")
         try:
-            peers["llamacpp"] = llamacpp_peer(directory, sizes, args.dtype, args.threads, args.repeats, meter)
+            peers["llamacpp"] = llamacpp_peer(directory, sizes, args.seed, args.dtype, args.threads, args.repeats,
+                                              meter)
             rates["llamacpp"] = peers["llamacpp"]["patches_per_s"]
         except Exception as e:  # optional peer (not built, conversion failed, ...): reported, never fatal
             peers["llamacpp"] = {"skipped": f"{type(e).__name__}: {e}"}

@@ -52,6 +52,7 @@ from typing import Any
 
 from benchmarks.common import CACHE, REPO
 from benchmarks.peers import PeerUnavailable
+from benchmarks.slice import derived_name, is_fresh
 
 log = logging.getLogger("benchmarks.peers.llamacpp")
 
@@ -71,7 +72,8 @@ def _run(cmd: Sequence[str | os.PathLike[str]], what: str, log_to: Path | None =
     ``log_to`` keeps the whole output (stdout, then stderr) for a look afterwards."""
     log.info("%s: %s", what, shlex.join(map(str, cmd)))
     try:
-        proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+        proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, errors="replace",
+                              **kwargs)  # a random model prints arbitrary bytes
     except OSError as e:
         raise PeerUnavailable(f"llama.cpp: {what} could not start ({e})") from e
     if log_to is not None:
@@ -233,14 +235,6 @@ def _gguf_dir(build_dir: Path) -> Path:
     return Path(build_dir) / "gguf"
 
 
-def _is_fresh(out: Path, checkpoint_dir: Path) -> bool:
-    """``out`` exists and is newer than every file of the checkpoint (a rewritten checkpoint reconverts)."""
-    if not out.is_file():
-        return False
-    newest = max((f.stat().st_mtime for f in checkpoint_dir.iterdir() if f.is_file()), default=0.0)
-    return out.stat().st_mtime >= newest
-
-
 def _convert(checkpoint_dir: Path, out: Path, outtype: str, mmproj: bool, build_dir: Path) -> Path:
     checkpoint_dir = Path(checkpoint_dir).resolve()
     if not (checkpoint_dir / "config.json").is_file():
@@ -249,7 +243,7 @@ def _convert(checkpoint_dir: Path, out: Path, outtype: str, mmproj: bool, build_
         raise ValueError(f"outtype must be one of {OUTTYPES}, got {outtype!r}")
     if mmproj and not (checkpoint_dir / "preprocessor_config.json").is_file():
         raise PeerUnavailable(f"llama.cpp: --mmproj needs {checkpoint_dir}/preprocessor_config.json")
-    if _is_fresh(out, checkpoint_dir):
+    if is_fresh(out, checkpoint_dir):
         return out
     src = source_dir(build_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -272,16 +266,16 @@ def _convert(checkpoint_dir: Path, out: Path, outtype: str, mmproj: bool, build_
 
 
 def convert_text(checkpoint_dir: Path, outtype: str = "bf16", build_dir: Path = CACHE / "llama.cpp") -> Path:
-    """The language model of ``checkpoint_dir`` as a GGUF (converted once, cached by checkpoint name + outtype)."""
+    """The language model of ``checkpoint_dir`` as a GGUF (converted once, cached by checkpoint + outtype)."""
     checkpoint_dir = Path(checkpoint_dir)
-    return _convert(checkpoint_dir, _gguf_dir(build_dir) / f"{checkpoint_dir.name}-{outtype}.gguf", outtype,
+    return _convert(checkpoint_dir, _gguf_dir(build_dir) / f"{derived_name(checkpoint_dir)}-{outtype}.gguf", outtype,
                     mmproj=False, build_dir=build_dir)
 
 
 def convert_mmproj(checkpoint_dir: Path, outtype: str = "f16", build_dir: Path = CACHE / "llama.cpp") -> Path:
     """The vision tower + projector of ``checkpoint_dir`` as an mtmd ``mmproj`` GGUF (converted once)."""
     checkpoint_dir = Path(checkpoint_dir)
-    return _convert(checkpoint_dir, _gguf_dir(build_dir) / f"mmproj-{checkpoint_dir.name}-{outtype}.gguf",
+    return _convert(checkpoint_dir, _gguf_dir(build_dir) / f"mmproj-{derived_name(checkpoint_dir)}-{outtype}.gguf",
                     outtype, mmproj=True, build_dir=build_dir)
 
 
