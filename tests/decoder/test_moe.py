@@ -344,8 +344,9 @@ def _stack(moe: DeepseekV3MoE) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # (64, 32): AMX tiles apply; (48, 20): hidden 48 leaves a 16-column tail of the 16-token vectors' gather and
-# an expert width that is not a multiple of 32 (the vdpbf16ps kernel only)
-@pytest.mark.parametrize("hidden,inter", [(64, 32), (48, 20), (96, 64)])
+# an expert width that is not a multiple of 32 (the vdpbf16ps kernel only); (2080, 32): the gate / up products
+# in two K blocks of the vdpbf16ps kernel (2048 + 32 columns)
+@pytest.mark.parametrize("hidden,inter", [(64, 32), (48, 20), (96, 64), (2080, 32)])
 @pytest.mark.parametrize("tokens", [1, 17, 40, 150])
 def test_grouped_cpu_moe_matches_the_module_path(cpu_ext, monkeypatch, hidden: int, inter: int, tokens: int) -> None:
     isas = _isas(cpu_ext)

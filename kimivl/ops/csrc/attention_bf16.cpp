@@ -95,7 +95,7 @@ inline void score_block(const uint16_t* const* q, const uint32_t* kb, int64_t pa
 }
 
 // O (+)= P v for a group of rows: kimivl_simd::dot_block with a = rows of P (stride KC), b = v as pairs of keys.
-using ValueFn = void (*)(const uint16_t*, int64_t, const uint32_t*, int64_t, int64_t, float*, bool);
+using ValueFn = void (*)(const uint16_t*, int64_t, const uint32_t*, int64_t, int64_t, float*, bool, const uint16_t*);
 
 struct ValueKernel {
   ValueFn fn;
@@ -187,7 +187,7 @@ void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t sq,
       const uint32_t* vb = w.vp.data() + (c0 / 2) * dv;
       const int64_t key_pairs = (keys + 1) / 2;
       for (int64_t r = 0; r < value_rows; r += vk.rows)
-        vk.fn(w.p.data() + r * KC, KC, vb, dv, key_pairs, w.o.data() + r * dv, true);
+        vk.fn(w.p.data() + r * KC, KC, vb, dv, key_pairs, w.o.data() + r * dv, true, nullptr);
     }
     for (int64_t r = 0; r < rows; ++r) {
       const __m512 il = _mm512_set1_ps(1.0f / w.l[r]);

@@ -56,10 +56,11 @@ inline __mmask16 first_lanes(int64_t n) {
 // c (MR, 16 * NV) float32 (+)= a (MR rows of a bf16 matrix, stride lda) @ b (pairs of rows, nt wide: b[p][j] holds
 // the two bf16 of rows 2p and 2p + 1 of column j), c's rows at stride nt: vdpbf16ps with a pair of a row of `a`
 // broadcast against NV vectors of b. The weights of experts_bf16.cpp (a = weight rows) and the probabilities of
-// attention_bf16.cpp (a = rows of P, b = v as pairs of keys) go through it.
+// attention_bf16.cpp (a = rows of P, b = v as pairs of keys) go through it. `next`, when given, is where the
+// caller's next block of MR rows (same stride) starts: the last 8 lines' prefetches fetch its first lines instead.
 template <int MR, int NV>
 inline void dot_block(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t nt, int64_t pairs, float* c,
-                  bool accumulate) {
+                  bool accumulate, const uint16_t* next = nullptr) {
   // every loop over r and v unrolled: the accumulators must live in registers, not on the stack
   __m512 acc[MR][NV];
 #pragma GCC unroll 32
@@ -80,10 +81,15 @@ inline void dot_block(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t
   };
   int64_t p = 0;
   for (; p + 16 <= pairs; p += 16) {
-    if (p + 128 < pairs)  // each row's line 8 lines ahead: MR rows on as many pages are MR streams, which the
-                          // hardware prefetcher does not follow
+    if (p + 128 < pairs) {  // each row's line 8 lines ahead: MR rows on as many pages are MR streams, which the
+                            // hardware prefetcher does not follow
 #pragma GCC unroll 32
       for (int r = 0; r < MR; ++r) _mm_prefetch(reinterpret_cast<const char*>(a + r * lda + 2 * p + 256), _MM_HINT_T0);
+    } else if (next != nullptr) {  // else each block would start on MR cold rows (8 lines each on demand)
+#pragma GCC unroll 32
+      for (int r = 0; r < MR; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(next + r * lda + 2 * (p - pairs) + 256), _MM_HINT_T0);
+    }
     // unrolled: the MR row pointers advance once per 4 steps (fixed offsets in between), not once per step
 #pragma GCC unroll 4
     for (int64_t q = p; q < p + 16; ++q) step(q);

@@ -13,7 +13,7 @@
 // flushes denormals).
 // Experts are split between threads whole (longest first onto the least loaded thread), so no thread waits for
 // another inside the layer and each streams its own experts' weights, with software prefetch: 16 or 24 weight
-// rows at once are 16-24 concurrent streams on as many pages, which the hardware prefetcher does not follow.
+// rows at once are 6-12 concurrent streams on as many pages, which the hardware prefetcher does not follow.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -36,7 +36,10 @@ using kimivl_simd::amx_permitted;
 using kimivl_simd::TileConfig;
 #endif
 
-constexpr int64_t KC = 1024;  // K block (elements): a 64-token panel of packed x is 128 KB, L2-resident
+// K block (elements): the real widths (2048, 1408) in one block, so a register block's weight rows are one stream
+// each from the first column to the last (a 1024 block restarted MR cold streams every 2 KB: 8-14 % slower at 32-64
+// rows, docs/performance.md); a 64-token panel of packed x is then 256 KB, L2-resident.
+constexpr int64_t KC = 2048;
 
 // n rows of K bf16 (row t at rows[t]) -> pairs (K / 2, nt) of uint32 (x[t][2p] | x[t][2p+1] << 16), the
 // columns n..nt zero (nt is n rounded up to 16: one vector of tokens).
@@ -55,25 +58,27 @@ void pack_pairs(const uint16_t* const* rows, int64_t n, int64_t K, int64_t nt, u
 
 // The register blocks gemm_t uses: (rows, token vectors) with rows * vectors <= 24 accumulators.
 inline void micro_block(int mr, int nv, const uint16_t* a, int64_t lda, const uint32_t* b, int64_t nt, int64_t pairs,
-                        float* c, bool accumulate) {
+                        float* c, bool accumulate, const uint16_t* next = nullptr) {
   switch (mr * 8 + nv) {
-    case 24 * 8 + 1: dot_block<24, 1>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 12 * 8 + 2: dot_block<12, 2>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 8 * 8 + 3: dot_block<8, 3>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 6 * 8 + 1: dot_block<6, 1>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 6 * 8 + 2: dot_block<6, 2>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 6 * 8 + 3: dot_block<6, 3>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 6 * 8 + 4: dot_block<6, 4>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 1 * 8 + 1: dot_block<1, 1>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 1 * 8 + 2: dot_block<1, 2>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 1 * 8 + 3: dot_block<1, 3>(a, lda, b, nt, pairs, c, accumulate); break;
-    case 1 * 8 + 4: dot_block<1, 4>(a, lda, b, nt, pairs, c, accumulate); break;
+    case 12 * 8 + 1: dot_block<12, 1>(a, lda, b, nt, pairs, c, accumulate, next); break;
+    case 12 * 8 + 2: dot_block<12, 2>(a, lda, b, nt, pairs, c, accumulate, next); break;
+    case 8 * 8 + 3: dot_block<8, 3>(a, lda, b, nt, pairs, c, accumulate, next); break;
+    case 6 * 8 + 1: dot_block<6, 1>(a, lda, b, nt, pairs, c, accumulate, next); break;
+    case 6 * 8 + 2: dot_block<6, 2>(a, lda, b, nt, pairs, c, accumulate, next); break;
+    case 6 * 8 + 3: dot_block<6, 3>(a, lda, b, nt, pairs, c, accumulate, next); break;
+    case 6 * 8 + 4: dot_block<6, 4>(a, lda, b, nt, pairs, c, accumulate, next); break;
+    case 1 * 8 + 1: dot_block<1, 1>(a, lda, b, nt, pairs, c, accumulate, next); break;
+    case 1 * 8 + 2: dot_block<1, 2>(a, lda, b, nt, pairs, c, accumulate, next); break;
+    case 1 * 8 + 3: dot_block<1, 3>(a, lda, b, nt, pairs, c, accumulate, next); break;
+    case 1 * 8 + 4: dot_block<1, 4>(a, lda, b, nt, pairs, c, accumulate, next); break;
     default: TORCH_CHECK(false, "experts_bf16: no register block of ", mr, " rows x ", nv, " token vectors");
   }
 }
 
-// Rows per register block for NV token vectors: MR * NV accumulators + NV panel vectors within 32 registers.
-constexpr int rows_for(int nv) { return nv == 1 ? 24 : nv == 2 ? 12 : nv == 3 ? 8 : 6; }
+// Rows per register block for NV token vectors: MR * NV accumulators + NV panel vectors within 32 registers, and
+// at most 12 rows: rows of 2048 bf16 are 4 KB apart, so the lines in use of every row fall in the same sets of a
+// 12-way L1 (Zen 5's and recent Xeons'); 24 rows for one token vector thrashed them (12 rows: 1.5x as fast).
+constexpr int rows_for(int nv) { return nv <= 2 ? 12 : nv == 3 ? 8 : 6; }
 
 // c (M, nt) float32 = w (M, K) bf16 row-major @ x^T, x^T given as pairs (K / 2, nt).
 void gemm_t(const uint16_t* w, int64_t M, int64_t K, const uint32_t* xp, int64_t nt, float* c) {
@@ -92,8 +97,9 @@ void gemm_t(const uint16_t* w, int64_t M, int64_t K, const uint32_t* xp, int64_t
         const int nv = static_cast<int>(std::min<int64_t>((nt - n0) / 16, 4));
         const uint16_t* a = w + m0 * K + k0;
         float* cb = c + m0 * nt + n0;
-        if (rows == mr) {
-          micro_block(mr, nv, a, K, xk + n0, nt, pairs, cb, acc);
+        if (rows == mr) {  // after the last token chunk, the next row block's first lines are prefetched
+          const uint16_t* next = n0 + 64 >= nt && m0 + 2 * mr <= M ? a + mr * K : nullptr;
+          micro_block(mr, nv, a, K, xk + n0, nt, pairs, cb, acc, next);
         } else {  // the last few rows, one at a time
           for (int r = 0; r < rows; ++r) micro_block(1, nv, a + r * K, K, xk + n0, nt, pairs, cb + r * nt, acc);
         }
