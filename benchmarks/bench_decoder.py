@@ -107,7 +107,7 @@ def decode_bytes_per_token(cfg: dict[str, Any], dtype_bytes: int, ctx: int) -> i
         + t["kv_lora_rank"] * heads * (t["qk_nope_head_dim"] + t["v_head_dim"]) + heads * t["v_head_dim"] * h
     dense = 3 * h * t["intermediate_size"]
     moe = 3 * h * t["moe_intermediate_size"] * (t["num_experts_per_tok"] + (t.get("n_shared_experts") or 0)) \
-        + h * t["n_routed_experts"]
+        + h * (t.get("n_routed_experts") or 0)
     layers = t["num_hidden_layers"]
     n_moe = len(moe_layer_indices(t))
     params = layers * attn + (layers - n_moe) * dense + n_moe * moe + h * t["vocab_size"] + h
