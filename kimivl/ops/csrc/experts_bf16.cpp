@@ -150,15 +150,17 @@ void unpack_rows(const float* c, int64_t D, int64_t nt, int64_t n, uint16_t* con
   }
 }
 
-// out[t] = bf16(sum over slots j in order of float32(w[t][j] * y[t * k + j])): moe_dispatch's weighting and sum.
-void combine_rows(const uint16_t* y, const float* w, int64_t k, int64_t D, int64_t t0, int64_t t1, uint16_t* out) {
+// out[t] = bf16(sum over slots j in order of float32(w[t][j] * y[t * k + j])): moe_dispatch's weighting and sum;
+// pair p's expert output row (D bf16) is at y[p].
+void combine_rows(const uint16_t* const* y, const float* w, int64_t k, int64_t D, int64_t t0, int64_t t1,
+                  uint16_t* out) {
   for (int64_t t = t0; t < t1; ++t) {
     int64_t d = 0;
     for (; d < D; d += 16) {
       const __mmask16 m = D - d >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (D - d)) - 1);
       __m512 acc = _mm512_setzero_ps();
       for (int64_t j = 0; j < k; ++j) {
-        const __m256i h = _mm256_maskz_loadu_epi16(m, y + (t * k + j) * D + d);
+        const __m256i h = _mm256_maskz_loadu_epi16(m, y[t * k + j] + d);
         const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
         acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(w[t * k + j]), v));  // two roundings, as torch
       }
@@ -223,6 +225,7 @@ void gemm_t_amx(const uint16_t* w, int64_t M, int64_t K, const uint32_t* xp, int
 
 struct Work {
   int64_t expert, first, rows;  // rows (token, slot) pairs of the expert, listed from pairs[first]
+  int64_t out;                  // its first output row in ys (this file's kernels only)
 };
 
 }  // namespace
@@ -289,8 +292,16 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
   // Experts of up to max_rows rows run in this file's kernels, wider ones as the GEMM library's products (which
   // win there, see kimivl/ops/moe.py) with the gathering, activation and combining done here all the same.
   std::vector<Work> work, wide;
-  for (int64_t e = 0; e < E; ++e)
-    if (counts[e]) (counts[e] <= max_rows ? work : wide).push_back({e, first[e], counts[e]});
+  int64_t narrow_rows = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (counts[e] == 0) continue;
+    if (counts[e] <= max_rows) {
+      work.push_back({e, first[e], counts[e], narrow_rows});
+      narrow_rows += counts[e];
+    } else {
+      wide.push_back({e, first[e], counts[e], -1});
+    }
+  }
   // Longest first onto the least loaded thread; cost ~ padded token vectors + 1 for streaming the weights.
   const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(work.size())));
   std::stable_sort(work.begin(), work.end(), [](const Work& a, const Work& b) { return a.rows > b.rows; });
@@ -302,7 +313,10 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
     load[th] += (w.rows + 15) / 16 + 1;
   }
   auto xc = x.contiguous();
-  auto ys = torch::empty({P, D}, x.options());  // each (token, slot) pair's expert output, bf16 as the module's
+  // each (token, slot) pair's expert output, bf16 as the module's: rows of ys for this file's kernels, rows of
+  // the GEMM library's outputs for the wide experts (read in place by the weighted sum, not copied into ys)
+  auto ys = torch::empty({narrow_rows, D}, x.options());
+  std::vector<const uint16_t*> src(P);  // pair p's output row
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   const uint16_t* gu = reinterpret_cast<const uint16_t*>(gate_up.data_ptr<at::BFloat16>());
   const uint16_t* dn = reinterpret_cast<const uint16_t*>(down.data_ptr<at::BFloat16>());
@@ -332,7 +346,8 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
         for (int64_t r = 0; r < w.rows; ++r) {
           const int64_t p = pairs[w.first + r];
           in[r] = xb + (p / k) * D;
-          out[r] = yb + p * D;
+          out[r] = yb + (w.out + r) * D;
+          src[p] = out[r];
         }
         pack_pairs(in.data(), w.rows, D, nt, xpk.data());
         gemm(gu + w.expert * 2 * I * D, 2 * I, D, xpk.data(), nt, c1.data());
@@ -345,20 +360,23 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
     if (amx) _tile_release();
 #endif
   });
+  std::vector<torch::Tensor> wide_out;  // kept until the weighted sum has read them
   if (!wide.empty()) {
-    // x rows gathered, h = gate_up(x) rounded, silu(gate) * up (the module's ops), down, rows scattered back
+    // x rows gathered, h = gate_up(x) rounded, silu(gate) * up (the module's ops), down
     auto pair_index = torch::from_blob(pairs.data(), {P}, torch::kInt64);
     for (const Work& w : wide) {
       auto slots = pair_index.narrow(0, w.first, w.rows);
       auto h = at::linear(xc.index_select(0, at::floor_divide(slots, k)), gate_up[w.expert]);
       auto a = at::silu(h.narrow(1, 0, I)) * h.narrow(1, I, I);
-      ys.index_copy_(0, slots, at::linear(a, down[w.expert]));
+      wide_out.push_back(at::linear(a, down[w.expert]).contiguous());
+      const uint16_t* rows = reinterpret_cast<const uint16_t*>(wide_out.back().data_ptr<at::BFloat16>());
+      for (int64_t r = 0; r < w.rows; ++r) src[pairs[w.first + r]] = rows + r * D;
     }
   }
   auto y = torch::empty({T, D}, x.options());
   const float* wp = w_c.data_ptr<float>();
   uint16_t* out = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) { combine_rows(yb, wp, k, D, t0, t1, out); });
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) { combine_rows(src.data(), wp, k, D, t0, t1, out); });
   return y;
 #endif
 }
