@@ -12,8 +12,9 @@
 // silu(gate), the product, the down projection), so results differ from it only in summation order (and AMX
 // flushes denormals).
 // Experts are split between threads whole (longest first onto the least loaded thread), so no thread waits for
-// another inside the layer and each streams its own experts' weights, with software prefetch: 16 or 24 weight
-// rows at once are 6-12 concurrent streams on as many pages, which the hardware prefetcher does not follow.
+// another inside the layer and each streams its own experts' weights, with software prefetch: the 6-12 weight rows
+// of a register block (16 of an AMX tile) are as many concurrent streams on as many pages, which the hardware
+// prefetcher does not follow.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -37,8 +38,8 @@ using kimivl_simd::TileConfig;
 #endif
 
 // K block (elements): the real widths (2048, 1408) in one block, so a register block's weight rows are one stream
-// each from the first column to the last (a 1024 block restarted MR cold streams every 2 KB: 8-14 % slower at 32-64
-// rows, docs/performance.md); a 64-token panel of packed x is then 256 KB, L2-resident.
+// each from the first column to the last (blocks of 1024 restarted MR cold streams every 2 KB; one block ran 48-64
+// rows 10-20 % faster in the FMA-issue proxy, docs/performance.md); a 64-token panel of x is then 256 KB, in L2.
 constexpr int64_t KC = 2048;
 
 // n rows of K bf16 (row t at rows[t]) -> pairs (K / 2, nt) of uint32 (x[t][2p] | x[t][2p+1] << 16), the
