@@ -19,6 +19,27 @@ void check_bf16(const torch::Tensor& t, const char* what) {
               " must be a bfloat16 CPU tensor, got ", t.scalar_type(), " on ", t.device());
 }
 
+const uint16_t* bf16_rows(const torch::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+// Gated-SiLU MLP weights, E of them stacked (gate, up (E, I, D); down (E, D, I)) or one plain MLP (E < 0: (I, D)
+// and (D, I)): bfloat16 CPU tensors of these shapes, each MLP's matrices row-major and dense (they are read
+// through raw row pointers; the stacked gate and up may be views of one (E, 2I, D) tensor).
+void check_mlp(const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down, int64_t E, int64_t I,
+               int64_t D, const char* what) {
+  const std::vector<int64_t> gu = E >= 0 ? std::vector<int64_t>{E, I, D} : std::vector<int64_t>{I, D};
+  const std::vector<int64_t> dn = E >= 0 ? std::vector<int64_t>{E, D, I} : std::vector<int64_t>{D, I};
+  for (const auto* t : {&gate, &up, &down}) check_bf16(*t, what);
+  auto dense = [](const torch::Tensor& t) {  // (a dimension of size 1 may carry any stride)
+    return (t.size(-1) <= 1 || t.stride(-1) == 1) && (t.size(-2) <= 1 || t.stride(-2) == t.size(-1));
+  };
+  TORCH_CHECK(gate.sizes() == gu && up.sizes() == gu && down.sizes() == dn && dense(gate) && dense(up) && dense(down),
+              "decode_layer: ", what, " must be gate / up ", torch::IntArrayRef(gu), " and down ",
+              torch::IntArrayRef(dn), " with dense row-major matrices, got ", gate.sizes(), ", ", up.sizes(), ", ",
+              down.sizes(), " (strides ", gate.strides(), ", ", up.strides(), ", ", down.strides(), ")");
+}
+
 }  // namespace
 
 // h (B, 1, D) -> h + o_proj(attention(input_layernorm(h))), writing the step's latent into `cache` (B, L, r + rope)
@@ -75,8 +96,8 @@ torch::Tensor moe_forward(const torch::Tensor& x_in, const torch::Tensor& gate_w
                           int64_t topk_group, int64_t method, bool softmax, bool norm_topk_prob,
                           double routed_scaling_factor) {
   check_bf16(x_in, "x");
-  check_bf16(gate, "the stacked expert weights");
-  const int64_t D = x_in.size(-1), E = gate.size(0);
+  const int64_t D = x_in.size(-1), E = gate.dim() == 3 ? gate.size(0) : 0;
+  check_mlp(gate, up, down, E, gate.dim() == 3 ? gate.size(1) : 0, D, "the stacked expert weights");
   TORCH_CHECK(gate_w32.scalar_type() == torch::kFloat32 && gate_w32.dim() == 2 && gate_w32.size(0) == E &&
                   gate_w32.size(1) == D,
               "moe_forward: the router weight must be float32 (", E, ", ", D, "), got ", gate_w32.sizes(), " ",
@@ -107,20 +128,21 @@ torch::Tensor moe_forward(const torch::Tensor& x_in, const torch::Tensor& gate_w
   std::sort(ids.begin(), ids.end());
   ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
   TORCH_CHECK(ids.empty() || (ids.front() >= 0 && ids.back() < E), "moe_forward: expert ids out of range");
-  std::vector<torch::Tensor> g, u, d;
+  // the chosen experts' rows of the stacked weights, by pointer (a select per weight was ~1 us of dispatch each)
+  const int64_t I = gate.size(1);
+  std::vector<MlpRows> mlps;
   for (int64_t e : ids) {
-    g.push_back(gate.select(0, e));
-    u.push_back(up.select(0, e));
-    d.push_back(down.select(0, e));
+    mlps.push_back({bf16_rows(gate) + e * gate.stride(0), bf16_rows(up) + e * up.stride(0),
+                    bf16_rows(down) + e * down.stride(0), I});
   }
   const bool shared = shared_gate.has_value();
   if (shared) {
     TORCH_CHECK(shared_up.has_value() && shared_down.has_value(), "moe_forward: pass all three shared weights");
-    g.push_back(*shared_gate);
-    u.push_back(*shared_up);
-    d.push_back(*shared_down);
+    const int64_t Is = shared_gate->size(0);
+    check_mlp(*shared_gate, *shared_up, *shared_down, -1, Is, D, "the shared MLP's weights");
+    mlps.push_back({bf16_rows(*shared_gate), bf16_rows(*shared_up), bf16_rows(*shared_down), Is});
   }
-  return moe_bf16w(x, topk_idx, topk_weight, ids, g, u, d, shared ? 1 : 0).view(x_in.sizes());
+  return moe_rows(x, topk_idx, topk_weight, ids, mlps, shared ? 1 : 0).view(x_in.sizes());
 }
 
 // h (B, S, D) -> h + moe_forward(post_attention_layernorm(h), ...).

@@ -11,6 +11,15 @@ torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, c
                         const std::vector<int64_t>& ids, const std::vector<torch::Tensor>& gate,
                         const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down,
                         int64_t n_shared);
+// moe_bf16w on raw weight rows (what moe_forward passes: rows of its stacked experts, no per-expert tensors).
+struct MlpRows {
+  const uint16_t* gate;  // (I, D) bf16, row-major
+  const uint16_t* up;    // (I, D)
+  const uint16_t* down;  // (D, I)
+  int64_t I;
+};
+torch::Tensor moe_rows(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
+                       const std::vector<int64_t>& ids, const std::vector<MlpRows>& mlps, int64_t n_shared);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor rope_rotate(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 torch::Tensor rope_pairs(const torch::Tensor& x, const torch::Tensor& rot_cos, const torch::Tensor& rot_sin);

@@ -8,6 +8,7 @@
 // as another, and the routed outputs weighted and summed with the roundings of the PyTorch path.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include "kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -263,18 +264,21 @@ void split_pairs(float* x, int64_t M, int64_t K) {
 #endif
 }
 
-// Activations as float32 (M, K) in the order rows() reads them. With AVX-512 a new tensor (never a view of x:
-// split_pairs reorders it in place); without, a view of x when it is float32 and contiguous already.
-torch::Tensor as_float_rows(const torch::Tensor& x, int64_t K) {
-  auto rows = x.reshape({-1, K});
-#ifdef KIMIVL_AVX512
-  auto out = torch::empty(rows.sizes(), rows.options().dtype(torch::kFloat32));
-  out.copy_(rows);
-  split_pairs(out.data_ptr<float>(), out.size(0), K);
-  return out;
-#else
-  return rows.to(torch::kFloat32).contiguous();
-#endif
+// Activations as float32 rows (M, K) in the order rows() reads them, written into `buf` (converted from bf16 in
+// place of a torch conversion: a decode step calls this ~20 times, and each tensor op costs a few us of dispatch).
+const float* float_rows(const torch::Tensor& x, int64_t K, std::vector<float>& buf) {
+  const auto xc = x.contiguous();
+  const int64_t M = xc.numel() / std::max<int64_t>(K, 1);
+  buf.resize(M * K);
+  if (xc.scalar_type() == torch::kBFloat16) {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+    uint32_t* dst = reinterpret_cast<uint32_t*>(buf.data());  // a bf16's bits are a float32's top half
+    for (int64_t i = 0; i < M * K; ++i) dst[i] = static_cast<uint32_t>(src[i]) << 16;
+  } else {
+    std::memcpy(buf.data(), xc.data_ptr<float>(), M * K * sizeof(float));
+  }
+  split_pairs(buf.data(), M, K);
+  return buf.data();
 }
 
 // v rounded to `dtype` and back (the rounding a PyTorch op in that dtype applies to its output).
@@ -292,19 +296,32 @@ torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w, const
   const int64_t K = w.size(1), N = w.size(0);
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == N), "linear_bf16w: bias must be (", N,
               "), got ", bias.has_value() ? bias->sizes() : torch::IntArrayRef{});
-  auto xc = as_float_rows(x, K);
+  thread_local std::vector<float> xbuf, ybuf;  // reused: no allocation per decode-step projection
+  const float* xp = float_rows(x, K, xbuf);
   auto wc = w.contiguous();
-  const int64_t M = xc.size(0);
-  auto y = torch::empty({M, N}, xc.options());
-  const float* xp = xc.data_ptr<float>();
+  const int64_t M = static_cast<int64_t>(xbuf.size()) / K;
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
-  float* yp = y.data_ptr<float>();
-  // ~64 KB of weights per task: big enough to amortise scheduling, small enough to balance.
-  const int64_t grain = std::max<int64_t>(4, (32768 / std::max<int64_t>(K, 1)) & ~int64_t(3));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows(xp, K, M, wp, K, n0, n1, yp, N); });
-  if (bias.has_value()) y.add_(bias->to(torch::kFloat32));  // in float32, before the output's rounding
   auto sizes = x.sizes().vec();
   sizes.back() = N;
+  // ~64 KB of weights per task: big enough to amortise scheduling, small enough to balance.
+  const int64_t grain = std::max<int64_t>(4, (32768 / std::max<int64_t>(K, 1)) & ~int64_t(3));
+  if (x.scalar_type() == torch::kBFloat16 && !bias.has_value()) {
+    // each task rounds its own columns to bf16 (as the float32 result's conversion would: round to nearest even)
+    ybuf.resize(M * N);
+    float* yp = ybuf.data();
+    auto out = torch::empty({M, N}, x.options());
+    at::BFloat16* op = out.data_ptr<at::BFloat16>();
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      rows(xp, K, M, wp, K, n0, n1, yp, N);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) op[m * N + n] = c10::BFloat16(yp[m * N + n]);
+    });
+    return out.view(sizes);
+  }
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows(xp, K, M, wp, K, n0, n1, yp, N); });
+  if (bias.has_value()) y.add_(bias->to(torch::kFloat32));  // in float32, before the output's rounding
   return y.to(x.scalar_type()).view(sizes);
 }
 
@@ -351,20 +368,15 @@ torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, c
                         const std::vector<int64_t>& ids, const std::vector<torch::Tensor>& gate,
                         const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down,
                         int64_t n_shared) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
-                  (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
-              "moe_bf16w: x must be a float32 or bfloat16 (T, D) CPU tensor, got ", x.sizes(), " ", x.scalar_type());
-  const int64_t T = x.size(0), D = x.size(1);
-  TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.size(0) == T && topk_idx.scalar_type() == torch::kInt64 &&
-                  topk_weight.sizes() == topk_idx.sizes() && topk_weight.scalar_type() == torch::kFloat32,
-              "moe_bf16w: topk_idx (T, k) int64 and topk_weight (T, k) float32 with T = ", T, ", got ",
-              topk_idx.sizes(), " and ", topk_weight.sizes());
-  const int64_t k = topk_idx.size(1), P = static_cast<int64_t>(ids.size());
+  TORCH_CHECK(x.dim() == 2, "moe_bf16w: x must be a float32 or bfloat16 (T, D) CPU tensor, got ", x.sizes(), " ",
+              x.scalar_type());
+  const int64_t D = x.size(1), P = static_cast<int64_t>(ids.size());
   TORCH_CHECK(n_shared >= 0 && static_cast<int64_t>(gate.size()) == P + n_shared && up.size() == gate.size() &&
                   down.size() == gate.size(),
               "moe_bf16w: ", P, " routed ids + ", n_shared, " shared MLPs but ", gate.size(), " gate, ", up.size(),
               " up and ", down.size(), " down weights");
   const size_t Q = gate.size();
+  std::vector<MlpRows> mlps(Q);
   for (size_t q = 0; q < Q; ++q) {
     for (const auto* w : {&gate[q], &up[q], &down[q]})
       TORCH_CHECK(w->device().is_cpu() && w->dim() == 2 && w->scalar_type() == torch::kBFloat16 && w->is_contiguous(),
@@ -374,10 +386,28 @@ torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, c
                     down[q].size(1) == I,
                 "moe_bf16w: MLP ", q, ": x ", x.sizes(), ", gate ", gate[q].sizes(), ", up ", up[q].sizes(), ", down ",
                 down[q].sizes(), " do not agree");
+    mlps[q] = {bf16_ptr(gate[q]), bf16_ptr(up[q]), bf16_ptr(down[q]), I};
   }
+  return moe_rows(x, topk_idx, topk_weight, ids, mlps, n_shared);
+}
+
+torch::Tensor moe_rows(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
+                       const std::vector<int64_t>& ids, const std::vector<MlpRows>& mlps, int64_t n_shared) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
+                  (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "moe_bf16w: x must be a float32 or bfloat16 (T, D) CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  const int64_t T = x.size(0), D = x.size(1);
+  TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.size(0) == T && topk_idx.scalar_type() == torch::kInt64 &&
+                  topk_weight.sizes() == topk_idx.sizes() && topk_weight.scalar_type() == torch::kFloat32,
+              "moe_bf16w: topk_idx (T, k) int64 and topk_weight (T, k) float32 with T = ", T, ", got ",
+              topk_idx.sizes(), " and ", topk_weight.sizes());
+  const int64_t k = topk_idx.size(1), P = static_cast<int64_t>(ids.size());
+  TORCH_CHECK(n_shared >= 0 && static_cast<int64_t>(mlps.size()) == P + n_shared, "moe_bf16w: ", P,
+              " routed ids + ", n_shared, " shared MLPs but ", mlps.size(), " weight sets");
+  const size_t Q = mlps.size();
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
-  auto x32 = as_float_rows(x, D);
-  const float* xp = x32.data_ptr<float>();
+  thread_local std::vector<float> xbuf;
+  const float* xp = float_rows(x, D, xbuf);
   auto idx = topk_idx.contiguous();
   auto wts = topk_weight.contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
@@ -395,34 +425,48 @@ torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, c
     slot_row[i] = static_cast<int64_t>(members[p].size());
     members[p].push_back(i / k);
   }
-  // Inputs (gathered token rows for routed MLPs, every token for shared ones), hidden and output buffers.
-  std::vector<torch::Tensor> xs(Q), h(Q), y(Q);
+  // Inputs (gathered token rows for routed MLPs, every token for shared ones), hidden and output buffers, all in
+  // one reused arena (not ~3 tensors per MLP: each allocation is a few us of a decode step).
+  std::vector<int64_t> rows_q(Q);
+  std::vector<size_t> x_at(Q), h_at(Q), y_at(Q);
+  size_t total = 0;
+  for (size_t q = 0; q < Q; ++q) {
+    const int64_t I = mlps[q].I;
+    rows_q[q] = static_cast<int64_t>(q) < P ? static_cast<int64_t>(members[q].size()) : T;
+    x_at[q] = total;
+    total += static_cast<int64_t>(q) < P ? rows_q[q] * D : 0;
+    h_at[q] = total;
+    total += 2 * rows_q[q] * I;  // gate and up outputs
+    y_at[q] = total;
+    total += rows_q[q] * D;
+  }
+  thread_local std::vector<float> arena;
+  arena.resize(total);
+  std::vector<const float*> xs(Q);
+  std::vector<float*> y(Q);
   std::vector<Segment> first, second;
   for (size_t q = 0; q < Q; ++q) {
-    const int64_t I = gate[q].size(0);
+    const int64_t I = mlps[q].I, M = rows_q[q];
     if (static_cast<int64_t>(q) < P) {
-      const auto& rows_of = members[q];
-      xs[q] = torch::empty({static_cast<int64_t>(rows_of.size()), D}, x32.options());
-      float* dst = xs[q].data_ptr<float>();
-      for (size_t r = 0; r < rows_of.size(); ++r) std::memcpy(dst + r * D, xp + rows_of[r] * D, D * sizeof(float));
+      float* dst = arena.data() + x_at[q];
+      for (int64_t r = 0; r < M; ++r) std::memcpy(dst + r * D, xp + members[q][r] * D, D * sizeof(float));
+      xs[q] = dst;
     } else {
-      xs[q] = x32;
+      xs[q] = xp;
     }
-    const int64_t M = xs[q].size(0);
-    h[q] = torch::empty({2, M, I}, x32.options());  // gate and up outputs
-    y[q] = torch::empty({M, D}, x32.options());
-    float* hp = h[q].data_ptr<float>();
-    first.push_back({xs[q].data_ptr<float>(), M, D, I, bf16_ptr(gate[q]), hp});
-    first.push_back({xs[q].data_ptr<float>(), M, D, I, bf16_ptr(up[q]), hp + M * I});
+    y[q] = arena.data() + y_at[q];
+    float* hp = arena.data() + h_at[q];
+    first.push_back({xs[q], M, D, I, mlps[q].gate, hp});
+    first.push_back({xs[q], M, D, I, mlps[q].up, hp + M * I});
   }
   run_segments(first);
   for (size_t q = 0; q < Q; ++q) {
-    const int64_t M = xs[q].size(0), I = gate[q].size(0);
-    float* gp = h[q].data_ptr<float>();
+    const int64_t M = rows_q[q], I = mlps[q].I;
+    float* gp = arena.data() + h_at[q];
     const float* upp = gp + M * I;
     for (int64_t i = 0; i < M * I; ++i) gp[i] = gp[i] / (1.f + std::exp(-gp[i])) * upp[i];  // silu(gate) * up
     split_pairs(gp, M, I);  // the down projection's x
-    second.push_back({gp, M, I, D, bf16_ptr(down[q]), y[q].data_ptr<float>()});
+    second.push_back({gp, M, I, D, mlps[q].down, y[q]});
   }
   run_segments(second);
 
@@ -437,14 +481,14 @@ torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, c
       for (int64_t j = 0; j < k; ++j) {
         const int64_t i = t * k + j;
         const float w = wp[i];
-        const float* src = y[slot_mlp[i]].data_ptr<float>() + slot_row[i] * D;
+        const float* src = y[slot_mlp[i]] + slot_row[i] * D;
         for (int64_t d = 0; d < D; ++d) acc[d] += round_to(src[d], bf16) * w;
       }
       for (int64_t d = 0; d < D; ++d) acc[d] = round_to(acc[d], bf16);
       started = true;
     }
     for (int64_t q = P; q < static_cast<int64_t>(Q); ++q) {
-      const float* src = y[q].data_ptr<float>() + t * D;
+      const float* src = y[q] + t * D;
       for (int64_t d = 0; d < D; ++d) {
         const float s = round_to(src[d], bf16);
         acc[d] = started ? round_to(acc[d] + s, bf16) : s;

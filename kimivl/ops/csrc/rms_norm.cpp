@@ -5,6 +5,36 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
+
+namespace {
+
+// One row: the mean square in double, normalised in float32, rounded to x's dtype (bf16 input), times the weight,
+// stored in the output's dtype. X, W, O: float or c10::BFloat16 (read and written in place, no converted copies).
+template <typename X, typename W, typename O>
+void norm_row(const X* row, const W* w, int64_t D, float eps, O* out) {
+  double ss = 0.0;  // a double sum: the row's mean square without order-dependent float32 rounding
+  for (int64_t d = 0; d < D; ++d) ss += static_cast<double>(static_cast<float>(row[d])) * static_cast<float>(row[d]);
+  const float inv = 1.f / std::sqrt(static_cast<float>(ss / D) + eps);
+  for (int64_t d = 0; d < D; ++d) {
+    float v = static_cast<float>(row[d]) * inv;
+    if (std::is_same<X, c10::BFloat16>::value) v = static_cast<float>(c10::BFloat16(v));
+    out[d] = static_cast<O>(v * static_cast<float>(w[d]));
+  }
+}
+
+template <typename X, typename W, typename O>
+void norm_rows(const torch::Tensor& x, const torch::Tensor& w, float eps, torch::Tensor& out) {
+  const int64_t D = w.size(0), rows = out.size(0);
+  const X* xp = x.data_ptr<X>();
+  const W* wp = w.data_ptr<W>();
+  O* op = out.data_ptr<O>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) norm_row(xp + r * D, wp, D, eps, op + r * D);
+  });
+}
+
+}  // namespace
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "rms_norm: CPU tensors only");
@@ -14,33 +44,17 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && x.size(-1) == weight.size(0), "rms_norm: x (..., ",
               weight.size(0), ") for a weight of ", weight.size(0), ", got ", x.sizes());
   const int64_t D = weight.size(0);
-  auto xf = x.reshape({-1, D}).to(torch::kFloat32).contiguous();
-  auto wf = weight.to(torch::kFloat32).contiguous();
+  // read in their own dtypes: a decode step's converted copies were two allocations and copies per call
+  auto xc = x.contiguous().view({-1, D});
+  auto wc = weight.contiguous();
   const auto out_type = c10::promoteTypes(xt, wt);
-  auto out = torch::empty({xf.size(0), D}, x.options().dtype(out_type));
-  const float* xp = xf.data_ptr<float>();
-  const float* wp = wf.data_ptr<float>();
-  const bool x16 = xt == torch::kBFloat16, o16 = out_type == torch::kBFloat16;
+  auto out = torch::empty({xc.size(0), D}, x.options().dtype(out_type));
   const float feps = static_cast<float>(eps);
-  at::BFloat16* o16p = o16 ? out.data_ptr<at::BFloat16>() : nullptr;
-  float* o32p = o16 ? nullptr : out.data_ptr<float>();
-  at::parallel_for(0, xf.size(0), 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* row = xp + r * D;
-      double ss = 0.0;  // a double sum: the row's mean square without order-dependent float32 rounding
-      for (int64_t d = 0; d < D; ++d) ss += static_cast<double>(row[d]) * row[d];
-      const float inv = 1.f / std::sqrt(static_cast<float>(ss / D) + feps);
-      for (int64_t d = 0; d < D; ++d) {
-        float v = row[d] * inv;
-        if (x16) v = static_cast<float>(c10::BFloat16(v));
-        v *= wp[d];
-        if (o16)
-          o16p[r * D + d] = c10::BFloat16(v);
-        else
-          o32p[r * D + d] = v;
-      }
-    }
-  });
-  auto sizes = x.sizes().vec();
-  return out.view(sizes);
+  using BF = c10::BFloat16;
+  const bool x16 = xt == torch::kBFloat16, w16 = wt == torch::kBFloat16;
+  if (x16 && w16) norm_rows<BF, BF, BF>(xc, wc, feps, out);
+  else if (x16) norm_rows<BF, float, float>(xc, wc, feps, out);
+  else if (w16) norm_rows<float, BF, float>(xc, wc, feps, out);
+  else norm_rows<float, float, float>(xc, wc, feps, out);
+  return out.view(x.sizes());
 }
