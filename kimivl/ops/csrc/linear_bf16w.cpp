@@ -264,11 +264,24 @@ void split_pairs(float* x, int64_t M, int64_t K) {
 #endif
 }
 
+// Rows of x (..., K): the product of its leading dimensions.
+int64_t leading_rows(const torch::Tensor& x) {
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
+  return m;
+}
+
+// Per-thread buffers keep their capacity between calls (a decode step's calls allocate nothing), except past
+// 16 MB, which only a direct call with many rows reaches: that is handed back.
+void trim(std::vector<float>& buf) {
+  if (buf.capacity() > (size_t(4) << 20)) std::vector<float>().swap(buf);
+}
+
 // Activations as float32 rows (M, K) in the order rows() reads them, written into `buf` (converted from bf16 in
 // place of a torch conversion: a decode step calls this ~20 times, and each tensor op costs a few us of dispatch).
 const float* float_rows(const torch::Tensor& x, int64_t K, std::vector<float>& buf) {
   const auto xc = x.contiguous();
-  const int64_t M = xc.numel() / std::max<int64_t>(K, 1);
+  const int64_t M = leading_rows(x);
   buf.resize(M * K);
   if (xc.scalar_type() == torch::kBFloat16) {
     const uint16_t* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
@@ -299,7 +312,7 @@ torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w, const
   thread_local std::vector<float> xbuf, ybuf;  // reused: no allocation per decode-step projection
   const float* xp = float_rows(x, K, xbuf);
   auto wc = w.contiguous();
-  const int64_t M = static_cast<int64_t>(xbuf.size()) / K;
+  const int64_t M = leading_rows(x);
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
   auto sizes = x.sizes().vec();
   sizes.back() = N;
@@ -316,12 +329,15 @@ torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w, const
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = n0; n < n1; ++n) op[m * N + n] = c10::BFloat16(yp[m * N + n]);
     });
+    trim(xbuf);
+    trim(ybuf);
     return out.view(sizes);
   }
   auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows(xp, K, M, wp, K, n0, n1, yp, N); });
   if (bias.has_value()) y.add_(bias->to(torch::kFloat32));  // in float32, before the output's rounding
+  trim(xbuf);
   return y.to(x.scalar_type()).view(sizes);
 }
 
@@ -503,6 +519,8 @@ torch::Tensor moe_rows(const torch::Tensor& x, const torch::Tensor& topk_idx, co
       std::memcpy(out.data_ptr<float>() + t * D, acc.data(), D * sizeof(float));
     }
   }
+  trim(xbuf);
+  trim(arena);
   return out;
 }
 
