@@ -167,8 +167,10 @@ def text_only_dir(directory: Path) -> Path:
     config = json.loads((directory / "config.json").read_text())["text_config"]
     config["architectures"] = ["DeepseekV3ForCausalLM"]
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    from kimivl.checkpoint import weight_files
+
     tensors = {}
-    for shard in sorted(directory.glob("model*.safetensors")):
+    for shard in weight_files(directory):
         with safe_open(str(shard), "pt") as f:
             for k in f.keys():
                 if k.startswith("language_model."):
@@ -192,8 +194,9 @@ def check_checkpoint(directory: Path) -> dict[str, Any]:
             or not isinstance(config.get("vision_config"), dict):
         raise ValueError(f"checkpoint {directory}: config.json is not a Kimi-VL config (model_type "
                          f"{config.get('model_type')!r}; text_config and vision_config are needed)")
-    if not ((directory / "model.safetensors").is_file() or (directory / "model.safetensors.index.json").is_file()):
-        raise ValueError(f"checkpoint {directory}: no model.safetensors or model.safetensors.index.json")
+    from kimivl.checkpoint import weight_files
+
+    weight_files(directory)  # the loader's own check (a CheckpointError, a ValueError): a file, or an index and shards
     return config
 
 

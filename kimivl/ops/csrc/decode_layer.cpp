@@ -19,10 +19,6 @@ void check_bf16(const torch::Tensor& t, const char* what) {
               " must be a bfloat16 CPU tensor, got ", t.scalar_type(), " on ", t.device());
 }
 
-const uint16_t* bf16_rows(const torch::Tensor& t) {
-  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
-}
-
 // Gated-SiLU MLP weights, E of them stacked (gate, up (E, I, D); down (E, D, I)) or one plain MLP (E < 0: (I, D)
 // and (D, I)): bfloat16 CPU tensors of these shapes, each MLP's matrices row-major and dense (they are read
 // through raw row pointers; the stacked gate and up may be views of one (E, 2I, D) tensor).
@@ -130,17 +126,15 @@ torch::Tensor moe_forward(const torch::Tensor& x_in, const torch::Tensor& gate_w
   TORCH_CHECK(ids.empty() || (ids.front() >= 0 && ids.back() < E), "moe_forward: expert ids out of range");
   // the chosen experts' rows of the stacked weights, by pointer (a select per weight was ~1 us of dispatch each)
   const int64_t I = gate.size(1);
+  const uint16_t *g0 = bf16_data(gate), *u0 = bf16_data(up), *d0 = bf16_data(down);
   std::vector<MlpRows> mlps;
-  for (int64_t e : ids) {
-    mlps.push_back({bf16_rows(gate) + e * gate.stride(0), bf16_rows(up) + e * up.stride(0),
-                    bf16_rows(down) + e * down.stride(0), I});
-  }
+  for (int64_t e : ids) mlps.push_back({g0 + e * gate.stride(0), u0 + e * up.stride(0), d0 + e * down.stride(0), I});
   const bool shared = shared_gate.has_value();
   if (shared) {
     TORCH_CHECK(shared_up.has_value() && shared_down.has_value(), "moe_forward: pass all three shared weights");
     const int64_t Is = shared_gate->size(0);
     check_mlp(*shared_gate, *shared_up, *shared_down, -1, Is, D, "the shared MLP's weights");
-    mlps.push_back({bf16_rows(*shared_gate), bf16_rows(*shared_up), bf16_rows(*shared_down), Is});
+    mlps.push_back({bf16_data(*shared_gate), bf16_data(*shared_up), bf16_data(*shared_down), Is});
   }
   return moe_rows(x, topk_idx, topk_weight, ids, mlps, shared ? 1 : 0).view(x_in.sizes());
 }

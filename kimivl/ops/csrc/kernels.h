@@ -11,6 +11,11 @@ torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, c
                         const std::vector<int64_t>& ids, const std::vector<torch::Tensor>& gate,
                         const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down,
                         int64_t n_shared);
+// A bfloat16 tensor's data as raw 16-bit words (what the kernels read).
+inline const uint16_t* bf16_data(const torch::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
 // moe_bf16w on raw weight rows (what moe_forward passes: rows of its stacked experts, no per-expert tensors).
 struct MlpRows {
   const uint16_t* gate;  // (I, D) bf16, row-major

@@ -374,9 +374,6 @@ void run_segments(const std::vector<Segment>& segs) {
   at::parallel_for(0, total, 16, [&](int64_t b, int64_t e) { segment_rows(segs, offsets, b, e); });
 }
 
-const uint16_t* bf16_ptr(const torch::Tensor& w) {
-  return reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-}
 
 }  // namespace
 
@@ -402,7 +399,7 @@ torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, c
                     down[q].size(1) == I,
                 "moe_bf16w: MLP ", q, ": x ", x.sizes(), ", gate ", gate[q].sizes(), ", up ", up[q].sizes(), ", down ",
                 down[q].sizes(), " do not agree");
-    mlps[q] = {bf16_ptr(gate[q]), bf16_ptr(up[q]), bf16_ptr(down[q]), I};
+    mlps[q] = {bf16_data(gate[q]), bf16_data(up[q]), bf16_data(down[q]), I};
   }
   return moe_rows(x, topk_idx, topk_weight, ids, mlps, n_shared);
 }
