@@ -118,12 +118,15 @@ def machine_info(threads: int) -> dict[str, Any]:
                   if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     from kimivl.ops import cpu_kernels
 
+    ext = cpu_kernels.kernels()
+    mla_form = "" if ext is None else {ext.MLA_FLOAT32: "float32", ext.MLA_VDPBF16: "vdpbf16ps",
+                                       ext.MLA_AMX: "amx"}[cpu_kernels.mla_decode_form(ext)]
     return {"cpu": model, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags,
-            # which forms kimivl's bf16 kernels take here: vdpbf16ps for the MLA decode step and (backend auto) the
-            # vision attention where True, float32 FMAs / torch's SDPA otherwise (docs/performance.md)
-            "kimivl_vdpbf16_preferred": cpu_kernels.vdpbf16_preferred()}
+            # which forms kimivl's bf16 kernels take here: vdpbf16ps for (backend auto) the vision attention where
+            # True, torch's SDPA otherwise; the MLA decode step's form for a bf16 model (docs/performance.md)
+            "kimivl_vdpbf16_preferred": cpu_kernels.vdpbf16_preferred(), "kimivl_mla_decode_form": mla_form}
 
 
 # ------------------------------------------------------------------------------------------ machine limits

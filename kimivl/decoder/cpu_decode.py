@@ -99,7 +99,7 @@ def layer_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.
     if ext is None:
         return None
     h = ext.mla_block(h, *attn, cos, sin, cache.data[layer.layer_idx], cache.length, valid, *dims,
-                      cpu_kernels.vdpbf16_preferred())  # the form mla_decode takes in the module path too
+                      cpu_kernels.mla_decode_form(ext))  # the form mla_decode takes in the module path too
     return ext.moe_block(h, *post, *moe_plan.args) if mlp is None else ext.mlp_block(h, *post, *mlp)
 
 

@@ -21,11 +21,11 @@ inference on the CPU:
 - ``attention_bf16(q, k, v, lengths)`` (``attention_bf16.cpp``) — the vision tower's per-image attention with
   AVX512-BF16 dot products and an online softmax (:mod:`kimivl.ops.attention`, backend ``"avx512_bf16"``), for
   CPUs that have AVX512-BF16 but no AMX, where torch's flash CPU kernel runs at ~1/5 of the bf16 GEMM rate.
-- ``mla_decode(q_nope, q_pe, kv, w_uk, w_uv, scale, valid, bf16_dot)`` — one absorbed-MLA decode step
+- ``mla_decode(q_nope, q_pe, kv, w_uk, w_uv, scale, valid, form)`` — one absorbed-MLA decode step
   (:mod:`kimivl.ops.mla`) in one pass over the latent cache: chunks of 128 rows per thread, all heads
   scored against each chunk while it sits in L2, a chunk-local softmax merged at the end (flash-decoding),
-  W_UK / W_UV read in place from ``kv_b_proj.weight``. Float32 FMAs on widened rows, or with ``bf16_dot``
-  (a bf16 cache and weights on a CPU where :func:`vdpbf16_preferred`) vdpbf16ps on the bf16 rows in place.
+  W_UK / W_UV read in place from ``kv_b_proj.weight``. Float32 FMAs on widened rows, or for a bf16 cache and
+  weights bf16 products on the rows in place, by AMX tiles or vdpbf16ps (:func:`mla_decode_form`).
 - ``rms_norm(x, weight, eps)`` and ``rope_rotate(x, cos, sin)`` — a decode step's RMSNorm and RoPE in one
   call each instead of ~8-12 tensor ops of dispatch (:mod:`kimivl.ops.rms_norm`, :mod:`kimivl.ops.rope`),
   with the PyTorch forms' roundings (``rope_rotate`` bit for bit; the extension is built with
@@ -99,6 +99,17 @@ def vdpbf16_preferred() -> bool:
     extension was compiled with the instruction is ``kernels().bf16_isa()``."""
     flags = cpu_flags()
     return "avx512_bf16" in flags and "amx_bf16" not in flags
+
+
+def mla_decode_form(ext: ModuleType) -> int:
+    """The form ``mla_decode`` takes for a bf16 model here: ``ext.MLA_AMX`` where the CPU and this build and
+    process have AMX (its tiles make the step as fast as reading the cache: docs/performance.md), else
+    ``ext.MLA_VDPBF16`` where :func:`vdpbf16_preferred`, else ``ext.MLA_FLOAT32``. The bf16 forms round the
+    queries and probabilities to bf16 as the bf16 prefill does; a float32 model always gets the float32 form."""
+    flags = cpu_flags()
+    if "amx_bf16" in flags and ext.bf16_isa() == "amx":
+        return ext.MLA_AMX
+    return ext.MLA_VDPBF16 if vdpbf16_preferred() else ext.MLA_FLOAT32
 
 
 @functools.lru_cache(maxsize=1)

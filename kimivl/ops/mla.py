@@ -41,9 +41,10 @@ def absorbed_mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.T
     On the CPU a single new token per sequence (a decode step, no autograd) goes through the fused C++
     kernel ``mla_decode`` of :mod:`kimivl.ops.cpu_kernels`: one pass over the cache in L2-sized chunks for
     all heads, bf16 cache rows and W_UK / W_UV widened in registers instead of converted whole every step
-    (docs/performance.md); for a bf16 model on a CPU where vdpbf16ps outruns float32 FMAs (AVX512-BF16
-    without AMX: :func:`~kimivl.ops.cpu_kernels.vdpbf16_preferred`) its products are bf16 dot products on the
-    rows in place, the queries and probabilities rounded to bf16 as the bf16 prefill rounds them. bf16 weights
+    (docs/performance.md); for a bf16 model on a CPU with AMX, or where vdpbf16ps outruns float32 FMAs
+    (AVX512-BF16 without AMX: :func:`~kimivl.ops.cpu_kernels.mla_decode_form`), its products are bf16 products
+    on the rows in place (AMX tiles or vdpbf16ps), the queries and probabilities rounded to bf16 as the bf16
+    prefill rounds them. bf16 weights
     build the extension on first use, as their linear layers do; float32 weights use it only once it is built
     (``python -m kimivl.ops.cpu_kernels``), so a small float32 model never pauses a minute to compile.
     Otherwise the PyTorch products below.
@@ -101,5 +102,5 @@ def _fused_cpu_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor
     if q_nope.dtype not in dtypes or q_pe.dtype != q_nope.dtype:
         return None
     out = ext.mla_decode(q_nope[:, :, 0], q_pe[:, :, 0], kv, w_uk, w_uv, float(softmax_scale), valid,
-                         cpu_kernels.vdpbf16_preferred())  # answered in q's dtype
+                         cpu_kernels.mla_decode_form(ext))  # answered in q's dtype
     return out.view(b, 1, h * w_uv.shape[1])

@@ -81,15 +81,20 @@ def test_fused_decode_step_is_bit_identical_to_the_module_path(cpu_ext, monkeypa
     assert not torch.equal(fused_logits[:, 0], fused_logits[:, 1])
 
 
-def test_on_a_cpu_preferring_vdpbf16ps_both_paths_take_the_dot_form_alike(cpu_ext, monkeypatch) -> None:
-    """On AVX512-BF16 CPUs without AMX (the acceptance Zen 5) the MLA decode step takes its vdpbf16ps form in
-    mla_block and in the module path alike: still the same bits, and not the float32 form's."""
+@pytest.mark.parametrize("form", ["vdpbf16ps", "amx"])
+def test_both_paths_take_the_bf16_forms_alike(cpu_ext, monkeypatch, form) -> None:
+    """With a bf16 form of the MLA decode step (vdpbf16ps on AVX512-BF16 CPUs without AMX such as the acceptance
+    Zen 5, AMX tiles on CPUs with AMX) mla_block and the module path take the same form: still the same bits, and not
+    the float32 form's. Rows of r + rope = 64 (whole AMX tiles)."""
     if not cpu_ext.bf16_isa():
-        pytest.skip("the vdpbf16ps form needs the extension compiled for a CPU with AVX512-BF16 (this one has none)")
-    model = _model(seed=2)
-    monkeypatch.setattr(cpu_kernels, "vdpbf16_preferred", lambda: False)
+        pytest.skip("the bf16 forms need the extension compiled for a CPU with AVX512-BF16 (this one has none)")
+    if form == "amx" and cpu_ext.bf16_isa() != "amx":
+        pytest.skip("the AMX form needs a CPU with AMX that this process may use (this one has AVX512-BF16 only)")
+    model = _model(seed=2, qk_rope_head_dim=32)
+    code = cpu_ext.MLA_AMX if form == "amx" else cpu_ext.MLA_VDPBF16
+    monkeypatch.setattr(cpu_kernels, "mla_decode_form", lambda ext: ext.MLA_FLOAT32)
     float32_form, _ = _decode(model, monkeypatch, fused=True)
-    monkeypatch.setattr(cpu_kernels, "vdpbf16_preferred", lambda: True)
+    monkeypatch.setattr(cpu_kernels, "mla_decode_form", lambda ext: code)
     fused_logits, fused_cache = _decode(model, monkeypatch, fused=True)
     module_logits, module_cache = _decode(model, monkeypatch, fused=False)
     assert torch.equal(fused_logits, module_logits) and torch.equal(fused_cache, module_cache)

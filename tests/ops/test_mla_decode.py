@@ -100,7 +100,7 @@ def test_absorbed_attention_gives_the_same_with_the_kernel_switched_off(ext, mon
     mask = (torch.arange(200) >= torch.tensor([[0], [17]]))[:, None, None, :]  # left padding of row 1
     on = absorbed_mla_attention(q_nope, q_pe, kv, w_uk, w_uv, 0.1, mask)
     direct = ext.mla_decode(q_nope[:, :, 0].float(), q_pe[:, :, 0].float(), kv, w_uk, w_uv, 0.1, mask[:, 0, 0],
-                            cpu_kernels.vdpbf16_preferred())
+                            cpu_kernels.mla_decode_form(ext))
     assert torch.equal(on, direct.bfloat16().view(2, 1, -1))  # the decode step took the kernel
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     off = absorbed_mla_attention(q_nope, q_pe, kv, w_uk, w_uv, 0.1, mask)
@@ -148,11 +148,15 @@ def test_float32_weights_use_the_kernel_only_once_it_is_built(ext, monkeypatch):
     assert not torch.equal(not_built, built)  # (different summation order: the two paths really differ)
 
 
-# --- the vdpbf16ps form (bf16 cache and weights, bf16_dot=True; auto on AVX512-BF16 CPUs without AMX) ---------
+# --- the bf16 forms (bf16 cache and weights): vdpbf16ps (auto on AVX512-BF16 CPUs without AMX) and AMX tiles ------
 
-def _dot_or_skip(ext) -> None:
+def _form_or_skip(ext, form: str) -> int:
+    """ext.MLA_VDPBF16 / ext.MLA_AMX, skipping where this build and CPU cannot run it."""
     if not ext.bf16_isa():
-        pytest.skip("the vdpbf16ps form needs the extension compiled for a CPU with AVX512-BF16 (this one has none)")
+        pytest.skip("the bf16 forms need the extension compiled for a CPU with AVX512-BF16 (this one has none)")
+    if form == "amx" and ext.bf16_isa() != "amx":
+        pytest.skip("the AMX form needs a CPU with AMX that this process may use (this one has AVX512-BF16 only)")
+    return ext.MLA_AMX if form == "amx" else ext.MLA_VDPBF16
 
 
 def _rounded_reference(q_nope, q_pe, kv, w_uk, w_uv, scale, valid=None, chunk=128):
@@ -179,20 +183,26 @@ def _rounded_reference(q_nope, q_pe, kv, w_uk, w_uv, scale, valid=None, chunk=12
     return torch.einsum("bhr,hvr->bhv", lat, w_uv)
 
 
-# + the real shapes at 4,096 rows, 32 heads (two 16-lane groups), 5 heads (a partial group), one to three rows
+# + the real shapes at 4,096 rows, 32 heads (two 16-lane groups), 5 heads (a partial group), one to three rows;
+# rows of r + rope = 96 / 64 (a multiple of 32: the AMX form's tiles; the others fall back to vdpbf16ps there)
 DOT_SHAPES = SHAPES + [(1, 16, 4096, 128, 64, 512, 128), (2, 32, 257, 16, 8, 64, 16), (1, 5, 131, 8, 8, 32, 8),
-                       (1, 16, 1, 16, 8, 64, 16), (2, 16, 3, 16, 8, 64, 16)]
+                       (1, 16, 1, 16, 8, 64, 16), (2, 16, 3, 16, 8, 64, 16), (2, 32, 257, 16, 32, 64, 16),
+                       (1, 5, 131, 8, 32, 32, 8), (2, 16, 3, 16, 32, 64, 16), (1, 3, 50, 8, 32, 96, 8)]
 
 
+@pytest.mark.parametrize("form", ["vdpbf16ps", "amx"])
 @pytest.mark.parametrize("shape", DOT_SHAPES)
-def test_dot_form_computes_the_bf16_products_it_describes(ext, monkeypatch, shape):
-    _dot_or_skip(ext)
+def test_bf16_forms_compute_the_bf16_products_they_describe(ext, monkeypatch, shape, form):
+    code = _form_or_skip(ext, form)
     q_nope, q_pe, kv, w_uk, w_uv = _inputs(*shape, torch.bfloat16, torch.bfloat16)
-    out = ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.125, None, True)
-    if shape[-2] % 32:  # a latent width the vdpbf16ps form does not take: the float32 form answers
-        assert torch.equal(out, ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.125, None, False))
+    out = ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.125, None, code)
+    float32_form = ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.125, None, ext.MLA_FLOAT32)
+    if shape[-2] % 32:  # a latent width neither bf16 form takes: the float32 form answers
+        assert torch.equal(out, float32_form)
         return
-    float32_form = ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.125, None, False)
+    if form == "amx" and (shape[-2] + shape[-3]) % 32:  # rows AMX tiles do not take: the float32 form answers
+        assert torch.equal(out, float32_form)
+        return
     if shape[2] == 1:  # one key: its probability is exactly 1 in both forms, the answer W_UV c exactly
         assert torch.equal(out, float32_form)
         return
@@ -215,36 +225,71 @@ def test_dot_form_computes_the_bf16_products_it_describes(ext, monkeypatch, shap
     assert err <= torch_err, (err, torch_err)
 
 
-def test_dot_form_masks_and_odd_chunks(ext):
-    _dot_or_skip(ext)
-    q_nope, q_pe, kv, w_uk, w_uv = _inputs(3, 16, 401, 16, 8, 64, 16, torch.bfloat16, torch.bfloat16)
+@pytest.mark.parametrize("form", ["vdpbf16ps", "amx"])
+def test_bf16_forms_mask_and_take_odd_chunks(ext, form):
+    code = _form_or_skip(ext, form)
+    q_nope, q_pe, kv, w_uk, w_uv = _inputs(3, 16, 401, 16, 32, 64, 16, torch.bfloat16, torch.bfloat16)
     valid = torch.rand(3, 401, generator=torch.Generator().manual_seed(1)) > 0.5
     valid[1, :300] = False  # whole 128-row chunks without a visible key
     valid[2] = False
-    out = ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.2, valid, True)
+    out = ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.2, valid, code)
     exact = _reference(q_nope[:2], q_pe[:2], kv[:2], w_uk, w_uv, 0.2, valid[:2])
     rounded = _rounded_reference(q_nope[:2], q_pe[:2], kv[:2], w_uk, w_uv, 0.2, valid[:2])
     assert (out[:2].double() - rounded).abs().max() < 0.25 * (rounded - exact).abs().max()
     assert torch.equal(out[2], torch.zeros_like(out[2]))
     kv2 = kv.clone()
     kv2[0, ~valid[0]] = 100.0  # a masked key's values change nothing, bit for bit
-    assert torch.equal(ext.mla_decode(q_nope, q_pe, kv2, w_uk, w_uv, 0.2, valid, True), out)
+    assert torch.equal(ext.mla_decode(q_nope, q_pe, kv2, w_uk, w_uv, 0.2, valid, code), out)
+
+
+def test_amx_form_reads_no_row_past_the_cache(ext):
+    # The AMX form loads whole tiles of 16 rows: the last rows of a cache whose length is not a multiple of 16 come
+    # from a zero-padded copy. Rows just past the view (the longer buffer's spare rows) must not change anything.
+    code = _form_or_skip(ext, "amx")
+    q_nope, q_pe, _, w_uk, w_uv = _inputs(2, 16, 37, 16, 32, 64, 16, torch.bfloat16, torch.bfloat16)
+    buffer = torch.randn(2, 37 + 16, 96, generator=torch.Generator().manual_seed(2)).bfloat16()
+    kv = buffer[:, :37]
+    out = ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.2, None, code)
+    buffer[:, 37:] = float("nan")
+    assert torch.equal(ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.2, None, code), out)
+    assert not out.isnan().any()
+
+
+def test_forms_are_checked(ext):
+    q_nope, q_pe, kv, w_uk, w_uv = _inputs(1, 4, 10, 8, 8, 32, 8, torch.bfloat16, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="form must be 0 .float32., 1 .vdpbf16ps. or 2 .AMX., got 7"):
+        ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.1, None, 7)
+    if ext.bf16_isa() != "amx":
+        with pytest.raises(RuntimeError, match="the AMX form asked for, but this build or process cannot use AMX"):
+            ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.1, None, ext.MLA_AMX)
 
 
 @pytest.mark.parametrize("kv_dtype, w_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
-def test_dot_form_is_only_for_a_bf16_cache_with_bf16_weights(ext, kv_dtype, w_dtype):
-    q_nope, q_pe, kv, w_uk, w_uv = _inputs(1, 16, 300, 32, 16, 64, 32, kv_dtype, w_dtype)
-    assert torch.equal(ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.1, None, True),
-                       ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.1, None, False))
+def test_bf16_forms_are_only_for_a_bf16_cache_with_bf16_weights(ext, kv_dtype, w_dtype):
+    q_nope, q_pe, kv, w_uk, w_uv = _inputs(1, 16, 300, 32, 32, 64, 32, kv_dtype, w_dtype)
+    float32_form = ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.1, None, ext.MLA_FLOAT32)
+    forms = [ext.MLA_VDPBF16] + ([ext.MLA_AMX] if ext.bf16_isa() == "amx" else [])
+    for form in forms:
+        assert torch.equal(ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.1, None, form), float32_form)
 
 
-def test_the_decode_step_asks_for_the_dot_form_only_without_amx(ext, monkeypatch):
-    _dot_or_skip(ext)
-    q_nope, q_pe, kv, w_uk, w_uv = _inputs(1, 16, 200, 32, 16, 64, 32, torch.bfloat16, torch.bfloat16)
+def test_the_decode_step_takes_amx_then_vdpbf16ps_then_float32(ext, monkeypatch):
+    _form_or_skip(ext, "vdpbf16ps")
+    q_nope, q_pe, kv, w_uk, w_uv = _inputs(1, 16, 200, 32, 32, 64, 32, torch.bfloat16, torch.bfloat16)
     args = (q_nope[:, :, None].bfloat16(), q_pe[:, :, None].bfloat16(), kv, w_uk, w_uv, 0.1)
-    direct = {dot: ext.mla_decode(q_nope.bfloat16(), q_pe.bfloat16(), kv, w_uk, w_uv, 0.1, None, dot).view(1, 1, -1)
-              for dot in (False, True)}
-    for flags, dot in (({"avx512f", "avx512_bf16"}, True), ({"avx512_bf16", "amx_bf16"}, False), ({"avx2"}, False)):
+    direct = {form: ext.mla_decode(q_nope.bfloat16(), q_pe.bfloat16(), kv, w_uk, w_uv, 0.1, None, form).view(1, 1, -1)
+              for form in (ext.MLA_FLOAT32, ext.MLA_VDPBF16)}
+    amx = ext.bf16_isa() == "amx"  # the CPU's flags name AMX, and the build and the kernel grant it
+    if amx:
+        direct[ext.MLA_AMX] = ext.mla_decode(q_nope.bfloat16(), q_pe.bfloat16(), kv, w_uk, w_uv, 0.1, None,
+                                             ext.MLA_AMX).view(1, 1, -1)
+        float32_out = [ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.1, None, form)
+                       for form in (ext.MLA_AMX, ext.MLA_VDPBF16)]
+        assert not torch.equal(*float32_out)  # the forms really differ (in their sums' order)
+    cases = (({"avx512f", "avx512_bf16"}, ext.MLA_VDPBF16),
+             ({"avx512_bf16", "amx_bf16"}, ext.MLA_AMX if amx else ext.MLA_FLOAT32), ({"avx2"}, ext.MLA_FLOAT32))
+    for flags, form in cases:
         monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert cpu_kernels.mla_decode_form(ext) == form, flags
         with torch.inference_mode():
-            assert torch.equal(absorbed_mla_attention(*args), direct[dot]), flags
+            assert torch.equal(absorbed_mla_attention(*args), direct[form]), flags

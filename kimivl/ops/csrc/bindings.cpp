@@ -25,11 +25,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "slot) pairs run as ATen GEMMs inside the call");
   m.def("mla_decode", &mla_decode,
         "one absorbed-MLA decode step: q_nope (B, H, nope), q_pe (B, H, rope) float32 or bfloat16, kv (B, T, r + "
-        "rope), w_uk (H, nope, r), w_uv (H, v, r), scale, valid (B, T) bool or None, bf16_dot -> (B, H, v) in q's "
-        "dtype; bf16_dot asks for the vdpbf16ps form (bf16 products) where the cache and weights are bf16 and it "
-        "is compiled in, else the float32 form runs",
+        "rope), w_uk (H, nope, r), w_uv (H, v, r), scale, valid (B, T) bool or None, form -> (B, H, v) in q's "
+        "dtype; form MLA_FLOAT32, or MLA_VDPBF16 / MLA_AMX for bf16 products where the cache and weights are bf16 "
+        "and r a multiple of 32 (AMX: and r + rope too; vdpbf16ps: where compiled in), else the float32 form",
         pybind11::arg("q_nope"), pybind11::arg("q_pe"), pybind11::arg("kv"), pybind11::arg("w_uk"),
-        pybind11::arg("w_uv"), pybind11::arg("scale"), pybind11::arg("valid"), pybind11::arg("bf16_dot") = false);
+        pybind11::arg("w_uv"), pybind11::arg("scale"), pybind11::arg("valid"), pybind11::arg("form") = FORM_FLOAT32);
+  m.attr("MLA_FLOAT32") = FORM_FLOAT32;
+  m.attr("MLA_VDPBF16") = FORM_VDPBF16;
+  m.attr("MLA_AMX") = FORM_AMX;
   m.def("rope_rotate", &rope_rotate,
         "RoPE on interleaved channel pairs, answered in rotate-half order: x (B, H, S, D), cos / sin (B, S, D) -> "
         "(B, H, S, D) in x's dtype, each product and the sum rounded to it as the PyTorch ops do");

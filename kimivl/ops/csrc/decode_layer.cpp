@@ -48,7 +48,7 @@ torch::Tensor mla_block(const torch::Tensor& h, const torch::Tensor& ln_w, doubl
                         const torch::Tensor& kv_b_w, const torch::Tensor& o_w, const torch::Tensor& cos,
                         const torch::Tensor& sin, const torch::Tensor& cache, int64_t pos,
                         const c10::optional<torch::Tensor>& valid, int64_t heads, int64_t nope, int64_t rope,
-                        int64_t v, double scale, bool bf16_dot) {
+                        int64_t v, double scale, int64_t form) {
   check_bf16(h, "h");
   TORCH_CHECK(h.dim() == 3 && h.size(1) == 1, "mla_block: h must be (B, 1, D), got ", h.sizes());
   const int64_t B = h.size(0);
@@ -78,7 +78,7 @@ torch::Tensor mla_block(const torch::Tensor& h, const torch::Tensor& ln_w, doubl
   auto q_pe = rope_rotate(qh.narrow(-1, nope, rope), cos, sin);
   auto w = kv_b_w.view({heads, nope + v, r});
   auto out = mla_decode(qh.narrow(-1, 0, nope).select(2, 0), q_pe.select(2, 0), cache.narrow(1, 0, pos + 1),
-                        w.narrow(1, 0, nope), w.narrow(1, nope, v), scale, valid, bf16_dot);
+                        w.narrow(1, 0, nope), w.narrow(1, nope, v), scale, valid, form);
   return h + project(out.reshape({B, 1, heads * v}), o_w);
 }
 

@@ -35,9 +35,12 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
 torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
                                const torch::Tensor& gate_up, const torch::Tensor& down, bool use_amx,
                                int64_t max_rows);
+// mla_decode's forms (its `form` argument; kimivl.ops.cpu_kernels.mla_decode_form picks one): products in float32
+// on widened rows, or bf16 products (bf16 queries and probabilities, float32 sums) by vdpbf16ps or by AMX tiles.
+constexpr int64_t FORM_FLOAT32 = 0, FORM_VDPBF16 = 1, FORM_AMX = 2;
 torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
                          const torch::Tensor& w_uk, const torch::Tensor& w_uv, double scale,
-                         const c10::optional<torch::Tensor>& valid, bool bf16_dot);
+                         const c10::optional<torch::Tensor>& valid, int64_t form);
 torch::Tensor mla_block(const torch::Tensor& h, const torch::Tensor& ln_w, double ln_eps,
                         const c10::optional<torch::Tensor>& q_w, const c10::optional<torch::Tensor>& q_a_w,
                         const c10::optional<torch::Tensor>& q_a_ln_w, const c10::optional<torch::Tensor>& q_b_w,
@@ -45,7 +48,7 @@ torch::Tensor mla_block(const torch::Tensor& h, const torch::Tensor& ln_w, doubl
                         const torch::Tensor& kv_b_w, const torch::Tensor& o_w, const torch::Tensor& cos,
                         const torch::Tensor& sin, const torch::Tensor& cache, int64_t pos,
                         const c10::optional<torch::Tensor>& valid, int64_t heads, int64_t nope, int64_t rope,
-                        int64_t v, double scale, bool bf16_dot);
+                        int64_t v, double scale, int64_t form);
 torch::Tensor moe_block(const torch::Tensor& h, const torch::Tensor& ln_w, double eps, const torch::Tensor& gate_w32,
                         const c10::optional<torch::Tensor>& bias, const torch::Tensor& gate, const torch::Tensor& up,
                         const torch::Tensor& down, const c10::optional<torch::Tensor>& shared_gate,

@@ -12,9 +12,10 @@
 // the two per-row loops (scores of 16 heads in one register, weighted latents 32 wide) where the compiler
 // targets it, and a portable scalar path; every sum is accumulated in float32, each lane in the same order
 // on every path (a sum over the cache rows or over the latent width, one term after another; only W_UV's
-// dot products end in a sum over 16 or 8 lanes, by path). The caller may ask for the vdpbf16ps form instead (bf16_dot; namespace `dot` below): for a bf16 cache with
-// bf16 weights it takes the products in bf16 on the rows in place, the way the model's prefill does; Python asks
-// for it on CPUs where vdpbf16ps outruns float32 FMAs (kimivl.ops.cpu_kernels.vdpbf16_preferred).
+// dot products end in a sum over 16 or 8 lanes, by path). The caller may ask for a bf16 form instead (`form`;
+// namespace `dot` below): for a bf16 cache with bf16 weights it takes the products in bf16 on the rows in place,
+// the way the model's prefill does, by vdpbf16ps (asked for on CPUs where it outruns float32 FMAs) or by AMX tiles
+// (on CPUs with AMX: the chunk's products cost a fraction of reading it); kimivl.ops.cpu_kernels.mla_decode_form.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -28,6 +29,7 @@
 #include <vector>
 
 #include "bf16_simd.h"
+#include "kernels.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -404,6 +406,124 @@ inline void chunk(const uint32_t* qp, int64_t H, const uint16_t* rows, int64_t l
   }
 }
 
+#ifdef KIMIVL_AMX
+// The same chunk on AMX tiles (latent width R and row width D multiples of 32, queries as (D / 2, Hp) pairs for Hp =
+// H rounded up to 16 heads, the extra heads zero): the same roundings (bf16 queries and probabilities, float32
+// sums), other summation orders. Scores as C (16 rows, 16 heads) = A (16 cache rows x 32 columns, read in place
+// at the cache's stride) x B (16 pairs of query columns x 16 heads); the softmax as above; the weighted latents as
+// C (16 heads, 16 columns) = A (16 heads x 32 rows of probabilities: P transposed to (Hp, pairs)) x B (16 row
+// pairs x 16 columns: pack_columns' halves). A tile computes 16 x 16 x 32 products where a vdpbf16ps computes
+// 16 x 2, so the chunk costs a fraction of reading its rows. Tiles (all 16 rows x 64 bytes, configured by the
+// caller): 0 scores, 1 cache rows, 2 queries; 3 / 4 weighted halves, 5 probabilities, 6 / 7 row-pair halves.
+struct AmxScratch {
+  std::vector<float> S, m, l, out;
+  std::vector<uint32_t> P, PT, cols;
+  std::vector<uint16_t> tail;
+};
+
+inline void amx_chunk(const uint32_t* qp, int64_t H, int64_t Hp, const uint16_t* rows, int64_t ld, int64_t n,
+                      int64_t D, int64_t R, const bool* valid, float* m, float* l, float* acc, AmxScratch& w,
+                      const uint16_t* next, int64_t next_n) {
+  const int64_t n16 = (n + 15) / 16 * 16, n32 = (n + 31) / 32 * 32, half = CHUNK / 2;
+  w.S.resize(CHUNK * Hp);
+  w.P.resize(half * Hp);
+  w.PT.resize(Hp * half);
+  w.cols.resize(half * 32);
+  w.tail.resize(16 * D);
+  w.m.resize(Hp);
+  w.l.resize(Hp);
+  w.out.resize(2 * 256);
+  float* S = w.S.data();
+  const int64_t full = n / 16;  // whole tiles of rows read in place; the last rows, if any, zero-padded in `tail`
+  if (full * 16 < n) {
+    std::fill(w.tail.begin(), w.tail.end(), uint16_t(0));
+    for (int64_t i = 0; i < n - full * 16; ++i)
+      std::memcpy(w.tail.data() + i * D, rows + (full * 16 + i) * ld, D * sizeof(uint16_t));
+  }
+  auto tile_rows = [&](int64_t tile) { return tile < full ? rows + tile * 16 * ld : w.tail.data(); };
+  auto tile_ld = [&](int64_t tile) { return (tile < full ? ld : D) * 2; };
+  // The next chunk's lines (this thread's next chunk follows in memory; next_n rows, 0 for none) prefetched into L2,
+  // spread over the steps of both loops: tile loads that miss L2 wait for their 16 lines nearly one by one (a
+  // chunk from memory took ~2x as long without this).
+  const int64_t slots = (n16 / 16 + 3) / 4 * (D / 32) + R / 32;
+  const char* ahead = reinterpret_cast<const char*>(next);
+  const char* const ahead_end = ahead + next_n * ld * 2;
+  const int64_t per_slot = (next_n * ld * 2 / 64 + slots - 1) / slots;
+  auto prefetch = [&](int64_t parts) {  // 1 / parts of a slot's lines
+    for (int64_t i = 0; i < (per_slot + parts - 1) / parts && ahead < ahead_end; ++i, ahead += 64)
+      _mm_prefetch(ahead, _MM_HINT_T1);
+  };
+  for (int64_t h0 = 0; h0 < Hp; h0 += 16) {
+    for (int64_t t0 = 0; t0 < n16 / 16; t0 += 4) {  // up to 4 tiles of rows share each tile of queries
+      const int64_t nt = std::min<int64_t>(4, n16 / 16 - t0);
+      _tile_zero(0);
+      if (nt > 1) _tile_zero(3);
+      if (nt > 2) _tile_zero(4);
+      if (nt > 3) _tile_zero(5);
+      const uint16_t* a0 = tile_rows(t0);
+      const uint16_t* a1 = nt > 1 ? tile_rows(t0 + 1) : a0;
+      const uint16_t* a2 = nt > 2 ? tile_rows(t0 + 2) : a0;
+      const uint16_t* a3 = nt > 3 ? tile_rows(t0 + 3) : a0;
+      const int64_t s0 = tile_ld(t0), s1 = nt > 1 ? tile_ld(t0 + 1) : s0, s2 = nt > 2 ? tile_ld(t0 + 2) : s0,
+                    s3 = nt > 3 ? tile_ld(t0 + 3) : s0;
+      for (int64_t k = 0; k < D; k += 32) {
+        const bool pf = h0 == 0;  // the prefetches between the tile operations, a quarter of a slot each
+        _tile_loadd(2, qp + (k / 2) * Hp + h0, Hp * 4);
+        _tile_loadd(1, a0 + k, s0);
+        if (pf) prefetch(4);
+        _tile_dpbf16ps(0, 1, 2);
+        if (nt > 1) { _tile_loadd(6, a1 + k, s1); if (pf) prefetch(4); _tile_dpbf16ps(3, 6, 2); }
+        if (nt > 2) { _tile_loadd(1, a2 + k, s2); if (pf) prefetch(4); _tile_dpbf16ps(4, 1, 2); }
+        if (nt > 3) { _tile_loadd(6, a3 + k, s3); if (pf) prefetch(4); _tile_dpbf16ps(5, 6, 2); }
+      }
+      float* c = S + t0 * 16 * Hp + h0;
+      _tile_stored(0, c, Hp * 4);
+      if (nt > 1) _tile_stored(3, c + 16 * Hp, Hp * 4);
+      if (nt > 2) _tile_stored(4, c + 32 * Hp, Hp * 4);
+      if (nt > 3) _tile_stored(5, c + 48 * Hp, Hp * 4);
+    }
+  }
+  if (valid != nullptr)
+    for (int64_t t = 0; t < n; ++t)
+      if (!valid[t]) std::fill(S + t * Hp, S + (t + 1) * Hp, -std::numeric_limits<float>::infinity());
+  softmax_pairs(S, n, Hp, w.m.data(), w.l.data(), w.P.data());
+  std::copy(w.m.begin(), w.m.begin() + H, m);
+  std::copy(w.l.begin(), w.l.begin() + H, l);
+  // probabilities as A operands: (pairs, heads) -> (heads, pairs), zero pairs up to a multiple of 16
+  const int64_t pairs = (n + 1) / 2, pairs32 = n32 / 2;
+  for (int64_t p = 0; p < pairs32; ++p)
+    for (int64_t h = 0; h < Hp; ++h) w.PT[h * half + p] = p < pairs ? w.P[p * Hp + h] : 0u;
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t j0 = 0; j0 < R; j0 += 32) {
+    prefetch(1);
+    pack_columns(rows + j0, ld, n, w.cols.data());
+    std::fill(w.cols.begin() + pairs * 32, w.cols.begin() + pairs32 * 32, 0u);
+    for (int64_t h0 = 0; h0 < Hp; h0 += 16) {
+      _tile_zero(3);
+      _tile_zero(4);
+      for (int64_t p0 = 0; p0 < pairs32; p0 += 16) {
+        _tile_loadd(5, w.PT.data() + h0 * half + p0, half * 4);
+        _tile_loadd(6, w.cols.data() + p0 * 32, 128);
+        _tile_loadd(7, w.cols.data() + p0 * 32 + 16, 128);
+        _tile_dpbf16ps(3, 5, 6);
+        _tile_dpbf16ps(4, 5, 7);
+      }
+      float* lo = w.out.data();
+      float* hi = lo + 256;
+      _tile_stored(3, lo, 64);
+      _tile_stored(4, hi, 64);
+      for (int64_t i = 0; i < 16 && h0 + i < H; ++i) {  // back to column order, as weighted() does
+        const __m512 a = _mm512_loadu_ps(lo + i * 16), b = _mm512_loadu_ps(hi + i * 16);
+        float* o = acc + (h0 + i) * R + j0;
+        _mm512_storeu_ps(o, _mm512_permutex2var_ps(a, first, b));
+        _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(a, second, b));
+      }
+    }
+  }
+}
+#endif
+
 }  // namespace dot
 #endif
 
@@ -447,7 +567,9 @@ inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 
 // y[i] = sum_k x[k] * w[k * ldw + i] for i < N (a row vector times a (K, N) matrix), w float or bf16.
 // These two products read W_UK and W_UV (4 MB of bf16 per layer at the real size) once per step: they must run
-// at the memory's rate, so their outputs are register blocks (128 columns, or 8 rows), not a pass over y per k.
+// at the memory's rate, so their outputs are register blocks (128 columns, or 8 rows), not a pass over y per k,
+// and they prefetch: a block's rows are 1 KB apart (vec_mat) or 8 rows side by side (mat_vec), patterns the
+// hardware prefetcher follows late (one thread read 7-8 GB/s without, 11-12 with, as a plain sequential sum).
 template <typename W>
 void vec_mat(const float* x, const W* w, int64_t K, int64_t N, int64_t ldw, float* y) {
   int64_t i = 0;
@@ -459,6 +581,9 @@ void vec_mat(const float* x, const W* w, int64_t K, int64_t N, int64_t ldw, floa
     for (int64_t k = 0; k < K; ++k) {
       const __m512 xk = _mm512_set1_ps(x[k]);
       const W* row = w + k * ldw + i;
+      if (k + 16 < K)  // the block's columns 16 rows ahead
+        for (int64_t b = 0; b < 128 * int64_t(sizeof(W)); b += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(row + 16 * ldw) + b, _MM_HINT_T0);
 #pragma GCC unroll 8
       for (int v = 0; v < 8; ++v) a[v] = _mm512_fmadd_ps(xk, load16(row + 16 * v), a[v]);
     }
@@ -493,6 +618,9 @@ void mat_vec(const W* w, const float* x, int64_t N, int64_t K, int64_t ldw, floa
 #pragma GCC unroll 8
       for (int r = 0; r < 8; ++r) a[r] = _mm512_setzero_ps();
       for (int64_t k = 0; k < K; k += 16) {
+        if (i + 16 <= N && (k * int64_t(sizeof(W))) % 64 == 0)  // the next block's rows, a line per row and step
+#pragma GCC unroll 8
+          for (int r = 0; r < 8; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (i + 8 + r) * ldw + k), _MM_HINT_T0);
         const __m512 xv = _mm512_loadu_ps(x + k);
 #pragma GCC unroll 8
         for (int r = 0; r < 8; ++r) a[r] = _mm512_fmadd_ps(load16(w + (i + r) * ldw + k), xv, a[r]);
@@ -524,7 +652,7 @@ void mat_vec(const W* w, const float* x, int64_t N, int64_t K, int64_t ldw, floa
 template <typename KV, typename W>
 torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
                   const torch::Tensor& w_uk, const torch::Tensor& w_uv, double scale,
-                  const c10::optional<torch::Tensor>& valid, bool bf16_dot) {
+                  const c10::optional<torch::Tensor>& valid, int64_t form) {
   const int64_t B = q_nope.size(0), H = q_nope.size(1), NOPE = q_nope.size(2), ROPE = q_pe.size(2);
   const int64_t T = kv.size(1), D = kv.size(2), R = w_uk.size(2), V = w_uv.size(1);
   const float* qn = q_nope.data_ptr<float>();
@@ -551,16 +679,26 @@ torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const 
   });
 
 #ifdef KIMIVL_AVX512BF16
-  // A bf16 model (bf16 cache and weights) takes the vdpbf16ps form: the queries as (D / 2, H) pairs of bf16.
-  const bool use_dot = bf16_dot && std::is_same_v<KV, uint16_t> && std::is_same_v<W, uint16_t> && D % 2 == 0 && R % 32 == 0;
-  std::vector<uint32_t> qpair(use_dot ? B * D * H / 2 : 0);
+  // A bf16 model (bf16 cache and weights) takes the bf16 products' form it asks for: vdpbf16ps, or AMX tiles where
+  // the rows are whole tiles (r + rope a multiple of 32; else the float32 form, the faster one on AMX CPUs). The
+  // queries as (D / 2, Hq) pairs of bf16, Hq = H, or H rounded up to 16 for AMX (whole tiles of heads, the extra
+  // ones zero).
+  const bool bf16_ok = std::is_same_v<KV, uint16_t> && std::is_same_v<W, uint16_t> && D % 2 == 0 && R % 32 == 0;
+#ifdef KIMIVL_AMX
+  const bool use_amx = form == FORM_AMX && bf16_ok && D % 32 == 0;
+#else
+  const bool use_amx = false;
+#endif
+  const bool use_dot = use_amx || (form == FORM_VDPBF16 && bf16_ok);
+  const int64_t Hq = use_amx ? (H + 15) / 16 * 16 : H;
+  std::vector<uint32_t> qpair(use_dot ? B * D / 2 * Hq : 0);
   if (use_dot)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t p = 0; p < D / 2; ++p)
-        for (int64_t h0 = 0; h0 < H; h0 += 16) {
+        for (int64_t h0 = 0; h0 < Hq; h0 += 16) {
           const __mmask16 lanes = kimivl_simd::first_lanes(H - h0);
           const float* q0 = qt.data() + (b * D + 2 * p) * H + h0;
-          _mm512_mask_storeu_epi32(qpair.data() + (b * D / 2 + p) * H + h0, lanes,
+          _mm512_mask_storeu_epi32(qpair.data() + (b * D / 2 + p) * Hq + h0, kimivl_simd::first_lanes(Hq - h0),
                                    dot::pack_pair(_mm512_maskz_loadu_ps(lanes, q0), _mm512_maskz_loadu_ps(lanes, q0 + H)));
         }
 #endif
@@ -572,6 +710,24 @@ torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const 
   std::unique_ptr<float[]> part_acc_buf(new float[B * chunks * H * R]);
   float* part_acc = part_acc_buf.get();
   at::parallel_for(0, B * chunks, 1, [&](int64_t c0, int64_t c1) {
+#ifdef KIMIVL_AMX
+    if (use_amx) {
+      kimivl_simd::TileConfig cfg;  // per thread: the tile configuration is thread state
+      for (int i = 0; i < 8; ++i) cfg.set(i, 16, 64);
+      _tile_loadconfig(&cfg);
+      dot::AmxScratch work;
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t b = c / chunks, t0 = (c % chunks) * CHUNK, n = std::min(CHUNK, T - t0);
+        dot::amx_chunk(qpair.data() + b * D / 2 * Hq, H, Hq,
+                       reinterpret_cast<const uint16_t*>(kvp) + b * kv_batch + t0 * kv_row, kv_row, n, D, R,
+                       vp != nullptr ? vp + b * T + t0 : nullptr, part_m.data() + c * H, part_l.data() + c * H,
+                       part_acc + c * H * R, work, reinterpret_cast<const uint16_t*>(kvp) + b * kv_batch + (t0 + n) * kv_row,
+                       c + 1 < c1 && t0 + n < T ? std::min(CHUNK, T - t0 - n) : 0);
+      }
+      _tile_release();
+      return;
+    }
+#endif
 #ifdef KIMIVL_AVX512BF16
     if (use_dot) {
       dot::Scratch work;
@@ -632,7 +788,7 @@ torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const 
 
 torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
                          const torch::Tensor& w_uk, const torch::Tensor& w_uv, double scale,
-                         const c10::optional<torch::Tensor>& valid, bool bf16_dot) {
+                         const c10::optional<torch::Tensor>& valid, int64_t form) {
   for (const auto* t : {&q_nope, &q_pe, &kv, &w_uk, &w_uv})
     TORCH_CHECK(t->device().is_cpu(), "mla_decode: CPU tensors only");
   TORCH_CHECK(q_nope.dim() == 3 && q_pe.dim() == 3 && kv.dim() == 3 && w_uk.dim() == 3 && w_uv.dim() == 3,
@@ -650,6 +806,10 @@ torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe,
               ", w_uk ", w_uk.sizes(), ", w_uv ", w_uv.sizes());
   TORCH_CHECK(kv.stride(2) == 1, "mla_decode: the cache's rows must be contiguous");
   TORCH_CHECK(w_uk.scalar_type() == w_uv.scalar_type(), "mla_decode: w_uk and w_uv differ in dtype");
+  TORCH_CHECK(form == FORM_FLOAT32 || form == FORM_VDPBF16 || form == FORM_AMX, "mla_decode: form must be ",
+              FORM_FLOAT32, " (float32), ", FORM_VDPBF16, " (vdpbf16ps) or ", FORM_AMX, " (AMX), got ", form);
+  TORCH_CHECK(form != FORM_AMX || bf16_isa() == "amx", "mla_decode: the AMX form asked for, but this build or "
+              "process cannot use AMX (bf16_isa() is '", bf16_isa(), "')");
   c10::optional<torch::Tensor> mask;
   if (valid.has_value()) {
     TORCH_CHECK(valid->scalar_type() == torch::kBool && valid->dim() == 2 && valid->size(0) == B &&
@@ -666,12 +826,12 @@ torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe,
   TORCH_CHECK(w16 || wk.scalar_type() == torch::kFloat32, "mla_decode: W_UK / W_UV must be float32 or bfloat16");
   torch::Tensor out;
   if (kv16 && w16)
-    out = run<uint16_t, uint16_t>(qn, qp, kv, wk, wv, scale, mask, bf16_dot);
+    out = run<uint16_t, uint16_t>(qn, qp, kv, wk, wv, scale, mask, form);
   else if (kv16)
-    out = run<uint16_t, float>(qn, qp, kv, wk, wv, scale, mask, bf16_dot);
+    out = run<uint16_t, float>(qn, qp, kv, wk, wv, scale, mask, form);
   else if (w16)
-    out = run<float, uint16_t>(qn, qp, kv, wk, wv, scale, mask, bf16_dot);
+    out = run<float, uint16_t>(qn, qp, kv, wk, wv, scale, mask, form);
   else
-    out = run<float, float>(qn, qp, kv, wk, wv, scale, mask, bf16_dot);
+    out = run<float, float>(qn, qp, kv, wk, wv, scale, mask, form);
   return out.to(q_type);  // computed in float32, answered in the queries' dtype
 }
