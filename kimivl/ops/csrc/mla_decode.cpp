@@ -344,6 +344,15 @@ inline void pack_columns(const uint16_t* r0, int64_t ld, int64_t n, uint32_t* ou
   }
 }
 
+// The sums of one head over a 32-column block, lo / hi in the order of pack_columns' two vectors, stored to
+// out[0, 32) in column order.
+inline void store_columns(__m512 lo, __m512 hi, float* out) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  _mm512_storeu_ps(out, _mm512_permutex2var_ps(lo, first, hi));
+  _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(lo, second, hi));
+}
+
 // out[h * ldo + j] = sum_t p[h, t] row t [j] for HB heads from h0 and 32 columns (pack_columns' order in, column
 // order out): a head's pair of probabilities broadcast against the two vectors of a row pair.
 template <int HB>
@@ -361,14 +370,8 @@ inline void weighted(const uint32_t* P, int64_t H, int64_t h0, const uint32_t* c
       a[i][1] = _mm512_dpbf16_ps(a[i][1], w, x1);
     }
   }
-  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
 #pragma GCC unroll 16
-  for (int i = 0; i < HB; ++i) {
-    float* o = out + (h0 + i) * ldo;
-    _mm512_storeu_ps(o, _mm512_permutex2var_ps(a[i][0], first, a[i][1]));
-    _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(a[i][0], second, a[i][1]));
-  }
+  for (int i = 0; i < HB; ++i) store_columns(a[i][0], a[i][1], out + (h0 + i) * ldo);
 }
 
 struct Scratch {
@@ -413,8 +416,9 @@ inline void chunk(const uint32_t* qp, int64_t H, const uint16_t* rows, int64_t l
 // at the cache's stride) x B (16 pairs of query columns x 16 heads); the softmax as above; the weighted latents as
 // C (16 heads, 16 columns) = A (16 heads x 32 rows of probabilities: P transposed to (Hp, pairs)) x B (16 row
 // pairs x 16 columns: pack_columns' halves). A tile computes 16 x 16 x 32 products where a vdpbf16ps computes
-// 16 x 2, so the chunk costs a fraction of reading its rows. Tiles (all 16 rows x 64 bytes, configured by the
-// caller): 0 scores, 1 cache rows, 2 queries; 3 / 4 weighted halves, 5 probabilities, 6 / 7 row-pair halves.
+// 16 x 2: what bounds the chunk is loading its rows into tiles (docs/performance.md). Tiles (all 16 rows x 64
+// bytes, configured by the caller): scores 0 / 3 / 4 / 5 (four row tiles), cache rows 1 / 6, queries 2; weighted
+// latents 3 / 4 (the two halves), probabilities 5, row pairs 6 / 7.
 struct AmxScratch {
   std::vector<float> S, m, l, out;
   std::vector<uint32_t> P, PT, cols;
@@ -493,8 +497,6 @@ inline void amx_chunk(const uint32_t* qp, int64_t H, int64_t Hp, const uint16_t*
   const int64_t pairs = (n + 1) / 2, pairs32 = n32 / 2;
   for (int64_t p = 0; p < pairs32; ++p)
     for (int64_t h = 0; h < Hp; ++h) w.PT[h * half + p] = p < pairs ? w.P[p * Hp + h] : 0u;
-  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   for (int64_t j0 = 0; j0 < R; j0 += 32) {
     prefetch(1);
     pack_columns(rows + j0, ld, n, w.cols.data());
@@ -513,12 +515,8 @@ inline void amx_chunk(const uint32_t* qp, int64_t H, int64_t Hp, const uint16_t*
       float* hi = lo + 256;
       _tile_stored(3, lo, 64);
       _tile_stored(4, hi, 64);
-      for (int64_t i = 0; i < 16 && h0 + i < H; ++i) {  // back to column order, as weighted() does
-        const __m512 a = _mm512_loadu_ps(lo + i * 16), b = _mm512_loadu_ps(hi + i * 16);
-        float* o = acc + (h0 + i) * R + j0;
-        _mm512_storeu_ps(o, _mm512_permutex2var_ps(a, first, b));
-        _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(a, second, b));
-      }
+      for (int64_t i = 0; i < 16 && h0 + i < H; ++i)
+        store_columns(_mm512_loadu_ps(lo + i * 16), _mm512_loadu_ps(hi + i * 16), acc + (h0 + i) * R + j0);
     }
   }
 }
