@@ -255,6 +255,19 @@ def test_amx_form_reads_no_row_past_the_cache(ext):
     assert not out.isnan().any()
 
 
+@pytest.mark.parametrize("form", ["vdpbf16ps", "amx"])
+def test_bf16_forms_read_strided_cache_rows_in_place(ext, form):
+    # rows of 96 values at a stride of 128 (a column slice of a wider buffer): the same numbers as a dense copy
+    code = _form_or_skip(ext, form)
+    q_nope, q_pe, _, w_uk, w_uv = _inputs(2, 16, 301, 16, 32, 64, 16, torch.bfloat16, torch.bfloat16)
+    wide = torch.randn(2, 301, 128, generator=torch.Generator().manual_seed(3)).bfloat16()
+    kv = wide[..., :96]
+    assert kv.stride(1) == 128
+    out = ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.2, None, code)
+    assert torch.equal(out, ext.mla_decode(q_nope, q_pe, kv.contiguous(), w_uk, w_uv, 0.2, None, code))
+    assert not torch.equal(out, ext.mla_decode(q_nope, q_pe, kv, w_uk, w_uv, 0.2, None, ext.MLA_FLOAT32))
+
+
 def test_forms_are_checked(ext):
     q_nope, q_pe, kv, w_uk, w_uv = _inputs(1, 4, 10, 8, 8, 32, 8, torch.bfloat16, torch.bfloat16)
     with pytest.raises(RuntimeError, match="form must be 0 .float32., 1 .vdpbf16ps. or 2 .AMX., got 7"):
