@@ -618,7 +618,8 @@ void mat_vec(const W* w, const float* x, int64_t N, int64_t K, int64_t ldw, floa
       for (int64_t k = 0; k < K; k += 16) {
         if (i + 16 <= N && (k * int64_t(sizeof(W))) % 64 == 0)  // the next block's rows, a line per row and step
 #pragma GCC unroll 8
-          for (int r = 0; r < 8; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (i + 8 + r) * ldw + k), _MM_HINT_T0);
+          for (int r = 0; r < 8; ++r)
+            _mm_prefetch(reinterpret_cast<const char*>(w + (i + 8 + r) * ldw + k), _MM_HINT_T0);
         const __m512 xv = _mm512_loadu_ps(x + k);
 #pragma GCC unroll 8
         for (int r = 0; r < 8; ++r) a[r] = _mm512_fmadd_ps(load16(w + (i + r) * ldw + k), xv, a[r]);
@@ -716,11 +717,12 @@ torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const 
       dot::AmxScratch work;
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t b = c / chunks, t0 = (c % chunks) * CHUNK, n = std::min(CHUNK, T - t0);
-        dot::amx_chunk(qpair.data() + b * D / 2 * Hq, H, Hq,
-                       reinterpret_cast<const uint16_t*>(kvp) + b * kv_batch + t0 * kv_row, kv_row, n, D, R,
+        const uint16_t* rows = reinterpret_cast<const uint16_t*>(kvp) + b * kv_batch + t0 * kv_row;
+        // the thread's next chunk, if it is this sequence's next one: prefetched while this one computes
+        const int64_t next_n = c + 1 < c1 && t0 + n < T ? std::min(CHUNK, T - t0 - n) : 0;
+        dot::amx_chunk(qpair.data() + b * D / 2 * Hq, H, Hq, rows, kv_row, n, D, R,
                        vp != nullptr ? vp + b * T + t0 : nullptr, part_m.data() + c * H, part_l.data() + c * H,
-                       part_acc + c * H * R, work, reinterpret_cast<const uint16_t*>(kvp) + b * kv_batch + (t0 + n) * kv_row,
-                       c + 1 < c1 && t0 + n < T ? std::min(CHUNK, T - t0 - n) : 0);
+                       part_acc + c * H * R, work, rows + n * kv_row, next_n);
       }
       _tile_release();
       return;
