@@ -15,6 +15,12 @@ Anything else returns None and the caller runs the modules. :func:`moe_step` is 
 ``DeepseekV3MoE`` called by itself (router and experts in one call). What a layer or MoE module needs is
 gathered once into a :class:`_Plan` kept on it, and checked per step by identity of the modules and
 parameters it holds (replacing or wrapping any of them, ``.to()`` or ``load_state_dict`` rebuilds it).
+
+:func:`model_step` goes one further for :func:`kimivl.generation.decode_step`: when every layer is served, the
+embedding, all layers' blocks, the final norm and ``lm_head`` run as one call of the extension's ``DecoderStep``
+(built from the layers' plans and kept on the model). The Python between the blocks was ~0.8 ms of a ~14 ms step
+at the real width (cold: the weights stream the interpreter's working set out of the caches;
+docs/performance.md, "The whole decode step in one call").
 """
 from __future__ import annotations
 
@@ -25,9 +31,11 @@ import torch
 from torch import nn
 
 from kimivl.decoder.cache import MLACache
+from kimivl.decoder.norm import DeepseekV3RMSNorm
 from kimivl.ops import cpu_kernels
 from kimivl.ops.linear import SMALL_M
 from kimivl.ops.moe import local_bf16, plain_bf16_linear, plain_bf16_mlp
+from kimivl.ops.rope import cached_inv_freq
 
 PLAN = "_cpu_decode_plan"  # attribute of a layer's / MoE's __dict__: not a submodule, not in the state dict
 _TOPK_METHODS = {"noaux_tc": 0, "greedy": 1, "group_limited_greedy": 2}
@@ -101,6 +109,121 @@ def layer_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.
     h = ext.mla_block(h, *attn, cos, sin, cache.data[layer.layer_idx], cache.length, valid, *dims,
                       cpu_kernels.mla_decode_form(ext))  # the form mla_decode takes in the module path too
     return ext.moe_block(h, *post, *moe_plan.args) if mlp is None else ext.mlp_block(h, *post, *mlp)
+
+
+def model_step(lm: nn.Module, ids: torch.Tensor, cache: MLACache,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """:func:`kimivl.generation.decode_step` of a bf16 ``DeepseekV3ForCausalLM`` in one C++ call: the embedding,
+    every layer's two blocks, the final norm and ``lm_head`` (``DecoderStep`` of ``decode_model.cpp``).
+
+    ids: (B, 1) with B <= ``SMALL_M``; attention_mask: (B, cache.length + 1) or None. Returns the next-token
+    logits (B, vocab) float32 and advances ``cache`` by one, bit for bit what the modules answer, or None where
+    any part of the model is not served by the layer blocks (see the module docstring) or the inputs are not a
+    plain decode step; the caller then runs the model, which also raises the errors for bad inputs.
+    """
+    if (ids.dim() != 2 or ids.shape[1] != 1 or not 0 < ids.shape[0] <= SMALL_M or ids.dtype != torch.int64
+            or ids.device.type != "cpu" or torch.is_grad_enabled() or cache.batch_size != ids.shape[0]
+            or cache.length >= cache.max_len):
+        return None
+    plan = _model_plan(lm)
+    if plan.args is None or any(map(len, plan.hooks)) or _global_hooks():
+        return None
+    positions = valid = None
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (ids.shape[0], cache.length + 1) or attention_mask.device.type != "cpu":
+            return None
+        if not bool(attention_mask.all()):  # left padding: the rows' own positions, and the keys they may see
+            from kimivl.decoder.model import causal_padding_mask  # (that module imports this one)
+
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, cache.length:]
+            valid = causal_padding_mask(attention_mask, cache.length).view(ids.shape[0], -1)
+    ext = cpu_kernels.kernels()
+    logits = plan.args.step(ids, cache.data, cache.length, positions, valid, cpu_kernels.mla_decode_form(ext))
+    if logits is not None:
+        cache.advance(1)
+    return logits
+
+
+def _model_plan(lm: nn.Module) -> _Plan:
+    """The model's ``DecoderStep``, kept on ``lm`` and rebuilt when any layer's plan is, or a weight it holds is
+    replaced (the layers' and MoE modules' references and versions are all checked by the one ``current()``)."""
+    plan = lm.__dict__.get(PLAN)
+    if plan is None or not plan.current() or (
+            isinstance(plan, _ModelPlan) and not all(map(operator.is_, map(dict.get, plan.dicts, plan.keys),
+                                                         plan.parts))):
+        plan = lm.__dict__[PLAN] = _build_model_plan(lm)
+    return plan
+
+
+@dataclass
+class _ModelPlan(_Plan):
+    """A :class:`_Plan` whose ``args`` is the extension's ``DecoderStep``; ``parts`` are the layer and MoE plans it
+    was built from, found in ``dicts`` (each module's ``__dict__``) under ``keys`` (``PLAN``) while current;
+    ``hooks`` the forward (pre-)hook dicts of the modules whose calls the one call replaces (any hook: the modules
+    run)."""
+
+    dicts: tuple = ()
+    keys: tuple = ()
+    parts: tuple = ()
+    hooks: tuple = ()
+
+
+def _global_hooks() -> bool:
+    """Forward hooks registered for every module (``nn.modules.module.register_module_forward_hook``)."""
+    state = nn.modules.module
+    return bool(state._global_forward_hooks or state._global_forward_pre_hooks)
+
+
+def _build_model_plan(lm: nn.Module) -> _Plan:
+    decoder = getattr(lm, "model", None)
+    head = getattr(lm, "lm_head", None)
+    layers = getattr(decoder, "layers", None)
+    refs = [_ref(lm, "model"), _ref(lm, "lm_head")]
+    if decoder is None or head is None or layers is None or not len(layers):
+        return _Plan(None, tuple(refs))
+    refs += [_ref(decoder, "embed_tokens"), _ref(decoder, "norm"), _ref(decoder, "layers")]
+    refs += [_ref(decoder.embed_tokens, "weight"), _ref(decoder.norm, "weight")]
+    if "weight" in head._parameters:
+        refs.append(_ref(head, "weight"))
+    from kimivl.decoder.model import DeepseekV3DecoderLayer, DeepseekV3Model  # (that module imports this one)
+
+    cfg = decoder.config
+    ext = cpu_kernels.kernels()
+    if (ext is None or not plain_bf16_linear(head) or not local_bf16(decoder.embed_tokens.weight)
+            or not local_bf16(decoder.norm.weight) or type(decoder).forward is not DeepseekV3Model.forward
+            or type(decoder.norm).forward is not DeepseekV3RMSNorm.forward):
+        return _Plan(None, tuple(refs))
+    inv_freq, scale = cached_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, "cpu")
+    step = ext.DecoderStep(decoder.embed_tokens.weight, decoder.norm.weight, decoder.norm.eps, head.weight,
+                           inv_freq, scale)
+    dicts, parts, versions = [], [], []
+    hooks = [m.__dict__[d] for m in (decoder, decoder.embed_tokens, decoder.norm, head, *layers)
+             for d in ("_forward_hooks", "_forward_pre_hooks")]
+    for i, layer in enumerate(layers):
+        refs.append((decoder.layers._modules, str(i), layer))
+        plan = _plan(layer, _layer_plan) if getattr(layer, "layer_idx", None) == i and \
+            type(layer).forward is DeepseekV3DecoderLayer.forward else _Plan(None, ())
+        if plan.args is None:
+            return _Plan(None, tuple(refs))
+        attn, dims, post, mlp = plan.args
+        dicts.append(layer.__dict__)
+        parts.append(plan)
+        refs += plan.refs
+        versions += plan.versions
+        step.add_attention(*attn, *dims)
+        if mlp is not None:
+            step.add_mlp(*post, *mlp)
+            continue
+        moe_plan = _plan(layer.mlp, _moe_plan)
+        if moe_plan.args is None:
+            return _Plan(None, tuple(refs))
+        dicts.append(layer.mlp.__dict__)
+        parts.append(moe_plan)
+        refs += moe_plan.refs
+        versions += moe_plan.versions
+        step.add_moe(*post, *moe_plan.args)
+    return _ModelPlan(step, tuple(refs), tuple(versions), tuple(dicts), (PLAN,) * len(dicts), tuple(parts),
+                      tuple(hooks))
 
 
 def _ref(module: nn.Module, name: str) -> tuple:

@@ -226,3 +226,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                          position_ids=position_ids, output_hidden_states=output_hidden_states, cache=cache)
         return CausalLMOutput(self.lm_head(out.last_hidden_state).float(), out.hidden_states)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        self.__dict__.pop(PLAN, None)  # the whole decode step's plan (kimivl.decoder.cpu_decode.model_step)
+        return super()._apply(fn, recurse)

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from kimivl.decoder import cpu_decode
 from kimivl.decoder.cache import MLACache, latent_cache_dtype
 from kimivl.errors import KimiVLInputError
 from kimivl.generation import cuda_graph
@@ -82,6 +83,9 @@ def decode_step(model: nn.Module, token_ids: torch.Tensor, cache: MLACache,
     """
     lm = _language_model(model)
     ids = token_ids.view(token_ids.shape[0], -1)
+    logits = cpu_decode.model_step(lm, ids, cache, attention_mask)  # bf16 on the CPU: the whole step in C++
+    if logits is not None:
+        return logits
     out = lm.model(input_ids=ids, attention_mask=attention_mask, cache=cache)
     return _next_token_logits(lm, out.last_hidden_state)
 

@@ -1,6 +1,6 @@
 """The optional C++ CPU kernels of kimivl (``kimivl/ops/csrc``), built just in time on first use.
 
-Seven kernels and three compositions of them (``csrc/``, one extension module, ``bindings.cpp``), all for
+Seven kernels and four compositions of them (``csrc/``, one extension module, ``bindings.cpp``), all for
 inference on the CPU:
 
 - ``linear_bf16w(x, w, bias=None)`` — activations (..., K) in float32 or bf16 times bfloat16 weights (N, K)
@@ -33,6 +33,8 @@ inference on the CPU:
 - ``mla_block``, ``moe_block``, ``mlp_block`` (``decode_layer.cpp``) — a bf16 decoder layer's decode step in two
   calls: the kernels above and the router's ATen ops in the modules' order, without the ~100 Python-level calls
   between them (:mod:`kimivl.decoder.cpu_decode`; bit-identical to the module path).
+- ``DecoderStep`` (``decode_model.cpp``) — a bf16 decoder's whole decode step in one call: embedding, RoPE
+  tables, every layer's blocks, final norm and ``lm_head`` (:func:`kimivl.decoder.cpu_decode.model_step`).
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja, ``-O3 -march=native``)
 into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), under a name that carries a hash of the
@@ -61,7 +63,8 @@ import torch
 logger = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("bindings.cpp", "linear_bf16w.cpp", "mla_decode.cpp", "rms_norm.cpp", "rope.cpp",
-                        "decode_layer.cpp", "experts_bf16.cpp", "attention_bf16.cpp")]
+                        "decode_layer.cpp", "decode_model.cpp", "experts_bf16.cpp",
+                        "attention_bf16.cpp")]
 ENV_SWITCH = "KIMIVL_CPU_KERNELS"
 
 

@@ -104,7 +104,7 @@ def rope_cos_sin(position_ids: torch.Tensor, dim: int, theta: float,
     position_ids: (B, S) integer. Returns ``cos, sin``: (B, S, dim) in ``dtype``, where channel ``j`` and
     ``j + dim/2`` both carry pair ``j``'s angle ``pos * inv_freq[j]``. Computed in float32, then cast.
     """
-    inv_freq, scale = _inv_freq_for(dim, theta, rope_scaling, position_ids.device)
+    inv_freq, scale = cached_inv_freq(dim, theta, rope_scaling, position_ids.device)
     freqs = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq  # (B, S, dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos(), emb.sin()
@@ -113,8 +113,8 @@ def rope_cos_sin(position_ids: torch.Tensor, dim: int, theta: float,
     return cos.to(dtype), sin.to(dtype)
 
 
-def _inv_freq_for(dim: int, theta: float, rope_scaling: dict[str, Any] | None,
-                  device: torch.device) -> tuple[torch.Tensor, float]:
+def cached_inv_freq(dim: int, theta: float, rope_scaling: dict[str, Any] | None,
+                    device: torch.device | str) -> tuple[torch.Tensor, float]:
     """:func:`rope_inv_freq`, computed once per (dim, theta, scaling, device): every forward of the decoder
     asks for it, and a decode step would otherwise spend ~6 tensor ops rebuilding the same few numbers."""
     try:

@@ -1,11 +1,12 @@
-"""The fused CPU decode step of a bf16 decoder layer (kimivl.decoder.cpu_decode: C++ mla_block / moe_block /
-mlp_block) against the module path it replaces: the same logits and cache bits, and the cases it must leave
-to the modules."""
+"""The fused CPU decode step of a bf16 decoder (kimivl.decoder.cpu_decode: the whole step in one C++ call,
+``model_step``, and each layer's C++ mla_block / moe_block / mlp_block, ``layer_step``) against the module path
+they replace: the same logits and cache bits, and the cases they must leave to the modules."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+import kimivl.decoder.cpu_decode as cpu_decode
 import kimivl.decoder.model as model_module
 from kimivl.configuration import DeepseekV3Config
 from kimivl.decoder import DeepseekV3ForCausalLM
@@ -38,9 +39,12 @@ def _model(seed: int = 0, **overrides) -> DeepseekV3ForCausalLM:
     return model.to(torch.bfloat16).eval()
 
 
-def _decode(model, monkeypatch, *, fused: bool, steps: int = 6, padded: bool = True):
-    """Greedy steps after a left-padded 2-row prompt: (stacked step logits, the cache's data)."""
+def _decode(model, monkeypatch, *, fused: bool | str, steps: int = 6, padded: bool = True):
+    """Greedy steps after a left-padded 2-row prompt: (stacked step logits, the cache's data). fused: True (the
+    one-call step where it applies, else the layer blocks), "layers" (the layer blocks only) or False (modules)."""
     with monkeypatch.context() as m:
+        if fused is not True:
+            m.setattr(cpu_decode, "model_step", lambda *args: None)
         if not fused:
             m.setattr(model_module, "layer_step", lambda *args: None)
         ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -72,11 +76,17 @@ def _plans(model) -> list[bool | None]:
 ], ids=["noaux_tc", "q_lora", "group_limited_softmax_no_shared", "greedy"])
 def test_fused_decode_step_is_bit_identical_to_the_module_path(cpu_ext, monkeypatch, overrides) -> None:
     model = _model(**overrides)
-    fused_logits, fused_cache = _decode(model, monkeypatch, fused=True)
+    served = []
+    step = cpu_decode.model_step
+    monkeypatch.setattr(cpu_decode, "model_step", lambda *args: served.append(step(*args)) or served[-1])
+    whole_logits, whole_cache = _decode(model, monkeypatch, fused=True)
+    assert len(served) == 6 and all(s is not None for s in served)  # every step was the one C++ call
+    layer_logits, layer_cache = _decode(model, monkeypatch, fused="layers")
     assert _plans(model) == [True] * 4  # every layer took the C++ blocks
     module_logits, module_cache = _decode(model, monkeypatch, fused=False)
-    assert torch.equal(fused_logits, module_logits)
-    assert torch.equal(fused_cache, module_cache)
+    assert torch.equal(whole_logits, module_logits) and torch.equal(layer_logits, module_logits)
+    assert torch.equal(whole_cache, module_cache) and torch.equal(layer_cache, module_cache)
+    fused_logits = whole_logits
     # and the comparison is not vacuous: rows and steps differ
     assert not torch.equal(fused_logits[:, 0], fused_logits[:, 1])
 
@@ -96,8 +106,10 @@ def test_both_paths_take_the_bf16_forms_alike(cpu_ext, monkeypatch, form) -> Non
     float32_form, _ = _decode(model, monkeypatch, fused=True)
     monkeypatch.setattr(cpu_kernels, "mla_decode_form", lambda ext: code)
     fused_logits, fused_cache = _decode(model, monkeypatch, fused=True)
+    layer_logits, layer_cache = _decode(model, monkeypatch, fused="layers")
     module_logits, module_cache = _decode(model, monkeypatch, fused=False)
     assert torch.equal(fused_logits, module_logits) and torch.equal(fused_cache, module_cache)
+    assert torch.equal(layer_logits, module_logits) and torch.equal(layer_cache, module_cache)
     assert not torch.equal(fused_logits, float32_form)
     torch.testing.assert_close(fused_logits.float(), float32_form.float(), rtol=0.05, atol=0.05)
 
@@ -112,9 +124,11 @@ def test_fused_decode_step_without_padding_and_through_generate(cpu_ext, monkeyp
     ids = torch.randint(3, 96, (1, 7), generator=torch.Generator().manual_seed(5))
     fused = generate(model, ids, max_new_tokens=8, do_sample=False)
     with monkeypatch.context() as m:
+        m.setattr(cpu_decode, "model_step", lambda *args: None)
         m.setattr(model_module, "layer_step", lambda *args: None)
         plain = generate(model, ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(fused, plain) and fused.shape == (1, 15)
+    assert model.__dict__[PLAN].args is not None  # generate took the one-call step
 
 
 def test_layers_the_fused_step_cannot_serve_run_their_modules(cpu_ext, monkeypatch) -> None:
@@ -130,6 +144,7 @@ def test_layers_the_fused_step_cannot_serve_run_their_modules(cpu_ext, monkeypat
     logits, _ = _decode(model, monkeypatch, fused=True)
     assert _plans(model) == [True, False, True, True]
     assert layer2.mlp.__dict__[PLAN].args is None  # layer 2: its MoE module's plan says no
+    assert model.__dict__[PLAN].args is None  # so the whole step is not one call either
     module, _ = _decode(model, monkeypatch, fused=False)
     assert torch.equal(logits, module)
 
@@ -146,8 +161,48 @@ def test_the_plan_follows_replaced_and_reloaded_weights(cpu_ext, monkeypatch) ->
     assert torch.equal(_decode(model, monkeypatch, fused=True)[0], _decode(third, monkeypatch, fused=False)[0])
     # .to() round trip: the plan's stacked experts and router copy are dropped with the old storage
     model.float().bfloat16()
-    assert all(PLAN not in layer.__dict__ for layer in model.model.layers)
+    assert all(PLAN not in layer.__dict__ for layer in model.model.layers) and PLAN not in model.__dict__
     assert torch.equal(_decode(model, monkeypatch, fused=True)[0], _decode(third, monkeypatch, fused=False)[0])
+    # a replaced module (the final norm) and a replaced layer are seen by the whole step's plan
+    plan = model.__dict__[PLAN]
+    model.model.norm = type(model.model.norm)(64, eps=1e-5).to(torch.bfloat16)
+    third.model.norm = model.model.norm
+    assert torch.equal(_decode(model, monkeypatch, fused=True)[0], _decode(third, monkeypatch, fused=False)[0])
+    assert model.__dict__[PLAN] is not plan and model.__dict__[PLAN].args is not None
+    model.model.layers[2] = third.model.layers[2]
+    assert torch.equal(_decode(model, monkeypatch, fused=True)[0], _decode(third, monkeypatch, fused=False)[0])
+
+
+def test_the_whole_step_leaves_hooks_bad_ids_and_float32_to_the_modules(cpu_ext, monkeypatch) -> None:
+    """A forward hook on any module the one call would skip, an id outside the vocabulary (the module path's
+    error), a full cache and a float32 model are the modules' business; the one call serves again after."""
+    from kimivl.errors import KimiVLInputError
+
+    model = _model(seed=10)
+    expected, _ = _decode(model, monkeypatch, fused=False)
+    seen = []
+    handle = model.model.layers[2].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    hooked, _ = _decode(model, monkeypatch, fused=True)
+    assert torch.equal(hooked, expected) and seen == [(2, 9, 64)] + [(2, 1, 64)] * 6  # prefill, every step
+    handle.remove()
+    cache = MLACache.from_config(model.config, 1, 3, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        prefill(model, torch.tensor([[5, 6]]), cache)
+        assert cpu_decode.model_step(model, torch.tensor([[7]]), cache) is not None  # serves again
+        assert cache.length == 3
+        with pytest.raises(KimiVLInputError, match="cannot take 1 more"):  # full: the model's own error
+            decode_step(model, torch.tensor([8]), cache)
+        cache.length = 2
+        with pytest.raises(KimiVLInputError, match="contains 96, outside the vocabulary"):
+            decode_step(model, torch.tensor([96]), cache)
+        assert cache.length == 2  # nothing was committed
+        assert cpu_decode.model_step(model, torch.tensor([[7]], dtype=torch.int32), cache) is None
+    with torch.no_grad():  # a float32 model: the plan says no, the modules answer
+        model.float()
+        cache32 = MLACache.from_config(model.config, 1, 3, dtype=torch.float32)
+        prefill(model, torch.tensor([[5, 6]]), cache32)
+        assert cpu_decode.model_step(model, torch.tensor([[7]]), cache32) is None
+        assert model.__dict__[PLAN].args is None
 
 
 def test_after_fused_decoding_the_model_still_trains_and_saves(cpu_ext, monkeypatch, tmp_path) -> None:

@@ -50,4 +50,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "a bf16 MoE layer for a few tokens, router included: x (..., D) -> DeepseekV3MoE(x) (kimivl.decoder.cpu_decode)");
   m.def("mlp_block", &mlp_block,
         "a bf16 dense layer's second half for a decode step: h + mlp(post_attention_layernorm(h))");
+  bind_decoder_step(m);
 }

@@ -63,3 +63,5 @@ torch::Tensor moe_forward(const torch::Tensor& x, const torch::Tensor& gate_w32,
                           double routed_scaling_factor);
 torch::Tensor mlp_block(const torch::Tensor& h, const torch::Tensor& ln_w, double eps, const torch::Tensor& gate,
                         const torch::Tensor& up, const torch::Tensor& down);
+// The DecoderStep class (decode_model.cpp): a bf16 decoder's whole decode step in one call.
+void bind_decoder_step(pybind11::module& m);
