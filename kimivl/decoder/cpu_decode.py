@@ -187,41 +187,50 @@ def _build_model_plan(lm: nn.Module) -> _Plan:
         refs.append(_ref(head, "weight"))
     from kimivl.decoder.model import DeepseekV3DecoderLayer, DeepseekV3Model  # (that module imports this one)
 
-    cfg = decoder.config
-    ext = cpu_kernels.kernels()
-    if (ext is None or not plain_bf16_linear(head) or not local_bf16(decoder.embed_tokens.weight)
+    if (not plain_bf16_linear(head) or not local_bf16(decoder.embed_tokens.weight)
             or not local_bf16(decoder.norm.weight) or type(decoder).forward is not DeepseekV3Model.forward
             or type(decoder.norm).forward is not DeepseekV3RMSNorm.forward):
         return _Plan(None, tuple(refs))
+    # The layers' plans (each rebuilt here if stale); their references are this plan's too, so a change that makes
+    # a layer servable again (or not) rebuilds it.
+    blocks, dicts, parts, versions = [], [], [], []
+
+    def plan_of(module: nn.Module, build) -> _Plan:  # noqa: ANN001 (a builder function)
+        plan = _plan(module, build)
+        refs.extend(plan.refs)
+        versions.extend(plan.versions)
+        dicts.append(module.__dict__)
+        parts.append(plan)
+        return plan
+
+    def stop() -> _Plan:
+        return _ModelPlan(None, tuple(refs), tuple(versions), tuple(dicts), (PLAN,) * len(dicts), tuple(parts))
+
+    for i, layer in enumerate(layers):
+        refs.append((decoder.layers._modules, str(i), layer))
+        if getattr(layer, "layer_idx", None) != i or type(layer).forward is not DeepseekV3DecoderLayer.forward:
+            return stop()
+        plan = plan_of(layer, _layer_plan)
+        if plan.args is None:
+            return stop()
+        attn, dims, post, mlp = plan.args
+        if mlp is None:
+            moe = plan_of(layer.mlp, _moe_plan)
+            if moe.args is None:
+                return stop()
+        blocks.append(((*attn, *dims), (*post, *(mlp if mlp is not None else moe.args)), mlp is None))
+    ext = cpu_kernels.kernels()  # only now: a model the blocks do not serve (float32, say) never builds it
+    if ext is None:
+        return stop()
+    cfg = decoder.config
     inv_freq, scale = cached_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, "cpu")
     step = ext.DecoderStep(decoder.embed_tokens.weight, decoder.norm.weight, decoder.norm.eps, head.weight,
                            inv_freq, scale)
-    dicts, parts, versions = [], [], []
+    for attention, second, moe in blocks:
+        step.add_attention(*attention)
+        (step.add_moe if moe else step.add_mlp)(*second)
     hooks = [m.__dict__[d] for m in (decoder, decoder.embed_tokens, decoder.norm, head, *layers)
              for d in ("_forward_hooks", "_forward_pre_hooks")]
-    for i, layer in enumerate(layers):
-        refs.append((decoder.layers._modules, str(i), layer))
-        plan = _plan(layer, _layer_plan) if getattr(layer, "layer_idx", None) == i and \
-            type(layer).forward is DeepseekV3DecoderLayer.forward else _Plan(None, ())
-        if plan.args is None:
-            return _Plan(None, tuple(refs))
-        attn, dims, post, mlp = plan.args
-        dicts.append(layer.__dict__)
-        parts.append(plan)
-        refs += plan.refs
-        versions += plan.versions
-        step.add_attention(*attn, *dims)
-        if mlp is not None:
-            step.add_mlp(*post, *mlp)
-            continue
-        moe_plan = _plan(layer.mlp, _moe_plan)
-        if moe_plan.args is None:
-            return _Plan(None, tuple(refs))
-        dicts.append(layer.mlp.__dict__)
-        parts.append(moe_plan)
-        refs += moe_plan.refs
-        versions += moe_plan.versions
-        step.add_moe(*post, *moe_plan.args)
     return _ModelPlan(step, tuple(refs), tuple(versions), tuple(dicts), (PLAN,) * len(dicts), tuple(parts),
                       tuple(hooks))
 

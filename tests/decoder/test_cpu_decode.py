@@ -197,12 +197,16 @@ def test_the_whole_step_leaves_hooks_bad_ids_and_float32_to_the_modules(cpu_ext,
             decode_step(model, torch.tensor([96]), cache)
         assert cache.length == 2  # nothing was committed
         assert cpu_decode.model_step(model, torch.tensor([[7]], dtype=torch.int32), cache) is None
-    with torch.no_grad():  # a float32 model: the plan says no, the modules answer
+    with torch.no_grad(), monkeypatch.context() as m:
+        # a float32 model: the plan says no and the modules answer, without building the extension for it (a
+        # first build takes minutes: a float32 model's first decode step must not wait for it)
+        m.setattr(cpu_kernels, "kernels", lambda build=True: pytest.fail("built the extension") if build else None)
         model.float()
         cache32 = MLACache.from_config(model.config, 1, 3, dtype=torch.float32)
         prefill(model, torch.tensor([[5, 6]]), cache32)
         assert cpu_decode.model_step(model, torch.tensor([[7]]), cache32) is None
         assert model.__dict__[PLAN].args is None
+        assert decode_step(model, torch.tensor([7]), cache32).shape == (1, 96)
 
 
 def test_after_fused_decoding_the_model_still_trains_and_saves(cpu_ext, monkeypatch, tmp_path) -> None:
