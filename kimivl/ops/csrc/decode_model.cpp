@@ -15,7 +15,8 @@
 
 namespace {
 
-// One half of a layer: h (B, 1, D) -> h'. The attention half also reads the step's RoPE tables, cache and mask.
+// What a layer's attention half reads besides h: the step's RoPE tables, the cache (all layers), the row being
+// written, the key mask and the MLA form.
 struct StepInputs {
   const torch::Tensor& cos;
   const torch::Tensor& sin;
@@ -24,6 +25,7 @@ struct StepInputs {
   const c10::optional<torch::Tensor>& valid;
   int64_t form;
 };
+// One half of a layer (attention, or the dense / MoE MLP): h (B, 1, D) -> h + the half's output.
 using Half = std::function<torch::Tensor(const torch::Tensor&, const StepInputs&)>;
 
 }  // namespace
