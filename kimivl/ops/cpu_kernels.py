@@ -36,6 +36,8 @@ inference on the CPU:
 - ``DecoderStep`` (``decode_model.cpp``) — a bf16 decoder's whole decode step in one call: embedding, RoPE
   tables, every layer's blocks, final norm and ``lm_head`` (:func:`kimivl.decoder.cpu_decode.model_step`).
 
+Like torch's operators, every tensor function runs without Python's lock (other threads keep running).
+
 The extension is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja, ``-O3 -march=native``)
 into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), under a name that carries a hash of the
 CPU's feature flags (a build for one CPU's instructions, AMX say, must not be loaded on another that lacks

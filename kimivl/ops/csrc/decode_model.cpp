@@ -129,7 +129,8 @@ void bind_decoder_step(pybind11::module& m) {
       .def("add_attention", &DecoderStep::add_attention)
       .def("add_mlp", &DecoderStep::add_mlp)
       .def("add_moe", &DecoderStep::add_moe)
-      .def("step", &DecoderStep::step, pybind11::arg("ids"), pybind11::arg("cache"), pybind11::arg("pos"),
+      .def("step", &DecoderStep::step, pybind11::call_guard<pybind11::gil_scoped_release>(), pybind11::arg("ids"),
+           pybind11::arg("cache"), pybind11::arg("pos"),
            pybind11::arg("positions"), pybind11::arg("valid"), pybind11::arg("form"))
       .def_property_readonly("layers", &DecoderStep::layers);
 }
