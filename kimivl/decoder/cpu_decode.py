@@ -25,6 +25,7 @@ docs/performance.md, "The whole decode step in one call").
 from __future__ import annotations
 
 import operator
+from itertools import repeat
 from dataclasses import dataclass
 
 import torch
@@ -125,7 +126,7 @@ def model_step(lm: nn.Module, ids: torch.Tensor, cache: MLACache,
             or ids.device.type != "cpu" or torch.is_grad_enabled() or cache.batch_size != ids.shape[0]
             or cache.length >= cache.max_len):
         return None
-    plan = _model_plan(lm)
+    plan = _plan(lm, _build_model_plan)
     if plan.args is None or any(map(len, plan.hooks)) or _global_hooks():
         return None
     positions = valid = None
@@ -144,28 +145,20 @@ def model_step(lm: nn.Module, ids: torch.Tensor, cache: MLACache,
     return logits
 
 
-def _model_plan(lm: nn.Module) -> _Plan:
-    """The model's ``DecoderStep``, kept on ``lm`` and rebuilt when any layer's plan is, or a weight it holds is
-    replaced (the layers' and MoE modules' references and versions are all checked by the one ``current()``)."""
-    plan = lm.__dict__.get(PLAN)
-    if plan is None or not plan.current() or (
-            isinstance(plan, _ModelPlan) and not all(map(operator.is_, map(dict.get, plan.dicts, plan.keys),
-                                                         plan.parts))):
-        plan = lm.__dict__[PLAN] = _build_model_plan(lm)
-    return plan
-
-
 @dataclass
 class _ModelPlan(_Plan):
-    """A :class:`_Plan` whose ``args`` is the extension's ``DecoderStep``; ``parts`` are the layer and MoE plans it
-    was built from, found in ``dicts`` (each module's ``__dict__``) under ``keys`` (``PLAN``) while current;
-    ``hooks`` the forward (pre-)hook dicts of the modules whose calls the one call replaces (any hook: the modules
-    run)."""
+    """The whole model's plan: ``args`` is the extension's ``DecoderStep`` (or None), ``refs`` / ``versions`` those
+    of every layer and MoE plan it was built from (``parts``, each kept in its module's ``__dict__``, ``dicts``),
+    so one ``current()`` checks them all; ``hooks`` are the forward (pre-)hook dicts of the modules whose calls the
+    one call replaces (any hook: the modules run)."""
 
     dicts: tuple = ()
-    keys: tuple = ()
     parts: tuple = ()
     hooks: tuple = ()
+
+    def current(self) -> bool:
+        # also stale when a layer dropped or rebuilt its own plan (.to() on one layer, say)
+        return super().current() and all(map(operator.is_, map(dict.get, self.dicts, repeat(PLAN)), self.parts))
 
 
 def _global_hooks() -> bool:
@@ -204,7 +197,7 @@ def _build_model_plan(lm: nn.Module) -> _Plan:
         return plan
 
     def stop() -> _Plan:
-        return _ModelPlan(None, tuple(refs), tuple(versions), tuple(dicts), (PLAN,) * len(dicts), tuple(parts))
+        return _ModelPlan(None, tuple(refs), tuple(versions), tuple(dicts), tuple(parts))
 
     for i, layer in enumerate(layers):
         refs.append((decoder.layers._modules, str(i), layer))
@@ -231,8 +224,7 @@ def _build_model_plan(lm: nn.Module) -> _Plan:
         (step.add_moe if moe else step.add_mlp)(*second)
     hooks = [m.__dict__[d] for m in (decoder, decoder.embed_tokens, decoder.norm, head, *layers)
              for d in ("_forward_hooks", "_forward_pre_hooks")]
-    return _ModelPlan(step, tuple(refs), tuple(versions), tuple(dicts), (PLAN,) * len(dicts), tuple(parts),
-                      tuple(hooks))
+    return _ModelPlan(step, tuple(refs), tuple(versions), tuple(dicts), tuple(parts), tuple(hooks))
 
 
 def _ref(module: nn.Module, name: str) -> tuple:

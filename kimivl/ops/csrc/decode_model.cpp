@@ -110,8 +110,6 @@ class DecoderStep {
     return linear_bf16w(h.select(1, 0), head_w_, c10::nullopt).to(torch::kFloat32);
   }
 
-  int64_t layers() const { return static_cast<int64_t>(attention_.size()); }
-
  private:
   torch::Tensor embed_w_, norm_w_;
   double norm_eps_;
@@ -130,7 +128,6 @@ void bind_decoder_step(pybind11::module& m) {
       .def("add_mlp", &DecoderStep::add_mlp)
       .def("add_moe", &DecoderStep::add_moe)
       .def("step", &DecoderStep::step, pybind11::call_guard<pybind11::gil_scoped_release>(), pybind11::arg("ids"),
-           pybind11::arg("cache"), pybind11::arg("pos"),
-           pybind11::arg("positions"), pybind11::arg("valid"), pybind11::arg("form"))
-      .def_property_readonly("layers", &DecoderStep::layers);
+           pybind11::arg("cache"), pybind11::arg("pos"), pybind11::arg("positions"), pybind11::arg("valid"),
+           pybind11::arg("form"));
 }
