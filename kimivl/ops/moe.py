@@ -143,8 +143,9 @@ def local_bf16(w: torch.Tensor) -> bool:
 
 
 def plain_bf16_linear(p: torch.nn.Module | None) -> bool:
-    """A plain bf16 :class:`~kimivl.ops.linear.Linear` without bias (not LoRA-wrapped or replaced)."""
-    return type(p) is Linear and p.bias is None and local_bf16(p.weight)
+    """A plain bf16 :class:`~kimivl.ops.linear.Linear` without bias (not LoRA-wrapped or replaced) whose weight
+    the C++ passes can read by rows (contiguous)."""
+    return type(p) is Linear and p.bias is None and local_bf16(p.weight) and p.weight.is_contiguous()
 
 
 def plain_bf16_mlp(mlp: torch.nn.Module) -> bool:

@@ -149,6 +149,19 @@ def test_layers_the_fused_step_cannot_serve_run_their_modules(cpu_ext, monkeypat
     assert torch.equal(logits, module)
 
 
+def test_a_weight_stored_transposed_leaves_its_layer_to_the_modules(cpu_ext, monkeypatch) -> None:
+    # the C++ blocks read weights through row pointers: a strided view (here o_proj's weight as the transpose of
+    # its transpose) must send its layer to the modules, not into a kernel or an error
+    model = _model(seed=8)
+    attn = model.model.layers[1].self_attn
+    attn.o_proj.weight = torch.nn.Parameter(attn.o_proj.weight.detach().t().contiguous().t())
+    assert not attn.o_proj.weight.is_contiguous()
+    logits, cache = _decode(model, monkeypatch, fused=True)
+    assert _plans(model) == [True, False, True, True] and model.__dict__[PLAN].args is None
+    module, module_cache = _decode(model, monkeypatch, fused=False)
+    assert torch.equal(logits, module) and torch.equal(cache, module_cache)
+
+
 def test_the_plan_follows_replaced_and_reloaded_weights(cpu_ext, monkeypatch) -> None:
     model = _model(seed=5)
     _decode(model, monkeypatch, fused=True)

@@ -1,10 +1,12 @@
 // A bf16 decoder layer's decode step in two calls: mla_block (input norm, MLA on the latent cache, residual)
 // and moe_block / mlp_block (post-attention norm, the routed and shared experts or the dense MLP, residual).
-// They compose this extension's own kernels and the same ATen ops in the same order as the Python modules
-// (kimivl/decoder/attention.py, moe.py, kimivl/ops/routing.py), so the answers are bit-identical to the module
-// path; what they save is the ~100 Python-level calls per layer around those kernels (~0.8 -> ~0.3 ms per layer
-// and step on a 2-core AVX2 CPU: docs/performance.md, "A decoder layer's decode step in two C++ calls").
-#include "kernels.h"
+// They compose this extension's own kernels with the same roundings, in the same order, as the Python modules
+// (kimivl/decoder/attention.py, moe.py, kimivl/ops/routing.py; the router by the same ATen ops), so the answers
+// are bit-identical to the module path; what they save is the ~100 Python-level calls per layer around those
+// kernels (~0.8 -> ~0.3 ms per layer and step on a 2-core AVX2 CPU: docs/performance.md, "A decoder layer's decode
+// step in two C++ calls"). Between the kernels they pass raw rows (decode_blocks.h): ATen's views, conversions
+// and allocations there were ~130 tensor ops per layer and step ("The decode step's glue in raw rows").
+#include "decode_blocks.h"
 
 #include <algorithm>
 #include <limits>
@@ -12,11 +14,24 @@
 
 namespace {
 
-torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w) { return linear_bf16w(x, w, c10::nullopt); }
-
 void check_bf16(const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kBFloat16, "decode_layer: ", what,
               " must be a bfloat16 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+}
+
+// A bf16 matrix (N, K) read through a raw row pointer: these sizes, rows dense.
+const uint16_t* matrix(const torch::Tensor& w, int64_t N, int64_t K, const char* what) {
+  check_bf16(w, what);
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == K && w.is_contiguous(), "decode_layer: ", what,
+              " must be a contiguous (", N, ", ", K, ") matrix, got ", w.sizes(), " (strides ", w.strides(), ")");
+  return bf16_data(w);
+}
+
+const BF16* vector(const torch::Tensor& w, int64_t D, const char* what) {
+  check_bf16(w, what);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == D && w.is_contiguous(), "decode_layer: ", what, " must be (", D,
+              "), got ", w.sizes());
+  return w.data_ptr<BF16>();
 }
 
 // Gated-SiLU MLP weights, E of them stacked (gate, up (E, I, D); down (E, D, I)) or one plain MLP (E < 0: (I, D)
@@ -36,7 +51,112 @@ void check_mlp(const torch::Tensor& gate, const torch::Tensor& up, const torch::
               down.sizes(), " (strides ", gate.strides(), ", ", up.strides(), ", ", down.strides(), ")");
 }
 
+inline float widen(BF16 v) { return static_cast<float>(v); }
+
+// A (B, ..., D) bf16 tensor's rows, contiguous (a copy only if they are not).
+torch::Tensor rows_of(const torch::Tensor& h, int64_t D, const char* what) {
+  check_bf16(h, what);
+  TORCH_CHECK(h.dim() >= 2 && h.size(-1) == D, "decode_layer: ", what, " must be (..., ", D, "), got ", h.sizes());
+  return h.contiguous();
+}
+
 }  // namespace
+
+MlaWeights mla_weights(const torch::Tensor& ln_w, double ln_eps, const c10::optional<torch::Tensor>& q_w,
+                       const c10::optional<torch::Tensor>& q_a_w, const c10::optional<torch::Tensor>& q_a_ln_w,
+                       const c10::optional<torch::Tensor>& q_b_w, const torch::Tensor& kv_a_w,
+                       const torch::Tensor& kv_a_ln_w, double latent_eps, const torch::Tensor& kv_b_w,
+                       const torch::Tensor& o_w, int64_t heads, int64_t nope, int64_t rope, int64_t v, double scale) {
+  TORCH_CHECK(ln_w.dim() == 1 && kv_a_w.dim() == 2 && heads > 0 && nope > 0 && rope > 0 && rope % 2 == 0 && v > 0,
+              "mla_block: a (D) norm weight, a (r + rope, D) kv_a_proj weight and positive dimensions (rope even), "
+              "got ", ln_w.sizes(), ", ", kv_a_w.sizes(), ", heads ", heads, ", nope ", nope, ", rope ", rope, ", v ",
+              v);
+  const int64_t D = ln_w.size(0), r = kv_a_w.size(0) - rope, qk = nope + rope;
+  TORCH_CHECK(r > 0, "mla_block: kv_a_proj has ", kv_a_w.size(0), " rows, not more than rope = ", rope);
+  TORCH_CHECK(kv_b_w.dim() == 2 && kv_b_w.size(0) == heads * (nope + v) && kv_b_w.size(1) == r,
+              "mla_block: kv_b_proj weight ", kv_b_w.sizes(), " does not match ", heads, " heads of ", nope, " + ", v,
+              " from a latent of ", r);
+  MlaWeights w{};
+  w.ln_w = vector(ln_w, D, "input_layernorm");
+  w.ln_eps = ln_eps;
+  if (q_w.has_value()) {
+    w.q_w = matrix(*q_w, heads * qk, D, "q_proj");
+  } else {
+    TORCH_CHECK(q_a_w.has_value() && q_a_ln_w.has_value() && q_b_w.has_value(),
+                "mla_block: pass q_w, or q_a_w, q_a_ln_w and q_b_w");
+    TORCH_CHECK(q_a_w->dim() == 2, "mla_block: q_a_proj weight must be (q_lora, D), got ", q_a_w->sizes());
+    w.q_lora = q_a_w->size(0);
+    w.q_a_w = matrix(*q_a_w, w.q_lora, D, "q_a_proj");
+    w.q_a_ln_w = vector(*q_a_ln_w, w.q_lora, "q_a_layernorm");
+    w.q_b_w = matrix(*q_b_w, heads * qk, w.q_lora, "q_b_proj");
+  }
+  w.kv_a_w = matrix(kv_a_w, r + rope, D, "kv_a_proj_with_mqa");
+  w.kv_a_ln_w = vector(kv_a_ln_w, r, "kv_a_layernorm");
+  w.latent_eps = latent_eps;
+  w.kv_b_w = matrix(kv_b_w, heads * (nope + v), r, "kv_b_proj");
+  w.o_w = matrix(o_w, D, heads * v, "o_proj");
+  w.D = D, w.heads = heads, w.nope = nope, w.rope = rope, w.v = v, w.r = r;
+  w.scale = static_cast<float>(scale);
+  return w;
+}
+
+void mla_rows(const MlaWeights& w, const BF16* h, int64_t B, const MlaStep& s, BF16* out) {
+  const int64_t D = w.D, H = w.heads, nope = w.nope, rope = w.rope, r = w.r, qk = nope + rope, kvw = r + rope;
+  thread_local std::vector<BF16> x, q, qa, qa_normed, kv, latent, q_rot, attn, y;
+  thread_local std::vector<float> qn, qp, o;
+  x.resize(B * D);
+  rms_norm_rows(h, D, w.ln_w, B, D, w.ln_eps, x.data(), D);
+  q.resize(B * H * qk);
+  if (w.q_w != nullptr) {
+    linear_bf16_rows(x.data(), B, D, w.q_w, H * qk, q.data());
+  } else {
+    qa.resize(B * w.q_lora);
+    qa_normed.resize(B * w.q_lora);
+    linear_bf16_rows(x.data(), B, D, w.q_a_w, w.q_lora, qa.data());
+    rms_norm_rows(qa.data(), w.q_lora, w.q_a_ln_w, B, w.q_lora, w.latent_eps, qa_normed.data(), w.q_lora);
+    linear_bf16_rows(qa_normed.data(), B, w.q_lora, w.q_b_w, H * qk, q.data());
+  }
+  // latent(): [c_kv | k_pe] from kv_a_proj_with_mqa, c_kv normed, k_pe rotated; written to the cache at pos
+  kv.resize(B * kvw);
+  latent.resize(B * kvw);
+  linear_bf16_rows(x.data(), B, D, w.kv_a_w, kvw, kv.data());
+  rms_norm_rows(kv.data(), kvw, w.kv_a_ln_w, B, r, w.latent_eps, latent.data(), kvw);
+  for (int64_t b = 0; b < B; ++b) {
+    rope_rotate_vectors(kv.data() + b * kvw + r, 0, 1, s.cos + b * rope, s.sin + b * rope, rope,
+                        latent.data() + b * kvw + r, 0);
+    const BF16* src = latent.data() + b * kvw;
+    if (s.cache16) {
+      std::memcpy(static_cast<BF16*>(s.cache) + b * s.cache_batch + s.pos * s.cache_row, src, kvw * sizeof(BF16));
+    } else {
+      float* dst = static_cast<float*>(s.cache) + b * s.cache_batch + s.pos * s.cache_row;
+      for (int64_t j = 0; j < kvw; ++j) dst[j] = widen(src[j]);
+    }
+  }
+  // query_parts(): q_nope as it is, q_pe rotated (rounded to bf16 as the module rounds it), both in float32
+  qn.resize(B * H * nope);
+  qp.resize(B * H * rope);
+  q_rot.resize(rope);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < H; ++i) {
+      const BF16* head = q.data() + (b * H + i) * qk;
+      for (int64_t j = 0; j < nope; ++j) qn[(b * H + i) * nope + j] = widen(head[j]);
+      rope_rotate_vectors(head + nope, 0, 1, s.cos + b * rope, s.sin + b * rope, rope, q_rot.data(), 0);
+      for (int64_t j = 0; j < rope; ++j) qp[(b * H + i) * rope + j] = widen(q_rot[j]);
+    }
+  // the absorbed attention over rows 0..pos; W_UK / W_UV are the (nope, r) / (v, r) blocks of each head's
+  // (nope + v, r) rows of kv_b_proj
+  o.resize(B * H * w.v);
+  const int64_t head_rows = (nope + w.v) * r;
+  const MlaArgs args{qn.data(), qp.data(), B, H, nope, rope, s.cache, s.cache16, s.pos + 1, s.cache_batch,
+                     s.cache_row, w.kv_b_w, w.kv_b_w + nope * r, true, r, w.v, head_rows, r, head_rows, r, s.valid,
+                     w.scale, s.form, o.data()};
+  mla_decode_rows(args);
+  attn.resize(B * H * w.v);
+  for (int64_t i = 0; i < B * H * w.v; ++i) attn[i] = BF16(o[i]);  // the attention's output in bf16
+  y.resize(B * D);
+  linear_bf16_rows(attn.data(), B, H * w.v, w.o_w, D, y.data());
+  for (int64_t i = 0; i < B * D; ++i) out[i] = BF16(widen(h[i]) + widen(y[i]));  // the residual, a bf16 add
+}
 
 // h (B, 1, D) -> h + o_proj(attention(input_layernorm(h))), writing the step's latent into `cache` (B, L, r + rope)
 // at row `pos` and attending over rows 0..pos (`valid` (B, pos + 1) bool, or None for all of them).
@@ -49,94 +169,153 @@ torch::Tensor mla_block(const torch::Tensor& h, const torch::Tensor& ln_w, doubl
                         const torch::Tensor& sin, const torch::Tensor& cache, int64_t pos,
                         const c10::optional<torch::Tensor>& valid, int64_t heads, int64_t nope, int64_t rope,
                         int64_t v, double scale, int64_t form) {
-  check_bf16(h, "h");
+  const MlaWeights w = mla_weights(ln_w, ln_eps, q_w, q_a_w, q_a_ln_w, q_b_w, kv_a_w, kv_a_ln_w, latent_eps, kv_b_w,
+                                   o_w, heads, nope, rope, v, scale);
   TORCH_CHECK(h.dim() == 3 && h.size(1) == 1, "mla_block: h must be (B, 1, D), got ", h.sizes());
+  const auto hc = rows_of(h, w.D, "h");
   const int64_t B = h.size(0);
-  const int64_t r = kv_a_w.size(0) - rope;
-  TORCH_CHECK(cache.dim() == 3 && cache.size(0) == B && cache.size(2) == r + rope && 0 <= pos && pos < cache.size(1),
-              "mla_block: cache (", B, ", L, ", r + rope, ") with row ", pos, " < L, got ", cache.sizes());
-  TORCH_CHECK(kv_b_w.size(0) == heads * (nope + v) && kv_b_w.size(1) == r, "mla_block: kv_b_proj weight ",
-              kv_b_w.sizes(), " does not match ", heads, " heads of ", nope, " + ", v, " from a latent of ", r);
-  auto x = rms_norm(h, ln_w, ln_eps);
-  torch::Tensor q;
-  if (q_w.has_value()) {
-    q = project(x, *q_w);
-  } else {
-    TORCH_CHECK(q_a_w.has_value() && q_a_ln_w.has_value() && q_b_w.has_value(),
-                "mla_block: pass q_w, or q_a_w, q_a_ln_w and q_b_w");
-    q = project(rms_norm(project(x, *q_a_w), *q_a_ln_w, latent_eps), *q_b_w);
+  TORCH_CHECK(cache.dim() == 3 && cache.size(0) == B && cache.size(2) == w.r + rope && 0 <= pos &&
+                  pos < cache.size(1) && cache.stride(2) == 1 &&
+                  (cache.scalar_type() == torch::kBFloat16 || cache.scalar_type() == torch::kFloat32),
+              "mla_block: a bfloat16 or float32 cache (", B, ", L, ", w.r + rope, ") with row ", pos,
+              " < L and contiguous rows, got ", cache.sizes(), " ", cache.scalar_type());
+  for (const auto* t : {&cos, &sin})
+    TORCH_CHECK(t->scalar_type() == torch::kBFloat16 && t->sizes() == torch::IntArrayRef({B, 1, rope}),
+                "mla_block: cos and sin must be bfloat16 (", B, ", 1, ", rope, "), got ", t->sizes(), " ",
+                t->scalar_type());
+  c10::optional<torch::Tensor> mask;
+  if (valid.has_value()) {
+    TORCH_CHECK(valid->scalar_type() == torch::kBool && valid->sizes() == torch::IntArrayRef({B, pos + 1}),
+                "mla_block: valid must be bool (", B, ", ", pos + 1, "), got ", valid->sizes(), " ",
+                valid->scalar_type());
+    mask = valid->contiguous();
   }
-  // latent(): [c_kv | k_pe] from kv_a_proj_with_mqa; k_pe rotated, c_kv normed; written to the cache
-  auto kv = project(x, kv_a_w);
-  auto k_pe = rope_rotate(kv.narrow(-1, r, rope).unsqueeze(1), cos, sin).squeeze(1);
-  auto c_kv = rms_norm(kv.narrow(-1, 0, r), kv_a_ln_w, latent_eps);
-  auto row = cache.narrow(1, pos, 1);
-  row.narrow(2, 0, r).copy_(c_kv);
-  row.narrow(2, r, rope).copy_(k_pe);
-  // query_parts(): (B, 1, H * (nope + rope)) -> q_nope (B, H, nope), rotated q_pe (B, H, rope)
-  auto qh = q.view({B, 1, heads, nope + rope}).transpose(1, 2);
-  auto q_pe = rope_rotate(qh.narrow(-1, nope, rope), cos, sin);
-  auto w = kv_b_w.view({heads, nope + v, r});
-  auto out = mla_decode(qh.narrow(-1, 0, nope).select(2, 0), q_pe.select(2, 0), cache.narrow(1, 0, pos + 1),
-                        w.narrow(1, 0, nope), w.narrow(1, nope, v), scale, valid, form);
-  return h + project(out.reshape({B, 1, heads * v}), o_w);
+  check_mla_form(form);
+  const auto cc = cos.contiguous(), sc = sin.contiguous();
+  const MlaStep step{cc.data_ptr<BF16>(), sc.data_ptr<BF16>(), cache.data_ptr(),
+                     cache.scalar_type() == torch::kBFloat16, cache.stride(0), cache.stride(1), pos,
+                     mask.has_value() ? mask->data_ptr<bool>() : nullptr, form};
+  auto out = torch::empty_like(hc);
+  mla_rows(w, hc.data_ptr<BF16>(), B, step, out.data_ptr<BF16>());
+  return out;
 }
 
-// x (..., D) -> moe(x): the router of kimivl.ops.routing.route (method 0 = noaux_tc, 1 = greedy, 2 =
-// group_limited_greedy; sigmoid or softmax scores) run by the same ATen ops, then the chosen experts of the stacked
-// (E, ., .) weights and the shared MLP (if any) in one moe_bf16w pass (DeepseekV3MoE.forward's answer, same bits).
-torch::Tensor moe_forward(const torch::Tensor& x_in, const torch::Tensor& gate_w32, const c10::optional<torch::Tensor>& bias,
+MlpRows mlp_weights(const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down, int64_t D,
+                    const char* what) {
+  TORCH_CHECK(gate.dim() == 2, "decode_layer: ", what, " gate weight must be (I, D), got ", gate.sizes());
+  check_mlp(gate, up, down, -1, gate.size(0), D, what);
+  return {bf16_data(gate), bf16_data(up), bf16_data(down), gate.size(0)};
+}
+
+MoeWeights moe_weights(const torch::Tensor& gate_w32, const c10::optional<torch::Tensor>& bias,
+                       const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down,
+                       const c10::optional<torch::Tensor>& shared_gate, const c10::optional<torch::Tensor>& shared_up,
+                       const c10::optional<torch::Tensor>& shared_down, int64_t top_k, int64_t n_group,
+                       int64_t topk_group, int64_t method, bool softmax, bool norm_topk_prob,
+                       double routed_scaling_factor) {
+  TORCH_CHECK(gate.dim() == 3, "moe_forward: stacked expert weights (E, I, D), got ", gate.sizes());
+  const int64_t E = gate.size(0), I = gate.size(1), D = gate.size(2);
+  check_mlp(gate, up, down, E, I, D, "the stacked expert weights");
+  TORCH_CHECK(gate_w32.scalar_type() == torch::kFloat32 && gate_w32.dim() == 2 && gate_w32.size(0) == E &&
+                  gate_w32.size(1) == D,
+              "moe_forward: the router weight must be float32 (", E, ", ", D, "), got ", gate_w32.sizes(), " ",
+              gate_w32.scalar_type());
+  TORCH_CHECK(0 < top_k && top_k <= E && (n_group <= 1 || (E % n_group == 0 && 0 < topk_group && topk_group <= n_group)),
+              "moe_forward: top_k ", top_k, " of ", E, " experts in ", n_group, " groups (", topk_group, " kept)");
+  MoeWeights w{};
+  w.router = gate_w32;
+  w.bias = bias;
+  w.gate = bf16_data(gate), w.up = bf16_data(up), w.down = bf16_data(down);
+  w.E = E, w.I = I, w.D = D;
+  w.gate_stride = gate.stride(0), w.up_stride = up.stride(0), w.down_stride = down.stride(0);
+  w.has_shared = shared_gate.has_value();
+  if (w.has_shared) {
+    TORCH_CHECK(shared_up.has_value() && shared_down.has_value(), "moe_forward: pass all three shared weights");
+    w.shared = mlp_weights(*shared_gate, *shared_up, *shared_down, D, "the shared MLP's weights");
+  }
+  w.top_k = top_k, w.n_group = n_group, w.topk_group = topk_group, w.method = method;
+  w.softmax = softmax, w.norm_topk_prob = norm_topk_prob, w.routed_scaling_factor = routed_scaling_factor;
+  return w;
+}
+
+namespace {
+
+// kimivl.ops.routing.route by the same ATen ops (method 0 = noaux_tc, 1 = greedy, 2 = group_limited_greedy;
+// sigmoid or softmax scores): x (T, D) bf16 rows -> (topk_idx (T, k) int64, topk_weight (T, k) float32).
+std::pair<torch::Tensor, torch::Tensor> route(const MoeWeights& w, const BF16* x, int64_t T) {
+  const int64_t D = w.D, E = w.E;
+  thread_local std::vector<float> x32;
+  x32.resize(T * D);
+  for (int64_t i = 0; i < T * D; ++i) x32[i] = widen(x[i]);  // x.float(): exact
+  auto logits = at::linear(torch::from_blob(x32.data(), {T, D}, torch::kFloat32), w.router);
+  auto scores = w.softmax ? logits.softmax(-1) : logits.sigmoid();
+  auto choice = scores;
+  if (w.method == 0 && w.bias.has_value())
+    choice = choice + (w.bias->scalar_type() == torch::kFloat32 ? *w.bias : w.bias->to(torch::kFloat32));
+  if (w.method != 1 && w.n_group > 1) {
+    auto grouped = choice.view({T, w.n_group, E / w.n_group});
+    auto group_scores = w.method == 0 ? std::get<0>(grouped.topk(std::min<int64_t>(2, E / w.n_group), -1)).sum(-1)
+                                      : grouped.amax(-1);
+    auto group_idx = std::get<1>(group_scores.topk(w.topk_group, -1, true, false));
+    auto keep = torch::zeros_like(group_scores, group_scores.options().dtype(torch::kBool)).scatter_(1, group_idx, true);
+    keep = keep.unsqueeze(-1).expand({T, w.n_group, E / w.n_group}).reshape({T, -1});
+    choice = choice.masked_fill(keep.logical_not(), -std::numeric_limits<double>::infinity());
+  }
+  auto topk_idx = std::get<1>(choice.topk(w.top_k, -1, true, false));
+  auto topk_weight = scores.gather(1, topk_idx);
+  if (w.norm_topk_prob && w.top_k > 1) topk_weight = topk_weight / (topk_weight.sum(-1, true) + 1e-20);
+  topk_weight = topk_weight * w.routed_scaling_factor;
+  return {topk_idx.contiguous(), topk_weight.contiguous()};
+}
+
+}  // namespace
+
+void moe_forward_rows(const MoeWeights& w, const BF16* x, int64_t T, const BF16* residual, BF16* out) {
+  const auto [topk_idx, topk_weight] = route(w, x, T);
+  const int64_t* ip = topk_idx.data_ptr<int64_t>();
+  std::vector<int64_t> ids(ip, ip + topk_idx.numel());
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  TORCH_CHECK(ids.empty() || (ids.front() >= 0 && ids.back() < w.E), "moe_forward: expert ids out of range");
+  // the chosen experts' rows of the stacked weights, by pointer (a select per weight was ~1 us of dispatch each)
+  std::vector<MlpRows> mlps;
+  for (int64_t e : ids)
+    mlps.push_back({w.gate + e * w.gate_stride, w.up + e * w.up_stride, w.down + e * w.down_stride, w.I});
+  if (w.has_shared) mlps.push_back(w.shared);
+  moe_rows_bf16(x, T, w.D, ip, topk_weight.data_ptr<float>(), w.top_k, ids, mlps, w.has_shared ? 1 : 0, residual,
+                out);
+}
+
+void moe_block_rows(const MoeWeights& w, const BF16* h, int64_t T, BF16* out) {
+  thread_local std::vector<BF16> x;
+  x.resize(T * w.D);
+  rms_norm_rows(h, w.D, w.ln_w, T, w.D, w.eps, x.data(), w.D);
+  moe_forward_rows(w, x.data(), T, h, out);
+}
+
+void mlp_rows(const BF16* ln_w, double eps, const MlpRows& mlp, const BF16* h, int64_t T, int64_t D, BF16* out) {
+  thread_local std::vector<BF16> x;
+  x.resize(T * D);
+  rms_norm_rows(h, D, ln_w, T, D, eps, x.data(), D);
+  moe_rows_bf16(x.data(), T, D, nullptr, nullptr, 0, {}, {mlp}, 1, h, out);
+}
+
+// x (..., D) -> moe(x): the router of kimivl.ops.routing.route, then the chosen experts of the stacked (E, ., .)
+// weights and the shared MLP (if any) in one moe_bf16w pass (DeepseekV3MoE.forward's answer, same bits).
+torch::Tensor moe_forward(const torch::Tensor& x, const torch::Tensor& gate_w32, const c10::optional<torch::Tensor>& bias,
                           const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down,
                           const c10::optional<torch::Tensor>& shared_gate, const c10::optional<torch::Tensor>& shared_up,
                           const c10::optional<torch::Tensor>& shared_down, int64_t top_k, int64_t n_group,
                           int64_t topk_group, int64_t method, bool softmax, bool norm_topk_prob,
                           double routed_scaling_factor) {
-  check_bf16(x_in, "x");
-  const int64_t D = x_in.size(-1), E = gate.dim() == 3 ? gate.size(0) : 0;
-  check_mlp(gate, up, down, E, gate.dim() == 3 ? gate.size(1) : 0, D, "the stacked expert weights");
-  TORCH_CHECK(gate_w32.scalar_type() == torch::kFloat32 && gate_w32.dim() == 2 && gate_w32.size(0) == E &&
-                  gate_w32.size(1) == D,
-              "moe_forward: the router weight must be float32 (", E, ", ", D, "), got ", gate_w32.sizes(), " ",
-              gate_w32.scalar_type());
-  auto x = x_in.reshape({-1, D});
-  const int64_t T = x.size(0);
-  auto logits = at::linear(x.to(torch::kFloat32), gate_w32);
-  auto scores = softmax ? logits.softmax(-1) : logits.sigmoid();
-  auto choice = scores;
-  if (method == 0 && bias.has_value()) choice = choice + bias->to(torch::kFloat32);
-  if (method != 1 && n_group > 1) {
-    auto grouped = choice.view({T, n_group, E / n_group});
-    auto group_scores = method == 0 ? std::get<0>(grouped.topk(std::min<int64_t>(2, E / n_group), -1)).sum(-1)
-                                    : grouped.amax(-1);
-    auto group_idx = std::get<1>(group_scores.topk(topk_group, -1, true, false));
-    auto keep = torch::zeros_like(group_scores, group_scores.options().dtype(torch::kBool)).scatter_(1, group_idx, true);
-    keep = keep.unsqueeze(-1).expand({T, n_group, E / n_group}).reshape({T, -1});
-    choice = choice.masked_fill(keep.logical_not(), -std::numeric_limits<double>::infinity());
-  }
-  auto topk_idx = std::get<1>(choice.topk(top_k, -1, true, false));
-  auto topk_weight = scores.gather(1, topk_idx);
-  if (norm_topk_prob && top_k > 1) topk_weight = topk_weight / (topk_weight.sum(-1, true) + 1e-20);
-  topk_weight = topk_weight * routed_scaling_factor;
-
-  auto idx = topk_idx.contiguous();
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  std::vector<int64_t> ids(ip, ip + idx.numel());
-  std::sort(ids.begin(), ids.end());
-  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-  TORCH_CHECK(ids.empty() || (ids.front() >= 0 && ids.back() < E), "moe_forward: expert ids out of range");
-  // the chosen experts' rows of the stacked weights, by pointer (a select per weight was ~1 us of dispatch each)
-  const int64_t I = gate.size(1);
-  const uint16_t *g0 = bf16_data(gate), *u0 = bf16_data(up), *d0 = bf16_data(down);
-  std::vector<MlpRows> mlps;
-  for (int64_t e : ids) mlps.push_back({g0 + e * gate.stride(0), u0 + e * up.stride(0), d0 + e * down.stride(0), I});
-  const bool shared = shared_gate.has_value();
-  if (shared) {
-    TORCH_CHECK(shared_up.has_value() && shared_down.has_value(), "moe_forward: pass all three shared weights");
-    const int64_t Is = shared_gate->size(0);
-    check_mlp(*shared_gate, *shared_up, *shared_down, -1, Is, D, "the shared MLP's weights");
-    mlps.push_back({bf16_data(*shared_gate), bf16_data(*shared_up), bf16_data(*shared_down), Is});
-  }
-  return moe_rows(x, topk_idx, topk_weight, ids, mlps, shared ? 1 : 0).view(x_in.sizes());
+  const MoeWeights w = moe_weights(gate_w32, bias, gate, up, down, shared_gate, shared_up, shared_down, top_k,
+                                   n_group, topk_group, method, softmax, norm_topk_prob, routed_scaling_factor);
+  check_bf16(x, "x");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.D, "moe_forward: x must be (..., ", w.D, "), got ", x.sizes());
+  const auto xc = x.contiguous();
+  auto out = torch::empty_like(xc);
+  moe_forward_rows(w, xc.data_ptr<BF16>(), xc.numel() / w.D, nullptr, out.data_ptr<BF16>());
+  return out;
 }
 
 // h (B, S, D) -> h + moe_forward(post_attention_layernorm(h), ...).
@@ -146,18 +325,26 @@ torch::Tensor moe_block(const torch::Tensor& h, const torch::Tensor& ln_w, doubl
                         const c10::optional<torch::Tensor>& shared_up, const c10::optional<torch::Tensor>& shared_down,
                         int64_t top_k, int64_t n_group, int64_t topk_group, int64_t method, bool softmax,
                         bool norm_topk_prob, double routed_scaling_factor) {
-  check_bf16(h, "h");
-  return h + moe_forward(rms_norm(h, ln_w, eps), gate_w32, bias, gate, up, down, shared_gate, shared_up, shared_down,
-                         top_k, n_group, topk_group, method, softmax, norm_topk_prob, routed_scaling_factor);
+  MoeWeights w = moe_weights(gate_w32, bias, gate, up, down, shared_gate, shared_up, shared_down, top_k, n_group,
+                             topk_group, method, softmax, norm_topk_prob, routed_scaling_factor);
+  w.ln_w = vector(ln_w, w.D, "post_attention_layernorm");
+  w.eps = eps;
+  TORCH_CHECK(h.dim() == 3, "moe_block: h must be (B, S, D), got ", h.sizes());
+  const auto hc = rows_of(h, w.D, "h");
+  auto out = torch::empty_like(hc);
+  moe_block_rows(w, hc.data_ptr<BF16>(), hc.numel() / w.D, out.data_ptr<BF16>());
+  return out;
 }
 
 // h (B, S, D) -> h + mlp(post_attention_layernorm(h)) for a dense gated-SiLU MLP (layer 0 of DeepSeek-V3).
 torch::Tensor mlp_block(const torch::Tensor& h, const torch::Tensor& ln_w, double eps, const torch::Tensor& gate,
                         const torch::Tensor& up, const torch::Tensor& down) {
-  check_bf16(h, "h");
   TORCH_CHECK(h.dim() == 3, "mlp_block: h must be (B, S, D), got ", h.sizes());
-  auto x = rms_norm(h, ln_w, eps).reshape({-1, h.size(2)});
-  auto none = torch::empty({x.size(0), 0}, x.options().dtype(torch::kInt64));
-  auto y = moe_bf16w(x, none, none.to(torch::kFloat32), {}, {gate}, {up}, {down}, 1);
-  return h + y.view(h.sizes());
+  const int64_t D = h.size(2);
+  const MlpRows mlp = mlp_weights(gate, up, down, D, "the MLP's weights");
+  const BF16* norm = vector(ln_w, D, "post_attention_layernorm");
+  const auto hc = rows_of(h, D, "h");
+  auto out = torch::empty_like(hc);
+  mlp_rows(norm, eps, mlp, hc.data_ptr<BF16>(), hc.numel() / D, D, out.data_ptr<BF16>());
+  return out;
 }

@@ -8,38 +8,33 @@
 // (docs/performance.md, "The whole decode step in one call"). The step is bound by reading the weights, so that
 // time is a direct loss. Same ATen ops and kernels in the same order as DeepseekV3ForCausalLM's modules and
 // kimivl.decoder.cpu_decode's layer blocks: bit-identical logits and cache (tested).
-#include "kernels.h"
+#include "decode_blocks.h"
 
 #include <functional>
 #include <vector>
-
-namespace {
-
-// What a layer's attention half reads besides h: the step's RoPE tables, the cache (all layers), the row being
-// written, the key mask and the MLA form.
-struct StepInputs {
-  const torch::Tensor& cos;
-  const torch::Tensor& sin;
-  const torch::Tensor& cache;  // (layers, B, L, r + rope)
-  int64_t pos;
-  const c10::optional<torch::Tensor>& valid;
-  int64_t form;
-};
-// One half of a layer (attention, or the dense / MoE MLP): h (B, 1, D) -> h + the half's output.
-using Half = std::function<torch::Tensor(const torch::Tensor&, const StepInputs&)>;
-
-}  // namespace
 
 // Built once per model by kimivl.decoder.cpu_decode (a plan of its weights); step() runs a decode step.
 class DecoderStep {
  public:
   DecoderStep(torch::Tensor embed_w, torch::Tensor norm_w, double norm_eps, torch::Tensor head_w,
               torch::Tensor inv_freq, double rope_scale)
-      : embed_w_(std::move(embed_w)), norm_w_(std::move(norm_w)), norm_eps_(norm_eps), head_w_(std::move(head_w)),
-        inv_freq_(std::move(inv_freq)), rope_scale_(rope_scale) {
-    TORCH_CHECK(embed_w_.dim() == 2 && inv_freq_.scalar_type() == torch::kFloat32 && inv_freq_.dim() == 1,
-                "DecoderStep: embedding (vocab, D) and float32 inverse frequencies (rope / 2), got ",
-                embed_w_.sizes(), " and ", inv_freq_.sizes(), " ", inv_freq_.scalar_type());
+      : embed_w_(embed_w), norm_eps_(norm_eps), inv_freq_(std::move(inv_freq)), rope_scale_(rope_scale) {
+    TORCH_CHECK(embed_w.dim() == 2 && embed_w.scalar_type() == torch::kBFloat16 && embed_w.is_contiguous() &&
+                    inv_freq_.scalar_type() == torch::kFloat32 && inv_freq_.dim() == 1,
+                "DecoderStep: a contiguous bfloat16 embedding (vocab, D) and float32 inverse frequencies (rope / 2), "
+                "got ", embed_w.sizes(), " ", embed_w.scalar_type(), " and ", inv_freq_.sizes(), " ",
+                inv_freq_.scalar_type());
+    D_ = embed_w.size(1);
+    TORCH_CHECK(norm_w.scalar_type() == torch::kBFloat16 && norm_w.dim() == 1 && norm_w.size(0) == D_ &&
+                    norm_w.is_contiguous(),
+                "DecoderStep: the final norm's weight must be bfloat16 (", D_, "), got ", norm_w.sizes());
+    TORCH_CHECK(head_w.scalar_type() == torch::kBFloat16 && head_w.dim() == 2 && head_w.size(1) == D_ &&
+                    head_w.is_contiguous(),
+                "DecoderStep: lm_head's weight must be a contiguous bfloat16 (vocab, ", D_, "), got ", head_w.sizes());
+    norm_w_ = norm_w.data_ptr<BF16>();
+    head_w_ = bf16_data(head_w);
+    vocab_out_ = head_w.size(0);
+    keep_ = {embed_w, norm_w, head_w};
   }
 
   // mla_block's weights and dimensions for the next layer (which reads cache[layer] for layer = its index).
@@ -48,17 +43,21 @@ class DecoderStep {
                      c10::optional<torch::Tensor> q_b_w, torch::Tensor kv_a_w, torch::Tensor kv_a_ln_w,
                      double latent_eps, torch::Tensor kv_b_w, torch::Tensor o_w, int64_t heads, int64_t nope,
                      int64_t rope, int64_t v, double scale) {
-    const int64_t layer = static_cast<int64_t>(attention_.size());
-    attention_.push_back([=](const torch::Tensor& h, const StepInputs& in) {
-      return mla_block(h, ln_w, ln_eps, q_w, q_a_w, q_a_ln_w, q_b_w, kv_a_w, kv_a_ln_w, latent_eps, kv_b_w, o_w,
-                       in.cos, in.sin, in.cache.select(0, layer), in.pos, in.valid, heads, nope, rope, v, scale,
-                       in.form);
-    });
+    attention_.push_back(mla_weights(ln_w, ln_eps, q_w, q_a_w, q_a_ln_w, q_b_w, kv_a_w, kv_a_ln_w, latent_eps,
+                                     kv_b_w, o_w, heads, nope, rope, v, scale));
+    TORCH_CHECK(attention_.back().D == D_ && attention_.back().rope == 2 * inv_freq_.size(0),
+                "DecoderStep: layer ", attention_.size() - 1, " is ", attention_.back().D, " wide with RoPE over ",
+                attention_.back().rope, " channels; the model is ", D_, " wide with ", 2 * inv_freq_.size(0));
+    keep(ln_w, q_w, q_a_w, q_a_ln_w, q_b_w, kv_a_w, kv_a_ln_w, kv_b_w, o_w);
   }
 
   // The same layer's second half: a dense gated-SiLU MLP (mlp_block) ...
   void add_mlp(torch::Tensor ln_w, double eps, torch::Tensor gate, torch::Tensor up, torch::Tensor down) {
-    mlp_.push_back([=](const torch::Tensor& h, const StepInputs&) { return mlp_block(h, ln_w, eps, gate, up, down); });
+    const MlpRows mlp = mlp_weights(gate, up, down, D_, "the MLP's weights");
+    const BF16* norm = norm_weight(ln_w);
+    const int64_t D = D_;
+    second_.push_back([=](const BF16* h, int64_t B, BF16* out) { mlp_rows(norm, eps, mlp, h, B, D, out); });
+    keep(ln_w, gate, up, down);
   }
 
   // ... or a MoE layer, router included (moe_block).
@@ -67,10 +66,13 @@ class DecoderStep {
                c10::optional<torch::Tensor> shared_up, c10::optional<torch::Tensor> shared_down, int64_t top_k,
                int64_t n_group, int64_t topk_group, int64_t method, bool softmax, bool norm_topk_prob,
                double routed_scaling_factor) {
-    mlp_.push_back([=](const torch::Tensor& h, const StepInputs&) {
-      return moe_block(h, ln_w, eps, gate_w32, bias, gate, up, down, shared_gate, shared_up, shared_down, top_k,
-                       n_group, topk_group, method, softmax, norm_topk_prob, routed_scaling_factor);
-    });
+    MoeWeights w = moe_weights(gate_w32, bias, gate, up, down, shared_gate, shared_up, shared_down, top_k, n_group,
+                               topk_group, method, softmax, norm_topk_prob, routed_scaling_factor);
+    TORCH_CHECK(w.D == D_, "DecoderStep: a MoE layer ", w.D, " wide in a model ", D_, " wide");
+    w.ln_w = norm_weight(ln_w);
+    w.eps = eps;
+    second_.push_back([w](const BF16* h, int64_t B, BF16* out) { moe_block_rows(w, h, B, out); });
+    keep(ln_w, gate, up, down, shared_gate, shared_up, shared_down);
   }
 
   // ids (B, 1) int64 -> next-token logits (B, vocab) float32, each layer's latent written to cache row `pos`.
@@ -79,17 +81,31 @@ class DecoderStep {
   c10::optional<torch::Tensor> step(const torch::Tensor& ids, const torch::Tensor& cache, int64_t pos,
                                     const c10::optional<torch::Tensor>& positions,
                                     const c10::optional<torch::Tensor>& valid, int64_t form) const {
-    TORCH_CHECK(attention_.size() == mlp_.size() && ids.dim() == 2 && ids.size(1) == 1 &&
-                    ids.scalar_type() == torch::kInt64 && cache.dim() == 4 &&
-                    cache.size(0) == static_cast<int64_t>(attention_.size()) && cache.size(1) == ids.size(0),
-                "DecoderStep.step: ids (B, 1) int64 and a cache (", attention_.size(), ", B, L, .) for ",
-                attention_.size(), " layers, got ", ids.sizes(), " ", ids.scalar_type(), " and ", cache.sizes());
-    const int64_t B = ids.size(0), vocab = embed_w_.size(0);
+    const int64_t layers = static_cast<int64_t>(attention_.size());
+    TORCH_CHECK(layers == static_cast<int64_t>(second_.size()) && ids.dim() == 2 && ids.size(1) == 1 &&
+                    ids.scalar_type() == torch::kInt64 && cache.dim() == 4 && cache.size(0) == layers &&
+                    cache.size(1) == ids.size(0),
+                "DecoderStep.step: ids (B, 1) int64 and a cache (", layers, ", B, L, .) for ", layers,
+                " layers, got ", ids.sizes(), " ", ids.scalar_type(), " and ", cache.sizes());
+    const int64_t B = ids.size(0), vocab = embed_w_.size(0), D = D_;
+    TORCH_CHECK(0 <= pos && pos < cache.size(2) && cache.stride(3) == 1 &&
+                    (cache.scalar_type() == torch::kBFloat16 || cache.scalar_type() == torch::kFloat32),
+                "DecoderStep.step: a bfloat16 or float32 cache with contiguous rows and room for row ", pos, ", got ",
+                cache.sizes(), " ", cache.scalar_type());
+    for (const auto& w : attention_)
+      TORCH_CHECK(cache.size(3) == w.r + w.rope, "DecoderStep.step: cache rows of ", cache.size(3), " for latents of ",
+                  w.r, " + ", w.rope);
+    c10::optional<torch::Tensor> mask;
+    if (valid.has_value()) {
+      TORCH_CHECK(valid->scalar_type() == torch::kBool && valid->sizes() == torch::IntArrayRef({B, pos + 1}),
+                  "DecoderStep.step: valid must be bool (", B, ", ", pos + 1, "), got ", valid->sizes());
+      mask = valid->contiguous();
+    }
+    check_mla_form(form);
     auto idc = ids.contiguous();
     const int64_t* ip = idc.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b)
       if (ip[b] < 0 || ip[b] >= vocab) return c10::nullopt;
-    auto h = at::embedding(embed_w_, idc);  // (B, 1, D)
     // rope_cos_sin: positions in float32 times the inverse frequencies, both halves, cos / sin (scaled), cast
     auto position_ids = positions.has_value() ? *positions : torch::full({1, 1}, pos, idc.options()).expand({B, 1});
     auto freqs = position_ids.to(torch::kFloat32).unsqueeze(-1) * inv_freq_;
@@ -99,23 +115,59 @@ class DecoderStep {
       cos = cos * rope_scale_;
       sin = sin * rope_scale_;
     }
-    cos = cos.to(h.scalar_type());
-    sin = sin.to(h.scalar_type());
-    const StepInputs in{cos, sin, cache, pos, valid, form};
-    for (size_t layer = 0; layer < attention_.size(); ++layer) {
-      h = attention_[layer](h, in);
-      h = mlp_[layer](h, in);
+    cos = cos.to(torch::kBFloat16).contiguous();
+    sin = sin.to(torch::kBFloat16).contiguous();
+    // the embedding, then every layer on raw rows, h and h2 taking turns
+    std::vector<BF16> h(B * D), h2(B * D);
+    const BF16* table = embed_w_.data_ptr<BF16>();
+    for (int64_t b = 0; b < B; ++b) std::memcpy(h.data() + b * D, table + ip[b] * D, D * sizeof(BF16));
+    MlaStep in{cos.data_ptr<BF16>(), sin.data_ptr<BF16>(), nullptr, cache.scalar_type() == torch::kBFloat16,
+               cache.stride(1), cache.stride(2), pos, mask.has_value() ? mask->data_ptr<bool>() : nullptr, form};
+    char* base = static_cast<char*>(cache.data_ptr());
+    for (int64_t layer = 0; layer < layers; ++layer) {
+      in.cache = base + layer * cache.stride(0) * cache.element_size();
+      mla_rows(attention_[layer], h.data(), B, in, h2.data());
+      second_[layer](h2.data(), B, h.data());
     }
-    h = rms_norm(h, norm_w_, norm_eps_);
-    return linear_bf16w(h.select(1, 0), head_w_, c10::nullopt).to(torch::kFloat32);
+    // the final norm and lm_head; the bf16 logits widened to float32
+    rms_norm_rows(h.data(), D, norm_w_, B, D, norm_eps_, h2.data(), D);
+    std::vector<BF16> logits16(B * vocab_out_);
+    linear_bf16_rows(h2.data(), B, D, head_w_, vocab_out_, logits16.data());
+    auto logits = torch::empty({B, vocab_out_}, torch::kFloat32);
+    float* lp = logits.data_ptr<float>();
+    for (int64_t i = 0; i < B * vocab_out_; ++i) lp[i] = static_cast<float>(logits16[i]);
+    return logits;
   }
 
  private:
-  torch::Tensor embed_w_, norm_w_;
+  const BF16* norm_weight(const torch::Tensor& w) const {
+    TORCH_CHECK(w.scalar_type() == torch::kBFloat16 && w.dim() == 1 && w.size(0) == D_ && w.is_contiguous(),
+                "DecoderStep: post_attention_layernorm's weight must be bfloat16 (", D_, "), got ", w.sizes(), " ",
+                w.scalar_type());
+    return w.data_ptr<BF16>();
+  }
+
+  // The tensors the raw pointers point into stay alive with the step.
+  template <typename... Ts>
+  void keep(const Ts&... ts) {
+    (keep_one(ts), ...);
+  }
+  void keep_one(const torch::Tensor& t) { keep_.push_back(t); }
+  void keep_one(const c10::optional<torch::Tensor>& t) {
+    if (t.has_value()) keep_.push_back(*t);
+  }
+
+  torch::Tensor embed_w_;
+  int64_t D_ = 0, vocab_out_ = 0;
+  const BF16* norm_w_ = nullptr;
   double norm_eps_;
-  torch::Tensor head_w_, inv_freq_;
+  const uint16_t* head_w_ = nullptr;
+  torch::Tensor inv_freq_;
   double rope_scale_;
-  std::vector<Half> attention_, mlp_;
+  std::vector<MlaWeights> attention_;
+  // A layer's second half (dense MLP or MoE): h (B, D) -> out = h + the half's output.
+  std::vector<std::function<void(const BF16*, int64_t, BF16*)>> second_;
+  std::vector<torch::Tensor> keep_;
 };
 
 void bind_decoder_step(pybind11::module& m) {

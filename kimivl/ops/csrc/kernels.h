@@ -26,6 +26,18 @@ struct MlpRows {
 torch::Tensor moe_rows(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
                        const std::vector<int64_t>& ids, const std::vector<MlpRows>& mlps, int64_t n_shared);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+
+// The same kernels on raw bf16 rows (the decode blocks' glue: a tensor op's dispatch, view or allocation costs
+// ~1-2 us, and a decode step of the real-width slice had ~130 of them per layer). Same roundings as above.
+void linear_bf16_rows(const at::BFloat16* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, at::BFloat16* out);
+void moe_rows_bf16(const at::BFloat16* x, int64_t T, int64_t D, const int64_t* topk_idx, const float* topk_weight,
+                   int64_t k, const std::vector<int64_t>& ids, const std::vector<MlpRows>& mlps, int64_t n_shared,
+                   const at::BFloat16* residual, at::BFloat16* out);  // out = residual + moe (bf16 add), if given
+void rms_norm_rows(const at::BFloat16* x, int64_t x_stride, const at::BFloat16* w, int64_t rows, int64_t D,
+                   double eps, at::BFloat16* out, int64_t out_stride);
+// `count` vectors of D channels, x_stride apart, rotated by the same cos / sin (D each): out_stride apart.
+void rope_rotate_vectors(const at::BFloat16* x, int64_t x_stride, int64_t count, const at::BFloat16* cos,
+                         const at::BFloat16* sin, int64_t D, at::BFloat16* out, int64_t out_stride);
 torch::Tensor rope_rotate(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 torch::Tensor rope_pairs(const torch::Tensor& x, const torch::Tensor& rot_cos, const torch::Tensor& rot_sin);
 bool has_avx2();
@@ -38,6 +50,25 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
 // mla_decode's forms (its `form` argument; kimivl.ops.cpu_kernels.mla_decode_form picks one): products in float32
 // on widened rows, or bf16 products (bf16 queries and probabilities, float32 sums) by vdpbf16ps or by AMX tiles.
 constexpr int64_t FORM_FLOAT32 = 0, FORM_VDPBF16 = 1, FORM_AMX = 2;
+// mla_decode on raw rows (what the decode blocks pass): queries in float32, the answer (B, H, V) in float32.
+struct MlaArgs {
+  const float* q_nope;  // (B, H, nope), contiguous
+  const float* q_pe;    // (B, H, rope)
+  int64_t B, H, nope, rope;
+  const void* kv;  // (B, T, R + rope) bf16 (kv16) or float32, rows contiguous, strides kv_batch / kv_row
+  bool kv16;
+  int64_t T, kv_batch, kv_row;
+  const void* w_uk;  // (H, nope, R) and (H, V, R), bf16 (w16) or float32, rows contiguous, strides as named
+  const void* w_uv;
+  bool w16;
+  int64_t R, V, wk_head, wk_row, wv_head, wv_row;
+  const bool* valid;  // (B, T) keys each row may see, or null for all
+  float scale;
+  int64_t form;
+  float* out;  // (B, H, V)
+};
+void check_mla_form(int64_t form);
+void mla_decode_rows(const MlaArgs& args);
 torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
                          const torch::Tensor& w_uk, const torch::Tensor& w_uv, double scale,
                          const c10::optional<torch::Tensor>& valid, int64_t form);

@@ -279,25 +279,47 @@ void trim(std::vector<float>& buf) {
 
 // Activations as float32 rows (M, K) in the order rows() reads them, written into `buf` (converted from bf16 in
 // place of a torch conversion: a decode step calls this ~20 times, and each tensor op costs a few us of dispatch).
-const float* float_rows(const torch::Tensor& x, int64_t K, std::vector<float>& buf) {
-  const auto xc = x.contiguous();
-  const int64_t M = leading_rows(x);
+const float* float_rows(const at::BFloat16* x, int64_t M, int64_t K, std::vector<float>& buf) {
   buf.resize(M * K);
-  if (xc.scalar_type() == torch::kBFloat16) {
-    const uint16_t* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
-    uint32_t* dst = reinterpret_cast<uint32_t*>(buf.data());  // a bf16's bits are a float32's top half
-    for (int64_t i = 0; i < M * K; ++i) dst[i] = static_cast<uint32_t>(src[i]) << 16;
-  } else {
-    std::memcpy(buf.data(), xc.data_ptr<float>(), M * K * sizeof(float));
-  }
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x);
+  uint32_t* dst = reinterpret_cast<uint32_t*>(buf.data());  // a bf16's bits are a float32's top half
+  for (int64_t i = 0; i < M * K; ++i) dst[i] = static_cast<uint32_t>(src[i]) << 16;
   split_pairs(buf.data(), M, K);
   return buf.data();
 }
+
+const float* float_rows(const torch::Tensor& x, int64_t K, std::vector<float>& buf) {
+  const auto xc = x.contiguous();
+  const int64_t M = leading_rows(x);
+  if (xc.scalar_type() == torch::kBFloat16) return float_rows(xc.data_ptr<at::BFloat16>(), M, K, buf);
+  buf.resize(M * K);
+  std::memcpy(buf.data(), xc.data_ptr<float>(), M * K * sizeof(float));
+  split_pairs(buf.data(), M, K);
+  return buf.data();
+}
+
+// Output columns per parallel task: ~64 KB of weights, big enough to amortise scheduling, small enough to balance.
+int64_t column_grain(int64_t K) { return std::max<int64_t>(4, (32768 / std::max<int64_t>(K, 1)) & ~int64_t(3)); }
 
 // v rounded to `dtype` and back (the rounding a PyTorch op in that dtype applies to its output).
 inline float round_to(float v, bool bf16) { return bf16 ? static_cast<float>(c10::BFloat16(v)) : v; }
 
 }  // namespace
+
+void linear_bf16_rows(const at::BFloat16* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, at::BFloat16* out) {
+  thread_local std::vector<float> xbuf, ybuf;  // reused: no allocation per decode-step projection
+  const float* xp = float_rows(x, M, K, xbuf);
+  ybuf.resize(M * N);
+  float* yp = ybuf.data();
+  // each task rounds its own columns to bf16 (as the float32 result's conversion would: round to nearest even)
+  at::parallel_for(0, N, column_grain(K), [&](int64_t n0, int64_t n1) {
+    rows(xp, K, M, w, K, n0, n1, yp, N);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = n0; n < n1; ++n) out[m * N + n] = c10::BFloat16(yp[m * N + n]);
+  });
+  trim(xbuf);
+  trim(ybuf);
+}
 
 torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "linear_bf16w: CPU tensors only");
@@ -309,33 +331,21 @@ torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w, const
   const int64_t K = w.size(1), N = w.size(0);
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == N), "linear_bf16w: bias must be (", N,
               "), got ", bias.has_value() ? bias->sizes() : torch::IntArrayRef{});
-  thread_local std::vector<float> xbuf, ybuf;  // reused: no allocation per decode-step projection
-  const float* xp = float_rows(x, K, xbuf);
   auto wc = w.contiguous();
   const int64_t M = leading_rows(x);
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
   auto sizes = x.sizes().vec();
   sizes.back() = N;
-  // ~64 KB of weights per task: big enough to amortise scheduling, small enough to balance.
-  const int64_t grain = std::max<int64_t>(4, (32768 / std::max<int64_t>(K, 1)) & ~int64_t(3));
   if (x.scalar_type() == torch::kBFloat16 && !bias.has_value()) {
-    // each task rounds its own columns to bf16 (as the float32 result's conversion would: round to nearest even)
-    ybuf.resize(M * N);
-    float* yp = ybuf.data();
     auto out = torch::empty({M, N}, x.options());
-    at::BFloat16* op = out.data_ptr<at::BFloat16>();
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      rows(xp, K, M, wp, K, n0, n1, yp, N);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = n0; n < n1; ++n) op[m * N + n] = c10::BFloat16(yp[m * N + n]);
-    });
-    trim(xbuf);
-    trim(ybuf);
+    linear_bf16_rows(x.contiguous().data_ptr<at::BFloat16>(), M, K, wp, N, out.data_ptr<at::BFloat16>());
     return out.view(sizes);
   }
+  thread_local std::vector<float> xbuf;  // reused: no allocation per decode-step projection
+  const float* xp = float_rows(x, K, xbuf);
   auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows(xp, K, M, wp, K, n0, n1, yp, N); });
+  at::parallel_for(0, N, column_grain(K), [&](int64_t n0, int64_t n1) { rows(xp, K, M, wp, K, n0, n1, yp, N); });
   if (bias.has_value()) y.add_(bias->to(torch::kFloat32));  // in float32, before the output's rounding
   trim(xbuf);
   return y.to(x.scalar_type()).view(sizes);
@@ -404,27 +414,17 @@ torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, c
   return moe_rows(x, topk_idx, topk_weight, ids, mlps, n_shared);
 }
 
-torch::Tensor moe_rows(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
-                       const std::vector<int64_t>& ids, const std::vector<MlpRows>& mlps, int64_t n_shared) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
-                  (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
-              "moe_bf16w: x must be a float32 or bfloat16 (T, D) CPU tensor, got ", x.sizes(), " ", x.scalar_type());
-  const int64_t T = x.size(0), D = x.size(1);
-  TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.size(0) == T && topk_idx.scalar_type() == torch::kInt64 &&
-                  topk_weight.sizes() == topk_idx.sizes() && topk_weight.scalar_type() == torch::kFloat32,
-              "moe_bf16w: topk_idx (T, k) int64 and topk_weight (T, k) float32 with T = ", T, ", got ",
-              topk_idx.sizes(), " and ", topk_weight.sizes());
-  const int64_t k = topk_idx.size(1), P = static_cast<int64_t>(ids.size());
+namespace {
+
+// The experts pass on float32 rows xp (T, D) in float_rows' order: out (T, D) in bf16 (plus `residual`, if given)
+// or float32. ip / wp: (T, k) routing.
+void moe_core(const float* xp, int64_t T, int64_t D, const int64_t* ip, const float* wp, int64_t k,
+              const std::vector<int64_t>& ids, const std::vector<MlpRows>& mlps, int64_t n_shared, bool bf16,
+              const at::BFloat16* residual, void* out) {
+  const int64_t P = static_cast<int64_t>(ids.size());
   TORCH_CHECK(n_shared >= 0 && static_cast<int64_t>(mlps.size()) == P + n_shared, "moe_bf16w: ", P,
               " routed ids + ", n_shared, " shared MLPs but ", mlps.size(), " weight sets");
   const size_t Q = mlps.size();
-  const bool bf16 = x.scalar_type() == torch::kBFloat16;
-  thread_local std::vector<float> xbuf;
-  const float* xp = float_rows(x, D, xbuf);
-  auto idx = topk_idx.contiguous();
-  auto wts = topk_weight.contiguous();
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  const float* wp = wts.data_ptr<float>();
 
   // Which routed MLP and which of its input rows every (token, slot) pair is, in (token, slot) order.
   std::vector<std::vector<int64_t>> members(P);
@@ -485,7 +485,6 @@ torch::Tensor moe_rows(const torch::Tensor& x, const torch::Tensor& topk_idx, co
 
   // Combine as the PyTorch path rounds: each expert's output in x's dtype, weighted and summed over the
   // slots in slot order in float32, rounded; then each shared MLP's output (rounded) added and rounded.
-  auto out = torch::empty({T, D}, x.options());
   std::vector<float> acc(D);
   for (int64_t t = 0; t < T; ++t) {
     bool started = false;
@@ -510,15 +509,51 @@ torch::Tensor moe_rows(const torch::Tensor& x, const torch::Tensor& topk_idx, co
     }
     if (!started) std::fill(acc.begin(), acc.end(), 0.f);
     if (bf16) {
-      auto* op = out.data_ptr<at::BFloat16>() + t * D;
-      for (int64_t d = 0; d < D; ++d) op[d] = c10::BFloat16(acc[d]);
+      auto* op = static_cast<at::BFloat16*>(out) + t * D;
+      if (residual != nullptr) {  // h + moe(x) as the bf16 add rounds it (acc is bf16-exact here)
+        const at::BFloat16* rp = residual + t * D;
+        for (int64_t d = 0; d < D; ++d) op[d] = c10::BFloat16(static_cast<float>(rp[d]) + acc[d]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) op[d] = c10::BFloat16(acc[d]);
+      }
     } else {
-      std::memcpy(out.data_ptr<float>() + t * D, acc.data(), D * sizeof(float));
+      std::memcpy(static_cast<float*>(out) + t * D, acc.data(), D * sizeof(float));
     }
   }
-  trim(xbuf);
   trim(arena);
+}
+
+
+}  // namespace
+
+torch::Tensor moe_rows(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
+                       const std::vector<int64_t>& ids, const std::vector<MlpRows>& mlps, int64_t n_shared) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
+                  (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "moe_bf16w: x must be a float32 or bfloat16 (T, D) CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  const int64_t T = x.size(0), D = x.size(1);
+  TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.size(0) == T && topk_idx.scalar_type() == torch::kInt64 &&
+                  topk_weight.sizes() == topk_idx.sizes() && topk_weight.scalar_type() == torch::kFloat32,
+              "moe_bf16w: topk_idx (T, k) int64 and topk_weight (T, k) float32 with T = ", T, ", got ",
+              topk_idx.sizes(), " and ", topk_weight.sizes());
+  thread_local std::vector<float> xbuf;
+  const float* xp = float_rows(x, D, xbuf);
+  auto idx = topk_idx.contiguous();
+  auto wts = topk_weight.contiguous();
+  auto out = torch::empty({T, D}, x.options());
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  moe_core(xp, T, D, idx.data_ptr<int64_t>(), wts.data_ptr<float>(), topk_idx.size(1), ids, mlps, n_shared, bf16,
+           nullptr, out.data_ptr());
+  trim(xbuf);
   return out;
+}
+
+void moe_rows_bf16(const at::BFloat16* x, int64_t T, int64_t D, const int64_t* topk_idx, const float* topk_weight,
+                   int64_t k, const std::vector<int64_t>& ids, const std::vector<MlpRows>& mlps, int64_t n_shared,
+                   const at::BFloat16* residual, at::BFloat16* out) {
+  thread_local std::vector<float> xbuf;
+  moe_core(float_rows(x, T, D, xbuf), T, D, topk_idx, topk_weight, k, ids, mlps, n_shared, true, residual, out);
+  trim(xbuf);
 }
 
 bool has_avx2() {

@@ -649,21 +649,19 @@ void mat_vec(const W* w, const float* x, int64_t N, int64_t K, int64_t ldw, floa
 }
 
 template <typename KV, typename W>
-torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
-                  const torch::Tensor& w_uk, const torch::Tensor& w_uv, double scale,
-                  const c10::optional<torch::Tensor>& valid, int64_t form) {
-  const int64_t B = q_nope.size(0), H = q_nope.size(1), NOPE = q_nope.size(2), ROPE = q_pe.size(2);
-  const int64_t T = kv.size(1), D = kv.size(2), R = w_uk.size(2), V = w_uv.size(1);
-  const float* qn = q_nope.data_ptr<float>();
-  const float* qp = q_pe.data_ptr<float>();
-  const KV* kvp = reinterpret_cast<const KV*>(kv.data_ptr());
-  const W* wk = reinterpret_cast<const W*>(w_uk.data_ptr());
-  const W* wv = reinterpret_cast<const W*>(w_uv.data_ptr());
-  const int64_t kv_batch = kv.stride(0), kv_row = kv.stride(1);
+void run(const MlaArgs& a) {
+  const int64_t B = a.B, H = a.H, NOPE = a.nope, ROPE = a.rope, T = a.T, D = a.R + a.rope, R = a.R, V = a.V;
+  const float* qn = a.q_nope;
+  const float* qp = a.q_pe;
+  const KV* kvp = static_cast<const KV*>(a.kv);
+  const W* wk = static_cast<const W*>(a.w_uk);
+  const W* wv = static_cast<const W*>(a.w_uv);
+  const int64_t kv_batch = a.kv_batch, kv_row = a.kv_row;
   // W_UK / W_UV are strided views of kv_b_proj.weight (heads interleave their nope and v rows): read in place.
-  const int64_t wk_head = w_uk.stride(0), wk_row = w_uk.stride(1), wv_head = w_uv.stride(0), wv_row = w_uv.stride(1);
-  const bool* vp = valid.has_value() ? valid->data_ptr<bool>() : nullptr;
-  const float fscale = static_cast<float>(scale);
+  const int64_t wk_head = a.wk_head, wk_row = a.wk_row, wv_head = a.wv_head, wv_row = a.wv_row;
+  const bool* vp = a.valid;
+  const float fscale = a.scale;
+  const int64_t form = a.form;
 
   // 1. Queries in the latent space, transposed to (D, H) per sequence for the score kernel.
   std::vector<float> qt(B * D * H);
@@ -755,8 +753,7 @@ torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const 
   });
 
   // 3. Merge the chunks and 4. project through W_UV, per (sequence, head).
-  auto out = torch::empty({B, H, V}, q_nope.options());
-  float* op = out.data_ptr<float>();
+  float* op = a.out;
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> lat(R);
     for (int64_t i = i0; i < i1; ++i) {
@@ -781,10 +778,27 @@ torch::Tensor run(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const 
       mat_vec(wv + h * wv_head, lat.data(), V, R, wv_row, op + (b * H + h) * V);
     }
   });
-  return out;
 }
 
 }  // namespace
+
+void check_mla_form(int64_t form) {
+  TORCH_CHECK(form == FORM_FLOAT32 || form == FORM_VDPBF16 || form == FORM_AMX, "mla_decode: form must be ",
+              FORM_FLOAT32, " (float32), ", FORM_VDPBF16, " (vdpbf16ps) or ", FORM_AMX, " (AMX), got ", form);
+  TORCH_CHECK(form != FORM_AMX || bf16_isa() == "amx", "mla_decode: the AMX form asked for, but this build or "
+              "process cannot use AMX (bf16_isa() is '", bf16_isa(), "')");
+}
+
+void mla_decode_rows(const MlaArgs& a) {
+  if (a.kv16 && a.w16)
+    run<uint16_t, uint16_t>(a);
+  else if (a.kv16)
+    run<uint16_t, float>(a);
+  else if (a.w16)
+    run<float, uint16_t>(a);
+  else
+    run<float, float>(a);
+}
 
 torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
                          const torch::Tensor& w_uk, const torch::Tensor& w_uv, double scale,
@@ -806,10 +820,7 @@ torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe,
               ", w_uk ", w_uk.sizes(), ", w_uv ", w_uv.sizes());
   TORCH_CHECK(kv.stride(2) == 1, "mla_decode: the cache's rows must be contiguous");
   TORCH_CHECK(w_uk.scalar_type() == w_uv.scalar_type(), "mla_decode: w_uk and w_uv differ in dtype");
-  TORCH_CHECK(form == FORM_FLOAT32 || form == FORM_VDPBF16 || form == FORM_AMX, "mla_decode: form must be ",
-              FORM_FLOAT32, " (float32), ", FORM_VDPBF16, " (vdpbf16ps) or ", FORM_AMX, " (AMX), got ", form);
-  TORCH_CHECK(form != FORM_AMX || bf16_isa() == "amx", "mla_decode: the AMX form asked for, but this build or "
-              "process cannot use AMX (bf16_isa() is '", bf16_isa(), "')");
+  check_mla_form(form);
   c10::optional<torch::Tensor> mask;
   if (valid.has_value()) {
     TORCH_CHECK(valid->scalar_type() == torch::kBool && valid->dim() == 2 && valid->size(0) == B &&
@@ -824,14 +835,12 @@ torch::Tensor mla_decode(const torch::Tensor& q_nope, const torch::Tensor& q_pe,
   const bool kv16 = kv.scalar_type() == torch::kBFloat16, w16 = wk.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(kv16 || kv.scalar_type() == torch::kFloat32, "mla_decode: the cache must be float32 or bfloat16");
   TORCH_CHECK(w16 || wk.scalar_type() == torch::kFloat32, "mla_decode: W_UK / W_UV must be float32 or bfloat16");
-  torch::Tensor out;
-  if (kv16 && w16)
-    out = run<uint16_t, uint16_t>(qn, qp, kv, wk, wv, scale, mask, form);
-  else if (kv16)
-    out = run<uint16_t, float>(qn, qp, kv, wk, wv, scale, mask, form);
-  else if (w16)
-    out = run<float, uint16_t>(qn, qp, kv, wk, wv, scale, mask, form);
-  else
-    out = run<float, float>(qn, qp, kv, wk, wv, scale, mask, form);
+  auto out = torch::empty({B, H, w_uv.size(1)}, q_nope.options().dtype(torch::kFloat32));
+  const MlaArgs args{qn.data_ptr<float>(), qp.data_ptr<float>(), B, H, q_nope.size(2), q_pe.size(2), kv.data_ptr(),
+                     kv16, kv.size(1), kv.stride(0), kv.stride(1), wk.data_ptr(), wv.data_ptr(), w16, R,
+                     w_uv.size(1), wk.stride(0), wk.stride(1), wv.stride(0), wv.stride(1),
+                     mask.has_value() ? mask->data_ptr<bool>() : nullptr, static_cast<float>(scale), form,
+                     out.data_ptr<float>()};
+  mla_decode_rows(args);
   return out.to(q_type);  // computed in float32, answered in the queries' dtype
 }

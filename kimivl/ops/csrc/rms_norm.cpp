@@ -36,6 +36,11 @@ void norm_rows(const torch::Tensor& x, const torch::Tensor& w, float eps, torch:
 
 }  // namespace
 
+void rms_norm_rows(const at::BFloat16* x, int64_t x_stride, const at::BFloat16* w, int64_t rows, int64_t D,
+                   double eps, at::BFloat16* out, int64_t out_stride) {
+  for (int64_t r = 0; r < rows; ++r) norm_row(x + r * x_stride, w, D, static_cast<float>(eps), out + r * out_stride);
+}
+
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "rms_norm: CPU tensors only");
   const auto xt = x.scalar_type(), wt = weight.scalar_type();

@@ -15,26 +15,32 @@ inline float r(float v) { return static_cast<float>(static_cast<T>(v)); }  // th
 
 // (The extension is compiled with -ffp-contract=off: a product and a sum stay two roundings, as in PyTorch.)
 template <typename T>
-void rotate(const T* x, const T* cos, const T* sin, T* out, int64_t B, int64_t H, int64_t S, int64_t D) {
+void rotate_one(const T* x, const T* c, const T* n, T* o, int64_t D) {
   const int64_t half = D / 2;
+  for (int64_t j = 0; j < half; ++j) {
+    const float even = static_cast<float>(x[2 * j]), odd = static_cast<float>(x[2 * j + 1]);
+    const float lo = r<T>(even * static_cast<float>(c[j])) + r<T>(-odd * static_cast<float>(n[j]));
+    const float hi = r<T>(odd * static_cast<float>(c[j + half])) + r<T>(even * static_cast<float>(n[j + half]));
+    o[j] = static_cast<T>(lo);
+    o[j + half] = static_cast<T>(hi);
+  }
+}
+
+template <typename T>
+void rotate(const T* x, const T* cos, const T* sin, T* out, int64_t B, int64_t H, int64_t S, int64_t D) {
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h)
-      for (int64_t s = 0; s < S; ++s) {
-        const T* xi = x + ((b * H + h) * S + s) * D;
-        const T* c = cos + (b * S + s) * D;
-        const T* n = sin + (b * S + s) * D;
-        T* o = out + ((b * H + h) * S + s) * D;
-        for (int64_t j = 0; j < half; ++j) {
-          const float even = static_cast<float>(xi[2 * j]), odd = static_cast<float>(xi[2 * j + 1]);
-          const float lo = r<T>(even * static_cast<float>(c[j])) + r<T>(-odd * static_cast<float>(n[j]));
-          const float hi = r<T>(odd * static_cast<float>(c[j + half])) + r<T>(even * static_cast<float>(n[j + half]));
-          o[j] = static_cast<T>(lo);
-          o[j + half] = static_cast<T>(hi);
-        }
-      }
+      for (int64_t s = 0; s < S; ++s)
+        rotate_one(x + ((b * H + h) * S + s) * D, cos + (b * S + s) * D, sin + (b * S + s) * D,
+                   out + ((b * H + h) * S + s) * D, D);
 }
 
 }  // namespace
+
+void rope_rotate_vectors(const at::BFloat16* x, int64_t x_stride, int64_t count, const at::BFloat16* cos,
+                         const at::BFloat16* sin, int64_t D, at::BFloat16* out, int64_t out_stride) {
+  for (int64_t i = 0; i < count; ++i) rotate_one(x + i * x_stride, cos, sin, out + i * out_stride, D);
+}
 
 torch::Tensor rope_rotate(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
   TORCH_CHECK(x.device().is_cpu() && cos.device().is_cpu() && sin.device().is_cpu(), "rope_rotate: CPU tensors only");
