@@ -6,8 +6,9 @@
 // every layer, the final norm): after the weights of a layer have streamed through the caches, the interpreter's
 // own code and objects come back from memory, so each Python-level step costs several times its warm time
 // (docs/performance.md, "The whole decode step in one call"). The step is bound by reading the weights, so that
-// time is a direct loss. Same ATen ops and kernels in the same order as DeepseekV3ForCausalLM's modules and
-// kimivl.decoder.cpu_decode's layer blocks: bit-identical logits and cache (tested).
+// time is a direct loss. Same kernels and roundings in the same order as DeepseekV3ForCausalLM's modules and
+// kimivl.decoder.cpu_decode's layer blocks (RoPE's cos / sin by the same ATen ops): bit-identical logits and cache
+// (tested). The layers run on raw rows (decode_blocks.h), the hidden state in two buffers taking turns.
 #include "decode_blocks.h"
 
 #include <functional>
