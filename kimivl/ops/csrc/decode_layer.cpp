@@ -9,6 +9,7 @@
 #include "decode_blocks.h"
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <vector>
 

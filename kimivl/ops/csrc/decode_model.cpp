@@ -11,6 +11,7 @@
 // (tested). The layers run on raw rows (decode_blocks.h), the hidden state in two buffers taking turns.
 #include "decode_blocks.h"
 
+#include <cstring>
 #include <functional>
 #include <vector>
 

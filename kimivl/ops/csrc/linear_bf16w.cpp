@@ -523,7 +523,6 @@ void moe_core(const float* xp, int64_t T, int64_t D, const int64_t* ip, const fl
   trim(arena);
 }
 
-
 }  // namespace
 
 torch::Tensor moe_rows(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
