@@ -126,7 +126,9 @@ def machine_info(threads: int) -> dict[str, Any]:
             "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags,
             # which forms kimivl's bf16 kernels take here: vdpbf16ps for (backend auto) the vision attention where
             # True, torch's SDPA otherwise; the MLA decode step's form for a bf16 model (docs/performance.md)
-            "kimivl_vdpbf16_preferred": cpu_kernels.vdpbf16_preferred(), "kimivl_mla_decode_form": mla_form}
+            "kimivl_vdpbf16_preferred": cpu_kernels.vdpbf16_preferred(), "kimivl_mla_decode_form": mla_form,
+            # KIMIVL_CPU_MAX_ISA (and oneDNN's own cap, which torch's GEMMs follow), when a run sets them
+            "kimivl_cpu_max_isa": cpu_kernels.max_isa(), "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
 
 
 # ------------------------------------------------------------------------------------------ machine limits

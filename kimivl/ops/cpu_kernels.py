@@ -43,9 +43,15 @@ into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), under a 
 CPU's feature flags (a build for one CPU's instructions, AMX say, must not be loaded on another that lacks
 them, e.g. through a home directory shared between machines) and of the checkout's path (two checkouts would
 otherwise rebuild each other's build folder on every load), the first time a bf16 weight meets a
-small CPU batch, ~1 minute once; ``python -m kimivl.ops.cpu_kernels`` builds it ahead of time. When it
-cannot be built (no compiler), or with ``KIMIVL_CPU_KERNELS=0``, every caller uses its PyTorch path and a
-single warning says why.
+small CPU batch, 2-3 minutes on 2 cores, once; ``python -m kimivl.ops.cpu_kernels`` builds it ahead of time.
+When it cannot be built (no compiler), or with ``KIMIVL_CPU_KERNELS=0``, every caller uses its PyTorch path and
+a single warning says why.
+
+``KIMIVL_CPU_MAX_ISA`` (``amx``, the default, ``avx512_bf16``, ``avx512`` or ``avx2``; read at import) caps the
+instruction sets the extension is built for and the CPU features the callers see, as oneDNN's
+``ONEDNN_MAX_CPU_ISA`` does for its kernels (torch's own GEMMs follow that one): on an AMX CPU,
+``avx512_bf16`` runs the code an AMD Zen 4 / 5 runs (vdpbf16ps MLA form and experts, the C++ vision attention),
+in a build folder of its own.
 """
 from __future__ import annotations
 
@@ -68,6 +74,24 @@ SOURCES = [Path(__file__).parent / "csrc" / name
                         "decode_layer.cpp", "decode_model.cpp", "experts_bf16.cpp",
                         "attention_bf16.cpp")]
 ENV_SWITCH = "KIMIVL_CPU_KERNELS"
+ISA_SWITCH = "KIMIVL_CPU_MAX_ISA"
+# Per cap: the prefixes of the CPU flags above it (hidden from the callers) and the compiler options that keep
+# the build from them (after -march=native).
+_NO_AMX = ("-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8")
+ISA_CAPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "amx": ((), ()),
+    "avx512_bf16": (("amx",), _NO_AMX),
+    "avx512": (("amx", "avx512_bf16"), (*_NO_AMX, "-mno-avx512bf16")),
+    "avx2": (("amx", "avx512"), (*_NO_AMX, "-mno-avx512f")),
+}
+
+
+def max_isa() -> str:
+    """The ``KIMIVL_CPU_MAX_ISA`` cap ("amx" when unset: whatever the CPU has)."""
+    cap = os.environ.get(ISA_SWITCH, "").strip().lower() or "amx"
+    if cap not in ISA_CAPS:
+        raise ValueError(f"{ISA_SWITCH}={os.environ[ISA_SWITCH]!r} is not one of {', '.join(ISA_CAPS)}")
+    return cap
 
 
 def _cpuinfo_flags() -> str:
@@ -83,13 +107,17 @@ def _build_tag() -> str:
     checkout's path: two checkouts sharing the extensions directory would otherwise share a build folder whose
     ninja file names the other's sources, and each load would recompile everything (~2 min)."""
     key = f"{_cpuinfo_flags() or platform.machine()}|{Path(__file__).resolve().parent}"
+    if max_isa() != "amx":  # a capped build has a folder of its own (the default keeps its name)
+        key += f"|{max_isa()}"
     return hashlib.sha1(key.encode()).hexdigest()[:8]
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as the kernel names them (``avx512_bf16``, ``amx_bf16``, ...); empty where unknown."""
-    return frozenset(_cpuinfo_flags().partition(":")[2].split())
+    """The CPU's feature flags as the kernel names them (``avx512_bf16``, ``amx_bf16``, ...), less those above
+    ``KIMIVL_CPU_MAX_ISA``; empty where unknown."""
+    hidden = ISA_CAPS[max_isa()][0]
+    return frozenset(f for f in _cpuinfo_flags().partition(":")[2].split() if not f.startswith(hidden))
 
 
 NAME = f"kimivl_cpu_kernels_{_build_tag()}"
@@ -186,8 +214,8 @@ def _build() -> ModuleType | None:
                 logger.warning("removing %s, left by a build that did not finish", stale)
                 stale.unlink(missing_ok=True)
             return load(NAME, [str(s) for s in SOURCES],
-                        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off",
-                                      f"-DKIMIVL_HEADERS={_headers_hash()}"],
+                        extra_cflags=["-O3", "-march=native", *ISA_CAPS[max_isa()][1], "-fopenmp",
+                                      "-ffp-contract=off", f"-DKIMIVL_HEADERS={_headers_hash()}"],
                         extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: the PyTorch paths serve instead
         logger.warning("kimivl CPU kernels unavailable (%s: %s); using the PyTorch paths", type(exc).__name__,
@@ -228,7 +256,8 @@ def main() -> None:
     ext = kernels()
     if ext is None:
         raise SystemExit(f"not built (disabled by {ENV_SWITCH}, or the build failed: see the warning above)")
-    print(f"built: {ext.__file__} (AVX2+FMA path: {ext.has_avx2()})")
+    print(f"built: {ext.__file__} (AVX2+FMA path: {ext.has_avx2()}; bf16 kernels: {ext.bf16_isa() or 'none'}; "
+          f"{ISA_SWITCH}: {max_isa()})")
 
 
 if __name__ == "__main__":

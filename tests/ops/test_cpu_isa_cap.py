@@ -1,0 +1,83 @@
+"""``KIMIVL_CPU_MAX_ISA``: the C++ kernels built for, and the callers deciding on, fewer instruction sets than the CPU
+has. On an AMX CPU the cap ``avx512_bf16`` builds and runs what an AMD Zen 4 / 5 (the benchmarks' acceptance CPU)
+does, so the kernel tests are run once more under it here."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kimivl.ops import cpu_kernels
+
+ROOT = Path(__file__).resolve().parents[2]
+FLAGS = "flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_bf16 avx512_vnni amx_bf16 amx_tile amx_int8"
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_cpuinfo_flags", lambda: FLAGS)
+    cpu_kernels.cpu_flags.cache_clear()
+    yield
+    cpu_kernels.cpu_flags.cache_clear()
+
+
+AMX = {"amx_bf16", "amx_tile", "amx_int8"}
+
+
+@pytest.mark.parametrize(("cap", "hidden"), [
+    ("", set()),
+    ("avx512_bf16", AMX),
+    ("avx512", AMX | {"avx512_bf16"}),
+    ("AVX2", AMX | {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"}),
+])
+def test_a_cap_hides_the_cpu_features_above_it(fake_cpu, monkeypatch, cap: str, hidden: set[str]) -> None:
+    monkeypatch.setenv(cpu_kernels.ISA_SWITCH, cap)
+    assert cpu_kernels.cpu_flags() == set(FLAGS.partition(":")[2].split()) - hidden
+    # what the callers decide from them: vdpbf16ps preferred only where AVX512-BF16 is the top (Zen 4 / 5)
+    assert cpu_kernels.vdpbf16_preferred() == (cap == "avx512_bf16")
+
+
+def test_a_capped_build_has_a_folder_of_its_own(monkeypatch) -> None:
+    tags = {}
+    for cap in ("", "amx", "avx512_bf16", "avx2"):
+        monkeypatch.setenv(cpu_kernels.ISA_SWITCH, cap)
+        tags[cap] = cpu_kernels._build_tag()
+    assert tags[""] == tags["amx"]  # the default keeps the folder it always had
+    assert len({tags[""], tags["avx512_bf16"], tags["avx2"]}) == 3
+
+
+def test_an_unknown_cap_is_refused_with_the_choices(monkeypatch) -> None:
+    monkeypatch.setenv(cpu_kernels.ISA_SWITCH, "avx1024")
+    with pytest.raises(ValueError, match="KIMIVL_CPU_MAX_ISA='avx1024' is not one of amx, avx512_bf16, avx512, avx2"):
+        cpu_kernels.max_isa()
+
+
+def _no_amx_reason() -> str | None:
+    flags = cpu_kernels._cpuinfo_flags().split()
+    if "amx_bf16" not in flags or "avx512_bf16" not in flags:
+        return "this CPU has no AMX: the suite itself already runs its own avx512_bf16 (or lesser) build"
+    if os.environ.get(cpu_kernels.ISA_SWITCH):
+        return f"{cpu_kernels.ISA_SWITCH} is set for this run"
+    return None
+
+
+@pytest.mark.skipif(_no_amx_reason() is not None, reason=str(_no_amx_reason()))
+def test_the_zen_build_passes_the_kernel_tests(cpu_ext) -> None:
+    """Builds the extension without AMX (2-3 minutes on 2 cores, once per checkout) and runs the tests of every
+    kernel and of the decode step in a process that sees the CPU as AVX512-BF16 only."""
+    env = {**os.environ, cpu_kernels.ISA_SWITCH: "avx512_bf16", "HF_HUB_OFFLINE": "1"}
+    probe = ("from kimivl.ops import cpu_kernels as c; e = c.kernels(); "
+             "print(e.bf16_isa(), c.mla_decode_form(e) == e.MLA_VDPBF16, c.vdpbf16_preferred())")
+    seen = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=1200)
+    assert seen.stdout.split() == ["avx512_bf16", "True", "True"], seen.stderr[-3000:]
+    files = ["tests/decoder/test_cpu_decode.py", "tests/decoder/test_moe.py", "tests/ops/test_mla_decode.py",
+             "tests/ops/test_attention.py", "tests/ops/test_attention_bf16.py", "tests/ops/test_linear.py",
+             "tests/ops/test_rms_norm.py", "tests/ops/test_rope.py", "tests/ops/test_rope_2d.py"]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout.splitlines()[-1]
