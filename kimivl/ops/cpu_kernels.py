@@ -51,7 +51,7 @@ a single warning says why.
 instruction sets the extension is built for and the CPU features the callers see, as oneDNN's
 ``ONEDNN_MAX_CPU_ISA`` does for its kernels (torch's own GEMMs follow that one): on an AMX CPU,
 ``avx512_bf16`` runs the code an AMD Zen 4 / 5 runs (vdpbf16ps MLA form and experts, the C++ vision attention),
-in a build folder of its own.
+and ``avx2`` that of a CPU without AVX-512, each in a build folder of its own (tests/ops/test_cpu_isa_cap.py).
 """
 from __future__ import annotations
 
