@@ -128,7 +128,7 @@ def machine_info(threads: int) -> dict[str, Any]:
             # True, torch's SDPA otherwise; the MLA decode step's form for a bf16 model (docs/performance.md)
             "kimivl_vdpbf16_preferred": cpu_kernels.vdpbf16_preferred(), "kimivl_mla_decode_form": mla_form,
             # KIMIVL_CPU_MAX_ISA (and oneDNN's own cap, which torch's GEMMs follow), when a run sets them
-            "kimivl_cpu_max_isa": cpu_kernels.max_isa(), "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
+            "kimivl_cpu_max_isa": cpu_kernels.MAX_ISA, "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
 
 
 # ------------------------------------------------------------------------------------------ machine limits

@@ -87,7 +87,8 @@ ISA_CAPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 
 def max_isa() -> str:
-    """The ``KIMIVL_CPU_MAX_ISA`` cap ("amx" when unset: whatever the CPU has)."""
+    """The ``KIMIVL_CPU_MAX_ISA`` cap in the environment now ("amx" when unset: whatever the CPU has); the module
+    reads it once, at import, into ``MAX_ISA``."""
     cap = os.environ.get(ISA_SWITCH, "").strip().lower() or "amx"
     if cap not in ISA_CAPS:
         raise ValueError(f"{ISA_SWITCH}={os.environ[ISA_SWITCH]!r} is not one of {', '.join(ISA_CAPS)}")
@@ -102,13 +103,13 @@ def _cpuinfo_flags() -> str:
         return ""
 
 
-def _build_tag() -> str:
+def _build_tag(cap: str) -> str:
     """8 hex digits of the CPU's feature flags (``-march=native`` builds are only valid on such a CPU) and of this
     checkout's path: two checkouts sharing the extensions directory would otherwise share a build folder whose
     ninja file names the other's sources, and each load would recompile everything (~2 min)."""
     key = f"{_cpuinfo_flags() or platform.machine()}|{Path(__file__).resolve().parent}"
-    if max_isa() != "amx":  # a capped build has a folder of its own (the default keeps its name)
-        key += f"|{max_isa()}"
+    if cap != "amx":  # a capped build has a folder of its own (the default keeps its name)
+        key += f"|{cap}"
     return hashlib.sha1(key.encode()).hexdigest()[:8]
 
 
@@ -116,11 +117,12 @@ def _build_tag() -> str:
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as the kernel names them (``avx512_bf16``, ``amx_bf16``, ...), less those above
     ``KIMIVL_CPU_MAX_ISA``; empty where unknown."""
-    hidden = ISA_CAPS[max_isa()][0]
+    hidden = ISA_CAPS[MAX_ISA][0]
     return frozenset(f for f in _cpuinfo_flags().partition(":")[2].split() if not f.startswith(hidden))
 
 
-NAME = f"kimivl_cpu_kernels_{_build_tag()}"
+MAX_ISA = max_isa()
+NAME = f"kimivl_cpu_kernels_{_build_tag(MAX_ISA)}"
 
 
 def vdpbf16_preferred() -> bool:
@@ -214,7 +216,7 @@ def _build() -> ModuleType | None:
                 logger.warning("removing %s, left by a build that did not finish", stale)
                 stale.unlink(missing_ok=True)
             return load(NAME, [str(s) for s in SOURCES],
-                        extra_cflags=["-O3", "-march=native", *ISA_CAPS[max_isa()][1], "-fopenmp",
+                        extra_cflags=["-O3", "-march=native", *ISA_CAPS[MAX_ISA][1], "-fopenmp",
                                       "-ffp-contract=off", f"-DKIMIVL_HEADERS={_headers_hash()}"],
                         extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: the PyTorch paths serve instead
@@ -257,7 +259,7 @@ def main() -> None:
     if ext is None:
         raise SystemExit(f"not built (disabled by {ENV_SWITCH}, or the build failed: see the warning above)")
     print(f"built: {ext.__file__} (AVX2+FMA path: {ext.has_avx2()}; bf16 kernels: {ext.bf16_isa() or 'none'}; "
-          f"{ISA_SWITCH}: {max_isa()})")
+          f"{ISA_SWITCH}: {MAX_ISA})")
 
 
 if __name__ == "__main__":

@@ -32,22 +32,22 @@ AMX = {"amx_bf16", "amx_tile", "amx_int8"}
     ("", set()),
     ("avx512_bf16", AMX),
     ("avx512", AMX | {"avx512_bf16"}),
-    ("AVX2", AMX | {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"}),
+    ("avx2", AMX | {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"}),
 ])
 def test_a_cap_hides_the_cpu_features_above_it(fake_cpu, monkeypatch, cap: str, hidden: set[str]) -> None:
-    monkeypatch.setenv(cpu_kernels.ISA_SWITCH, cap)
+    monkeypatch.setattr(cpu_kernels, "MAX_ISA", cap or "amx")  # (read from the environment at import)
     assert cpu_kernels.cpu_flags() == set(FLAGS.partition(":")[2].split()) - hidden
     # what the callers decide from them: vdpbf16ps preferred only where AVX512-BF16 is the top (Zen 4 / 5)
     assert cpu_kernels.vdpbf16_preferred() == (cap == "avx512_bf16")
 
 
 def test_a_capped_build_has_a_folder_of_its_own(monkeypatch) -> None:
-    tags = {}
-    for cap in ("", "amx", "avx512_bf16", "avx2"):
-        monkeypatch.setenv(cpu_kernels.ISA_SWITCH, cap)
-        tags[cap] = cpu_kernels._build_tag()
-    assert tags[""] == tags["amx"]  # the default keeps the folder it always had
-    assert len({tags[""], tags["avx512_bf16"], tags["avx2"]}) == 3
+    tags = {cap: cpu_kernels._build_tag(cap) for cap in ("amx", "avx512_bf16", "avx2")}
+    assert len(set(tags.values())) == 3
+    monkeypatch.setenv(cpu_kernels.ISA_SWITCH, "")
+    assert cpu_kernels.max_isa() == "amx"  # unset: the default, whose folder keeps the name it always had
+    monkeypatch.setenv(cpu_kernels.ISA_SWITCH, " AVX2 ")
+    assert cpu_kernels.max_isa() == "avx2"
 
 
 def test_an_unknown_cap_is_refused_with_the_choices(monkeypatch) -> None:
