@@ -36,7 +36,7 @@ from kimivl.decoder.cache import MLACache
 from kimivl.decoder.norm import DeepseekV3RMSNorm
 from kimivl.ops import cpu_kernels
 from kimivl.ops.linear import SMALL_M
-from kimivl.ops.moe import local_bf16, plain_bf16_linear, plain_bf16_mlp
+from kimivl.ops.moe import plain_bf16_linear, plain_bf16_mlp, rows_bf16
 from kimivl.ops.rope import cached_inv_freq
 
 PLAN = "_cpu_decode_plan"  # attribute of a layer's / MoE's __dict__: not a submodule, not in the state dict
@@ -181,8 +181,8 @@ def _build_model_plan(lm: nn.Module) -> _Plan:
         refs.append(_ref(head, "weight"))
     from kimivl.decoder.model import DeepseekV3DecoderLayer, DeepseekV3Model  # (that module imports this one)
 
-    if (not plain_bf16_linear(head) or not _rows_bf16(decoder.embed_tokens.weight)
-            or not _rows_bf16(decoder.norm.weight) or type(decoder).forward is not DeepseekV3Model.forward
+    if (not plain_bf16_linear(head) or not rows_bf16(decoder.embed_tokens.weight)
+            or not rows_bf16(decoder.norm.weight) or type(decoder).forward is not DeepseekV3Model.forward
             or type(decoder.norm).forward is not DeepseekV3RMSNorm.forward):
         return _Plan(None, tuple(refs))
     # The layers' plans (each rebuilt here if stale); their references are this plan's too, so a change that makes
@@ -228,11 +228,6 @@ def _build_model_plan(lm: nn.Module) -> _Plan:
     return _ModelPlan(step, tuple(refs), tuple(versions), tuple(dicts), tuple(parts), tuple(hooks))
 
 
-def _rows_bf16(w: torch.Tensor) -> bool:
-    """A bf16 weight the C++ step reads through its data pointer (whole in this process, contiguous)."""
-    return local_bf16(w) and w.is_contiguous()
-
-
 def _ref(module: nn.Module, name: str) -> tuple:
     store = module._parameters if name in module._parameters else module._modules
     return store, name, store.get(name)
@@ -260,7 +255,7 @@ def _layer_plan(layer: nn.Module) -> _Plan:
         refs += [_ref(mlp, n) for n in _MLP if n in mlp._modules]
         linears += [getattr(mlp, n, None) for n in _MLP]
     refs += [_ref(m, "weight") for m in (*norms, *linears) if isinstance(m, nn.Module) and "weight" in m._parameters]
-    if not all(plain_bf16_linear(m) for m in linears) or not all(_rows_bf16(n.weight) for n in norms):
+    if not all(plain_bf16_linear(m) for m in linears) or not all(rows_bf16(n.weight) for n in norms):
         return _Plan(None, tuple(refs))
     q = (None, attn.q_a_proj.weight, attn.q_a_layernorm.weight, attn.q_b_proj.weight) if lora \
         else (attn.q_proj.weight, None, None, None)

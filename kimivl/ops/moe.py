@@ -142,10 +142,15 @@ def local_bf16(w: torch.Tensor) -> bool:
     return w.dtype == torch.bfloat16 and type(w.data) is torch.Tensor
 
 
+def rows_bf16(w: torch.Tensor) -> bool:
+    """A :func:`local_bf16` weight the C++ passes can read by rows through its data pointer (contiguous)."""
+    return local_bf16(w) and w.is_contiguous()
+
+
 def plain_bf16_linear(p: torch.nn.Module | None) -> bool:
-    """A plain bf16 :class:`~kimivl.ops.linear.Linear` without bias (not LoRA-wrapped or replaced) whose weight
-    the C++ passes can read by rows (contiguous)."""
-    return type(p) is Linear and p.bias is None and local_bf16(p.weight) and p.weight.is_contiguous()
+    """A plain bf16 :class:`~kimivl.ops.linear.Linear` without bias (not LoRA-wrapped or replaced) with a
+    :func:`rows_bf16` weight."""
+    return type(p) is Linear and p.bias is None and rows_bf16(p.weight)
 
 
 def plain_bf16_mlp(mlp: torch.nn.Module) -> bool:

@@ -83,6 +83,10 @@ void moe_forward_rows(const MoeWeights& w, const BF16* x, int64_t T, const BF16*
 void mlp_rows(const BF16* ln_w, double eps, const MlpRows& mlp, const BF16* h, int64_t T, int64_t D, BF16* out);
 void moe_block_rows(const MoeWeights& w, const BF16* h, int64_t T, BF16* out);
 
+// A bf16 matrix (N, K) / vector (D), checked (these sizes, contiguous), as the row pointer the blocks read.
+const uint16_t* bf16_matrix(const torch::Tensor& w, int64_t N, int64_t K, const char* what);
+const BF16* bf16_vector(const torch::Tensor& w, int64_t D, const char* what);
+
 // A dense gated-SiLU MLP's weights (I, D), (I, D), (D, I), checked.
 MlpRows mlp_weights(const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down, int64_t D,
                     const char* what);

@@ -20,21 +20,6 @@ void check_bf16(const torch::Tensor& t, const char* what) {
               " must be a bfloat16 CPU tensor, got ", t.scalar_type(), " on ", t.device());
 }
 
-// A bf16 matrix (N, K) read through a raw row pointer: these sizes, rows dense.
-const uint16_t* matrix(const torch::Tensor& w, int64_t N, int64_t K, const char* what) {
-  check_bf16(w, what);
-  TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == K && w.is_contiguous(), "decode_layer: ", what,
-              " must be a contiguous (", N, ", ", K, ") matrix, got ", w.sizes(), " (strides ", w.strides(), ")");
-  return bf16_data(w);
-}
-
-const BF16* vector(const torch::Tensor& w, int64_t D, const char* what) {
-  check_bf16(w, what);
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == D && w.is_contiguous(), "decode_layer: ", what, " must be (", D,
-              "), got ", w.sizes());
-  return w.data_ptr<BF16>();
-}
-
 // Gated-SiLU MLP weights, E of them stacked (gate, up (E, I, D); down (E, D, I)) or one plain MLP (E < 0: (I, D)
 // and (D, I)): bfloat16 CPU tensors of these shapes, each MLP's matrices row-major and dense (they are read
 // through raw row pointers; the stacked gate and up may be views of one (E, 2I, D) tensor).
@@ -63,6 +48,21 @@ torch::Tensor rows_of(const torch::Tensor& h, int64_t D, const char* what) {
 
 }  // namespace
 
+// A bf16 matrix (N, K) read through a raw row pointer: these sizes, rows dense.
+const uint16_t* bf16_matrix(const torch::Tensor& w, int64_t N, int64_t K, const char* what) {
+  check_bf16(w, what);
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == K && w.is_contiguous(), "decode_layer: ", what,
+              " must be a contiguous (", N, ", ", K, ") matrix, got ", w.sizes(), " (strides ", w.strides(), ")");
+  return bf16_data(w);
+}
+
+const BF16* bf16_vector(const torch::Tensor& w, int64_t D, const char* what) {
+  check_bf16(w, what);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == D && w.is_contiguous(), "decode_layer: ", what, " must be (", D,
+              "), got ", w.sizes());
+  return w.data_ptr<BF16>();
+}
+
 MlaWeights mla_weights(const torch::Tensor& ln_w, double ln_eps, const c10::optional<torch::Tensor>& q_w,
                        const c10::optional<torch::Tensor>& q_a_w, const c10::optional<torch::Tensor>& q_a_ln_w,
                        const c10::optional<torch::Tensor>& q_b_w, const torch::Tensor& kv_a_w,
@@ -78,24 +78,24 @@ MlaWeights mla_weights(const torch::Tensor& ln_w, double ln_eps, const c10::opti
               "mla_block: kv_b_proj weight ", kv_b_w.sizes(), " does not match ", heads, " heads of ", nope, " + ", v,
               " from a latent of ", r);
   MlaWeights w{};
-  w.ln_w = vector(ln_w, D, "input_layernorm");
+  w.ln_w = bf16_vector(ln_w, D, "input_layernorm");
   w.ln_eps = ln_eps;
   if (q_w.has_value()) {
-    w.q_w = matrix(*q_w, heads * qk, D, "q_proj");
+    w.q_w = bf16_matrix(*q_w, heads * qk, D, "q_proj");
   } else {
     TORCH_CHECK(q_a_w.has_value() && q_a_ln_w.has_value() && q_b_w.has_value(),
                 "mla_block: pass q_w, or q_a_w, q_a_ln_w and q_b_w");
     TORCH_CHECK(q_a_w->dim() == 2, "mla_block: q_a_proj weight must be (q_lora, D), got ", q_a_w->sizes());
     w.q_lora = q_a_w->size(0);
-    w.q_a_w = matrix(*q_a_w, w.q_lora, D, "q_a_proj");
-    w.q_a_ln_w = vector(*q_a_ln_w, w.q_lora, "q_a_layernorm");
-    w.q_b_w = matrix(*q_b_w, heads * qk, w.q_lora, "q_b_proj");
+    w.q_a_w = bf16_matrix(*q_a_w, w.q_lora, D, "q_a_proj");
+    w.q_a_ln_w = bf16_vector(*q_a_ln_w, w.q_lora, "q_a_layernorm");
+    w.q_b_w = bf16_matrix(*q_b_w, heads * qk, w.q_lora, "q_b_proj");
   }
-  w.kv_a_w = matrix(kv_a_w, r + rope, D, "kv_a_proj_with_mqa");
-  w.kv_a_ln_w = vector(kv_a_ln_w, r, "kv_a_layernorm");
+  w.kv_a_w = bf16_matrix(kv_a_w, r + rope, D, "kv_a_proj_with_mqa");
+  w.kv_a_ln_w = bf16_vector(kv_a_ln_w, r, "kv_a_layernorm");
   w.latent_eps = latent_eps;
-  w.kv_b_w = matrix(kv_b_w, heads * (nope + v), r, "kv_b_proj");
-  w.o_w = matrix(o_w, D, heads * v, "o_proj");
+  w.kv_b_w = bf16_matrix(kv_b_w, heads * (nope + v), r, "kv_b_proj");
+  w.o_w = bf16_matrix(o_w, D, heads * v, "o_proj");
   w.D = D, w.heads = heads, w.nope = nope, w.rope = rope, w.v = v, w.r = r;
   w.scale = static_cast<float>(scale);
   return w;
@@ -136,14 +136,14 @@ void mla_rows(const MlaWeights& w, const BF16* h, int64_t B, const MlaStep& s, B
   // query_parts(): q_nope as it is, q_pe rotated (rounded to bf16 as the module rounds it), both in float32
   qn.resize(B * H * nope);
   qp.resize(B * H * rope);
-  q_rot.resize(rope);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i < H; ++i) {
-      const BF16* head = q.data() + (b * H + i) * qk;
-      for (int64_t j = 0; j < nope; ++j) qn[(b * H + i) * nope + j] = widen(head[j]);
-      rope_rotate_vectors(head + nope, 0, 1, s.cos + b * rope, s.sin + b * rope, rope, q_rot.data(), 0);
-      for (int64_t j = 0; j < rope; ++j) qp[(b * H + i) * rope + j] = widen(q_rot[j]);
-    }
+  q_rot.resize(H * rope);
+  for (int64_t b = 0; b < B; ++b) {
+    const BF16* row = q.data() + b * H * qk;
+    rope_rotate_vectors(row + nope, qk, H, s.cos + b * rope, s.sin + b * rope, rope, q_rot.data(), rope);
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t j = 0; j < nope; ++j) qn[(b * H + i) * nope + j] = widen(row[i * qk + j]);
+    for (int64_t j = 0; j < H * rope; ++j) qp[b * H * rope + j] = widen(q_rot[j]);
+  }
   // the absorbed attention over rows 0..pos; W_UK / W_UV are the (nope, r) / (v, r) blocks of each head's
   // (nope + v, r) rows of kv_b_proj
   o.resize(B * H * w.v);
@@ -328,7 +328,7 @@ torch::Tensor moe_block(const torch::Tensor& h, const torch::Tensor& ln_w, doubl
                         bool norm_topk_prob, double routed_scaling_factor) {
   MoeWeights w = moe_weights(gate_w32, bias, gate, up, down, shared_gate, shared_up, shared_down, top_k, n_group,
                              topk_group, method, softmax, norm_topk_prob, routed_scaling_factor);
-  w.ln_w = vector(ln_w, w.D, "post_attention_layernorm");
+  w.ln_w = bf16_vector(ln_w, w.D, "post_attention_layernorm");
   w.eps = eps;
   TORCH_CHECK(h.dim() == 3, "moe_block: h must be (B, S, D), got ", h.sizes());
   const auto hc = rows_of(h, w.D, "h");
@@ -343,7 +343,7 @@ torch::Tensor mlp_block(const torch::Tensor& h, const torch::Tensor& ln_w, doubl
   TORCH_CHECK(h.dim() == 3, "mlp_block: h must be (B, S, D), got ", h.sizes());
   const int64_t D = h.size(2);
   const MlpRows mlp = mlp_weights(gate, up, down, D, "the MLP's weights");
-  const BF16* norm = vector(ln_w, D, "post_attention_layernorm");
+  const BF16* norm = bf16_vector(ln_w, D, "post_attention_layernorm");
   const auto hc = rows_of(h, D, "h");
   auto out = torch::empty_like(hc);
   mlp_rows(norm, eps, mlp, hc.data_ptr<BF16>(), hc.numel() / D, D, out.data_ptr<BF16>());

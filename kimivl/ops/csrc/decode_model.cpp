@@ -27,14 +27,9 @@ class DecoderStep {
                 "got ", embed_w.sizes(), " ", embed_w.scalar_type(), " and ", inv_freq_.sizes(), " ",
                 inv_freq_.scalar_type());
     D_ = embed_w.size(1);
-    TORCH_CHECK(norm_w.scalar_type() == torch::kBFloat16 && norm_w.dim() == 1 && norm_w.size(0) == D_ &&
-                    norm_w.is_contiguous(),
-                "DecoderStep: the final norm's weight must be bfloat16 (", D_, "), got ", norm_w.sizes());
-    TORCH_CHECK(head_w.scalar_type() == torch::kBFloat16 && head_w.dim() == 2 && head_w.size(1) == D_ &&
-                    head_w.is_contiguous(),
-                "DecoderStep: lm_head's weight must be a contiguous bfloat16 (vocab, ", D_, "), got ", head_w.sizes());
-    norm_w_ = norm_w.data_ptr<BF16>();
-    head_w_ = bf16_data(head_w);
+    TORCH_CHECK(head_w.dim() == 2, "DecoderStep: lm_head's weight must be (vocab, ", D_, "), got ", head_w.sizes());
+    norm_w_ = bf16_vector(norm_w, D_, "the final norm's weight");
+    head_w_ = bf16_matrix(head_w, head_w.size(0), D_, "lm_head's weight");
     vocab_out_ = head_w.size(0);
     keep_ = {embed_w, norm_w, head_w};
   }
@@ -56,7 +51,7 @@ class DecoderStep {
   // The same layer's second half: a dense gated-SiLU MLP (mlp_block) ...
   void add_mlp(torch::Tensor ln_w, double eps, torch::Tensor gate, torch::Tensor up, torch::Tensor down) {
     const MlpRows mlp = mlp_weights(gate, up, down, D_, "the MLP's weights");
-    const BF16* norm = norm_weight(ln_w);
+    const BF16* norm = bf16_vector(ln_w, D_, "post_attention_layernorm");
     const int64_t D = D_;
     second_.push_back([=](const BF16* h, int64_t B, BF16* out) { mlp_rows(norm, eps, mlp, h, B, D, out); });
     keep(ln_w, gate, up, down);
@@ -71,7 +66,7 @@ class DecoderStep {
     MoeWeights w = moe_weights(gate_w32, bias, gate, up, down, shared_gate, shared_up, shared_down, top_k, n_group,
                                topk_group, method, softmax, norm_topk_prob, routed_scaling_factor);
     TORCH_CHECK(w.D == D_, "DecoderStep: a MoE layer ", w.D, " wide in a model ", D_, " wide");
-    w.ln_w = norm_weight(ln_w);
+    w.ln_w = bf16_vector(ln_w, D_, "post_attention_layernorm");
     w.eps = eps;
     second_.push_back([w](const BF16* h, int64_t B, BF16* out) { moe_block_rows(w, h, B, out); });
     keep(ln_w, gate, up, down, shared_gate, shared_up, shared_down);
@@ -142,13 +137,6 @@ class DecoderStep {
   }
 
  private:
-  const BF16* norm_weight(const torch::Tensor& w) const {
-    TORCH_CHECK(w.scalar_type() == torch::kBFloat16 && w.dim() == 1 && w.size(0) == D_ && w.is_contiguous(),
-                "DecoderStep: post_attention_layernorm's weight must be bfloat16 (", D_, "), got ", w.sizes(), " ",
-                w.scalar_type());
-    return w.data_ptr<BF16>();
-  }
-
   // The tensors the raw pointers point into stay alive with the step.
   template <typename... Ts>
   void keep(const Ts&... ts) {
