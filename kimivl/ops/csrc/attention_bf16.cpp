@@ -16,7 +16,7 @@
 //   P = exp(S * scale - m')         rounded to bf16 for the second product; l += rowsum of the unrounded exps
 //   O += P v                        (4 queries x up to 80 dims per register block; 2 x 128 dims)
 // and out = O / l rounded to bf16. P's rounding to bf16 and the float32 accumulators are those of bf16 flash
-// kernels (torch's CPU one too). (segment, head) pairs are split between threads longest first.
+// kernels (torch's CPU one too). (segment, head) pairs go longest first to whichever thread is free.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "bf16_simd.h"
+#include "parallel.h"
 
 namespace {
 constexpr int64_t kMaxDim = 128;
@@ -229,27 +230,21 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
   for (int64_t i = 0, start = 0; i < static_cast<int64_t>(lengths.size()); start += lengths[i], ++i)
     if (lengths[i])
       for (int64_t h = 0; h < H; ++h) tasks.push_back({start, lengths[i], h});
-  const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(tasks.size())));
+  // longest first, each to the first thread free (cost ~ queries x keys: the 896^2 image's heads lead)
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.len > b.len; });
-  std::vector<std::vector<Task>> plan(threads);
-  std::vector<double> load(threads, 0);
-  for (const Task& t : tasks) {  // cost ~ queries x keys padded to the blocks, + packing
-    const int th = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
-    plan[th].push_back(t);
-    load[th] += static_cast<double>((t.len + BQ - 1) / BQ * BQ) * ((t.len + KB - 1) / KB * KB) + 64.0 * t.len;
-  }
   const auto* qb = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
   const auto* kb = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
   const auto* vb = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
   auto* ob = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+  take_in_turn(static_cast<int64_t>(tasks.size()), [&](const auto& take) {
     Scratch w;
-    for (int64_t th = t0; th < t1; ++th)
-      for (const Task& t : plan[th])
-        attend(qb + t.start * q.stride(0) + t.head * q.stride(1), kb + t.start * k.stride(0) + t.head * k.stride(1),
-               vb + t.start * v.stride(0) + t.head * v.stride(1), q.stride(0), k.stride(0), v.stride(0), D, t.len,
-               scale, ob + t.start * H * D + t.head * D, H * D, w);
+    for (int64_t i; (i = take()) >= 0;) {
+      const Task& t = tasks[i];
+      attend(qb + t.start * q.stride(0) + t.head * q.stride(1), kb + t.start * k.stride(0) + t.head * k.stride(1),
+             vb + t.start * v.stride(0) + t.head * v.stride(1), q.stride(0), k.stride(0), v.stride(0), D, t.len,
+             scale, ob + t.start * H * D + t.head * D, H * D, w);
+    }
   });
   return out;
 #endif

@@ -11,8 +11,8 @@
 // Accumulation is float32; each projection's output is rounded to bf16 as the PyTorch path rounds it (gate, up,
 // silu(gate), the product, the down projection), so results differ from it only in summation order (and AMX
 // flushes denormals).
-// Experts are split between threads whole (longest first onto the least loaded thread), so no thread waits for
-// another inside the layer and each streams its own experts' weights, with software prefetch: the 6-12 weight rows
+// Experts are split between threads whole (longest first, each to whichever thread is free), so no thread waits
+// for another inside the layer and each streams its own experts' weights, with software prefetch: the 6-12 weight rows
 // of a register block (16 of an AMX tile) are as many concurrent streams on as many pages, which the hardware
 // prefetcher does not follow.
 #include <torch/extension.h>
@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "bf16_simd.h"
+#include "parallel.h"
 
 #ifdef KIMIVL_AVX512BF16
 namespace {
@@ -303,16 +304,8 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
       wide.push_back({e, first[e], counts[e], -1});
     }
   }
-  // Longest first onto the least loaded thread; cost ~ padded token vectors + 1 for streaming the weights.
-  const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(work.size())));
+  // Longest first, each to whichever thread is free (a thread slowed by another process takes fewer).
   std::stable_sort(work.begin(), work.end(), [](const Work& a, const Work& b) { return a.rows > b.rows; });
-  std::vector<std::vector<Work>> plan(threads);
-  std::vector<int64_t> load(threads, 0);
-  for (const Work& w : work) {
-    const int th = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
-    plan[th].push_back(w);
-    load[th] += (w.rows + 15) / 16 + 1;
-  }
   auto xc = x.contiguous();
   // each (token, slot) pair's expert output, bf16 as the module's: rows of ys for this file's kernels, rows of
   // the GEMM library's outputs for the wide experts (read in place by the weighted sum, not copied into ys)
@@ -322,7 +315,7 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
   const uint16_t* gu = reinterpret_cast<const uint16_t*>(gate_up.data_ptr<at::BFloat16>());
   const uint16_t* dn = reinterpret_cast<const uint16_t*>(down.data_ptr<at::BFloat16>());
   uint16_t* yb = reinterpret_cast<uint16_t*>(ys.data_ptr<at::BFloat16>());
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+  take_in_turn(static_cast<int64_t>(work.size()), [&](const auto& take) {
 #ifdef KIMIVL_AMX
     if (amx) {  // per thread: the tile configuration is thread state
       TileConfig cfg;
@@ -335,27 +328,25 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
 #else
     auto gemm = gemm_t;
 #endif
-    for (int64_t th = t0; th < t1; ++th) {
-      int64_t widest = 0;
-      for (const Work& w : plan[th]) widest = std::max(widest, (w.rows + 15) / 16 * 16);
-      std::vector<uint32_t> xpk(D / 2 * widest), hpk(I / 2 * widest);
-      std::vector<float> c1(2 * I * widest), c2(D * widest);
-      std::vector<const uint16_t*> in(widest);
-      std::vector<uint16_t*> out(widest);
-      for (const Work& w : plan[th]) {
-        const int64_t nt = (w.rows + 15) / 16 * 16;
-        for (int64_t r = 0; r < w.rows; ++r) {
-          const int64_t p = pairs[w.first + r];
-          in[r] = xb + (p / k) * D;
-          out[r] = yb + (w.out + r) * D;
-          src[p] = out[r];
-        }
-        pack_pairs(in.data(), w.rows, D, nt, xpk.data());
-        gemm(gu + w.expert * 2 * I * D, 2 * I, D, xpk.data(), nt, c1.data());
-        silu_mul_pack(c1.data(), I, nt, hpk.data());
-        gemm(dn + w.expert * D * I, D, I, hpk.data(), nt, c2.data());
-        unpack_rows(c2.data(), D, nt, w.rows, out.data());
+    const int64_t widest = (work.front().rows + 15) / 16 * 16;  // (sorted: the first is the widest)
+    std::vector<uint32_t> xpk(D / 2 * widest), hpk(I / 2 * widest);
+    std::vector<float> c1(2 * I * widest), c2(D * widest);
+    std::vector<const uint16_t*> in(widest);
+    std::vector<uint16_t*> out(widest);
+    for (int64_t i; (i = take()) >= 0;) {
+      const Work& w = work[i];
+      const int64_t nt = (w.rows + 15) / 16 * 16;
+      for (int64_t r = 0; r < w.rows; ++r) {
+        const int64_t p = pairs[w.first + r];
+        in[r] = xb + (p / k) * D;
+        out[r] = yb + (w.out + r) * D;
+        src[p] = out[r];
       }
+      pack_pairs(in.data(), w.rows, D, nt, xpk.data());
+      gemm(gu + w.expert * 2 * I * D, 2 * I, D, xpk.data(), nt, c1.data());
+      silu_mul_pack(c1.data(), I, nt, hpk.data());
+      gemm(dn + w.expert * D * I, D, I, hpk.data(), nt, c2.data());
+      unpack_rows(c2.data(), D, nt, w.rows, out.data());
     }
 #ifdef KIMIVL_AMX
     if (amx) _tile_release();

@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include "kernels.h"
+#include "parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -298,7 +299,7 @@ const float* float_rows(const torch::Tensor& x, int64_t K, std::vector<float>& b
   return buf.data();
 }
 
-// Output columns per parallel task: ~64 KB of weights, big enough to amortise scheduling, small enough to balance.
+// The smallest piece of output columns a thread takes (balanced_for): ~64 KB of weights, enough to amortise taking it.
 int64_t column_grain(int64_t K) { return std::max<int64_t>(4, (32768 / std::max<int64_t>(K, 1)) & ~int64_t(3)); }
 
 // v rounded to `dtype` and back (the rounding a PyTorch op in that dtype applies to its output).
@@ -312,7 +313,7 @@ void linear_bf16_rows(const at::BFloat16* x, int64_t M, int64_t K, const uint16_
   ybuf.resize(M * N);
   float* yp = ybuf.data();
   // each task rounds its own columns to bf16 (as the float32 result's conversion would: round to nearest even)
-  at::parallel_for(0, N, column_grain(K), [&](int64_t n0, int64_t n1) {
+  balanced_for(N, column_grain(K), [&](int64_t n0, int64_t n1) {
     rows(xp, K, M, w, K, n0, n1, yp, N);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = n0; n < n1; ++n) out[m * N + n] = c10::BFloat16(yp[m * N + n]);
@@ -345,7 +346,7 @@ torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w, const
   const float* xp = float_rows(x, K, xbuf);
   auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, column_grain(K), [&](int64_t n0, int64_t n1) { rows(xp, K, M, wp, K, n0, n1, yp, N); });
+  balanced_for(N, column_grain(K), [&](int64_t n0, int64_t n1) { rows(xp, K, M, wp, K, n0, n1, yp, N); });
   if (bias.has_value()) y.add_(bias->to(torch::kFloat32));  // in float32, before the output's rounding
   trim(xbuf);
   return y.to(x.scalar_type()).view(sizes);
@@ -373,15 +374,18 @@ void segment_rows(const std::vector<Segment>& segs, const std::vector<int64_t>& 
 }
 
 void run_segments(const std::vector<Segment>& segs) {
+  // Each segment starts at a multiple of the loop's 16 rows, so every piece a thread takes starts at a multiple of
+  // 16 inside its segment: the same blocks of 4 rows (and the same sums) whichever thread takes it.
+  constexpr int64_t kGrain = 16;
   std::vector<int64_t> offsets(segs.size());
   int64_t total = 0;
   for (size_t i = 0; i < segs.size(); ++i) {
-    offsets[i] = total;
-    total += segs[i].N;
+    offsets[i] = (total + kGrain - 1) / kGrain * kGrain;
+    total = offsets[i] + segs[i].N;
   }
-  // One parallel loop over every row of every matrix: the threads split the experts' weights evenly
+  // One parallel loop over every row of every matrix: the threads split the experts' weights between them
   // instead of each small matrix separately.
-  at::parallel_for(0, total, 16, [&](int64_t b, int64_t e) { segment_rows(segs, offsets, b, e); });
+  balanced_for(total, kGrain, [&](int64_t b, int64_t e) { segment_rows(segs, offsets, b, e); });
 }
 
 

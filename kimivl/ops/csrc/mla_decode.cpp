@@ -30,6 +30,7 @@
 
 #include "bf16_simd.h"
 #include "kernels.h"
+#include "parallel.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -665,7 +666,7 @@ void run(const MlaArgs& a) {
 
   // 1. Queries in the latent space, transposed to (D, H) per sequence for the score kernel.
   std::vector<float> qt(B * D * H);
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+  balanced_for(B * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> row(D);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
@@ -706,7 +707,7 @@ void run(const MlaArgs& a) {
   // Every chunk writes its whole slice of part_acc: no zero-filling of B * chunks * H * R floats (4 MiB at 16K).
   std::unique_ptr<float[]> part_acc_buf(new float[B * chunks * H * R]);
   float* part_acc = part_acc_buf.get();
-  at::parallel_for(0, B * chunks, 1, [&](int64_t c0, int64_t c1) {
+  balanced_for(B * chunks, 1, [&](int64_t c0, int64_t c1) {
 #ifdef KIMIVL_AMX
     if (use_amx) {
       kimivl_simd::TileConfig cfg;  // per thread: the tile configuration is thread state
@@ -754,7 +755,7 @@ void run(const MlaArgs& a) {
 
   // 3. Merge the chunks and 4. project through W_UV, per (sequence, head).
   float* op = a.out;
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+  balanced_for(B * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> lat(R);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
