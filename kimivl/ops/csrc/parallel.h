@@ -13,24 +13,33 @@
 #include <atomic>
 #include <cstdint>
 
+// body() once on each of up to `most` threads (inline when one thread is all there is, or inside a parallel region,
+// where torch's loops run inline too). The helpers below hand out their work from a shared counter inside it.
+template <typename F>
+void on_each_thread(int64_t most, const F& body) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), most);
+  if (threads <= 1 || at::in_parallel_region()) {
+    body();
+    return;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { body(); });
+}
+
 // f(b, e) over pieces [b, e) of [0, n): every piece starts at a multiple of `grain` (so kernels that group rows in
 // blocks see the same blocks whichever thread takes them: the results do not depend on the schedule).
 template <typename F>
 void balanced_for(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
   const int64_t units = (n + grain - 1) / grain;
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), units));
-  if (threads <= 1 || at::in_parallel_region()) {
-    if (n > 0) f(int64_t(0), n);
-    return;
-  }
+  const int64_t shares = 2 * std::min<int64_t>(at::get_num_threads(), units);
   std::atomic<int64_t> next{0};  // the first unit no thread has taken yet
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  on_each_thread(units, [&]() {
     for (;;) {
       int64_t first = next.load(std::memory_order_relaxed), take;
       do {
         if (first >= units) return;
-        take = std::max<int64_t>(1, (units - first) / (2 * threads));
+        take = std::max<int64_t>(1, (units - first) / shares);
       } while (!next.compare_exchange_weak(first, first + take, std::memory_order_relaxed));
       f(first * grain, std::min(n, (first + take) * grain));
     }
@@ -48,10 +57,5 @@ void take_in_turn(int64_t n, const F& body) {
     const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
     return i < n ? i : -1;
   };
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), n));
-  if (threads <= 1 || at::in_parallel_region()) {
-    body(take);
-    return;
-  }
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { body(take); });
+  on_each_thread(n, [&]() { body(take); });
 }
