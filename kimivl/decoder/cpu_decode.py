@@ -38,9 +38,9 @@ from kimivl.ops import cpu_kernels
 from kimivl.ops.linear import SMALL_M
 from kimivl.ops.moe import plain_bf16_linear, plain_bf16_mlp, rows_bf16
 from kimivl.ops.rope import cached_inv_freq
+from kimivl.ops.routing import TOPK_METHODS
 
 PLAN = "_cpu_decode_plan"  # attribute of a layer's / MoE's __dict__: not a submodule, not in the state dict
-_TOPK_METHODS = {"noaux_tc": 0, "greedy": 1, "group_limited_greedy": 2}
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -277,7 +277,7 @@ def _moe_plan(moe: nn.Module) -> _Plan:
         refs += [_ref(e, n) for n in _MLP]
     if shared is not None:
         refs += [_ref(shared, n) for n in _MLP]
-    if ((shared is not None and not plain_bf16_mlp(shared)) or gate.topk_method not in _TOPK_METHODS
+    if ((shared is not None and not plain_bf16_mlp(shared)) or gate.topk_method not in TOPK_METHODS
             or gate.scoring_func not in ("sigmoid", "softmax") or not all(plain_bf16_mlp(e) for e in moe.experts)):
         return _Plan(None, tuple(refs))
     stacked = moe.stacked_experts()  # re-points the experts' parameters: their refs are taken after it
@@ -287,11 +287,13 @@ def _moe_plan(moe: nn.Module) -> _Plan:
         refs += [_ref(getattr(e, n), "weight") for n in _MLP]
     if shared is not None:
         refs += [_ref(getattr(shared, n), "weight") for n in _MLP]
-    with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor even when built inside generate()
-        router = gate.weight.detach().float()  # F.linear(x.float(), weight.float()) reads the same numbers
-    bias = gate.e_score_correction_bias
+    router, bias = gate.weight, gate.e_score_correction_bias
+    if router.dtype not in (torch.bfloat16, torch.float32) or not router.is_contiguous():
+        return _Plan(None, tuple(refs))
     shared_weights = (None, None, None) if shared is None else tuple(getattr(shared, n).weight for n in _MLP)
-    args = (router, None if bias is None else bias.detach(), *stacked, *shared_weights, gate.top_k, gate.n_group,
-            gate.topk_group, _TOPK_METHODS[gate.topk_method], gate.scoring_func == "softmax", gate.norm_topk_prob,
-            float(gate.routed_scaling_factor))
-    return _Plan(args, tuple(refs), ((gate.weight, gate.weight._version),))
+    # the router weight is read in place (bf16 or float32); the bias as float32, a copy where it is not (so its
+    # version is checked)
+    args = (router.detach(), None if bias is None else bias.detach(), *stacked, *shared_weights, gate.top_k,
+            gate.n_group, gate.topk_group, TOPK_METHODS.index(gate.topk_method), gate.scoring_func == "softmax",
+            gate.norm_topk_prob, float(gate.routed_scaling_factor))
+    return _Plan(args, tuple(refs), () if bias is None else ((bias, bias._version),))

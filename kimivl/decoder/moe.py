@@ -28,7 +28,7 @@ from kimivl.decoder.mlp import DeepseekV3MLP
 from kimivl.ops.linear import Linear, linear
 from kimivl.ops.moe import (fused_cpu_moe, grouped_cpu_moe, grouped_mm_available, moe_dispatch, moe_gathered,
                             moe_grouped)
-from kimivl.ops.routing import route
+from kimivl.ops.routing import route, route_cpu_rows
 
 
 def gather_capturable(pairs: int, experts: int) -> bool:
@@ -68,12 +68,14 @@ class MoEGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (T, hidden). Returns ``topk_idx`` (T, k) int64, ``topk_weight`` (T, k) fp32, ``scores`` (T, E) fp32."""
+        settings = dict(top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
+                        topk_method=self.topk_method, scoring_func=self.scoring_func,
+                        norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.routed_scaling_factor)
+        routed = route_cpu_rows(x, self.weight, self.e_score_correction_bias, **settings)
+        if routed is not None:  # a decode step's bf16 rows on the CPU: as the fused decode paths route them
+            return routed
         logits = F.linear(x.float(), self.weight.float())  # fp32 router, as the official code
-        return route(
-            logits, self.e_score_correction_bias, top_k=self.top_k, n_group=self.n_group,
-            topk_group=self.topk_group, topk_method=self.topk_method, scoring_func=self.scoring_func,
-            norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.routed_scaling_factor,
-        )
+        return route(logits, self.e_score_correction_bias, **settings)
 
     def extra_repr(self) -> str:
         return (f"experts={self.n_routed_experts}, top_k={self.top_k}, method={self.topk_method}, "

@@ -30,9 +30,11 @@ inference on the CPU:
   call each instead of ~8-12 tensor ops of dispatch (:mod:`kimivl.ops.rms_norm`, :mod:`kimivl.ops.rope`),
   with the PyTorch forms' roundings (``rope_rotate`` bit for bit; the extension is built with
   ``-ffp-contract=off`` so a product and a sum stay two roundings).
+- ``route(x, weight, bias, ...)`` (``routing.cpp``) — DeepSeek-V3 routing of a decode step's few rows in plain
+  loops (:func:`kimivl.ops.routing.route_cpu_rows`): the router's dozen ATen ops cost ~1 % of a decode step.
 - ``mla_block``, ``moe_block``, ``mlp_block`` (``decode_layer.cpp``) — a bf16 decoder layer's decode step in two
-  calls: the kernels above and the router's ATen ops in the modules' order, without the ~100 Python-level calls
-  between them (:mod:`kimivl.decoder.cpu_decode`; bit-identical to the module path).
+  calls: the kernels above and the router in the modules' order, without the ~100 Python-level calls between
+  them (:mod:`kimivl.decoder.cpu_decode`; bit-identical to the module path).
 - ``DecoderStep`` (``decode_model.cpp``) — a bf16 decoder's whole decode step in one call: embedding, RoPE
   tables, every layer's blocks, final norm and ``lm_head`` (:func:`kimivl.decoder.cpu_decode.model_step`).
 
@@ -72,7 +74,7 @@ logger = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("bindings.cpp", "linear_bf16w.cpp", "mla_decode.cpp", "rms_norm.cpp", "rope.cpp",
                         "decode_layer.cpp", "decode_model.cpp", "experts_bf16.cpp",
-                        "attention_bf16.cpp")]
+                        "attention_bf16.cpp", "routing.cpp")]
 ENV_SWITCH = "KIMIVL_CPU_KERNELS"
 ISA_SWITCH = "KIMIVL_CPU_MAX_ISA"
 # Per cap: the prefixes of the CPU flags above it (hidden from the callers) and the compiler options that keep

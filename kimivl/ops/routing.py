@@ -12,10 +12,17 @@ Deliberate deviations:
   the remote code's ``0.0``; they differ only if a kept expert's biased score is negative.
 - ``routed_scaling_factor`` is applied after the optional normalisation for every method (the V3 rule);
   DeepSeek-V2 applied it only when not normalising.
+- A decode step's few bf16 rows on the CPU route through :func:`route_cpu_rows` (the C++ extension's plain loops,
+  the same rules): the dozen tensor ops below cost ~1 % of a decode step there. Every decode path takes it, so
+  they agree bit for bit; against this function its scores and weights differ in the last bits, and it lists the
+  chosen experts best first.
 """
 from __future__ import annotations
 
 import torch
+
+from kimivl.ops import cpu_kernels
+from kimivl.ops.linear import SMALL_M
 
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING_FUNCS = ("sigmoid", "softmax")
@@ -78,3 +85,26 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: int, n_grou
         topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
     topk_weight = topk_weight * routed_scaling_factor
     return topk_idx, topk_weight, scores
+
+
+def route_cpu_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, top_k: int, n_group: int,
+                   topk_group: int, topk_method: str, scoring_func: str, norm_topk_prob: bool,
+                   routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """:func:`route` of ``F.linear(x.float(), weight.float())`` in one C++ call (``route`` of
+    :mod:`kimivl.ops.cpu_kernels`), or None where it does not apply.
+
+    Applies to a decode step's rows: x (T, D) bf16 on the CPU with ``0 < T <= SMALL_M``, no autograd through x,
+    weight or bias, a contiguous bf16 or float32 weight, a known method and scoring function, and the extension
+    built. Returns ``topk_idx`` (best first), ``topk_weight`` and ``scores`` as :func:`route` does.
+    """
+    if (x.dtype != torch.bfloat16 or x.dim() != 2 or topk_method not in TOPK_METHODS
+            or scoring_func not in SCORING_FUNCS or weight.device.type != "cpu"
+            or weight.dtype not in (torch.bfloat16, torch.float32) or not weight.is_contiguous()
+            or not cpu_kernels.inference_rows(x, x.shape[0], SMALL_M, weight, bias)):
+        return None
+    ext = cpu_kernels.kernels()
+    if ext is None:
+        return None
+    return ext.route(x, weight.detach(), None if bias is None else bias.detach(), top_k, n_group, topk_group,
+                     TOPK_METHODS.index(topk_method), scoring_func == "softmax", norm_topk_prob,
+                     float(routed_scaling_factor))

@@ -75,7 +75,7 @@ CAPS = {"avx512_bf16": ["avx512_bf16", "MLA_VDPBF16", "True"], "avx2": ["-", "ML
 KERNEL_TESTS = ["tests/decoder/test_cpu_decode.py", "tests/decoder/test_moe.py", "tests/ops/test_mla_decode.py",
                 "tests/ops/test_attention.py", "tests/ops/test_attention_bf16.py", "tests/ops/test_linear.py",
                 "tests/ops/test_rms_norm.py", "tests/ops/test_rope.py", "tests/ops/test_rope_2d.py",
-                "tests/ops/test_parallel_schedule.py"]
+                "tests/ops/test_parallel_schedule.py", "tests/ops/test_routing.py"]
 
 
 @pytest.mark.parametrize("cap", list(CAPS))

@@ -67,6 +67,19 @@ def test_moe_rows_do_not_depend_on_the_threads(ext, threads, tokens):
     _same(threads(lambda: ext.moe_bf16w(x, idx, weight, ids, gate, up, down, 1)))
 
 
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_the_router_does_not_depend_on_the_threads(ext, threads, tokens):
+    # 61 router rows of 2,000 columns (not multiples of the 16 lanes), bf16 and float32 weights, 8 groups
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 2000, generator=g).bfloat16()
+    w = torch.randn(64, 2000, generator=g)[:61].contiguous()
+    bias = torch.randn(61, generator=g) * 0.1
+    for weight in (w, w.bfloat16()):
+        answers = threads(lambda: ext.route(x, weight, bias, 6, 1, 1, 0, False, True, 2.5))
+        for part in range(3):
+            _same([a[part] for a in answers])
+
+
 @pytest.mark.parametrize("length", [1, 129, 700])
 def test_mla_decode_does_not_depend_on_the_threads(ext, threads, length):
     g = torch.Generator().manual_seed(length)

@@ -137,3 +137,113 @@ def test_rejects_unknown_method_and_bad_groups() -> None:
         _route(logits, None, topk_method="sinkhorn")
     with pytest.raises(ValueError, match="8 experts cannot form 3 groups"):
         _route(logits, None, n_group=3)
+
+
+def _reference64(logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: int, n_group: int, topk_group: int,
+                 topk_method: str, scoring_func: str, norm_topk_prob: bool, routed_scaling_factor: float):
+    """The routing rules in float64, row by row: (chosen sets, {expert: weight} per row, scores, margin per row: the
+    smallest gap at a decision, between the k-th and next choice and between the last kept and next group)."""
+    logits = logits.double()
+    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(-1)
+    e = logits.shape[1]
+    per = e // n_group
+    chosen, weights, margins = [], [], []
+    for s in scores.tolist():
+        choice = [v + (b if topk_method == "noaux_tc" and bias is not None else 0.0)
+                  for v, b in zip(s, bias.tolist() if bias is not None else [0.0] * e)]
+        margin = float("inf")
+        allowed = list(range(e))
+        if topk_method != "greedy" and n_group > 1:
+            groups = [sorted(choice[g * per:(g + 1) * per], reverse=True) for g in range(n_group)]
+            score = [sum(gs[:2]) if topk_method == "noaux_tc" else gs[0] for gs in groups]
+            ranked = sorted(range(n_group), key=lambda g: -score[g])
+            if topk_group < n_group:
+                margin = score[ranked[topk_group - 1]] - score[ranked[topk_group]]
+            allowed = [j for j in allowed if j // per in ranked[:topk_group]]
+        ranked = sorted(allowed, key=lambda j: -choice[j])
+        if top_k < len(ranked):
+            margin = min(margin, choice[ranked[top_k - 1]] - choice[ranked[top_k]])
+        picked = ranked[:top_k]
+        total = sum(s[j] for j in picked) if norm_topk_prob and top_k > 1 else 1.0
+        chosen.append(sorted(picked))
+        weights.append({j: s[j] / total * routed_scaling_factor for j in picked})
+        margins.append(margin)
+    return chosen, weights, scores, margins
+
+
+CPU_ROUTES = {  # name: (settings, bias)
+    "noaux_tc": (dict(top_k=6, n_group=1, topk_group=1, topk_method="noaux_tc", scoring_func="sigmoid"), True),
+    "noaux_tc_groups": (dict(top_k=6, n_group=8, topk_group=3, topk_method="noaux_tc", scoring_func="sigmoid"), True),
+    "group_limited_softmax": (dict(top_k=4, n_group=4, topk_group=2, topk_method="group_limited_greedy",
+                                   scoring_func="softmax"), False),
+    "greedy_unnormalised": (dict(top_k=2, n_group=1, topk_group=1, topk_method="greedy", scoring_func="softmax",
+                                 norm_topk_prob=False), False),
+    "top1": (dict(top_k=1, n_group=1, topk_group=1, topk_method="noaux_tc", scoring_func="sigmoid"), True),
+}
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", list(CPU_ROUTES))
+def test_cpu_route_follows_the_rules(cpu_ext, case: str, weight_dtype: torch.dtype) -> None:
+    """The C++ route of a decode step's rows (route_cpu_rows) against the rules in float64 and against route():
+    the same experts wherever the data leaves a margin (its logits sum in another order, so a near-tie may go
+    either way), weights and scores to float32 precision, the experts listed best first."""
+    from kimivl.ops.routing import route_cpu_rows
+
+    settings, with_bias = CPU_ROUTES[case]
+    settings = {"norm_topk_prob": True, "routed_scaling_factor": RSF, **settings}
+    g = torch.Generator().manual_seed(11)
+    e, d = 64, 256
+    weight = (torch.randn(e, d, generator=g) * 0.1).to(weight_dtype)
+    bias = torch.randn(e, generator=g) * 0.05 if with_bias else None
+    checked = rows = 0
+    for call in range(12):
+        x = torch.randn(1 + call % 8, d, generator=g).bfloat16()  # 1 to 8 rows, SMALL_M at most
+        with torch.inference_mode():
+            idx, w, scores = route_cpu_rows(x, weight, bias, **settings)
+        logits64 = x.double() @ weight.double().T
+        chosen, ref_w, ref_scores, margins = _reference64(logits64, bias, **settings)
+        py_idx, py_w, py_scores = route(logits64.float(), bias, **settings)
+        assert idx.dtype == torch.int64 and idx.shape == (x.shape[0], settings["top_k"]) and w.dtype == torch.float32
+        torch.testing.assert_close(scores.double(), ref_scores, rtol=2e-6, atol=1e-7)
+        torch.testing.assert_close(scores, py_scores, rtol=2e-6, atol=1e-7)
+        rows += x.shape[0]
+        for t in range(x.shape[0]):
+            if margins[t] < 1e-5:
+                continue
+            checked += 1
+            assert sorted(idx[t].tolist()) == chosen[t] == sorted(py_idx[t].tolist())
+            expected = torch.tensor([ref_w[t][j] for j in idx[t].tolist()], dtype=torch.float64)
+            torch.testing.assert_close(w[t].double(), expected, rtol=2e-6, atol=1e-7)
+            # best first: by the choice score (the biased one for noaux_tc)
+            key = scores[t] + (bias if with_bias and settings["topk_method"] == "noaux_tc" else 0)
+            assert key[idx[t]].tolist() == sorted(key[idx[t]].tolist(), reverse=True)
+    assert checked >= 0.9 * rows, (checked, rows)  # the data is not all near-ties
+
+
+def test_cpu_route_applies_to_decode_rows_only(cpu_ext) -> None:
+    from kimivl.ops.routing import route_cpu_rows
+
+    settings = dict(top_k=2, n_group=1, topk_group=1, topk_method="noaux_tc", scoring_func="sigmoid",
+                    norm_topk_prob=True, routed_scaling_factor=RSF)
+    weight = torch.randn(8, 32).bfloat16()
+    x = torch.randn(3, 32).bfloat16()
+    with torch.no_grad():
+        assert route_cpu_rows(x, weight, None, **settings) is not None
+        assert route_cpu_rows(torch.randn(9, 32).bfloat16(), weight, None, **settings) is None  # > SMALL_M rows
+        assert route_cpu_rows(x.float(), weight, None, **settings) is None  # float32 models keep route()
+        assert route_cpu_rows(x, weight.t().contiguous().t(), None, **settings) is None  # rows not contiguous
+    # with autograd through the weight: route(), whose weights carry gradient
+    assert route_cpu_rows(x, weight.clone().requires_grad_(), None, **settings) is None
+
+
+def test_cpu_route_names_bad_input(cpu_ext) -> None:
+    weight = torch.randn(8, 32).bfloat16()
+    with pytest.raises(RuntimeError, match=r"x must be a float32 or bfloat16 \(T, 32\)"):
+        cpu_ext.route(torch.randn(2, 16).bfloat16(), weight, None, 2, 1, 1, 0, False, True, 1.0)
+    with pytest.raises(RuntimeError, match="top_k 9 of 8 experts in 1 groups"):
+        cpu_ext.route(torch.randn(2, 32).bfloat16(), weight, None, 9, 1, 1, 0, False, True, 1.0)
+    with pytest.raises(RuntimeError, match=r"bias must be float32 \(8\)"):
+        cpu_ext.route(torch.randn(2, 32).bfloat16(), weight, torch.zeros(7), 2, 1, 1, 0, False, True, 1.0)
+    with pytest.raises(RuntimeError, match="router weight must be a contiguous float32 or bfloat16"):
+        cpu_ext.route(torch.randn(2, 32).bfloat16(), weight.half(), None, 2, 1, 1, 0, False, True, 1.0)

@@ -55,6 +55,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_forward", &moe_forward, nogil,
         "a bf16 MoE layer for a few tokens, router included: x (..., D) -> DeepseekV3MoE(x) "
         "(kimivl.decoder.cpu_decode)");
+  m.def("route", &route, nogil,
+        "DeepSeek-V3 routing of a few rows in plain loops (kimivl.ops.routing.route's rules): x (T, D) float32 or "
+        "bfloat16, weight (E, D) float32 or bfloat16, bias (E) or None, top_k, n_group, topk_group, method (0 "
+        "noaux_tc, 1 greedy, 2 group_limited_greedy), softmax, norm_topk_prob, routed_scaling_factor -> topk_idx "
+        "(T, k) int64 (best first), topk_weight (T, k) float32, scores (T, E) float32");
   m.def("mlp_block", &mlp_block, nogil,
         "a bf16 dense layer's second half for a decode step: h + mlp(post_attention_layernorm(h))");
   bind_decoder_step(m);

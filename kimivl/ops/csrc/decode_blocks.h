@@ -51,25 +51,23 @@ struct MlaStep {
 // out (B, D) = h + o_proj(MLA(input_layernorm(h))), the step's latent written to cache row `pos`.
 void mla_rows(const MlaWeights& w, const BF16* h, int64_t B, const MlaStep& step, BF16* out);
 
-// A MoE layer's second half: post-attention norm, router (kimivl.ops.routing.route's ATen ops), stacked routed
-// experts (E, I, D) / (E, D, I) and the shared MLP, if any.
+// A MoE layer's second half: post-attention norm, router (route_rows, routing.cpp), stacked routed experts
+// (E, I, D) / (E, D, I) and the shared MLP, if any.
 struct MoeWeights {
   const BF16* ln_w;
   double eps;
-  torch::Tensor router;  // (E, D) float32
-  c10::optional<torch::Tensor> bias;
+  RouterArgs router;
+  torch::Tensor router_w, bias32;  // what `router` points into
   const uint16_t* gate;
   const uint16_t* up;
   const uint16_t* down;
   int64_t E, I, D, gate_stride, up_stride, down_stride;
   bool has_shared;
   MlpRows shared;
-  int64_t top_k, n_group, topk_group, method;
-  bool softmax, norm_topk_prob;
-  double routed_scaling_factor;
 };
 
-MoeWeights moe_weights(const torch::Tensor& gate_w32, const c10::optional<torch::Tensor>& bias,
+// router_w: (E, D) bfloat16 or float32 (read in place); bias: (E) in any float dtype (kept as float32) or None.
+MoeWeights moe_weights(const torch::Tensor& router_w, const c10::optional<torch::Tensor>& bias,
                        const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down,
                        const c10::optional<torch::Tensor>& shared_gate, const c10::optional<torch::Tensor>& shared_up,
                        const c10::optional<torch::Tensor>& shared_down, int64_t top_k, int64_t n_group,

@@ -1,11 +1,11 @@
 // A bf16 decoder layer's decode step in two calls: mla_block (input norm, MLA on the latent cache, residual)
 // and moe_block / mlp_block (post-attention norm, the routed and shared experts or the dense MLP, residual).
 // They compose this extension's own kernels with the same roundings, in the same order, as the Python modules
-// (kimivl/decoder/attention.py, moe.py, kimivl/ops/routing.py; the router by the same ATen ops), so the answers
-// are bit-identical to the module path; what they save is the ~100 Python-level calls per layer around those
-// kernels (~0.8 -> ~0.3 ms per layer and step on a 2-core AVX2 CPU: docs/performance.md, "A decoder layer's decode
-// step in two C++ calls"). Between the kernels they pass raw rows (decode_blocks.h): ATen's views, conversions
-// and allocations there were ~130 tensor ops per layer and step ("The decode step's glue in raw rows").
+// (kimivl/decoder/attention.py, moe.py; the router is routing.cpp's, which MoEGate takes for these rows too), so
+// the answers are bit-identical to the module path; what they save is the ~100 Python-level calls per layer
+// around those kernels (~0.8 -> ~0.3 ms per layer and step on a 2-core AVX2 CPU: docs/performance.md, "A decoder
+// layer's decode step in two C++ calls"). Between the kernels they pass raw rows (decode_blocks.h): ATen's views,
+// conversions and allocations there were ~130 tensor ops per layer and step ("The decode step's glue in raw rows").
 #include "decode_blocks.h"
 
 #include <algorithm>
@@ -208,7 +208,7 @@ MlpRows mlp_weights(const torch::Tensor& gate, const torch::Tensor& up, const to
   return {bf16_data(gate), bf16_data(up), bf16_data(down), gate.size(0)};
 }
 
-MoeWeights moe_weights(const torch::Tensor& gate_w32, const c10::optional<torch::Tensor>& bias,
+MoeWeights moe_weights(const torch::Tensor& router_w, const c10::optional<torch::Tensor>& bias,
                        const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down,
                        const c10::optional<torch::Tensor>& shared_gate, const c10::optional<torch::Tensor>& shared_up,
                        const c10::optional<torch::Tensor>& shared_down, int64_t top_k, int64_t n_group,
@@ -217,15 +217,13 @@ MoeWeights moe_weights(const torch::Tensor& gate_w32, const c10::optional<torch:
   TORCH_CHECK(gate.dim() == 3, "moe_forward: stacked expert weights (E, I, D), got ", gate.sizes());
   const int64_t E = gate.size(0), I = gate.size(1), D = gate.size(2);
   check_mlp(gate, up, down, E, I, D, "the stacked expert weights");
-  TORCH_CHECK(gate_w32.scalar_type() == torch::kFloat32 && gate_w32.dim() == 2 && gate_w32.size(0) == E &&
-                  gate_w32.size(1) == D,
-              "moe_forward: the router weight must be float32 (", E, ", ", D, "), got ", gate_w32.sizes(), " ",
-              gate_w32.scalar_type());
-  TORCH_CHECK(0 < top_k && top_k <= E && (n_group <= 1 || (E % n_group == 0 && 0 < topk_group && topk_group <= n_group)),
-              "moe_forward: top_k ", top_k, " of ", E, " experts in ", n_group, " groups (", topk_group, " kept)");
+  TORCH_CHECK(router_w.dim() == 2 && router_w.size(0) == E && router_w.size(1) == D,
+              "moe_forward: the router weight must be (", E, ", ", D, "), got ", router_w.sizes());
   MoeWeights w{};
-  w.router = gate_w32;
-  w.bias = bias;
+  w.router_w = router_w;
+  if (bias.has_value()) w.bias32 = bias->to(torch::kFloat32).contiguous();
+  w.router = router_args(router_w, bias.has_value() ? c10::optional<torch::Tensor>(w.bias32) : c10::nullopt, top_k,
+                         n_group, topk_group, method, softmax, norm_topk_prob, routed_scaling_factor);
   w.gate = bf16_data(gate), w.up = bf16_data(up), w.down = bf16_data(down);
   w.E = E, w.I = I, w.D = D;
   w.gate_stride = gate.stride(0), w.up_stride = up.stride(0), w.down_stride = down.stride(0);
@@ -234,47 +232,18 @@ MoeWeights moe_weights(const torch::Tensor& gate_w32, const c10::optional<torch:
     TORCH_CHECK(shared_up.has_value() && shared_down.has_value(), "moe_forward: pass all three shared weights");
     w.shared = mlp_weights(*shared_gate, *shared_up, *shared_down, D, "the shared MLP's weights");
   }
-  w.top_k = top_k, w.n_group = n_group, w.topk_group = topk_group, w.method = method;
-  w.softmax = softmax, w.norm_topk_prob = norm_topk_prob, w.routed_scaling_factor = routed_scaling_factor;
   return w;
 }
 
-namespace {
-
-// kimivl.ops.routing.route by the same ATen ops (method 0 = noaux_tc, 1 = greedy, 2 = group_limited_greedy;
-// sigmoid or softmax scores): x (T, D) bf16 rows -> (topk_idx (T, k) int64, topk_weight (T, k) float32).
-std::pair<torch::Tensor, torch::Tensor> route(const MoeWeights& w, const BF16* x, int64_t T) {
-  const int64_t D = w.D, E = w.E;
-  thread_local std::vector<float> x32;
-  x32.resize(T * D);
-  for (int64_t i = 0; i < T * D; ++i) x32[i] = widen(x[i]);  // x.float(): exact
-  auto logits = at::linear(torch::from_blob(x32.data(), {T, D}, torch::kFloat32), w.router);
-  auto scores = w.softmax ? logits.softmax(-1) : logits.sigmoid();
-  auto choice = scores;
-  if (w.method == 0 && w.bias.has_value())
-    choice = choice + (w.bias->scalar_type() == torch::kFloat32 ? *w.bias : w.bias->to(torch::kFloat32));
-  if (w.method != 1 && w.n_group > 1) {
-    auto grouped = choice.view({T, w.n_group, E / w.n_group});
-    auto group_scores = w.method == 0 ? std::get<0>(grouped.topk(std::min<int64_t>(2, E / w.n_group), -1)).sum(-1)
-                                      : grouped.amax(-1);
-    auto group_idx = std::get<1>(group_scores.topk(w.topk_group, -1, true, false));
-    auto keep = torch::zeros_like(group_scores, group_scores.options().dtype(torch::kBool)).scatter_(1, group_idx, true);
-    keep = keep.unsqueeze(-1).expand({T, w.n_group, E / w.n_group}).reshape({T, -1});
-    choice = choice.masked_fill(keep.logical_not(), -std::numeric_limits<double>::infinity());
-  }
-  auto topk_idx = std::get<1>(choice.topk(w.top_k, -1, true, false));
-  auto topk_weight = scores.gather(1, topk_idx);
-  if (w.norm_topk_prob && w.top_k > 1) topk_weight = topk_weight / (topk_weight.sum(-1, true) + 1e-20);
-  topk_weight = topk_weight * w.routed_scaling_factor;
-  return {topk_idx.contiguous(), topk_weight.contiguous()};
-}
-
-}  // namespace
-
 void moe_forward_rows(const MoeWeights& w, const BF16* x, int64_t T, const BF16* residual, BF16* out) {
-  const auto [topk_idx, topk_weight] = route(w, x, T);
-  const int64_t* ip = topk_idx.data_ptr<int64_t>();
-  std::vector<int64_t> ids(ip, ip + topk_idx.numel());
+  const int64_t k = w.router.top_k;
+  thread_local std::vector<float> x32, topk_weight, scores;
+  thread_local std::vector<int64_t> topk_idx;
+  x32.resize(T * w.D), topk_weight.resize(T * k), scores.resize(T * w.E), topk_idx.resize(T * k);
+  for (int64_t i = 0; i < T * w.D; ++i) x32[i] = widen(x[i]);  // x.float(): exact
+  route_rows(w.router, x32.data(), T, topk_idx.data(), topk_weight.data(), scores.data());
+  const int64_t* ip = topk_idx.data();
+  std::vector<int64_t> ids(ip, ip + T * k);
   std::sort(ids.begin(), ids.end());
   ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
   TORCH_CHECK(ids.empty() || (ids.front() >= 0 && ids.back() < w.E), "moe_forward: expert ids out of range");
@@ -283,8 +252,7 @@ void moe_forward_rows(const MoeWeights& w, const BF16* x, int64_t T, const BF16*
   for (int64_t e : ids)
     mlps.push_back({w.gate + e * w.gate_stride, w.up + e * w.up_stride, w.down + e * w.down_stride, w.I});
   if (w.has_shared) mlps.push_back(w.shared);
-  moe_rows_bf16(x, T, w.D, ip, topk_weight.data_ptr<float>(), w.top_k, ids, mlps, w.has_shared ? 1 : 0, residual,
-                out);
+  moe_rows_bf16(x, T, w.D, ip, topk_weight.data(), k, ids, mlps, w.has_shared ? 1 : 0, residual, out);
 }
 
 void moe_block_rows(const MoeWeights& w, const BF16* h, int64_t T, BF16* out) {
@@ -301,15 +269,15 @@ void mlp_rows(const BF16* ln_w, double eps, const MlpRows& mlp, const BF16* h, i
   moe_rows_bf16(x.data(), T, D, nullptr, nullptr, 0, {}, {mlp}, 1, h, out);
 }
 
-// x (..., D) -> moe(x): the router of kimivl.ops.routing.route, then the chosen experts of the stacked (E, ., .)
+// x (..., D) -> moe(x): the router (route_rows), then the chosen experts of the stacked (E, ., .)
 // weights and the shared MLP (if any) in one moe_bf16w pass (DeepseekV3MoE.forward's answer, same bits).
-torch::Tensor moe_forward(const torch::Tensor& x, const torch::Tensor& gate_w32, const c10::optional<torch::Tensor>& bias,
+torch::Tensor moe_forward(const torch::Tensor& x, const torch::Tensor& router_w, const c10::optional<torch::Tensor>& bias,
                           const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down,
                           const c10::optional<torch::Tensor>& shared_gate, const c10::optional<torch::Tensor>& shared_up,
                           const c10::optional<torch::Tensor>& shared_down, int64_t top_k, int64_t n_group,
                           int64_t topk_group, int64_t method, bool softmax, bool norm_topk_prob,
                           double routed_scaling_factor) {
-  const MoeWeights w = moe_weights(gate_w32, bias, gate, up, down, shared_gate, shared_up, shared_down, top_k,
+  const MoeWeights w = moe_weights(router_w, bias, gate, up, down, shared_gate, shared_up, shared_down, top_k,
                                    n_group, topk_group, method, softmax, norm_topk_prob, routed_scaling_factor);
   check_bf16(x, "x");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.D, "moe_forward: x must be (..., ", w.D, "), got ", x.sizes());
@@ -320,13 +288,13 @@ torch::Tensor moe_forward(const torch::Tensor& x, const torch::Tensor& gate_w32,
 }
 
 // h (B, S, D) -> h + moe_forward(post_attention_layernorm(h), ...).
-torch::Tensor moe_block(const torch::Tensor& h, const torch::Tensor& ln_w, double eps, const torch::Tensor& gate_w32,
+torch::Tensor moe_block(const torch::Tensor& h, const torch::Tensor& ln_w, double eps, const torch::Tensor& router_w,
                         const c10::optional<torch::Tensor>& bias, const torch::Tensor& gate, const torch::Tensor& up,
                         const torch::Tensor& down, const c10::optional<torch::Tensor>& shared_gate,
                         const c10::optional<torch::Tensor>& shared_up, const c10::optional<torch::Tensor>& shared_down,
                         int64_t top_k, int64_t n_group, int64_t topk_group, int64_t method, bool softmax,
                         bool norm_topk_prob, double routed_scaling_factor) {
-  MoeWeights w = moe_weights(gate_w32, bias, gate, up, down, shared_gate, shared_up, shared_down, top_k, n_group,
+  MoeWeights w = moe_weights(router_w, bias, gate, up, down, shared_gate, shared_up, shared_down, top_k, n_group,
                              topk_group, method, softmax, norm_topk_prob, routed_scaling_factor);
   w.ln_w = bf16_vector(ln_w, w.D, "post_attention_layernorm");
   w.eps = eps;

@@ -58,12 +58,12 @@ class DecoderStep {
   }
 
   // ... or a MoE layer, router included (moe_block).
-  void add_moe(torch::Tensor ln_w, double eps, torch::Tensor gate_w32, c10::optional<torch::Tensor> bias,
+  void add_moe(torch::Tensor ln_w, double eps, torch::Tensor router_w, c10::optional<torch::Tensor> bias,
                torch::Tensor gate, torch::Tensor up, torch::Tensor down, c10::optional<torch::Tensor> shared_gate,
                c10::optional<torch::Tensor> shared_up, c10::optional<torch::Tensor> shared_down, int64_t top_k,
                int64_t n_group, int64_t topk_group, int64_t method, bool softmax, bool norm_topk_prob,
                double routed_scaling_factor) {
-    MoeWeights w = moe_weights(gate_w32, bias, gate, up, down, shared_gate, shared_up, shared_down, top_k, n_group,
+    MoeWeights w = moe_weights(router_w, bias, gate, up, down, shared_gate, shared_up, shared_down, top_k, n_group,
                                topk_group, method, softmax, norm_topk_prob, routed_scaling_factor);
     TORCH_CHECK(w.D == D_, "DecoderStep: a MoE layer ", w.D, " wide in a model ", D_, " wide");
     w.ln_w = bf16_vector(ln_w, D_, "post_attention_layernorm");

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias);
@@ -40,6 +41,27 @@ void rope_rotate_vectors(const at::BFloat16* x, int64_t x_stride, int64_t count,
                          const at::BFloat16* sin, int64_t D, at::BFloat16* out, int64_t out_stride);
 torch::Tensor rope_rotate(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 torch::Tensor rope_pairs(const torch::Tensor& x, const torch::Tensor& rot_cos, const torch::Tensor& rot_sin);
+// The DeepSeek-V3 router on raw rows (routing.cpp): kimivl.ops.routing.route's rules in plain loops.
+struct RouterArgs {
+  const void* w;  // (E, D) router weight, rows contiguous: bfloat16 (w16) or float32
+  bool w16;
+  const float* bias;  // (E) e_score_correction_bias in float32 (noaux_tc), or null
+  int64_t E, D, top_k, n_group, topk_group, method;  // method: 0 noaux_tc, 1 greedy, 2 group_limited_greedy
+  bool softmax, norm_topk_prob;
+  float scale;  // routed_scaling_factor
+};
+// Checks and points into the tensors (which must outlive the struct).
+RouterArgs router_args(const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias32, int64_t top_k,
+                       int64_t n_group, int64_t topk_group, int64_t method, bool softmax, bool norm_topk_prob,
+                       double routed_scaling_factor);
+// x (T, D) float32 -> topk_idx (T, k), topk_weight (T, k), scores (T, E).
+void route_rows(const RouterArgs& r, const float* x, int64_t T, int64_t* topk_idx, float* topk_weight,
+                float* scores);
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> route(const torch::Tensor& x, const torch::Tensor& weight,
+                                                              const c10::optional<torch::Tensor>& bias, int64_t top_k,
+                                                              int64_t n_group, int64_t topk_group, int64_t method,
+                                                              bool softmax, bool norm_topk_prob,
+                                                              double routed_scaling_factor);
 bool has_avx2();
 std::string bf16_isa();
 torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -80,13 +102,13 @@ torch::Tensor mla_block(const torch::Tensor& h, const torch::Tensor& ln_w, doubl
                         const torch::Tensor& sin, const torch::Tensor& cache, int64_t pos,
                         const c10::optional<torch::Tensor>& valid, int64_t heads, int64_t nope, int64_t rope,
                         int64_t v, double scale, int64_t form);
-torch::Tensor moe_block(const torch::Tensor& h, const torch::Tensor& ln_w, double eps, const torch::Tensor& gate_w32,
+torch::Tensor moe_block(const torch::Tensor& h, const torch::Tensor& ln_w, double eps, const torch::Tensor& router_w,
                         const c10::optional<torch::Tensor>& bias, const torch::Tensor& gate, const torch::Tensor& up,
                         const torch::Tensor& down, const c10::optional<torch::Tensor>& shared_gate,
                         const c10::optional<torch::Tensor>& shared_up, const c10::optional<torch::Tensor>& shared_down,
                         int64_t top_k, int64_t n_group, int64_t topk_group, int64_t method, bool softmax,
                         bool norm_topk_prob, double routed_scaling_factor);
-torch::Tensor moe_forward(const torch::Tensor& x, const torch::Tensor& gate_w32, const c10::optional<torch::Tensor>& bias,
+torch::Tensor moe_forward(const torch::Tensor& x, const torch::Tensor& router_w, const c10::optional<torch::Tensor>& bias,
                           const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down,
                           const c10::optional<torch::Tensor>& shared_gate, const c10::optional<torch::Tensor>& shared_up,
                           const c10::optional<torch::Tensor>& shared_down, int64_t top_k, int64_t n_group,

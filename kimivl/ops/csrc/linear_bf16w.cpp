@@ -8,6 +8,7 @@
 // as another, and the routed outputs weighted and summed with the roundings of the PyTorch path.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include "bf16_simd.h"
 #include "kernels.h"
 #include "parallel.h"
 
@@ -420,6 +421,21 @@ torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, c
 
 namespace {
 
+// g = silu(g) * u over n floats: in vectors of 16 where the build has AVX512-BF16 (its exp_ps, ~2 ulp; ~10x the
+// scalar loop, which was ~1 % of a decode step on one thread while the other waited), else with std::exp.
+void silu_mul(float* g, const float* u, int64_t n) {
+  int64_t i = 0;
+#ifdef KIMIVL_AVX512BF16
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(g + i);
+    const __m512 e = kimivl_simd::exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
 // The experts pass on float32 rows xp (T, D) in float_rows' order: out (T, D) in bf16 (plus `residual`, if given)
 // or float32. ip / wp: (T, k) routing.
 void moe_core(const float* xp, int64_t T, int64_t D, const int64_t* ip, const float* wp, int64_t k,
@@ -481,7 +497,7 @@ void moe_core(const float* xp, int64_t T, int64_t D, const int64_t* ip, const fl
     const int64_t M = rows_q[q], I = mlps[q].I;
     float* gp = arena.data() + h_at[q];
     const float* upp = gp + M * I;
-    for (int64_t i = 0; i < M * I; ++i) gp[i] = gp[i] / (1.f + std::exp(-gp[i])) * upp[i];  // silu(gate) * up
+    silu_mul(gp, upp, M * I);
     split_pairs(gp, M, I);  // the down projection's x
     second.push_back({gp, M, I, D, mlps[q].down, y[q]});
   }
