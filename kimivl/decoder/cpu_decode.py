@@ -6,8 +6,8 @@ CPU that glue cost ~0.8 ms per layer and step, ~0.3 ms with these calls (measure
 kernels take no time: docs/performance.md, "A decoder layer's decode step in two C++ calls"); the real 27-layer
 model spent ~20 ms of every token in it. :func:`layer_step` runs the same computation as ``DeepseekV3DecoderLayer.forward`` through
 ``mla_block`` and ``moe_block`` / ``mlp_block`` of :mod:`kimivl.ops.cpu_kernels`, which call the same kernels
-with the same roundings in the same order (the router by the same ATen ops; between the kernels they pass raw rows,
-not tensors), so the answer is bit-identical to the module path (tested).
+with the same roundings in the same order (the router as ``MoEGate`` routes a decode step's rows, in C++; between
+the kernels they pass raw rows, not tensors), so the answer is bit-identical to the module path (tested).
 
 It applies to a decode step (one new token per row, at most ``SMALL_M`` rows, a cache, no autograd) of a layer
 whose projections are plain bf16 :class:`~kimivl.ops.linear.Linear` layers without bias (not LoRA-wrapped) with
