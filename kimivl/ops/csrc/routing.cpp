@@ -3,8 +3,8 @@
 //
 // Why: the router of a decode step was a dozen ATen ops on a (T, 64) tensor (the float32 GEMV, sigmoid, bias add,
 // top-k, gather, normalisation, scale). Each costs a few microseconds of dispatch and allocation, and more when the
-// step's weight streams have pushed the dispatcher's working set out of the caches: ~1.3 % of a decode step of the
-// real-width slice (perf), while the other thread waited. Here the logits are one parallel loop over the experts'
+// step's weight streams have pushed the dispatcher's working set out of the caches: ~1.3 % of the main thread's
+// samples in a decode step of the real-width slice (perf), while the other thread waited. Here the logits are one parallel loop over the experts'
 // rows (read where they are, bf16 or float32) and the rest a few hundred scalar operations.
 //
 // Every decode path routes with this function (the one-call step, moe_block / moe_forward, and MoEGate for a few bf16
