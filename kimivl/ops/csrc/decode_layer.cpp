@@ -37,7 +37,6 @@ void check_mlp(const torch::Tensor& gate, const torch::Tensor& up, const torch::
               down.sizes(), " (strides ", gate.strides(), ", ", up.strides(), ", ", down.strides(), ")");
 }
 
-inline float widen(BF16 v) { return static_cast<float>(v); }
 
 // A (B, ..., D) bf16 tensor's rows, contiguous (a copy only if they are not).
 torch::Tensor rows_of(const torch::Tensor& h, int64_t D, const char* what) {

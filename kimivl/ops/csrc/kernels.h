@@ -3,6 +3,7 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -12,6 +13,16 @@ torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, c
                         const std::vector<int64_t>& ids, const std::vector<torch::Tensor>& gate,
                         const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down,
                         int64_t n_shared);
+// A bfloat16 value as float32 (exact): from raw 16-bit words (what the kernels read) or at::BFloat16; float32 as is.
+inline float widen(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+inline float widen(at::BFloat16 v) { return static_cast<float>(v); }
+inline float widen(float v) { return v; }
+
 // A bfloat16 tensor's data as raw 16-bit words (what the kernels read).
 inline const uint16_t* bf16_data(const torch::Tensor& t) {
   return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());

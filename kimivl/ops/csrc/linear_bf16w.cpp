@@ -28,13 +28,6 @@
 
 namespace {
 
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
 #ifdef KIMIVL_AVX2
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -79,7 +72,7 @@ void block(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y, 
   for (int r = 0; r < R; ++r) {
     for (int m = 0; m < MB; ++m) {
       float s = hsum(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
-      for (int64_t kk = k; kk < K; ++kk) s += bf16_to_float(w[r * K + kk]) * x[m * ldx + kk];
+      for (int64_t kk = k; kk < K; ++kk) s += widen(w[r * K + kk]) * x[m * ldx + kk];
       y[m * ldy + r] = s;
     }
   }
@@ -117,7 +110,7 @@ void block8(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y,
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
       float s = hsum(acc[r][m]);
-      for (int64_t kk = k; kk < K; ++kk) s += bf16_to_float(w[r * K + kk]) * x[m * ldx + kk];
+      for (int64_t kk = k; kk < K; ++kk) s += widen(w[r * K + kk]) * x[m * ldx + kk];
       y[m * ldy + r] = s;
     }
 }
@@ -170,7 +163,7 @@ void block512(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* 
 #pragma GCC unroll 4
     for (int m = 0; m < MB; ++m) {
       float s = _mm512_reduce_add_ps(kOdd ? _mm512_add_ps(acc[r][m][0], acc[r][m][kOdd]) : acc[r][m][0]);
-      for (int64_t kk = K32; kk < K; ++kk) s += bf16_to_float(w[r * K + kk]) * x[m * ldx + kk];
+      for (int64_t kk = K32; kk < K; ++kk) s += widen(w[r * K + kk]) * x[m * ldx + kk];
       y[m * ldy + r] = s;
     }
 }
@@ -220,7 +213,7 @@ void scalar_rows(const float* x, int64_t ldx, int64_t M, const uint16_t* w, int6
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t m = 0; m < M; ++m) {
       float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += bf16_to_float(w[n * K + k]) * x[m * ldx + k];
+      for (int64_t k = 0; k < K; ++k) s += widen(w[n * K + k]) * x[m * ldx + k];
       y[m * ldy + n] = s;
     }
 }

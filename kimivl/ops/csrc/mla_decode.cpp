@@ -44,14 +44,6 @@ namespace {
 
 constexpr int64_t CHUNK = 128;  // cache rows per task: 128 x 576 float32 = 288 KiB of scratch (fits L2)
 
-inline float widen(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-inline float widen(float v) { return v; }
-
 #ifdef KIMIVL_MLA_AVX2
 // 8 values as float32: bf16 widened (a 16-bit shift), float32 loaded.
 inline __m256 load8(const uint16_t* p) {

@@ -16,20 +16,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
 
 namespace {
-
-inline float weight_at(const float* w, int64_t i) { return w[i]; }
-inline float weight_at(const uint16_t* w, int64_t i) {
-  const uint32_t bits = static_cast<uint32_t>(w[i]) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
 
 // x . w in float32: 64 running sums (lane j takes the columns j mod 64; the compiler keeps them in 4-8 vector
 // registers, enough independent adds to cover their latency), added pairwise, then the columns past the last
@@ -40,11 +31,11 @@ float dot(const float* x, const W* w, int64_t D) {
   float acc[kLanes] = {};
   int64_t d = 0;
   for (; d + kLanes <= D; d += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += x[d + j] * weight_at(w, d + j);
+    for (int j = 0; j < kLanes; ++j) acc[j] += x[d + j] * widen(w[d + j]);
   for (int width = kLanes / 2; width > 0; width /= 2)
     for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
   float s = acc[0];
-  for (; d < D; ++d) s += x[d] * weight_at(w, d);
+  for (; d < D; ++d) s += x[d] * widen(w[d]);
   return s;
 }
 
@@ -74,13 +65,15 @@ struct Before {
 void route_rows(const RouterArgs& r, const float* x, int64_t T, int64_t* topk_idx, float* topk_weight,
                 float* scores) {
   const int64_t E = r.E, k = r.top_k;
-  std::vector<float> logits(T * E);
+  // reused per thread: a decode step routes every MoE layer through here
+  thread_local std::vector<float> logits, choice, group_score;
+  thread_local std::vector<int64_t> order, groups, in;
+  thread_local std::vector<char> keep;
+  logits.resize(T * E), choice.resize(E), order.resize(E);
   if (r.w16)
     logits_rows(x, T, static_cast<const uint16_t*>(r.w), E, r.D, logits.data());
   else
     logits_rows(x, T, static_cast<const float*>(r.w), E, r.D, logits.data());
-  std::vector<float> choice(E), group_score;
-  std::vector<int64_t> order(E), groups;
   const bool grouped = r.method != 1 && r.n_group > 1;
   for (int64_t t = 0; t < T; ++t) {
     const float* l = logits.data() + t * E;
@@ -99,7 +92,7 @@ void route_rows(const RouterArgs& r, const float* x, int64_t T, int64_t* topk_id
       group_score.assign(G, 0.f);
       for (int64_t g = 0; g < G; ++g) {
         const float* c = choice.data() + g * per;
-        std::vector<int64_t> in(per);
+        in.resize(per);
         std::iota(in.begin(), in.end(), 0);
         const int64_t top = r.method == 0 ? std::min<int64_t>(2, per) : 1;
         std::partial_sort(in.begin(), in.begin() + top, in.end(), Before{c});
@@ -110,8 +103,8 @@ void route_rows(const RouterArgs& r, const float* x, int64_t T, int64_t* topk_id
       groups.resize(G);
       std::iota(groups.begin(), groups.end(), 0);
       std::partial_sort(groups.begin(), groups.begin() + r.topk_group, groups.end(), Before{group_score.data()});
-      std::vector<bool> keep(G, false);
-      for (int64_t j = 0; j < r.topk_group; ++j) keep[groups[j]] = true;
+      keep.assign(G, 0);
+      for (int64_t j = 0; j < r.topk_group; ++j) keep[groups[j]] = 1;
       for (int64_t i = 0; i < E; ++i)
         if (!keep[i / per]) choice[i] = -std::numeric_limits<float>::infinity();
     }
