@@ -73,7 +73,10 @@ def _plans(model) -> list[bool | None]:
     {"q_lora_rank": 24},  # DeepSeek-V3's low-rank queries
     {"topk_method": "group_limited_greedy", "scoring_func": "softmax", "n_shared_experts": 0},
     {"topk_method": "greedy", "n_group": 1, "topk_group": 1, "norm_topk_prob": False},
-], ids=["noaux_tc", "q_lora", "group_limited_softmax_no_shared", "greedy"])
+    # YaRN: RoPE's cos / sin scaled (by 1 + 0.1 ln 4 here), the step's own table must scale them alike
+    {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "mscale": 1.0,
+                      "mscale_all_dim": 0.0}},
+], ids=["noaux_tc", "q_lora", "group_limited_softmax_no_shared", "greedy", "yarn"])
 def test_fused_decode_step_is_bit_identical_to_the_module_path(cpu_ext, monkeypatch, overrides) -> None:
     model = _model(**overrides)
     served = []

@@ -7,8 +7,9 @@
 // own code and objects come back from memory, so each Python-level step costs several times its warm time
 // (docs/performance.md, "The whole decode step in one call"). The step is bound by reading the weights, so that
 // time is a direct loss. Same kernels and roundings in the same order as DeepseekV3ForCausalLM's modules and
-// kimivl.decoder.cpu_decode's layer blocks (RoPE's cos / sin by the same ATen ops): bit-identical logits and cache
-// (tested). The layers run on raw rows (decode_blocks.h), the hidden state in two buffers taking turns.
+// kimivl.decoder.cpu_decode's layer blocks (RoPE's cos / sin by the same ATen functions on the same shapes):
+// bit-identical logits and cache (tested). The layers run on raw rows (decode_blocks.h), the hidden state in two
+// buffers taking turns.
 #include "decode_blocks.h"
 
 #include <cstring>
@@ -20,7 +21,7 @@ class DecoderStep {
  public:
   DecoderStep(torch::Tensor embed_w, torch::Tensor norm_w, double norm_eps, torch::Tensor head_w,
               torch::Tensor inv_freq, double rope_scale)
-      : embed_w_(embed_w), norm_eps_(norm_eps), inv_freq_(std::move(inv_freq)), rope_scale_(rope_scale) {
+      : embed_w_(embed_w), norm_eps_(norm_eps), inv_freq_(inv_freq.contiguous()), rope_scale_(rope_scale) {
     TORCH_CHECK(embed_w.dim() == 2 && embed_w.scalar_type() == torch::kBFloat16 && embed_w.is_contiguous() &&
                     inv_freq_.scalar_type() == torch::kFloat32 && inv_freq_.dim() == 1,
                 "DecoderStep: a contiguous bfloat16 embedding (vocab, D) and float32 inverse frequencies (rope / 2), "
@@ -103,22 +104,41 @@ class DecoderStep {
     const int64_t* ip = idc.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b)
       if (ip[b] < 0 || ip[b] >= vocab) return c10::nullopt;
-    // rope_cos_sin: positions in float32 times the inverse frequencies, both halves, cos / sin (scaled), cast
-    auto position_ids = positions.has_value() ? *positions : torch::full({1, 1}, pos, idc.options()).expand({B, 1});
-    auto freqs = position_ids.to(torch::kFloat32).unsqueeze(-1) * inv_freq_;
-    auto emb = at::cat({freqs, freqs}, -1);
-    auto cos = emb.cos(), sin = emb.sin();
-    if (rope_scale_ != 1.0) {
-      cos = cos * rope_scale_;
-      sin = sin * rope_scale_;
+    // rope_cos_sin's ops in its order: float32 positions times the inverse frequencies (one float32 product,
+    // as torch's mul), both halves, cos / sin by ATen on a tensor of the module path's shape (so the same vector
+    // code and bits), the scale, bf16. Plain loops but for the two ATen calls: the dozen tensor ops they replace
+    // were ~0.5 % of a step's samples (dispatch and allocation, cold after the weight streams).
+    const int64_t rope = 2 * inv_freq_.size(0), half = rope / 2;
+    const int64_t* pp = nullptr;
+    torch::Tensor pc;
+    if (positions.has_value()) {
+      TORCH_CHECK(positions->scalar_type() == torch::kInt64 && positions->numel() == B,
+                  "DecoderStep.step: positions must be int64 (B, 1) for B = ", B, ", got ", positions->sizes(), " ",
+                  positions->scalar_type());
+      pc = positions->contiguous();
+      pp = pc.data_ptr<int64_t>();
     }
-    cos = cos.to(torch::kBFloat16).contiguous();
-    sin = sin.to(torch::kBFloat16).contiguous();
+    auto emb = torch::empty({B, 1, rope}, torch::kFloat32);
+    float* ep = emb.data_ptr<float>();
+    const float* fr = inv_freq_.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      const float at = static_cast<float>(pp != nullptr ? pp[b] : pos);
+      for (int64_t j = 0; j < half; ++j) ep[b * rope + j] = ep[b * rope + half + j] = at * fr[j];
+    }
+    const auto emb_cos = emb.cos(), emb_sin = emb.sin();
+    std::vector<BF16> cos(B * rope), sin(B * rope);
+    const float* cp = emb_cos.data_ptr<float>();
+    const float* sp = emb_sin.data_ptr<float>();
+    const float scale = static_cast<float>(rope_scale_);  // torch multiplies a float32 tensor by a float32 scalar
+    for (int64_t i = 0; i < B * rope; ++i) {
+      cos[i] = rope_scale_ != 1.0 ? BF16(cp[i] * scale) : BF16(cp[i]);
+      sin[i] = rope_scale_ != 1.0 ? BF16(sp[i] * scale) : BF16(sp[i]);
+    }
     // the embedding, then every layer on raw rows, h and h2 taking turns
     std::vector<BF16> h(B * D), h2(B * D);
     const BF16* table = embed_w_.data_ptr<BF16>();
     for (int64_t b = 0; b < B; ++b) std::memcpy(h.data() + b * D, table + ip[b] * D, D * sizeof(BF16));
-    MlaStep in{cos.data_ptr<BF16>(), sin.data_ptr<BF16>(), nullptr, cache.scalar_type() == torch::kBFloat16,
+    MlaStep in{cos.data(), sin.data(), nullptr, cache.scalar_type() == torch::kBFloat16,
                cache.stride(1), cache.stride(2), pos, mask.has_value() ? mask->data_ptr<bool>() : nullptr, form};
     char* base = static_cast<char*>(cache.data_ptr());
     for (int64_t layer = 0; layer < layers; ++layer) {
