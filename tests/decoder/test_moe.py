@@ -378,6 +378,30 @@ def test_grouped_cpu_moe_matches_the_module_path(cpu_ext, monkeypatch, hidden: i
         assert err_module <= 0.02 * scale  # bf16's own rounding of outputs, weights and hidden activations
 
 
+@pytest.mark.parametrize("hidden,inter", [(96, 64), (2080, 32)])
+def test_grouped_cpu_moe_gives_a_token_the_same_bits_whatever_its_experts_other_rows(cpu_ext, hidden: int,
+                                                                                    inter: int) -> None:
+    # Each token is a lane of the kernels' 16-token vectors (zero lanes pad the last one), so its output cannot
+    # depend on how many rows its experts got (row blocks, token chunks, padding): every count below, past the
+    # vdpbf16ps kernel's 64-token chunks, against the first rows of one 160-token call. (2080: two K blocks.)
+    isas = _isas(cpu_ext)
+    if not isas:
+        pytest.skip("this CPU / build has neither AMX nor AVX512-BF16: the grouped kernel does not apply")
+    moe = _bf16_moe(hidden=hidden, inter=inter)
+    gate_up, down = _stack(moe)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(160, hidden, generator=g).bfloat16()
+    idx = torch.tensor([[2, 5]]).expand(160, 2).contiguous()  # every token on the same two experts
+    weight = torch.rand(160, 2, generator=g)
+    for isa in isas:
+        if isa == "amx" and (hidden % 32 or inter % 32):
+            continue
+        whole = cpu_ext.moe_experts_bf16(x, idx, weight, gate_up, down, isa == "amx", 10**6)
+        for n in (1, 7, 8, 9, 16, 17, 24, 25, 40, 56, 57, 64, 72, 88, 100):
+            part = cpu_ext.moe_experts_bf16(x[:n], idx[:n], weight[:n], gate_up, down, isa == "amx", 10**6)
+            assert torch.equal(part, whole[:n]), (isa, n)
+
+
 def test_grouped_cpu_moe_rounds_like_the_module_path_given_the_same_expert_outputs(cpu_ext, monkeypatch) -> None:
     # One hidden unit of exactly 512 per expert (see the fused test above): the expert outputs are exact, so this
     # isolates the weighted sum over slots in float32, slot order, one rounding. Bit for bit.
