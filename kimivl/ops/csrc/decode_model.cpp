@@ -122,17 +122,19 @@ class DecoderStep {
     float* ep = emb.data_ptr<float>();
     const float* fr = inv_freq_.data_ptr<float>();
     for (int64_t b = 0; b < B; ++b) {
-      const float at = static_cast<float>(pp != nullptr ? pp[b] : pos);
-      for (int64_t j = 0; j < half; ++j) ep[b * rope + j] = ep[b * rope + half + j] = at * fr[j];
+      const float position = static_cast<float>(pp != nullptr ? pp[b] : pos);
+      for (int64_t j = 0; j < half; ++j) ep[b * rope + j] = ep[b * rope + half + j] = position * fr[j];
     }
     const auto emb_cos = emb.cos(), emb_sin = emb.sin();
     std::vector<BF16> cos(B * rope), sin(B * rope);
     const float* cp = emb_cos.data_ptr<float>();
     const float* sp = emb_sin.data_ptr<float>();
-    const float scale = static_cast<float>(rope_scale_);  // torch multiplies a float32 tensor by a float32 scalar
+    // torch multiplies a float32 tensor by a float32 scalar; where the module path skips the product (scale 1),
+    // a product by 1.0f is exact
+    const float scale = static_cast<float>(rope_scale_);
     for (int64_t i = 0; i < B * rope; ++i) {
-      cos[i] = rope_scale_ != 1.0 ? BF16(cp[i] * scale) : BF16(cp[i]);
-      sin[i] = rope_scale_ != 1.0 ? BF16(sp[i] * scale) : BF16(sp[i]);
+      cos[i] = BF16(cp[i] * scale);
+      sin[i] = BF16(sp[i] * scale);
     }
     // the embedding, then every layer on raw rows, h and h2 taking turns
     std::vector<BF16> h(B * D), h2(B * D);
