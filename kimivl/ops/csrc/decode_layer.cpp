@@ -237,17 +237,18 @@ MoeWeights moe_weights(const torch::Tensor& router_w, const c10::optional<torch:
 void moe_forward_rows(const MoeWeights& w, const BF16* x, int64_t T, const BF16* residual, BF16* out) {
   const int64_t k = w.router.top_k;
   thread_local std::vector<float> x32, topk_weight, scores;
-  thread_local std::vector<int64_t> topk_idx;
+  thread_local std::vector<int64_t> topk_idx, ids;
+  thread_local std::vector<MlpRows> mlps;  // (reused like the buffers above: every MoE layer of every step)
   x32.resize(T * w.D), topk_weight.resize(T * k), scores.resize(T * w.E), topk_idx.resize(T * k);
   for (int64_t i = 0; i < T * w.D; ++i) x32[i] = widen(x[i]);  // x.float(): exact
   route_rows(w.router, x32.data(), T, topk_idx.data(), topk_weight.data(), scores.data());
   const int64_t* ip = topk_idx.data();
-  std::vector<int64_t> ids(ip, ip + T * k);
+  ids.assign(ip, ip + T * k);
   std::sort(ids.begin(), ids.end());
   ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
   TORCH_CHECK(ids.empty() || (ids.front() >= 0 && ids.back() < w.E), "moe_forward: expert ids out of range");
   // the chosen experts' rows of the stacked weights, by pointer (a select per weight was ~1 us of dispatch each)
-  std::vector<MlpRows> mlps;
+  mlps.clear();
   for (int64_t e : ids)
     mlps.push_back({w.gate + e * w.gate_stride, w.up + e * w.up_stride, w.down + e * w.down_stride, w.I});
   if (w.has_shared) mlps.push_back(w.shared);
