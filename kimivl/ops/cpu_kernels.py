@@ -158,6 +158,23 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def onednn_float32_preferred() -> bool:
+    """Whether float32 GEMMs of more than a few rows should go to oneDNN rather than torch's default (MKL's
+    sgemm): on AMD CPUs, where MKL takes slower code paths (:func:`kimivl.ops.linear.float32_linear`)."""
+    return (_cpuinfo_vendor() == "AuthenticAMD" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _cpuinfo_vendor() -> str:
+    """The ``vendor_id`` of /proc/cpuinfo ("" where there is none)."""
+    try:
+        line = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+    return line.partition(":")[2].strip()
+
+
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activation dtypes every kernel takes
 
 

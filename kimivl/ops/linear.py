@@ -16,6 +16,8 @@ into oneDNN's GEMM as a post-op where torch's bf16 GEMM is oneDNN's.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,8 +29,10 @@ SMALL_M: int = 8  # rows up to which the streaming kernel beats a GEMM (measured
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, routed as the module docstring says for bf16 weights on the CPU."""
-    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or x.device.type != "cpu":
+    if weight.device.type != "cpu" or x.device.type != "cpu":
         return F.linear(x, weight, bias)
+    if weight.dtype != torch.bfloat16:
+        return float32_linear(x, weight, bias) if weight.dtype == torch.float32 else F.linear(x, weight, bias)
     k = weight.shape[-1]
     rows = x.numel() // k if k else 0
     if x.shape[-1] == k and cpu_kernels.inference_rows(x, rows, SMALL_M, weight, bias):
@@ -37,13 +41,49 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return ext.linear_bf16w(x, weight, bias)
     if not cpu_kernels.cpu_has_fast_bf16() or x.dtype != torch.bfloat16:  # (F.linear refuses mixed dtypes)
         b = bias.float() if bias is not None else None
-        return F.linear(x.float(), weight.float(), b).to(x.dtype)
+        return float32_linear(x.float(), _upcast(weight, x), b).to(x.dtype)
     if bias is not None and _onednn_post_op_applies(x, weight, bias):
         # the bias inside oneDNN's GEMM: F.linear's addmm first copies the bias into every output row, a pass
         # over the output (MoonViT's qkv 90 -> 79 ms, wo 29 -> 23 ms per 6,660 patches); bit for bit F.linear's
         # result on a contiguous input (the bias added to the float32 accumulators, one rounding)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def float32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for float32 CPU tensors, through oneDNN's GEMM where :func:`~kimivl.ops.cpu_kernels.
+    onednn_float32_preferred` (AMD CPUs) for more than ``SMALL_M`` rows without autograd.
+
+    Why: torch's float32 ``linear`` is MKL's sgemm, which runs slower code on AMD CPUs than on Intel ones. On a Zen 3
+    (AVX2, 2 threads) oneDNN's float32 GEMM is 1.2-1.35x MKL's at a prefill's 512 rows and 1.7-1.9x at a MoE
+    expert's ~48 rows (docs/performance.md); on a Zen 5 2.2x (performance notes §1.2). Few rows (a decode step's
+    GEMV) and Intel CPUs keep ``F.linear``."""
+    if (x.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32)
+            or x.numel() // max(weight.shape[-1], 1) <= SMALL_M or not cpu_kernels.onednn_float32_preferred()
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))):
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+# Weights of at least this many elements are widened into a reused float32 buffer (per thread) rather than a new
+# tensor: a fresh allocation above glibc's mmap threshold (32 MB at most) is page-faulted in on every call, 48 ms
+# for the dense MLP's 11264 x 2048 against 7 ms into a buffer already mapped (Zen 3, docs/performance.md).
+UPCAST_REUSE_MIN: int = 1 << 20
+_scratch = threading.local()
+
+
+def _upcast(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight.float()`` for a product with ``x``; without autograd through either (which would save the weight
+    for the backward pass), a large weight lands in this thread's reused buffer, which the caller must be done
+    with before its next call (the float32 GEMM fallback of :func:`linear`)."""
+    if weight.numel() < UPCAST_REUSE_MIN or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)):
+        return weight.float()
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < weight.numel():
+        # outside inference mode: a buffer made inside it could not be written outside later
+        with torch.inference_mode(False):
+            buf = _scratch.buf = torch.empty(weight.numel(), dtype=torch.float32)
+    return buf[:weight.numel()].view(weight.shape).copy_(weight)
 
 
 class Linear(nn.Linear):

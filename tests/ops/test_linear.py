@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimivl.ops import cpu_kernels
-from kimivl.ops.linear import SMALL_M, Linear, _onednn_post_op_applies, gelu_, linear, linear_gelu
+from kimivl.ops import linear as linear_module
+from kimivl.ops.linear import (SMALL_M, Linear, _onednn_post_op_applies, float32_linear, gelu_, linear,
+                              linear_gelu)
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +91,82 @@ def test_bf16_activations_come_back_in_bf16_and_close_to_float32():
     assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3  # one bf16 rounding of the output
 
 
-def test_float32_weights_are_plain_f_linear_bit_for_bit():
+def test_float32_weights_are_plain_f_linear_bit_for_bit(monkeypatch):
+    """On Intel CPUs (and wherever oneDNN is not preferred), and for few rows anywhere: torch's own float32 GEMM."""
     x, w, b = torch.randn(3, 5, 16), torch.randn(8, 16), torch.randn(8)
+    monkeypatch.setattr(cpu_kernels, "onednn_float32_preferred", lambda: False)
     assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+    monkeypatch.setattr(cpu_kernels, "onednn_float32_preferred", lambda: True)
+    few = x[:1, :SMALL_M]
+    assert torch.equal(linear(few, w, b), F.linear(few, w, b))
+
+
+def _count_onednn_calls(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    pointwise = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[3]) or pointwise(*a))
+    return calls
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_float32_gemms_go_to_onednn_where_preferred_and_agree_with_f_linear(monkeypatch, bias):
+    monkeypatch.setattr(cpu_kernels, "onednn_float32_preferred", lambda: True)
+    calls = _count_onednn_calls(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 37, 200, generator=g), torch.randn(130, 200, generator=g)
+    b = torch.randn(130, generator=g) if bias else None
+    with torch.inference_mode():
+        y = linear(x, w, b)
+    assert calls == ["none"] and y.shape == (2, 37, 130) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), _reference(x.reshape(-1, 200), w, b).view(2, 37, 130),
+                               rtol=1e-5, atol=1e-4)
+    # bf16 weights with float32 activations: the upcast product takes the same route
+    with torch.no_grad():
+        yb = linear(x, w.bfloat16(), b)
+    assert len(calls) == 2
+    torch.testing.assert_close(yb.double(), _reference(x.reshape(-1, 200), w.bfloat16(), b).view(2, 37, 130),
+                               rtol=1e-5, atol=1e-4)
+    # autograd (oneDNN's call has no backward): F.linear, and the gradients are right
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    linear(xg, wg, b).sum().backward()
+    assert len(calls) == 2
+    torch.testing.assert_close(xg.grad, w.sum(0).expand_as(x))
+    torch.testing.assert_close(wg.grad, x.reshape(-1, 200).sum(0).expand_as(w))
+
+
+@pytest.mark.parametrize("vendor,preferred", [("AuthenticAMD", True), ("GenuineIntel", False), ("", False)])
+def test_onednn_float32_is_preferred_on_amd_cpus_only(monkeypatch, vendor, preferred):
+    monkeypatch.setattr(cpu_kernels, "_cpuinfo_vendor", lambda: vendor)
+    cpu_kernels.onednn_float32_preferred.cache_clear()
+    try:
+        assert cpu_kernels.onednn_float32_preferred() is preferred
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.onednn_float32_preferred.cache_clear()
+
+
+def test_large_bf16_weights_are_widened_into_one_reused_buffer(monkeypatch):
+    """The float32 fallback widens a large bf16 weight into a buffer kept between calls (no fresh pages to fault
+    in each time): results are bit for bit those of ``weight.float()``, and an earlier output never changes."""
+    monkeypatch.setattr(cpu_kernels, "cpu_has_fast_bf16", lambda: False)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(20, 64, generator=g)
+    w1, w2 = (torch.randn(n, 64, generator=g).bfloat16() for n in (48, 32))
+    with torch.no_grad():
+        expected = [float32_linear(x, w.float()) for w in (w1, w2)]
+        monkeypatch.setattr(linear_module, "UPCAST_REUSE_MIN", 1)
+        y1 = linear(x, w1)
+        buffer = linear_module._scratch.buf
+        y1_copy = y1.clone()
+        y2 = linear(x, w2)
+        assert linear_module._scratch.buf is buffer and buffer.numel() == 48 * 64
+    assert torch.equal(y1, expected[0]) and torch.equal(y2, expected[1]) and torch.equal(y1, y1_copy)
+    # under autograd the product keeps the widened weight for its backward pass: never the shared buffer
+    xg = x.clone().requires_grad_()
+    out = linear(xg, w1)
+    linear(x, w2)  # would overwrite a shared buffer before the backward pass
+    out.sum().backward()
+    torch.testing.assert_close(xg.grad, w1.float().sum(0).expand_as(x))
 
 
 def test_gradients_flow_through_bf16_weights():
