@@ -6,9 +6,11 @@ is False) torch's bf16 matmul has no fast path (~0.4 GFLOP/s for GEMMs,
 - few rows (<= ``SMALL_M``, a decode step, an expert's share of one token) and no autograd: the C++
   weight-streaming kernel of :mod:`kimivl.ops.cpu_kernels` (float32 accumulation), when it is built;
 - otherwise, on a CPU without a bf16 fast path, or for non-bf16 activations: float32 GEMM on an upcast copy
-  of the weight (the GEMM is compute-bound at these sizes, so the copy is cheap next to it);
+  of the weight (the GEMM is compute-bound at these sizes; large weights are widened into a reused buffer, as a
+  fresh allocation's page faults cost several times the copy);
 - otherwise ``F.linear`` unchanged.
-The output has the input's dtype, as ``F.linear``'s. Everything else (GPU, float32 weights) is ``F.linear``. Where
+The output has the input's dtype, as ``F.linear``'s. Float32 GEMMs (float32 weights, and the upcast products
+above) are :func:`float32_linear`: oneDNN's on AMD CPUs, else ``F.linear``; everything on a GPU is ``F.linear``. Where
 torch's bf16 GEMM is oneDNN's, a bias is added inside oneDNN's GEMM (bit-identical; no pass copying it into
 the output first).
 :func:`linear_gelu` is a linear layer followed by GELU (the vision MLP, the projector), with the GELU taken
