@@ -57,7 +57,7 @@ def float32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     onednn_float32_preferred` (AMD CPUs) for more than ``SMALL_M`` rows without autograd.
 
     Why: torch's float32 ``linear`` is MKL's sgemm, which runs slower code on AMD CPUs than on Intel ones. On a Zen 3
-    (AVX2, 2 threads) oneDNN's float32 GEMM is 1.2-1.35x MKL's at a prefill's 512 rows and 1.7-1.9x at a MoE
+    (AVX2, 2 threads) oneDNN's float32 GEMM is 1.2-1.35x MKL's at a prefill's 512 rows and 1.7-2.0x at a MoE
     expert's ~48 rows (docs/performance.md); on a Zen 5 2.2x (performance notes §1.2). Few rows (a decode step's
     GEMV) and Intel CPUs keep ``F.linear``."""
     if (x.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32)

@@ -120,6 +120,9 @@ def test_float32_gemms_go_to_onednn_where_preferred_and_agree_with_f_linear(monk
     assert calls == ["none"] and y.shape == (2, 37, 130) and y.dtype == torch.float32
     torch.testing.assert_close(y.double(), _reference(x.reshape(-1, 200), w, b).view(2, 37, 130),
                                rtol=1e-5, atol=1e-4)
+    with torch.inference_mode():  # a strided input: the same numbers as its contiguous copy
+        assert torch.equal(linear(x.transpose(0, 1), w, b), linear(x.transpose(0, 1).contiguous(), w, b))
+    del calls[1:]
     # bf16 weights with float32 activations: the upcast product takes the same route
     with torch.no_grad():
         yb = linear(x, w.bfloat16(), b)
