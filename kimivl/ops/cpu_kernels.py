@@ -97,12 +97,17 @@ def max_isa() -> str:
     return cap
 
 
-def _cpuinfo_flags() -> str:
-    """The ``flags`` line of /proc/cpuinfo ("" where there is none: not Linux, not x86)."""
+def _cpuinfo_line(key: str) -> str:
+    """The first line of /proc/cpuinfo that starts with ``key`` ("" where there is none: not Linux, not x86)."""
     try:
-        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(key)), "")
     except OSError:
         return ""
+
+
+def _cpuinfo_flags() -> str:
+    """The ``flags`` line of /proc/cpuinfo ("" where there is none)."""
+    return _cpuinfo_line("flags")
 
 
 def _build_tag(cap: str) -> str:
@@ -168,11 +173,7 @@ def onednn_float32_preferred() -> bool:
 
 def _cpuinfo_vendor() -> str:
     """The ``vendor_id`` of /proc/cpuinfo ("" where there is none)."""
-    try:
-        line = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("vendor_id")), "")
-    except OSError:
-        return ""
-    return line.partition(":")[2].strip()
+    return _cpuinfo_line("vendor_id").partition(":")[2].strip()
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activation dtypes every kernel takes

@@ -62,7 +62,7 @@ def float32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     GEMV) and Intel CPUs keep ``F.linear``."""
     if (x.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32)
             or x.numel() // max(weight.shape[-1], 1) <= SMALL_M or not cpu_kernels.onednn_float32_preferred()
-            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))):
+            or not _without_autograd(x, weight, bias)):
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
@@ -78,7 +78,7 @@ def _upcast(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``weight.float()`` for a product with ``x``; without autograd through either (which would save the weight
     for the backward pass), a large weight lands in this thread's reused buffer, which the caller must be done
     with before its next call (the float32 GEMM fallback of :func:`linear`)."""
-    if weight.numel() < UPCAST_REUSE_MIN or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)):
+    if weight.numel() < UPCAST_REUSE_MIN or not _without_autograd(weight, x):
         return weight.float()
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < weight.numel():
@@ -86,6 +86,12 @@ def _upcast(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(False):
             buf = _scratch.buf = torch.empty(weight.numel(), dtype=torch.float32)
     return buf[:weight.numel()].view(weight.shape).copy_(weight)
+
+
+def _without_autograd(*tensors: torch.Tensor | None) -> bool:
+    """No gradient is recorded through any of ``tensors`` (None entries skipped): the oneDNN calls have no backward,
+    and a product that records one keeps its operands for it."""
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
 class Linear(nn.Linear):
@@ -125,7 +131,7 @@ def _onednn_post_op_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
         return False
     if bias is not None and bias.dtype != torch.bfloat16:
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    if not _without_autograd(x, weight, bias):
         return False
     if x.numel() // max(weight.shape[-1], 1) <= SMALL_M or not cpu_kernels.cpu_has_fast_bf16():
         return False
