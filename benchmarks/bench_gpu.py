@@ -199,7 +199,6 @@ def bench_decoder(directory: Path, cfg: dict[str, Any], lim: dict[str, float], c
     from kimivl import KimiVLForConditionalGeneration
     from kimivl.generation import cuda_graph
 
-    vocab = cfg["text_config"]["vocab_size"]
     model = KimiVLForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16, device=DEVICE).eval()
     impls: dict[str, Callable[[torch.Tensor, int], list[float]]] = {}
 
@@ -229,7 +228,7 @@ def bench_decoder(directory: Path, cfg: dict[str, Any], lim: dict[str, float], c
             out["transformers"] = {"skipped": f"{type(e).__name__}: {e}"}
 
     prefill = {}
-    ids = prompt(prefill_len, vocab, 0)
+    ids = prompt(prefill_len, cfg, 0)
     for name, impl in impls.items():
         try:
             ttft, _ = _rates(lambda: impl(ids, 2), repeats)
@@ -243,7 +242,7 @@ def bench_decoder(directory: Path, cfg: dict[str, Any], lim: dict[str, float], c
     out["prefill"] = prefill
     decode = {}
     for ctx in contexts:
-        ids = prompt(ctx, vocab, ctx)
+        ids = prompt(ctx, cfg, ctx)
         row: dict[str, Any] = {}
         bound = decode_bytes_per_token(cfg, 2, ctx) / (lim["copy_gb_s"] * 1e9)
         for name, impl in impls.items():
@@ -277,7 +276,7 @@ def bench_compiled(directory: Path, cfg: dict[str, Any], lim: dict[str, float], 
     out: dict[str, Any] = {}
     try:
         for ctx in contexts:
-            ids = prompt(ctx, cfg["text_config"]["vocab_size"], ctx)
+            ids = prompt(ctx, cfg, ctx)
             t0 = time.perf_counter()
             first = _generate_times(model, ids, new, eos_token_id=[])
             row = {"first_call_s": round(time.perf_counter() - t0, 1)}
@@ -300,7 +299,7 @@ def profile_decode(directory: Path, cfg: dict[str, Any], steps: int = 4) -> dict
     from kimivl import KimiVLForConditionalGeneration
 
     model = KimiVLForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16, device=DEVICE).eval()
-    ids = prompt(1024, cfg["text_config"]["vocab_size"], 1)
+    ids = prompt(1024, cfg, 1)
     model.generate(ids, max_new_tokens=steps + 1, do_sample=False, eos_token_id=[])  # captures the graphs
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         model.generate(ids, max_new_tokens=steps + 1, do_sample=False, eos_token_id=[])
