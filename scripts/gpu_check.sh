@@ -15,8 +15,9 @@ export KIMIVL_CPU_KERNELS=0  # the CPU-side comparisons need no C++ build here
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda,
 "transformers", transformers.__version__)'
-timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-    tests/ops/test_attention.py tests/vision/test_moonvit_parity.py tests/generation/test_cuda_graph.py \
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    tests/ops/test_attention.py tests/ops/test_rms_norm.py tests/vision/test_moonvit_parity.py \
+    tests/generation/test_cuda_graph.py tests/generation/test_cache.py tests/training/test_cuda_training.py \
     2>&1 | tee "$out/tests.log" | tail -n 30
 timeout "${BENCH_TIMEOUT:-360}" python3 -m benchmarks.bench_gpu --out "$out/gpu.json" "$@" > "$out/bench.log" 2>&1
 echo "bench rc=$?"

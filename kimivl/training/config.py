@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ class TrainingArguments:
     from_scratch: bool = False  # build the model from <model>/config.json and initialise it (init_weights)
     processor: str | None = None  # directory with the tokenizer / preprocessor files; default: model
     dtype: str = "float32"  # parameter dtype while training (float32 recommended; bf16 = autocast below)
+    device: str = "auto"  # auto = this process's GPU (cuda:LOCAL_RANK) when CUDA is available, else cpu
     # --- what is trained
     stage: str = "sft"  # sft: chat conversations; vision: the vision tower on image labels (vision_stage.py)
     vision_labels: dict[str, list[str]] | None = None  # stage vision: label set -> class names
@@ -113,6 +115,8 @@ class TrainingArguments:
             (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]"),
             (self.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", self.lr_scheduler, f"one of {LR_SCHEDULERS}"),
             (self.stage in STAGES, "stage", self.stage, f"one of {STAGES}"),
+            (re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None, "device", self.device,
+             "auto, cpu, cuda or cuda:N"),
             (self.stage != "vision" or self.distributed in ("auto", "none", "ddp"), "distributed", self.distributed,
              "auto, none or ddp with stage vision"),
             (self.progress in PROGRESS_MODES, "progress", self.progress, f"one of {PROGRESS_MODES}"),

@@ -3,10 +3,12 @@
 Prefixes are the official state-dict prefixes (``vision_tower``, ``multi_modal_projector``,
 ``language_model``, or any deeper one such as ``language_model.model.embed_tokens``). A prefix that
 matches no parameter is an error: a freezing flag is never silently ignored. ``snapshot`` +
-``assert_unchanged`` verify after training that frozen parameters are bit-identical.
+``assert_unchanged`` verify after training that frozen parameters are bit-identical, by a digest of each
+parameter's bytes rather than a copy: a frozen 16B-parameter decoder would otherwise be held twice.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 import torch
@@ -65,21 +67,33 @@ def parameter_summary(model: nn.Module) -> dict[str, dict[str, int]]:
     return out
 
 
-def snapshot(model: nn.Module, prefixes: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """Copies of the parameters under ``prefixes`` (default: every frozen parameter)."""
+def fingerprint(t: torch.Tensor) -> bytes:
+    """A 16-byte BLAKE2b digest of ``t``'s dtype, shape and bytes: equal digests mean bit-identical tensors (up to
+    a hash collision), and one changed bit changes it. A sharded tensor is gathered first."""
+    data = t.detach()
+    if hasattr(data, "full_tensor"):
+        data = data.full_tensor()
+    data = data.reshape(-1).cpu().contiguous()
+    h = hashlib.blake2b(f"{data.dtype}{tuple(t.shape)}".encode(), digest_size=16)
+    h.update(data.view(torch.uint8).numpy())
+    return h.digest()
+
+
+def snapshot(model: nn.Module, prefixes: Iterable[str] | None = None) -> dict[str, bytes]:
+    """:func:`fingerprint` of each parameter under ``prefixes`` (default: every frozen parameter)."""
     prefixes = list(prefixes) if prefixes is not None else None
     out = {}
     for name, p in model.named_parameters():
         clean = _strip_wrappers(name)
         take = (not p.requires_grad) if prefixes is None else any(_matches(clean, x) for x in prefixes)
         if take:
-            out[name] = p.detach().clone()
+            out[name] = fingerprint(p)
     return out
 
 
-def assert_unchanged(model: nn.Module, reference: dict[str, torch.Tensor]) -> None:
-    """Raise ``AssertionError`` listing every parameter that is not bit-identical to ``reference``."""
+def assert_unchanged(model: nn.Module, reference: dict[str, bytes]) -> None:
+    """Raise ``AssertionError`` listing every parameter whose bytes differ from its ``reference`` :func:`snapshot`."""
     current = dict(model.named_parameters())
-    changed = [n for n, ref in reference.items() if n not in current or not torch.equal(current[n].detach(), ref)]
+    changed = [n for n, ref in reference.items() if n not in current or fingerprint(current[n]) != ref]
     if changed:
         raise AssertionError(f"{len(changed)} frozen parameter(s) changed: {changed[:8]}")

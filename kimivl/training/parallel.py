@@ -23,29 +23,59 @@ from kimivl.training.state import TrainerState, save_training_state
 
 @dataclass(frozen=True)
 class DistInfo:
-    """``mode``: none | ddp | fsdp2 | deepspeed; ``world`` processes, this one is ``rank``."""
+    """``mode``: none | ddp | fsdp2 | deepspeed; ``world`` processes, this one is ``rank``, training on ``device``."""
 
     mode: str
     world: int = 1
     rank: int = 0
     local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+
+def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
+    """The device a training process runs on, from the config's ``device``: ``auto`` is CUDA when available,
+    else the CPU; ``cuda`` without an index is this process's GPU, ``cuda:LOCAL_RANK`` (``cuda:0`` outside
+    torchrun). A device that is not there is a ``ValueError`` naming what is."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"training config: device = {spec!r} is not a device; expected auto, cpu, cuda or "
+                         f"cuda:N") from e
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise ValueError(f"training config: device = {spec!r}; training runs on auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"training config: device = {spec!r}, but no CUDA device is available (torch "
+                         f"{torch.__version__}); use device: cpu (or auto)")
+    index, count = (local_rank if device.index is None else device.index), torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"training config: device = {spec!r} is cuda:{index} (LOCAL_RANK={local_rank}), but "
+                         f"{count} CUDA device(s) are visible")
+    return torch.device("cuda", index)
 
 
 def setup(args: TrainingArguments) -> DistInfo:
-    """Decide the mode (``auto`` = ddp when launched by torchrun with WORLD_SIZE > 1) and join the process
-    group (gloo on CPU, nccl on CUDA) if needed."""
+    """Decide the mode (``auto`` = ddp when launched by torchrun with WORLD_SIZE > 1) and the device, and join
+    the process group (gloo on the CPU, nccl on CUDA) if needed."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(args.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl and the FSDP2 mesh take the current device
     mode = args.distributed
     if mode == "auto":
         mode = "ddp" if world > 1 else "none"
     if mode == "none":
         if world > 1:
             raise ValueError(f"distributed: none, but WORLD_SIZE={world}; choose ddp, fsdp2 or deepspeed")
-        return DistInfo("none")
+        return DistInfo("none", device=device)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    return DistInfo(mode, dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(mode, dist.get_world_size(), dist.get_rank(), local_rank, device)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ import torch
 from kimivl.configuration import KimiVLConfig
 from kimivl.modeling import KimiVLForConditionalGeneration
 from kimivl.processing import KimiVLProcessor
+from kimivl.training import parallel
 from kimivl.training.config import TrainingArguments, load_training_args
 from kimivl.training.init import init_weights
 from kimivl.training.trainer import Trainer, TrainResult
@@ -28,24 +29,23 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def build_model(args: TrainingArguments) -> KimiVLForConditionalGeneration:
-    """``args.model`` loaded with ``from_pretrained``, or (``from_scratch``) built from its ``config.json`` and
-    initialised by :func:`kimivl.training.init.init_weights` with ``args.seed``. Cast to ``args.dtype``
-    (the router's ``e_score_correction_bias`` stays float32)."""
+def build_model(args: TrainingArguments, device: torch.device | str | None = None) -> KimiVLForConditionalGeneration:
+    """``args.model`` loaded with ``from_pretrained`` onto ``device`` (default: the CPU), or (``from_scratch``)
+    built from its ``config.json`` and initialised by :func:`kimivl.training.init.init_weights` with ``args.seed``,
+    then moved. In ``args.dtype`` (the router's ``e_score_correction_bias`` stays float32)."""
     if not args.model:
         raise ValueError("training config: set model (a checkpoint directory, or a directory with config.json "
                          "and from_scratch: true)")
     dtype = _dtype(args.dtype)
-    if args.from_scratch:
-        model = init_weights(KimiVLForConditionalGeneration(KimiVLConfig.from_pretrained(args.model)), seed=args.seed)
-    else:
-        model = KimiVLForConditionalGeneration.from_pretrained(args.model)
+    if not args.from_scratch:  # straight onto the device: a 16B model's weights never pass through host memory twice
+        return KimiVLForConditionalGeneration.from_pretrained(args.model, dtype=dtype, device=device)
+    model = init_weights(KimiVLForConditionalGeneration(KimiVLConfig.from_pretrained(args.model)), seed=args.seed)
     if dtype != torch.float32:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if p.is_floating_point() and not name.endswith("e_score_correction_bias"):
                     p.data = p.data.to(dtype)
-    return model
+    return model.to(device) if device is not None else model
 
 
 def build_processor(args: TrainingArguments) -> KimiVLProcessor:
@@ -68,7 +68,8 @@ def train(config: TrainingArguments | dict[str, Any] | str | Path, *, model: Kim
     else:
         args = config.replace(**overrides) if overrides else config
     torch.manual_seed(args.seed)
-    model = model if model is not None else build_model(args)
+    if model is None:  # the vision stage trains the tower alone: the rest of the model stays on the CPU
+        model = build_model(args, device=parallel.resolve_device(args.device) if args.stage == "sft" else None)
     processor = processor if processor is not None else build_processor(args)
     if args.stage == "vision":
         from kimivl.training.vision_stage import VisionStageTrainer

@@ -75,7 +75,8 @@ class DDPEngine(LocalEngine):
 
     def __init__(self, model: nn.Module, args: TrainingArguments, info: DistInfo) -> None:
         super().__init__(model, args, info)
-        self.model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
     def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if sync else self.model.no_sync()

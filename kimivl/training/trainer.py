@@ -121,6 +121,8 @@ class Trainer:
         self.pad_token_id = processor.tokenizer.pad_token_id
         self.skipped = 0
 
+        self.dist = parallel.setup(args)  # also the device (config key ``device``), where the model moves now
+        model.to(self.dist.device)
         self.frozen = freeze(model, args.freeze) if args.freeze else []
         self.lora = None
         if args.lora:
@@ -135,7 +137,6 @@ class Trainer:
             enable_gradient_checkpointing(model)
         needs_router = args.router_stats or args.balance_loss_alpha > 0 or args.bias_update_speed > 0
         self.monitor = RouterMonitor(model, keep_scores=args.balance_loss_alpha > 0) if needs_router else None
-        self.dist = parallel.setup(args)
         self.engine = parallel.wrap(model, args, self.dist)
         self.optimizer, self.scheduler = self.engine.optimizer, self.engine.scheduler
         logger.info("parameters per tower: %s", parameter_summary(model))

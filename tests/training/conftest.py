@@ -5,9 +5,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 
 GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden" / "kimivl-tiny"
+
+
+@pytest.fixture(autouse=True)
+def _train_on_the_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``device: auto`` trains on a GPU where there is one; these tests compare with CPU tensors, so they see no
+    GPU, except those whose name says cuda (test_cuda_training.py)."""
+    if "cuda" not in request.node.name:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from kimivl.training import (Trainer, TrainingArguments, collate, encode_convers
 def make_tiny_args(tiny_dir, output_dir, **kw):
     """Training arguments for a few quick steps on the tiny checkpoint."""
     base = dict(model=str(tiny_dir), output_dir=str(output_dir), max_steps=4, batch_size=2, learning_rate=3e-3,
-                warmup_steps=0, progress="none", shuffle=False, seed=0)
+                warmup_steps=0, progress="none", shuffle=False, seed=0, device="cpu")
     return TrainingArguments.from_dict({**base, **kw})
 
 
@@ -176,3 +176,32 @@ def test_cli_train_from_yaml(tmp_path, tiny_dir):
     assert main(["train", str(cfg), "max_steps=2"]) == 0
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and (tmp_path / "out" / "final" / "config.json").is_file()
+
+
+def test_device_auto_is_the_cpu_without_cuda_and_bad_devices_are_named():
+    from kimivl.training.parallel import resolve_device
+
+    assert resolve_device("auto") == torch.device("cpu")  # the fixture hides any GPU from these tests
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device = 'cuda', but no CUDA device is available"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match=r"device = 'banana' is not a device; expected auto, cpu, cuda or cuda:N"):
+        resolve_device("banana")
+    with pytest.raises(ValueError, match=r"device = 'meta'; training runs on auto, cpu, cuda or cuda:N"):
+        resolve_device("meta")
+    with pytest.raises(ValueError, match=r"training config: device = 'gpu' must be auto, cpu, cuda or cuda:N"):
+        TrainingArguments(device="gpu")
+
+
+def test_frozen_check_names_a_changed_parameter(tiny_dir):
+    from kimivl.training import assert_unchanged, snapshot
+
+    model = KimiVLForConditionalGeneration.from_pretrained(tiny_dir)
+    ref = snapshot(model, ["multi_modal_projector"])
+    assert len(ref) == 6 and all(isinstance(v, bytes) for v in ref.values())  # digests, not copies
+    assert_unchanged(model, ref)
+    with torch.no_grad():
+        w = model.multi_modal_projector.linear_1.weight
+        w.view(-1)[7] = torch.nextafter(w.view(-1)[7], torch.tensor(float("inf")))  # one bit
+    with pytest.raises(AssertionError, match=r"1 frozen parameter\(s\) changed: \['multi_modal_projector.linear_1.weight'\]"):
+        assert_unchanged(model, ref)
