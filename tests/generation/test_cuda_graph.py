@@ -45,6 +45,28 @@ def test_windows_cover_the_slot_grow_geometrically_and_stop_at_max_len() -> None
     assert len(distinct) <= 25  # captures over a 16K-token run
 
 
+def test_weights_key_changes_when_parameters_are_replaced_not_when_updated(golden_dir: Path) -> None:
+    """The kept runner's graphs read weights at fixed addresses: the key must follow every replacement (even of
+    the last expert alone, or by a LoRA wrapper) and stay put for in-place updates."""
+    model = KimiVLForConditionalGeneration.from_pretrained(golden_dir)
+    lm = model.language_model
+    key = cuda_graph._weights_key(lm)
+    lm.load_state_dict({k: v.clone() for k, v in lm.state_dict().items()})  # copies into the same storage
+    assert cuda_graph._weights_key(lm) == key
+    last = lm.model.layers[-1].mlp.experts[-1].down_proj
+    last.weight = torch.nn.Parameter(last.weight.detach().clone())
+    moved = cuda_graph._weights_key(lm)
+    assert moved != key
+    lm.load_state_dict(lm.state_dict(), assign=True)  # same tensors assigned: nothing moved
+    assert cuda_graph._weights_key(lm) == moved
+    model.to(torch.bfloat16)
+    assert cuda_graph._weights_key(lm) != moved
+    peft = pytest.importorskip("peft")
+    before = cuda_graph._weights_key(lm)
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=r".*layers\.0\.self_attn\.o_proj"), lm)
+    assert cuda_graph._weights_key(lm) != before
+
+
 def test_static_step_matches_golden_step_logits(model: KimiVLForConditionalGeneration,
                                                 golden: dict[str, torch.Tensor], monkeypatch) -> None:
     """The eager form of the captured step, with windows small enough that the 7 steps cross several."""
