@@ -68,8 +68,9 @@ def train(config: TrainingArguments | dict[str, Any] | str | Path, *, model: Kim
     else:
         args = config.replace(**overrides) if overrides else config
     torch.manual_seed(args.seed)
+    device = parallel.resolve_device(args.device)  # a device that is not there fails before any loading
     if model is None:  # the vision stage trains the tower alone: the rest of the model stays on the CPU
-        model = build_model(args, device=parallel.resolve_device(args.device) if args.stage == "sft" else None)
+        model = build_model(args, device=device if args.stage == "sft" else None)
     processor = processor if processor is not None else build_processor(args)
     if args.stage == "vision":
         from kimivl.training.vision_stage import VisionStageTrainer
