@@ -103,7 +103,9 @@ def moe_grouped(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tens
 # AVX512-BF16 (vdpbf16ps): 1.0-1.2x oneDNN's own avx512_core_bf16 kernel per expert at 16-64 rows, equal at 128
 # (measured with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 on the same Xeon; unmeasured on a CPU whose vdpbf16ps is
 # fast, such as Zen 5).
-GROUPED_CPU_MAX_ROWS: dict[str, int] = {"amx": 128, "avx512_bf16": 64}
+# AVX2 (float32 products from the bf16 weights in place): every expert, whatever its rows; the alternative there is
+# torch's bf16 GEMM, which has no fast path without AVX512-BF16.
+GROUPED_CPU_MAX_ROWS: dict[str, int] = {"amx": 128, "avx512_bf16": 64, "avx2": 1 << 62}
 
 
 def grouped_cpu_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, gate_up: torch.Tensor,
@@ -121,7 +123,7 @@ def grouped_cpu_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.
             or (torch.is_grad_enabled() and (x.requires_grad or gate_up.requires_grad or down.requires_grad))):
         return None
     ext = cpu_kernels.kernels()
-    isa = ext.bf16_isa() if ext is not None else ""
+    isa = ext.experts_isa() if ext is not None else ""
     if not isa:
         return None
     dim, inter = down.shape[1], down.shape[2]

@@ -334,8 +334,8 @@ def test_an_optimizer_built_before_stacking_keeps_training_the_experts() -> None
 
 # --- the grouped CPU kernel for prefills (kimivl.ops.moe.grouped_cpu_moe, C++ moe_experts_bf16) -------------
 def _isas(ext) -> list[str]:
-    isa = ext.bf16_isa()
-    return {"amx": ["amx", "avx512_bf16"], "avx512_bf16": ["avx512_bf16"]}.get(isa, [])
+    isa = ext.experts_isa()
+    return {"amx": ["amx", "avx512_bf16"], "avx512_bf16": ["avx512_bf16"], "avx2": ["avx2"]}.get(isa, [])
 
 
 def _stack(moe: DeepseekV3MoE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,8 +351,8 @@ def _stack(moe: DeepseekV3MoE) -> tuple[torch.Tensor, torch.Tensor]:
 def test_grouped_cpu_moe_matches_the_module_path(cpu_ext, monkeypatch, hidden: int, inter: int, tokens: int) -> None:
     isas = _isas(cpu_ext)
     if not isas:
-        pytest.skip(f"this CPU / build has neither AMX nor AVX512-BF16 (bf16_isa() = "
-                    f"{cpu_ext.bf16_isa()!r}): the grouped kernel does not apply")
+        pytest.skip("this build has no grouped experts kernel for this CPU (experts_isa() = ''; an x86 CPU has "
+                    "at least the AVX2 one)")
     moe = _bf16_moe(hidden=hidden, inter=inter)
     gate_up, down = _stack(moe)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens)).bfloat16()
@@ -386,7 +386,7 @@ def test_grouped_cpu_moe_gives_a_token_the_same_bits_whatever_its_experts_other_
     # vdpbf16ps kernel's 64-token chunks, against the first rows of one 160-token call. (2080: two K blocks.)
     isas = _isas(cpu_ext)
     if not isas:
-        pytest.skip("this CPU / build has neither AMX nor AVX512-BF16: the grouped kernel does not apply")
+        pytest.skip("this build has no grouped experts kernel for this CPU (experts_isa() = '')")
     moe = _bf16_moe(hidden=hidden, inter=inter)
     gate_up, down = _stack(moe)
     g = torch.Generator().manual_seed(3)
@@ -407,7 +407,7 @@ def test_grouped_cpu_moe_rounds_like_the_module_path_given_the_same_expert_outpu
     # isolates the weighted sum over slots in float32, slot order, one rounding. Bit for bit.
     isas = _isas(cpu_ext)
     if not isas:
-        pytest.skip("this CPU / build has neither AMX nor AVX512-BF16: the grouped kernel does not apply")
+        pytest.skip("this build has no grouped experts kernel for this CPU (experts_isa() = '')")
     moe = _bf16_moe(hidden=64, inter=32)
     with torch.no_grad():
         for m in moe.experts:
@@ -432,9 +432,9 @@ def test_grouped_cpu_moe_applies_to_inference_prefills_only(cpu_ext, monkeypatch
     import kimivl.ops.moe as moe_ops
 
     if not _isas(cpu_ext):
-        pytest.skip("this CPU / build has neither AMX nor AVX512-BF16: the grouped kernel does not apply")
+        pytest.skip("this build has no grouped experts kernel for this CPU (experts_isa() = '')")
     moe = _bf16_moe(hidden=64, inter=32)
-    x = torch.randn(1, 96, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    x = torch.randn(1, 160, 64, generator=torch.Generator().manual_seed(3)).bfloat16()  # > MOE_FUSED_MAX_TOKENS
     calls = []
     real = moe_ops.grouped_cpu_moe
 
@@ -453,14 +453,17 @@ def test_grouped_cpu_moe_applies_to_inference_prefills_only(cpu_ext, monkeypatch
     torch.testing.assert_close(grouped, module, atol=0.05, rtol=0.02)
     gate_up, down = moe.__dict__["_cpu_stacked"].gate_up, moe.stacked_experts()[2]
     with torch.inference_mode():
-        x2 = x.view(96, 64)
+        x2 = x.view(160, 64)
         idx, weight, _ = moe.gate(x2)
         counts = torch.bincount(idx.reshape(-1), minlength=8)
-        # experts wider than max_rows run as ATen GEMMs inside the call: the module path's very ops and roundings
-        # (for experts of more than SMALL_M rows; fewer take the module path's streaming kernel)
+        # experts wider than max_rows run as ATen GEMMs inside the call: where torch's bf16 GEMM has a hardware
+        # path (AVX512-BF16 / AMX), the module path's very ops and roundings (for experts of more than SMALL_M rows;
+        # fewer take the module path's streaming kernel). (The AVX2 path never asks for them: every expert runs in
+        # its kernel; the module path computes there in float32 on upcast weights.)
         assert counts.min() > SMALL_M, counts
         per_expert = moe_dispatch(x2, idx, weight, moe._cpu_stack(x2).experts)
-        assert torch.equal(cpu_ext.moe_experts_bf16(x2, idx, weight, gate_up, down, False, 0), per_expert)
+        if cpu_ext.bf16_isa():
+            assert torch.equal(cpu_ext.moe_experts_bf16(x2, idx, weight, gate_up, down, False, 0), per_expert)
         mixed = cpu_ext.moe_experts_bf16(x2, idx, weight, gate_up, down, False, int(counts.median()))
         torch.testing.assert_close(mixed, per_expert, atol=0.05, rtol=0.02)
         # float32 activations, or autograd through them: not this kernel
@@ -471,7 +474,7 @@ def test_grouped_cpu_moe_applies_to_inference_prefills_only(cpu_ext, monkeypatch
 
 def test_moe_experts_bf16_names_bad_input(cpu_ext) -> None:
     if not _isas(cpu_ext):
-        pytest.skip("this CPU / build has neither AMX nor AVX512-BF16: the grouped kernel does not apply")
+        pytest.skip("this build has no grouped experts kernel for this CPU (experts_isa() = '')")
     moe = _bf16_moe(hidden=48, inter=20)
     gate_up, down = _stack(moe)
     x = torch.randn(4, 48).bfloat16()

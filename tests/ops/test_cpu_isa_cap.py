@@ -68,10 +68,12 @@ def _reason(cap: str) -> str | None:
     return None
 
 
-# Per cap, what the capped process must see: bf16_isa(), the MLA form, vdpbf16_preferred(). avx512_bf16 is the
-# acceptance Zen 5's code (no AMX compiled in: vdpbf16ps MLA and experts, the C++ vision attention); avx2 that of
-# CPUs without AVX-512 (the AVX2 weight-streaming kernels, float32 MLA, torch's SDPA).
-CAPS = {"avx512_bf16": ["avx512_bf16", "MLA_VDPBF16", "True"], "avx2": ["-", "MLA_FLOAT32", "False"]}
+# Per cap, what the capped process must see: bf16_isa(), experts_isa(), the MLA form, vdpbf16_preferred().
+# avx512_bf16 is the acceptance Zen 5's code (no AMX compiled in: vdpbf16ps MLA and experts, the C++ vision
+# attention); avx2 that of CPUs without AVX-512 (the AVX2 weight-streaming kernels, the float32-product experts
+# kernel, float32 MLA, torch's SDPA).
+CAPS = {"avx512_bf16": ["avx512_bf16", "avx512_bf16", "MLA_VDPBF16", "True"],
+        "avx2": ["-", "avx2", "MLA_FLOAT32", "False"]}
 KERNEL_TESTS = ["tests/decoder/test_cpu_decode.py", "tests/decoder/test_moe.py", "tests/ops/test_mla_decode.py",
                 "tests/ops/test_attention.py", "tests/ops/test_attention_bf16.py", "tests/ops/test_linear.py",
                 "tests/ops/test_rms_norm.py", "tests/ops/test_rope.py", "tests/ops/test_rope_2d.py",
@@ -87,7 +89,8 @@ def test_a_capped_build_passes_the_kernel_tests(cpu_ext, cap: str) -> None:
         pytest.skip(reason)
     env = {**os.environ, cpu_kernels.ISA_SWITCH: cap, "HF_HUB_OFFLINE": "1"}
     probe = ("from kimivl.ops import cpu_kernels as c; e = c.kernels(); form = c.mla_decode_form(e); "
-             "print(e.bf16_isa() or '-', next(n for n in ('MLA_FLOAT32', 'MLA_VDPBF16', 'MLA_AMX') "
+             "print(e.bf16_isa() or '-', e.experts_isa() or '-', "
+             "next(n for n in ('MLA_FLOAT32', 'MLA_VDPBF16', 'MLA_AMX') "
              "if getattr(e, n) == form), c.vdpbf16_preferred())")
     seen = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=1200)

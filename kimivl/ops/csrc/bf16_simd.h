@@ -1,10 +1,14 @@
 // Helpers of the AVX512-BF16 / AMX kernels (experts_bf16.cpp, attention_bf16.cpp): what the build targets, bf16
 // rounding, vector exps, the vdpbf16ps register block both kernels multiply with, and AMX's tile configuration
-// and permission.
+// and permission; and the AVX2 forms of the rounding and the exp (experts_bf16.cpp's AVX2 path, mla_decode.cpp).
 #pragma once
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define KIMIVL_SIMD_AVX2 1
+#endif
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define KIMIVL_AVX512BF16 1
@@ -16,6 +20,50 @@
 #endif
 
 namespace kimivl_simd {
+
+#ifdef KIMIVL_SIMD_AVX2
+// exp for float32 lanes (Cephes-style: 2^n * poly(r), |rel. error| < 2e-7 on [-87, 88]; -inf -> 0).
+inline __m256 exp8(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
+  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+// 8 float32 rounded to the nearest even bf16 and back to float32 (NaN stays NaN), as torch rounds to bf16.
+inline __m256 round_bf16_8(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_and_si256(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))),
+                                     _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  const __m256i nan = _mm256_and_si256(_mm256_or_si256(b, _mm256_set1_epi32(0x00400000)),
+                                       _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(nan), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+// The bf16 bits of 8 float32 already rounded by round_bf16_8, in order.
+inline __m128i bf16_bits_8(__m256 rounded) {
+  const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(rounded), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+}
+
+// 8 bf16 widened to float32.
+inline __m256 widen_8(const uint16_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+#endif
 
 #ifdef KIMIVL_AVX512BF16
 inline __m512 round_bf16(__m512 v) {  // round to nearest even bf16 and back to float32

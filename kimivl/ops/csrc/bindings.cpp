@@ -20,6 +20,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_isa", &bf16_isa,
         "what moe_experts_bf16 and attention_bf16 can run here: 'amx', 'avx512_bf16' or '' (not compiled for this "
         "CPU: neither runs)");
+  m.def("experts_isa", &experts_isa,
+        "moe_experts_bf16's kernels here: 'amx', 'avx512_bf16', 'avx2' (float32 products from bf16 weights) or ''");
   m.def("attention_bf16", &attention_bf16, nogil,
         "per-segment non-causal attention with AVX512-BF16 dot products: q, k, v (L, H, D) bfloat16 (D even, at most "
         "128; rows may be strided views of a fused qkv), lengths = the packed segments -> (L, H, D) bfloat16, scale "

@@ -225,13 +225,191 @@ void gemm_t_amx(const uint16_t* w, int64_t M, int64_t K, const uint32_t* xp, int
 }
 #endif
 
+}  // namespace
+#endif
+
+#if !defined(KIMIVL_AVX512BF16) && defined(KIMIVL_SIMD_AVX2)
+// The AVX2 path (CPUs without AVX512-BF16: Zen 2 / 3, Intel client cores): the same layout, products in float32.
+// x^T is packed as float32 (K, nt), 8 tokens to a vector; two adjacent bf16 of a weight row are broadcast as one
+// 32-bit lane and split into two float32 by a shift and a mask, each multiplied into its row of x^T. The weights
+// are read in place, as bf16, once per 64-token chunk: no float32 copy of an expert (the module path's upcast, a
+// pass writing twice the expert's bytes) and no GEMM library call per expert.
+#define KIMIVL_EXPERTS_AVX2 1
+namespace {
+
+using kimivl_simd::bf16_bits_8;
+using kimivl_simd::exp8;
+using kimivl_simd::round_bf16_8;
+using kimivl_simd::widen_8;
+
+// Tokens per chunk: x^T of a chunk is K x 64 float32 = 512 KB at K = 2048, about an L2; each chunk streams the
+// expert's weights once.
+constexpr int64_t CHUNK_TOKENS = 64;
+
+// n rows of K bf16 (row t at rows[t]) -> x^T (K, nt) float32, the columns n..nt zero (nt a multiple of 8).
+void pack_cols(const uint16_t* const* rows, int64_t n, int64_t K, int64_t nt, float* out) {
+  for (int64_t k = 0; k < K; ++k) std::fill(out + k * nt + n, out + (k + 1) * nt, 0.f);
+  for (int64_t t = 0; t < n; ++t) {
+    const uint16_t* row = rows[t];
+    int64_t k = 0;
+    alignas(32) float buf[8];
+    for (; k + 8 <= K; k += 8) {
+      _mm256_store_ps(buf, widen_8(row + k));
+      for (int j = 0; j < 8; ++j) out[(k + j) * nt + t] = buf[j];
+    }
+    for (; k < K; ++k) {
+      const uint32_t bits = static_cast<uint32_t>(row[k]) << 16;
+      std::memcpy(out + k * nt + t, &bits, sizeof(float));
+    }
+  }
+}
+
+// c (MR, 8 * NV) float32 = MR rows of w (float32, stride K) @ x^T (K rows of nt), c's rows at stride nt: a
+// weight broadcast against NV vectors of x^T per row and k. MR * NV accumulators + NV vectors + the broadcast:
+// at most 16 registers; 12 independent FMA chains keep both FMA pipes busy (latency 4, 2 per cycle).
+template <int MR, int NV>
+inline void fma_block(const float* w, int64_t K, const float* xt, int64_t nt, float* c) {
+  __m256 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 x[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) x[v] = _mm256_loadu_ps(xt + k * nt + 8 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 b = _mm256_broadcast_ss(w + r * K + k);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(b, x[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(c + r * nt + 8 * v, acc[r][v]);
+}
+
+template <int MR>
+void fma_rows(const float* w, int64_t K, const float* xt, int64_t nt, float* c) {
+  int64_t n0 = 0;
+  for (; n0 + 16 <= nt; n0 += 16) fma_block<MR, 2>(w, K, xt + n0, nt, c + n0);
+  if (n0 < nt) fma_block<MR, 1>(w, K, xt + n0, nt, c + n0);
+}
+
+// Rows per block: the block's weights widened to float32 once (6 x 2048 x 4 = 48 KB, L1 / L2) and broadcast from
+// there for every 16 tokens of the chunk, instead of widening each weight in registers once per 16 tokens (a
+// shift and a mask per pair on the FMA pipes' ports: 56 GFLOP/s against 80+ this way on a 2-core Zen 3).
+constexpr int64_t MR_F32 = 6;
+
+// c (M, nt) float32 = w (M, K) bf16 row-major @ x^T (K, nt) float32; wbuf holds MR_F32 * K floats.
+void gemm_f32(const uint16_t* w, int64_t M, int64_t K, const float* xt, int64_t nt, float* c, float* wbuf) {
+  for (int64_t m0 = 0; m0 < M; m0 += MR_F32) {
+    const int64_t rows = std::min(MR_F32, M - m0);
+    const uint16_t* src = w + m0 * K;
+    int64_t i = 0;
+    for (; i + 8 <= rows * K; i += 8) _mm256_storeu_ps(wbuf + i, widen_8(src + i));
+    for (; i < rows * K; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+      std::memcpy(wbuf + i, &bits, sizeof(float));
+    }
+    float* cb = c + m0 * nt;
+    switch (rows) {
+      case 6: fma_rows<6>(wbuf, K, xt, nt, cb); break;
+      case 5: fma_rows<5>(wbuf, K, xt, nt, cb); break;
+      case 4: fma_rows<4>(wbuf, K, xt, nt, cb); break;
+      case 3: fma_rows<3>(wbuf, K, xt, nt, cb); break;
+      case 2: fma_rows<2>(wbuf, K, xt, nt, cb); break;
+      default: fma_rows<1>(wbuf, K, xt, nt, cb); break;
+    }
+  }
+}
+
+// h^T (I, nt) = bf16(bf16(silu(bf16(gate))) * bf16(up)) as float32, for c = [gate rows (I, nt); up rows (I, nt)]:
+// the module's roundings, and the x^T of the down projection.
+void silu_mul_cols(const float* c, int64_t I, int64_t nt, float* ht) {
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  for (int64_t i = 0; i < I * nt; i += 8) {
+    const __m256 g = round_bf16_8(_mm256_loadu_ps(c + i));
+    const __m256 u = round_bf16_8(_mm256_loadu_ps(c + I * nt + i));
+    const __m256 s = round_bf16_8(_mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, g)))));
+    _mm256_storeu_ps(ht + i, round_bf16_8(_mm256_mul_ps(s, u)));
+  }
+}
+
+// c (D, nt) float32 -> n rows of D bf16 (row t at rows[t]): the transpose back, rounding each value once.
+void unpack_rows(const float* c, int64_t D, int64_t nt, int64_t n, uint16_t* const* rows) {
+  alignas(32) float buf[8];
+  for (int64_t t = 0; t < n; ++t) {
+    uint16_t* row = rows[t];
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      for (int j = 0; j < 8; ++j) buf[j] = c[(d + j) * nt + t];
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(row + d), bf16_bits_8(round_bf16_8(_mm256_load_ps(buf))));
+    }
+    for (; d < D; ++d) {
+      buf[0] = c[d * nt + t];
+      row[d] = static_cast<uint16_t>(_mm_extract_epi16(bf16_bits_8(round_bf16_8(_mm256_load_ps(buf))), 0));
+    }
+  }
+}
+
+// One expert over its rows, in chunks of CHUNK_TOKENS: gate_up rows (2I, D), down (D, I), scratch for a chunk.
+struct ExpertScratch {
+  std::vector<float> xt, c1, ht, c2, wbuf;
+  ExpertScratch(int64_t D, int64_t I)
+      : xt(D * CHUNK_TOKENS), c1(2 * I * CHUNK_TOKENS), ht(I * CHUNK_TOKENS), c2(D * CHUNK_TOKENS),
+        wbuf(MR_F32 * std::max(D, I)) {}
+};
+
+void run_expert(const uint16_t* gate_up, const uint16_t* down, int64_t D, int64_t I, const uint16_t* const* in,
+                int64_t rows, uint16_t* const* out, ExpertScratch& s) {
+  for (int64_t r0 = 0; r0 < rows; r0 += CHUNK_TOKENS) {
+    const int64_t n = std::min(CHUNK_TOKENS, rows - r0), nt = (n + 7) / 8 * 8;
+    pack_cols(in + r0, n, D, nt, s.xt.data());
+    gemm_f32(gate_up, 2 * I, D, s.xt.data(), nt, s.c1.data(), s.wbuf.data());
+    silu_mul_cols(s.c1.data(), I, nt, s.ht.data());
+    gemm_f32(down, D, I, s.ht.data(), nt, s.c2.data(), s.wbuf.data());
+    unpack_rows(s.c2.data(), D, nt, n, out + r0);
+  }
+}
+
+// out[t] = bf16(sum over slots j in order of float32(w[t][j] * y[t * k + j])): moe_dispatch's weighting and sum;
+// pair p's expert output row (D bf16) is at y[p].
+void combine_rows(const uint16_t* const* y, const float* w, int64_t k, int64_t D, int64_t t0, int64_t t1,
+                  uint16_t* out) {
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t j = 0; j < k; ++j)  // a product, then a sum: two roundings, as torch
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_set1_ps(w[t * k + j]), widen_8(y[t * k + j] + d)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + t * D + d), bf16_bits_8(round_bf16_8(acc)));
+    }
+    for (; d < D; ++d) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < k; ++j) {
+        const uint32_t bits = static_cast<uint32_t>(y[t * k + j][d]) << 16;
+        float v;
+        std::memcpy(&v, &bits, sizeof(v));
+        acc += w[t * k + j] * v;
+      }
+      alignas(32) float buf[8] = {acc};
+      out[t * D + d] = static_cast<uint16_t>(_mm_extract_epi16(bf16_bits_8(round_bf16_8(_mm256_load_ps(buf))), 0));
+    }
+  }
+}
+
+}  // namespace
+#endif
+
+namespace {
 struct Work {
   int64_t expert, first, rows;  // rows (token, slot) pairs of the expert, listed from pairs[first]
   int64_t out;                  // its first output row in ys (this file's kernels only)
 };
-
 }  // namespace
-#endif
 
 // What this build can run here: "amx" (AMX tiles, permitted by the kernel), "avx512_bf16", or "" (neither): the
 // prefill experts' path, and whether attention_bf16 is compiled in (any non-empty answer).
@@ -244,6 +422,16 @@ std::string bf16_isa() {
 #else
   return "";
 #endif
+}
+
+// The prefill experts' path of moe_experts_bf16 in this build here: bf16_isa()'s answer, else "avx2" (float32
+// products from bf16 weights; a CPU without AVX512-BF16), else "".
+std::string experts_isa() {
+  const std::string isa = bf16_isa();
+#ifdef KIMIVL_EXPERTS_AVX2
+  if (isa.empty()) return "avx2";
+#endif
+  return isa;
 }
 
 torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
@@ -274,8 +462,9 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
   TORCH_CHECK(!use_amx || amx, "moe_experts_bf16: AMX asked for, but this build or process cannot use it");
   TORCH_CHECK(!amx || (D % 32 == 0 && I % 32 == 0), "moe_experts_bf16: AMX tiles need hidden size ", D,
               " and expert width ", I, " in multiples of 32");
-#ifndef KIMIVL_AVX512BF16
-  TORCH_CHECK(false, "moe_experts_bf16: this build has no AVX512-BF16 path (check bf16_isa() first)");
+#if !defined(KIMIVL_AVX512BF16) && !defined(KIMIVL_EXPERTS_AVX2)
+  TORCH_CHECK(false, "moe_experts_bf16: this build has neither an AVX512-BF16 nor an AVX2 path (check experts_isa() "
+              "first)");
 #else
   auto idx_c = topk_idx.contiguous();
   auto w_c = topk_weight.contiguous();
@@ -316,6 +505,22 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
   const uint16_t* dn = reinterpret_cast<const uint16_t*>(down.data_ptr<at::BFloat16>());
   uint16_t* yb = reinterpret_cast<uint16_t*>(ys.data_ptr<at::BFloat16>());
   take_in_turn(static_cast<int64_t>(work.size()), [&](const auto& take) {
+#ifdef KIMIVL_EXPERTS_AVX2
+    ExpertScratch scratch(D, I);
+    const int64_t widest = work.front().rows;  // (sorted: the first is the widest)
+    std::vector<const uint16_t*> in(widest);
+    std::vector<uint16_t*> out(widest);
+    for (int64_t i; (i = take()) >= 0;) {
+      const Work& w = work[i];
+      for (int64_t r = 0; r < w.rows; ++r) {
+        const int64_t p = pairs[w.first + r];
+        in[r] = xb + (p / k) * D;
+        out[r] = yb + (w.out + r) * D;
+        src[p] = out[r];
+      }
+      run_expert(gu + w.expert * 2 * I * D, dn + w.expert * D * I, D, I, in.data(), w.rows, out.data(), scratch);
+    }
+#else
 #ifdef KIMIVL_AMX
     if (amx) {  // per thread: the tile configuration is thread state
       TileConfig cfg;
@@ -351,6 +556,7 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
 #ifdef KIMIVL_AMX
     if (amx) _tile_release();
 #endif
+#endif  // KIMIVL_EXPERTS_AVX2
   });
   std::vector<torch::Tensor> wide_out;  // kept until the weighted sum has read them
   if (!wide.empty()) {

@@ -75,6 +75,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> route(const torch::Tenso
                                                               double routed_scaling_factor);
 bool has_avx2();
 std::string bf16_isa();
+std::string experts_isa();
 torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                              const std::vector<int64_t>& lengths);
 torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,

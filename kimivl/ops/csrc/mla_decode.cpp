@@ -85,26 +85,6 @@ const float* rows_as_float(const KV* kv, int64_t ld, int64_t t0, int64_t n, int6
   return scratch;
 }
 
-#ifdef KIMIVL_MLA_AVX2
-// exp for float32 lanes (Cephes-style: 2^n * poly(r), |rel. error| < 2e-7 on [-87, 88]; -inf -> 0).
-inline __m256 exp256(__m256 x) {
-  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
-  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
-  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
-}
-#endif
 
 #ifdef KIMIVL_MLA_AVX2
 // Scores of ROWS rows for 8 (TWO: 16) heads starting at h0: broadcast a row value, FMA with the heads'
@@ -536,7 +516,7 @@ void softmax_parts(float* scores, int64_t H, int64_t n, float* m, float* l) {
     __m256 vs = _mm256_setzero_ps();
     const __m256 vm = _mm256_set1_ps(mx);
     for (; t + 8 <= n; t += 8) {
-      __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
+      __m256 e = kimivl_simd::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
       _mm256_storeu_ps(s + t, e);
       vs = _mm256_add_ps(vs, e);
     }
