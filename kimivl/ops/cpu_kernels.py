@@ -14,10 +14,10 @@ inference on the CPU:
   up in float32, every down row as another, then the routed outputs weighted and summed with the roundings
   of the module path.
 - ``moe_experts_bf16(x, topk_idx, topk_weight, gate_up, down, use_amx, max_rows)`` (``experts_bf16.cpp``) —
-  a prefill's routed experts on CPUs with AMX or AVX512-BF16 (:func:`kimivl.ops.moe.grouped_cpu_moe`): each
-  expert's products transposed (its weights as the A operand, read in place: AMX tiles or vdpbf16ps
-  broadcasts), whole experts per thread, the weighted sum over slots fused; ``bf16_isa()`` says which
-  path this build and CPU have.
+  a prefill's routed experts (:func:`kimivl.ops.moe.grouped_cpu_moe`): each expert's products transposed (its
+  weights as the A operand, read in place: AMX tiles or vdpbf16ps broadcasts; on AVX2, float32 FMAs on weight
+  rows widened into an L1/L2 buffer), whole experts per thread, the weighted sum over slots fused;
+  ``experts_isa()`` says which path this build and CPU have.
 - ``attention_bf16(q, k, v, lengths)`` (``attention_bf16.cpp``) — the vision tower's per-image attention with
   AVX512-BF16 dot products and an online softmax (:mod:`kimivl.ops.attention`, backend ``"avx512_bf16"``), for
   CPUs that have AVX512-BF16 but no AMX, where torch's flash CPU kernel runs at ~1/5 of the bf16 GEMM rate.
@@ -279,6 +279,7 @@ def main() -> None:
     if ext is None:
         raise SystemExit(f"not built (disabled by {ENV_SWITCH}, or the build failed: see the warning above)")
     print(f"built: {ext.__file__} (AVX2+FMA path: {ext.has_avx2()}; bf16 kernels: {ext.bf16_isa() or 'none'}; "
+          f"prefill experts: {ext.experts_isa() or 'none'}; "
           f"{ISA_SWITCH}: {MAX_ISA})")
 
 

@@ -110,8 +110,9 @@ GROUPED_CPU_MAX_ROWS: dict[str, int] = {"amx": 128, "avx512_bf16": 64, "avx2": 1
 
 def grouped_cpu_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, gate_up: torch.Tensor,
                     down: torch.Tensor) -> torch.Tensor | None:
-    """:func:`moe_dispatch` for gated-SiLU experts with stacked bf16 weights on a CPU with AMX or AVX512-BF16, in
-    one C++ call (``moe_experts_bf16``: sort, experts, weighted sum), or None where it does not apply.
+    """:func:`moe_dispatch` for gated-SiLU experts with stacked bf16 weights on the CPU (AMX, AVX512-BF16, or
+    float32 products on AVX2: ``experts_isa()``), in one C++ call (``moe_experts_bf16``: sort, experts, weighted
+    sum), or None where it does not apply.
 
     gate_up: (E, 2I, D), expert ``e``'s gate rows then its up rows; down: (E, D, I).
     Applies to bf16 x without autograd when the extension has a kernel for this CPU; experts with more than

@@ -1,5 +1,6 @@
-// The routed experts of a MoE layer over a prefill's tokens, on CPUs with AMX or AVX512-BF16: every expert's
-// gated-SiLU MLP on its contiguous block of expert-sorted rows, all experts in one call.
+// The routed experts of a MoE layer over a prefill's tokens, on CPUs with AMX or AVX512-BF16 (and in float32
+// products on AVX2 ones, at the end of the kernels): every expert's gated-SiLU MLP on its contiguous block of
+// expert-sorted rows, all experts in one call.
 //
 // Why not a library GEMM per expert: a prefill gives each of 64 experts only ~tokens * 6 / 64 rows (~50 at
 // 512 tokens), and a bf16 GEMM library multiplies x (n, K) @ w.T by first copying w (N, K) into its blocked
