@@ -34,7 +34,8 @@ def main() -> None:
     from kimivl.training import train
 
     config, result_path = json.loads(sys.argv[1]), Path(sys.argv[2])
-    result = train({"model": str(GOLDEN), **config}, train_data=conversations())
+    # the CPU (gloo) runs the single-process reference is compared with, even where a GPU is present
+    result = train({"model": str(GOLDEN), "device": "cpu", **config}, train_data=conversations())
     if not dist.is_initialized() or dist.get_rank() == 0:
         result_path.write_text(json.dumps({"losses": result.losses, "export_dir": str(result.export_dir)}))
     if dist.is_initialized():

@@ -341,7 +341,7 @@ void silu_mul_cols(const float* c, int64_t I, int64_t nt, float* ht) {
 
 // c (D, nt) float32 -> n rows of D bf16 (row t at rows[t]): the transpose back, rounding each value once.
 void unpack_rows(const float* c, int64_t D, int64_t nt, int64_t n, uint16_t* const* rows) {
-  alignas(32) float buf[8];
+  alignas(32) float buf[8] = {};  // (the tail reads lane 0 only)
   for (int64_t t = 0; t < n; ++t) {
     uint16_t* row = rows[t];
     int64_t d = 0;
