@@ -77,13 +77,16 @@ class DeepseekV3DecoderLayer(nn.Module):
         self.post_attention_layernorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None, cache: MLACache | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None, cache: MLACache | None = None, keep: int | None = None) -> torch.Tensor:
         """h: (B, S, hidden); cos, sin: (B, S, rope); attn_mask: bool (B, 1, S, P + S) or None (causal);
-        ``P`` = tokens already in ``cache`` (0 without one)."""
+        ``P`` = tokens already in ``cache`` (0 without one). ``keep``: only the last ``keep`` positions go on
+        past the attention (which still reads and caches all S): the output is (B, keep, hidden)."""
         fused = layer_step(self, h, cos, sin, attn_mask, cache)
         if fused is not None:  # a bf16 decode step on the CPU: two C++ calls (kimivl.decoder.cpu_decode)
-            return fused
+            return fused[:, -keep:] if keep else fused
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, cache=cache, layer_idx=self.layer_idx)
+        if keep:
+            h = h[:, -keep:]
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
@@ -106,7 +109,8 @@ class DeepseekV3Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                output_hidden_states: bool = False, cache: MLACache | None = None) -> DeepseekV3ModelOutput:
+                output_hidden_states: bool = False, cache: MLACache | None = None,
+                last_positions: int | None = None) -> DeepseekV3ModelOutput:
         """Run the decoder on ids or embeddings (exactly one of the two).
 
         input_ids: (B, S) int in [0, vocab_size) | inputs_embeds: (B, S, hidden). attention_mask: (B, P + S),
@@ -117,7 +121,14 @@ class DeepseekV3Model(nn.Module):
         advanced by S); without it nothing is cached.
         ``hidden_states`` (if asked) follows the official convention: the embeddings, the output of every
         layer but the last, then the final-normed state (``num_hidden_layers + 1`` tensors).
+        last_positions: only the last ``last_positions`` positions leave the last layer (its attention still
+        caches every token): ``last_hidden_state`` is (B, last_positions, hidden). What a prefill needs for the
+        next token's logits; it skips the last layer's MLP (a MoE layer) for the other positions, as llama.cpp's
+        prompt processing does.
         """
+        if last_positions is not None and (output_hidden_states or not 0 < last_positions):
+            raise KimiVLInputError(f"last_positions must be a positive int without output_hidden_states, got "
+                                   f"{last_positions!r} (output_hidden_states={output_hidden_states})")
         h = self._embed(input_ids, inputs_embeds)
         b, s, _ = h.shape
         past = 0
@@ -141,10 +152,14 @@ class DeepseekV3Model(nn.Module):
         attn_mask = causal_padding_mask(attention_mask.to(h.device), past) if padded else None
 
         hidden_states: list[torch.Tensor] = []
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden_states.append(h)
-            h = layer(h, cos, sin, attn_mask, cache)
+            if i == last and last_positions is not None:
+                h = layer(h, cos, sin, attn_mask, cache, keep=last_positions)
+            else:
+                h = layer(h, cos, sin, attn_mask, cache)
         if cache is not None:
             cache.advance(s)
         h = self.norm(h)

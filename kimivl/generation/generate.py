@@ -62,16 +62,17 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, cache: MLACache, attentio
 
     input_ids: (B, S) left padded; attention_mask: (B, S) or None (no padding); pixel_values: (L, 3, p, p) and
     image_grid_hws: (N, 2) for the placeholders of all rows, in order. Returns the next-token logits
-    (B, vocab) float32; ``cache.length`` grows by S.
+    (B, vocab) float32; ``cache.length`` grows by S. Only the last position goes through the last layer's MLP
+    (``last_positions=1``): the others' latents are cached by its attention and nothing else reads them.
     """
     lm = _language_model(model)
     if hasattr(model, "embed_inputs"):
         embeds = model.embed_inputs(input_ids, pixel_values, image_grid_hws)
-        out = lm.model(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache)
+        out = lm.model(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache, last_positions=1)
     else:
         if pixel_values is not None and pixel_values.numel() > 0:
             raise KimiVLInputError(f"{type(model).__name__} is a text-only model and cannot take pixel_values")
-        out = lm.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache)
+        out = lm.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, last_positions=1)
     return _next_token_logits(lm, out.last_hidden_state)
 
 

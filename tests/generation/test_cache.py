@@ -223,3 +223,34 @@ def test_bf16_weights_with_a_float32_cache_match_the_uncached_bf16_forward(model
     assert cache.data.dtype == torch.float32 and cache.length == ids.shape[1] - 1
     scale = full.float().abs().max()
     assert (torch.cat(logits).float() - full.float()).abs().max() <= 0.05 * scale
+
+
+@torch.no_grad()
+def test_prefill_of_the_last_position_caches_every_token_and_gives_its_logits(
+        model: KimiVLForConditionalGeneration, golden: dict[str, torch.Tensor]) -> None:
+    """``last_positions=1`` (generate's prefill): the last layer's attention still caches all tokens, only the last
+    position goes through its MLP; the next-token logits and the cache are those of the whole forward."""
+    from kimivl.generation.generate import prefill
+
+    ids, lm = golden["text_only.input_ids"], model.language_model
+    batch = torch.stack((ids[0], torch.cat((torch.full((7,), 997), ids[0, 7:]))))
+    mask = torch.ones_like(batch)
+    mask[1, :7] = 0
+    whole, last = MLACache.from_config(lm.config, 2, 40), MLACache.from_config(lm.config, 2, 40)
+    full = lm(input_ids=batch, attention_mask=mask, cache=whole).logits
+    out = lm.model(input_ids=batch, attention_mask=mask, cache=last, last_positions=1)
+    assert out.last_hidden_state.shape == (2, 1, lm.config.hidden_size)
+    assert last.length == whole.length == 35
+    torch.testing.assert_close(last.data, whole.data, rtol=0, atol=0)  # the same latents, every layer
+    torch.testing.assert_close(lm.lm_head(out.last_hidden_state[:, 0]), full[:, -1], rtol=CACHE_RTOL, atol=CACHE_ATOL)
+    seen = []  # rows the last layer's MLP gets in generate's prefill
+    hook = lm.model.layers[-1].mlp.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    try:
+        logits = prefill(model, golden["prompt.input_ids"], MLACache.from_config(lm.config, 1, 80),
+                         pixel_values=golden["prompt.pixel_values"], image_grid_hws=golden["prompt.image_grid_hws"])
+    finally:
+        hook.remove()
+    assert seen == [(1, 1, lm.config.hidden_size)]
+    torch.testing.assert_close(logits, golden["prompt.logits"][:, -1], rtol=1e-4, atol=1e-4)  # official, fp32
+    with pytest.raises(KimiVLInputError, match=r"last_positions must be a positive int without output_hidden_states"):
+        lm.model(input_ids=batch, last_positions=1, output_hidden_states=True)
