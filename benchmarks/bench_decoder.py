@@ -105,9 +105,7 @@ def decode_bytes_per_token(cfg: dict[str, Any], dtype_bytes: int, ctx: int) -> i
     q = h * heads * qk if not t.get("q_lora_rank") else t["q_lora_rank"] * (h + heads * qk)
     attn = q + h * (t["kv_lora_rank"] + t["qk_rope_head_dim"]) \
         + t["kv_lora_rank"] * heads * (t["qk_nope_head_dim"] + t["v_head_dim"]) + heads * t["v_head_dim"] * h
-    dense = 3 * h * t["intermediate_size"]
-    moe = 3 * h * t["moe_intermediate_size"] * (t["num_experts_per_tok"] + (t.get("n_shared_experts") or 0)) \
-        + h * (t.get("n_routed_experts") or 0)
+    dense, moe = mlp_active_params(t, moe=False), mlp_active_params(t, moe=True)
     layers = t["num_hidden_layers"]
     n_moe = len(moe_layer_indices(t))
     params = layers * attn + (layers - n_moe) * dense + n_moe * moe + h * t["vocab_size"] + h
@@ -115,10 +113,23 @@ def decode_bytes_per_token(cfg: dict[str, Any], dtype_bytes: int, ctx: int) -> i
     return (params + cache) * dtype_bytes
 
 
+def mlp_active_params(t: dict[str, Any], moe: bool) -> int:
+    """Weights one token multiplies in a layer's MLP: dense, or top-k + shared experts and the router."""
+    h = t["hidden_size"]
+    if not moe:
+        return 3 * h * t["intermediate_size"]
+    return 3 * h * t["moe_intermediate_size"] * (t["num_experts_per_tok"] + (t.get("n_shared_experts") or 0)) \
+        + h * (t.get("n_routed_experts") or 0)
+
+
 def prefill_flops_per_token(cfg: dict[str, Any], ctx: int) -> float:
-    """2 x active parameters (head only for the last token: ignored) + attention scores and values."""
+    """2 x active parameters (head only for the last token: ignored) + attention scores and values, over a prompt
+    of ``ctx`` tokens: the last layer's MLP runs for the last position only (kimivl's prefill and llama.cpp's
+    prompt processing both skip it for the others)."""
     t = cfg["text_config"]
     per = decode_bytes_per_token(cfg, 1, 0) - t["hidden_size"] * (t["vocab_size"] + 1)
+    last_moe = t["num_hidden_layers"] - 1 in moe_layer_indices(t)
+    per -= mlp_active_params(t, moe=last_moe) * (ctx - 1) / ctx
     layers, heads = t["num_hidden_layers"], t["num_attention_heads"]
     attn = 2 * layers * heads * (t["qk_nope_head_dim"] + t["qk_rope_head_dim"] + t["v_head_dim"]) * ctx / 2
     return 2.0 * per + attn
