@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "bf16_simd.h"
+#include "kernels.h"
 #include "parallel.h"
 
 #ifdef KIMIVL_AVX512BF16
@@ -230,11 +231,11 @@ void gemm_t_amx(const uint16_t* w, int64_t M, int64_t K, const uint32_t* xp, int
 #endif
 
 #if !defined(KIMIVL_AVX512BF16) && defined(KIMIVL_SIMD_AVX2)
-// The AVX2 path (CPUs without AVX512-BF16: Zen 2 / 3, Intel client cores): the same layout, products in float32.
-// x^T is packed as float32 (K, nt), 8 tokens to a vector; two adjacent bf16 of a weight row are broadcast as one
-// 32-bit lane and split into two float32 by a shift and a mask, each multiplied into its row of x^T. The weights
-// are read in place, as bf16, once per 64-token chunk: no float32 copy of an expert (the module path's upcast, a
-// pass writing twice the expert's bytes) and no GEMM library call per expert.
+// The AVX2 path (CPUs without AVX512-BF16: Zen 2 / 3, Intel client cores): the same transposed products, in
+// float32. x^T is packed as float32 (K, nt), 8 tokens to a vector; the weights are read as bf16 once per 64-token
+// chunk, a block of 6 rows at a time widened into a small float32 buffer and broadcast from there: no float32
+// copy of a whole expert (the module path's upcast, a pass writing twice the expert's bytes) and no GEMM library
+// call per expert.
 #define KIMIVL_EXPERTS_AVX2 1
 namespace {
 
@@ -258,10 +259,7 @@ void pack_cols(const uint16_t* const* rows, int64_t n, int64_t K, int64_t nt, fl
       _mm256_store_ps(buf, widen_8(row + k));
       for (int j = 0; j < 8; ++j) out[(k + j) * nt + t] = buf[j];
     }
-    for (; k < K; ++k) {
-      const uint32_t bits = static_cast<uint32_t>(row[k]) << 16;
-      std::memcpy(out + k * nt + t, &bits, sizeof(float));
-    }
+    for (; k < K; ++k) out[k * nt + t] = widen(row[k]);
   }
 }
 
@@ -311,10 +309,7 @@ void gemm_f32(const uint16_t* w, int64_t M, int64_t K, const float* xt, int64_t 
     const uint16_t* src = w + m0 * K;
     int64_t i = 0;
     for (; i + 8 <= rows * K; i += 8) _mm256_storeu_ps(wbuf + i, widen_8(src + i));
-    for (; i < rows * K; ++i) {
-      const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
-      std::memcpy(wbuf + i, &bits, sizeof(float));
-    }
+    for (; i < rows * K; ++i) wbuf[i] = widen(src[i]);
     float* cb = c + m0 * nt;
     switch (rows) {
       case 6: fma_rows<6>(wbuf, K, xt, nt, cb); break;
@@ -341,7 +336,7 @@ void silu_mul_cols(const float* c, int64_t I, int64_t nt, float* ht) {
 
 // c (D, nt) float32 -> n rows of D bf16 (row t at rows[t]): the transpose back, rounding each value once.
 void unpack_rows(const float* c, int64_t D, int64_t nt, int64_t n, uint16_t* const* rows) {
-  alignas(32) float buf[8] = {};  // (the tail reads lane 0 only)
+  alignas(32) float buf[8];
   for (int64_t t = 0; t < n; ++t) {
     uint16_t* row = rows[t];
     int64_t d = 0;
@@ -349,10 +344,7 @@ void unpack_rows(const float* c, int64_t D, int64_t nt, int64_t n, uint16_t* con
       for (int j = 0; j < 8; ++j) buf[j] = c[(d + j) * nt + t];
       _mm_storeu_si128(reinterpret_cast<__m128i*>(row + d), bf16_bits_8(round_bf16_8(_mm256_load_ps(buf))));
     }
-    for (; d < D; ++d) {
-      buf[0] = c[d * nt + t];
-      row[d] = static_cast<uint16_t>(_mm_extract_epi16(bf16_bits_8(round_bf16_8(_mm256_load_ps(buf))), 0));
-    }
+    for (; d < D; ++d) row[d] = c10::BFloat16(c[d * nt + t]).x;  // torch's rounding, as round_bf16_8's
   }
 }
 
@@ -390,14 +382,8 @@ void combine_rows(const uint16_t* const* y, const float* w, int64_t k, int64_t D
     }
     for (; d < D; ++d) {
       float acc = 0.f;
-      for (int64_t j = 0; j < k; ++j) {
-        const uint32_t bits = static_cast<uint32_t>(y[t * k + j][d]) << 16;
-        float v;
-        std::memcpy(&v, &bits, sizeof(v));
-        acc += w[t * k + j] * v;
-      }
-      alignas(32) float buf[8] = {acc};
-      out[t * D + d] = static_cast<uint16_t>(_mm_extract_epi16(bf16_bits_8(round_bf16_8(_mm256_load_ps(buf))), 0));
+      for (int64_t j = 0; j < k; ++j) acc += w[t * k + j] * widen(y[t * k + j][d]);  // (-ffp-contract=off: no FMA)
+      out[t * D + d] = c10::BFloat16(acc).x;
     }
   }
 }
@@ -505,6 +491,15 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
   const uint16_t* gu = reinterpret_cast<const uint16_t*>(gate_up.data_ptr<at::BFloat16>());
   const uint16_t* dn = reinterpret_cast<const uint16_t*>(down.data_ptr<at::BFloat16>());
   uint16_t* yb = reinterpret_cast<uint16_t*>(ys.data_ptr<at::BFloat16>());
+  // expert w's input rows (its tokens' rows of x) and output rows (its rows of ys, which pair p's output is read from)
+  const auto expert_rows = [&](const Work& w, const uint16_t** in, uint16_t** out) {
+    for (int64_t r = 0; r < w.rows; ++r) {
+      const int64_t p = pairs[w.first + r];
+      in[r] = xb + (p / k) * D;
+      out[r] = yb + (w.out + r) * D;
+      src[p] = out[r];
+    }
+  };
   take_in_turn(static_cast<int64_t>(work.size()), [&](const auto& take) {
 #ifdef KIMIVL_EXPERTS_AVX2
     ExpertScratch scratch(D, I);
@@ -513,12 +508,7 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
     std::vector<uint16_t*> out(widest);
     for (int64_t i; (i = take()) >= 0;) {
       const Work& w = work[i];
-      for (int64_t r = 0; r < w.rows; ++r) {
-        const int64_t p = pairs[w.first + r];
-        in[r] = xb + (p / k) * D;
-        out[r] = yb + (w.out + r) * D;
-        src[p] = out[r];
-      }
+      expert_rows(w, in.data(), out.data());
       run_expert(gu + w.expert * 2 * I * D, dn + w.expert * D * I, D, I, in.data(), w.rows, out.data(), scratch);
     }
 #else
@@ -542,12 +532,7 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
     for (int64_t i; (i = take()) >= 0;) {
       const Work& w = work[i];
       const int64_t nt = (w.rows + 15) / 16 * 16;
-      for (int64_t r = 0; r < w.rows; ++r) {
-        const int64_t p = pairs[w.first + r];
-        in[r] = xb + (p / k) * D;
-        out[r] = yb + (w.out + r) * D;
-        src[p] = out[r];
-      }
+      expert_rows(w, in.data(), out.data());
       pack_pairs(in.data(), w.rows, D, nt, xpk.data());
       gemm(gu + w.expert * 2 * I * D, 2 * I, D, xpk.data(), nt, c1.data());
       silu_mul_pack(c1.data(), I, nt, hpk.data());
