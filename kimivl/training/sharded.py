@@ -172,14 +172,7 @@ class DeepSpeedEngine(LocalEngine):
         config.setdefault("wall_clock_breakdown", False)
         return config
 
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor) -> None:  # `lr` and `sync_context` as LocalEngine's
         self.model.backward(loss, scale_wrt_gas=False)
         self.model.step()  # an optimizer step only at the accumulation boundary
 
