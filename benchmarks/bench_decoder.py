@@ -15,7 +15,9 @@ any official-layout checkpoint given as ``--checkpoint DIR`` (e.g. the released 
   ``llama-bench``
   (see :mod:`benchmarks.peers.llamacpp`); skipped with the reason when it cannot be built here.
 
-Measured, medians of ``--repeats`` runs, 1 sequence:
+Measured, medians of ``--repeats`` rounds, 1 sequence; each round runs every implementation once (prefill, then
+each context with kimivl and transformers alternating) and then ``llama-bench -r 1`` once per GGUF type, so a
+slow phase of a shared host weighs on every column alike:
 
 * prefill tokens/s: a ``--prefill-len`` prompt to its first new token (time to first token through
   ``generate``; llama.cpp: ``llama-bench -p``);
@@ -135,6 +137,14 @@ def prefill_flops_per_token(cfg: dict[str, Any], ctx: int) -> float:
     return 2.0 * per + attn
 
 
+def meter_peer(meter: CpuMeter, fn: Any) -> Any:
+    """``fn()`` (a peer's run in its own process) timed under ``meter``, so its quiet wait and foreign-load check
+    cover the peer too; returns what ``fn`` returns."""
+    holder: dict[str, Any] = {}
+    meter.timed(lambda: holder.setdefault("r", fn()))
+    return holder["r"]
+
+
 def median_run(meter: CpuMeter, impl: Any, ids: torch.Tensor, new: int, repeats: int) -> tuple[float, float]:
     """(median seconds to the first new token, median decode tokens/s between the first and last token)."""
     ttft, rate = [], []
@@ -188,6 +198,18 @@ def main() -> None:
         except ImportError as e:
             result["transformers"] = {"skipped": f"transformers not importable: {e}"}
 
+    # llama.cpp's GGUFs first (the same dtype as ours, f32 where this CPU has no fast bf16, and Q8_0 for
+    # reference); each type on its own, so one that fails is reported without losing the other
+    ggufs: dict[str, Path] = {}
+    if not args.no_llamacpp:
+        for outtype in ("bf16" if args.dtype == "bf16" else "f32", "q8_0"):
+            try:
+                from benchmarks.peers import llamacpp
+
+                ggufs[outtype] = llamacpp.convert_text(directory, outtype=outtype)
+            except Exception as e:  # optional peer: any failure to build/convert is reported, not fatal
+                result.setdefault("llamacpp", {})[outtype] = {"skipped": f"{type(e).__name__}: {e}"}
+
     with torch.inference_mode():
         # agreement on the same weights: greedy continuations of one prompt
         seed = 1_000_003 * args.seed  # the prompts' seeds: 1, 2, 3, ctx at --seed 0 (the documented runs)
@@ -200,43 +222,48 @@ def main() -> None:
         if len(outs) > 1:
             result["agreement_greedy_tokens_equal_of_8"] = int((outs["kimivl"] == outs["transformers"]).cumprod(0).sum())
 
-        ids = prompt(args.prefill_len, cfg, seed=seed + 2)
-        prefill = {}
-        for impl in impls:
-            prefill[impl.name] = args.prefill_len / median_run(meter, impl, ids, 1, args.repeats)[0]
-        decode: dict[str, dict[str, float]] = {}
-        for ctx in args.contexts:
-            ids = prompt(ctx, cfg, seed=seed + ctx)
-            rates = {}
+        prefill_ids = prompt(args.prefill_len, cfg, seed=seed + 2)
+        context_ids = {ctx: prompt(ctx, cfg, seed=seed + ctx) for ctx in args.contexts}
+        ttfts: dict[str, list[float]] = {impl.name: [] for impl in impls}
+        rates: dict[int, dict[str, list[float]]] = {ctx: {} for ctx in args.contexts}
+        peer_runs: dict[str, list[dict[str, Any]]] = {outtype: [] for outtype in ggufs}
+        # --repeats rounds, each running every implementation once and then llama-bench once per type: a slow
+        # phase of a shared host (they last minutes) then lands on every column, not on one peer's whole run
+        for _ in range(args.repeats):
             for impl in impls:
-                if impl.name == "transformers" and ctx > args.transformers_max_context:
-                    continue
-                rates[impl.name] = median_run(meter, impl, ids, args.new_tokens, args.repeats)[1]
-            decode[str(ctx)] = rates
+                ttfts[impl.name].append(median_run(meter, impl, prefill_ids, 1, 1)[0])
+            for ctx in args.contexts:
+                for impl in impls:
+                    if impl.name == "transformers" and ctx > args.transformers_max_context:
+                        continue
+                    rates[ctx].setdefault(impl.name, []).append(
+                        median_run(meter, impl, context_ids[ctx], args.new_tokens, 1)[1])
+            for outtype in list(peer_runs):
+                try:
+                    peer_runs[outtype].append(meter_peer(meter, lambda: llamacpp.bench_text(
+                        ggufs[outtype], threads=args.threads, prompt=args.prefill_len, gen=args.new_tokens,
+                        depths=tuple(args.contexts), repetitions=1)))
+                except Exception as e:  # reported, not fatal; the type leaves the next rounds
+                    result.setdefault("llamacpp", {})[outtype] = {"skipped": f"{type(e).__name__}: {e}"}
+                    del peer_runs[outtype]
+        prefill = {name: args.prefill_len / statistics.median(times) for name, times in ttfts.items()}
+        decode = {str(ctx): {name: statistics.median(values) for name, values in by_impl.items()}
+                  for ctx, by_impl in rates.items()}
         cache = {"kimivl": impls[0].cache_bytes_per_token()}
         if len(impls) > 1:
             cache["transformers"] = impls[1].cache_bytes_per_token(prompt(128, cfg, seed=seed + 3))
 
-    if not args.no_llamacpp:
-        # the same dtype as ours (f32 where this CPU has no fast bf16), and Q8_0 for reference; each type on
-        # its own, so one that fails is reported without losing the other
-        for outtype in ("bf16" if args.dtype == "bf16" else "f32", "q8_0"):
-            key = f"llamacpp_{outtype}"
-            try:
-                from benchmarks.peers import llamacpp
-
-                gguf = llamacpp.convert_text(directory, outtype=outtype)
-                lc = llamacpp.bench_text(gguf, threads=args.threads, prompt=args.prefill_len, gen=args.new_tokens,
-                                         depths=tuple(args.contexts), repetitions=args.repeats)
-            except Exception as e:  # optional peer: any failure to build/convert/run is reported, not fatal
-                result.setdefault("llamacpp", {})[outtype] = {"skipped": f"{type(e).__name__}: {e}"}
-                continue
-            prefill[key] = lc["prefill_tok_s"]
-            for ctx in args.contexts:
-                if str(ctx) in lc["decode_tok_s"]:
-                    decode[str(ctx)][key] = lc["decode_tok_s"][str(ctx)]
-            result.setdefault("llamacpp", {})[outtype] = {
-                k: lc[k] for k in ("command", "by_depth", "flash_attn", "kv_type", "repack_off_because") if k in lc}
+    for outtype, runs in peer_runs.items():
+        key = f"llamacpp_{outtype}"
+        prefill[key] = statistics.median(run["prefill_tok_s"] for run in runs)
+        for ctx in args.contexts:
+            values = [run["decode_tok_s"][str(ctx)] for run in runs if str(ctx) in run["decode_tok_s"]]
+            if values:
+                decode[str(ctx)][key] = statistics.median(values)
+        result.setdefault("llamacpp", {})[outtype] = {
+            **{k: runs[0][k] for k in ("command", "flash_attn", "kv_type", "repack_off_because") if k in runs[0]},
+            "by_depth_per_round": [{depth: {kind: v["mean"] for kind, v in kinds.items()}
+                                    for depth, kinds in run["by_depth"].items()} for run in runs]}
 
     dtype_bytes = torch.finfo(dtype).bits // 8
     result["prefill"] = {"tokens": args.prefill_len, **{f"{k}_tok_s": round(v, 1) for k, v in prefill.items()},

@@ -27,6 +27,9 @@ from torch import nn
 from kimivl.ops import cpu_kernels
 
 SMALL_M: int = 8  # rows up to which the streaming kernel beats a GEMM (measured: docs/performance.md)
+# float32 weights of at least this many elements take oneDNN's product for any number of rows where it is
+# preferred (float32_linear); below it its ~60 us per call outweighs MKL's slower GEMV
+ONEDNN_GEMV_MIN: int = 1 << 20
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,15 +57,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def float32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for float32 CPU tensors, through oneDNN's GEMM where :func:`~kimivl.ops.cpu_kernels.
-    onednn_float32_preferred` (AMD CPUs) for more than ``SMALL_M`` rows without autograd.
+    onednn_float32_preferred` (AMD CPUs) without autograd: for more than ``SMALL_M`` rows, and for fewer (a decode
+    step's GEMV) when the weight has at least ``ONEDNN_GEMV_MIN`` elements.
 
-    Why: torch's float32 ``linear`` is MKL's sgemm, which runs slower code on AMD CPUs than on Intel ones. On a Zen 3
-    (AVX2, 2 threads) oneDNN's float32 GEMM is 1.2-1.35x MKL's at a prefill's 512 rows and 1.7-2.0x at a MoE
-    expert's ~48 rows (docs/performance.md); on a Zen 5 2.2x (performance notes §1.2). Few rows (a decode step's
-    GEMV) and Intel CPUs keep ``F.linear``."""
+    Why: torch's float32 ``linear`` is MKL's sgemm / sgemv, which run slower code on AMD CPUs than on Intel ones. On
+    a Zen 3 (AVX2, 2 threads) oneDNN's float32 GEMM is 1.2-1.35x MKL's at a prefill's 512 rows and 1.7-2.0x at a MoE
+    expert's ~48 rows, on a Zen 5 2.2x (performance notes §1.2); for one row it streams a weight from memory at
+    1.2-1.5x MKL's rate (1,408-11,264 x 2,048), but costs ~60 us a call, more than MKL's whole product for weights
+    of less than ~1M elements (docs/performance.md). Small weights and Intel CPUs keep ``F.linear``."""
     if (x.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32)
-            or x.numel() // max(weight.shape[-1], 1) <= SMALL_M or not cpu_kernels.onednn_float32_preferred()
-            or not _without_autograd(x, weight, bias)):
+            or (x.numel() // max(weight.shape[-1], 1) <= SMALL_M and weight.numel() < ONEDNN_GEMV_MIN)
+            or not cpu_kernels.onednn_float32_preferred() or not _without_autograd(x, weight, bias)):
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 

@@ -8,8 +8,8 @@ from torch import nn
 
 from kimivl.ops import cpu_kernels
 from kimivl.ops import linear as linear_module
-from kimivl.ops.linear import (SMALL_M, Linear, _onednn_post_op_applies, float32_linear, gelu_, linear,
-                              linear_gelu)
+from kimivl.ops.linear import (ONEDNN_GEMV_MIN, SMALL_M, Linear, _onednn_post_op_applies, float32_linear, gelu_,
+                              linear, linear_gelu)
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +92,33 @@ def test_bf16_activations_come_back_in_bf16_and_close_to_float32():
 
 
 def test_float32_weights_are_plain_f_linear_bit_for_bit(monkeypatch):
-    """On Intel CPUs (and wherever oneDNN is not preferred), and for few rows anywhere: torch's own float32 GEMM."""
+    """On Intel CPUs (and wherever oneDNN is not preferred), and for few rows of a small weight anywhere: torch's
+    own float32 GEMM."""
     x, w, b = torch.randn(3, 5, 16), torch.randn(8, 16), torch.randn(8)
     monkeypatch.setattr(cpu_kernels, "onednn_float32_preferred", lambda: False)
     assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+    one, big = torch.randn(1, 256), torch.randn(ONEDNN_GEMV_MIN // 256, 256)
+    assert torch.equal(linear(one, big), F.linear(one, big))
     monkeypatch.setattr(cpu_kernels, "onednn_float32_preferred", lambda: True)
     few = x[:1, :SMALL_M]
     assert torch.equal(linear(few, w, b), F.linear(few, w, b))
+
+
+def test_a_large_float32_weight_takes_onednn_for_one_row_where_preferred(monkeypatch):
+    """A decode step's GEMV of a large float32 weight: oneDNN on AMD CPUs (MKL's sgemv streams slower there), the
+    same numbers as F.linear to float32 rounding; one weight row less and it is F.linear's, bit for bit."""
+    monkeypatch.setattr(cpu_kernels, "onednn_float32_preferred", lambda: True)
+    calls = _count_onednn_calls(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(1, 256, generator=g), torch.randn(ONEDNN_GEMV_MIN // 256, 256, generator=g), None
+    with torch.inference_mode():
+        y = linear(x, w, b)
+        assert calls == ["none"]
+        torch.testing.assert_close(y.double(), _reference(x, w, b), rtol=1e-5, atol=1e-4)
+        small = w[1:].contiguous()
+        assert torch.equal(linear(x, small), F.linear(x, small)) and calls == ["none"]
+    linear(x.requires_grad_(), w)  # autograd: F.linear
+    assert calls == ["none"]
 
 
 def _count_onednn_calls(monkeypatch) -> list[str]:
