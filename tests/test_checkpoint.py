@@ -223,3 +223,27 @@ def test_corrupt_safetensors_name_the_file_and_tensor(golden_dir, tmp_path):
     (ckpt / "model.safetensors").write_bytes((10**12).to_bytes(8, "little") + data[8:])
     with pytest.raises(CheckpointError, match="header length 1000000000000 is impossible"):
         KimiVLForConditionalGeneration.from_pretrained(ckpt)
+
+
+def test_from_pretrained_builds_its_skeleton_without_random_init(golden_dir):
+    """The meta skeleton skips the embeddings' normal_ init, whose meta kernel is torch's Python reference: its
+    first call imports torch._dynamo, ~3 s of every `kimivl chat` (a fresh process, so nothing imported it before).
+    Built off the meta device, the same modules are randomly initialised as nn.Embedding's are."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from kimivl import KimiVLForConditionalGeneration as M; "
+            f"M.from_pretrained({str(golden_dir)!r}); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+    config = KimiVLConfig.from_pretrained(golden_dir)
+    torch.manual_seed(0)
+    model = KimiVLForConditionalGeneration(config)
+    embed = model.language_model.model.embed_tokens
+    pos = model.vision_tower.patch_embed.pos_emb.weight
+    for weight in (embed.weight, pos):
+        assert 0.9 < weight.detach().std().item() < 1.1  # normal_(0, 1)
+    if embed.padding_idx is not None:
+        assert torch.count_nonzero(embed.weight[embed.padding_idx]) == 0

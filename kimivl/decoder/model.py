@@ -95,6 +95,16 @@ class DeepseekV3DecoderLayer(nn.Module):
         return super()._apply(fn, recurse)
 
 
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` (same parameter, same key) that skips its random init on the meta device: there
+    ``normal_`` runs torch's Python reference, whose first call imports torch._dynamo (~3 s of a
+    ``from_pretrained``, whose skeleton's weights are loaded next anyway)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class DeepseekV3Model(nn.Module):
     """Token embedding, decoder layers and final norm."""
 
@@ -103,7 +113,7 @@ class DeepseekV3Model(nn.Module):
         self.config = config
         pad = config.pad_token_id
         self.padding_idx = pad if pad is not None and 0 <= pad < config.vocab_size else None
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=self.padding_idx)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, padding_idx=self.padding_idx)
         self.layers = nn.ModuleList(DeepseekV3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 

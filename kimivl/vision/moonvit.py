@@ -54,7 +54,10 @@ class Learnable2DInterpPosEmb(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight)
+        # Not on the meta device (from_pretrained's skeleton, whose weights are loaded next): as decoder.model's
+        # Embedding, which says why.
+        if not self.weight.is_meta:
+            nn.init.normal_(self.weight)
 
     def table(self, hw: tuple[int, int]) -> torch.Tensor:
         """The table resized to one (h, w) grid: (h*w, D)."""
