@@ -137,25 +137,18 @@ def prefill_flops_per_token(cfg: dict[str, Any], ctx: int) -> float:
     return 2.0 * per + attn
 
 
-def meter_peer(meter: CpuMeter, fn: Any) -> Any:
-    """``fn()`` (a peer's run in its own process) timed under ``meter``, so its quiet wait and foreign-load check
-    cover the peer too; returns what ``fn`` returns."""
+def timed_result(meter: CpuMeter, fn: Any) -> Any:
+    """``fn()`` timed under ``meter`` (its quiet wait and foreign-load check; a peer's run in its own process
+    counts as ours, a waited-for child); returns what ``fn`` returns."""
     holder: dict[str, Any] = {}
     meter.timed(lambda: holder.setdefault("r", fn()))
     return holder["r"]
 
 
-def median_run(meter: CpuMeter, impl: Any, ids: torch.Tensor, new: int, repeats: int) -> tuple[float, float]:
-    """(median seconds to the first new token, median decode tokens/s between the first and last token)."""
-    ttft, rate = [], []
-    for _ in range(repeats):
-        holder: dict[str, list[float]] = {}
-        meter.timed(lambda: holder.setdefault("t", impl.run(ids, new)))
-        t = holder["t"]
-        ttft.append(t[1] - t[0])
-        if len(t) > 2:
-            rate.append((len(t) - 2) / (t[-1] - t[1]))
-    return statistics.median(ttft), statistics.median(rate) if rate else float("nan")
+def one_run(meter: CpuMeter, impl: Any, ids: torch.Tensor, new: int) -> tuple[float, float]:
+    """(seconds to the first new token, decode tokens/s between the first and last token; nan for one token)."""
+    t = timed_result(meter, lambda: impl.run(ids, new))
+    return t[1] - t[0], (len(t) - 2) / (t[-1] - t[1]) if len(t) > 2 else float("nan")
 
 
 def main() -> None:
@@ -231,16 +224,16 @@ def main() -> None:
         # phase of a shared host (they last minutes) then lands on every column, not on one peer's whole run
         for _ in range(args.repeats):
             for impl in impls:
-                ttfts[impl.name].append(median_run(meter, impl, prefill_ids, 1, 1)[0])
+                ttfts[impl.name].append(one_run(meter, impl, prefill_ids, 1)[0])
             for ctx in args.contexts:
                 for impl in impls:
                     if impl.name == "transformers" and ctx > args.transformers_max_context:
                         continue
-                    rates[ctx].setdefault(impl.name, []).append(
-                        median_run(meter, impl, context_ids[ctx], args.new_tokens, 1)[1])
+                    rate = one_run(meter, impl, context_ids[ctx], args.new_tokens)[1]
+                    rates[ctx].setdefault(impl.name, []).append(rate)
             for outtype in list(peer_runs):
                 try:
-                    peer_runs[outtype].append(meter_peer(meter, lambda: llamacpp.bench_text(
+                    peer_runs[outtype].append(timed_result(meter, lambda: llamacpp.bench_text(
                         ggufs[outtype], threads=args.threads, prompt=args.prefill_len, gen=args.new_tokens,
                         depths=tuple(args.contexts), repetitions=1)))
                 except Exception as e:  # reported, not fatal; the type leaves the next rounds

@@ -166,10 +166,7 @@ class DeepseekV3Model(nn.Module):
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden_states.append(h)
-            if i == last and last_positions is not None:
-                h = layer(h, cos, sin, attn_mask, cache, keep=last_positions)
-            else:
-                h = layer(h, cos, sin, attn_mask, cache)
+            h = layer(h, cos, sin, attn_mask, cache, keep=last_positions if i == last else None)
         if cache is not None:
             cache.advance(s)
         h = self.norm(h)
