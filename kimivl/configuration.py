@@ -8,9 +8,12 @@ Runtime choices (dtype, device, attention backend) are never config fields.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -43,6 +46,14 @@ class _ConfigBase:
             logger.debug("%s: keeping unknown keys %s", cls.__name__, sorted(extra))
         return cls(**kwargs, extra=extra)  # type: ignore[call-arg]
 
+    def __getattr__(self, name: str) -> Any:
+        """Keys this project does not know read as attributes too (``config.text_config.some_new_key``), as in
+        Hugging Face configs."""
+        extra = self.__dict__.get("extra")
+        if extra is None or name not in extra:
+            raise AttributeError(f"{type(self).__name__} has no field or config.json key {name!r}")
+        return extra[name]
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
@@ -55,6 +66,54 @@ class _ConfigBase:
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def _check_types(self, section: str) -> None:
+        """Every known key holds a value of its annotated JSON type (a quoted "64" for a width would otherwise
+        fail deep inside torch when the model is built)."""
+        for name, hint in _field_types(type(self)).items():
+            value = getattr(self, name)
+            if not _matches(value, hint):
+                raise ValueError(f"{section}.{name} = {value!r}: must be {_describe(hint)}, got {type(value).__name__}")
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "extra"}
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # JSON writes 800000.0 as 800000 just as well
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, origin or hint)
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is list:
+        return f"a list ({_describe(typing.get_args(hint)[0])} each)"
+    if typing.get_origin(hint) is dict:
+        return "an object"
+    names = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _plain(value: Any) -> Any:
@@ -93,6 +152,7 @@ class MoonViTConfig(_ConfigBase):
 
     def __post_init__(self) -> None:
         s = "vision_config"
+        self._check_types(s)
         _require(self.hidden_size % self.num_attention_heads == 0, s, "hidden_size", self.hidden_size,
                  f"must be divisible by num_attention_heads={self.num_attention_heads}")
         _require(self.head_dim % 4 == 0, s, "hidden_size", self.hidden_size,
@@ -160,6 +220,7 @@ class DeepseekV3Config(_ConfigBase):
 
     def __post_init__(self) -> None:
         s = "text_config"
+        self._check_types(s)
         _require(self.topk_method in self.TOPK_METHODS, s, "topk_method", self.topk_method,
                  f"must be one of {self.TOPK_METHODS}")
         _require(self.scoring_func in self.SCORING_FUNCS, s, "scoring_func", self.scoring_func,
@@ -211,6 +272,7 @@ class KimiVLConfig(_ConfigBase):
             self.vision_config = MoonViTConfig.from_dict(self.vision_config)
         if isinstance(self.text_config, dict):
             self.text_config = DeepseekV3Config.from_dict(self.text_config)
+        self._check_types("config")
         _require(0 <= self.media_placeholder_token_id < self.text_config.vocab_size, "config",
                  "media_placeholder_token_id", self.media_placeholder_token_id,
                  f"must be a token id below text_config.vocab_size={self.text_config.vocab_size}")
@@ -225,14 +287,21 @@ class KimiVLConfig(_ConfigBase):
         return cls.from_dict(data)
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike[str], **hub_kwargs: Any) -> KimiVLConfig:
-        """Read ``config.json`` from a checkpoint directory, a config file or a hub id."""
+    def from_pretrained(cls, path_or_id: str | os.PathLike[str], *, revision: str | None = None,
+                        cache_dir: str | None = None, trust_remote_code: bool | None = None) -> KimiVLConfig:
+        """Read ``config.json`` from a checkpoint directory, a config file or a hub id (``trust_remote_code`` is
+        accepted for Hugging Face examples and changes nothing)."""
         from kimivl.checkpoint import resolve_checkpoint_dir
 
+        del trust_remote_code  # no checkpoint code is ever run
         path = Path(path_or_id)
         if path.is_file():
             return cls.from_json_file(path)
-        directory = resolve_checkpoint_dir(path_or_id, **hub_kwargs)
+        directory = resolve_checkpoint_dir(path_or_id, revision=revision, cache_dir=cache_dir)
+        if not (directory / "config.json").is_file():
+            present = sorted(p.name for p in directory.iterdir())[:8]
+            raise FileNotFoundError(f"no config.json in {directory}: not a Kimi-VL checkpoint directory "
+                                    f"(it holds {present or 'nothing'})")
         return cls.from_json_file(directory / "config.json")
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:

@@ -24,6 +24,8 @@ from kimivl.errors import KimiVLInputError
 from kimivl.generation.config import GenerationConfig
 from kimivl.generation.generate import Streamer
 from kimivl.generation.generate import generate as generate_ids
+from kimivl.ops.attention import BACKENDS as ATTENTION_BACKENDS
+from kimivl.ops.attention import flash_varlen_fn
 from kimivl.ops.splice import merge_multimodal_embeddings
 from kimivl.projector import KimiVLMultiModalProjector
 from kimivl.vision import MoonVitPretrainedModel
@@ -50,6 +52,51 @@ def _as_dtype(dtype: torch.dtype | str | None, config: KimiVLConfig) -> torch.dt
     if not isinstance(resolved, torch.dtype):
         raise ValueError(f"dtype {dtype!r} is not a torch dtype (try 'bfloat16', 'float16', 'float32' or 'auto')")
     return resolved
+
+
+def _merge_alias(name: str, value: Any, alias: str, alias_value: Any) -> Any:
+    """One argument given under its own name or under Hugging Face's; both only if they agree."""
+    if alias_value is None:
+        return value
+    if value is not None and value != alias_value:
+        raise ValueError(f"{name}={value!r} and {alias}={alias_value!r} disagree; pass one of them")
+    return alias_value
+
+
+def _device_of_map(device_map: Any) -> torch.device | str | None:
+    """The one device a Hugging Face ``device_map`` names. ``"auto"`` is CUDA when available, else the CPU;
+    a dict must send every module to the same device (kimivl does not split a model across devices)."""
+    if device_map is None or isinstance(device_map, torch.device):
+        return device_map
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
+        return torch.device("cuda", device_map)
+    if device_map == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device_map, str):
+        return device_map
+    if isinstance(device_map, dict):
+        devices = {str(_device_of_map(d)) for d in device_map.values()}
+        if len(devices) == 1:
+            return devices.pop()
+        raise ValueError(f"device_map sends modules to {len(devices)} devices ({sorted(devices)}); kimivl keeps the "
+                         "whole model on one device (device=...; tensor-parallel serving is not implemented)")
+    raise ValueError(f"device_map must be 'auto', a device, a device index or a dict, got {device_map!r}")
+
+
+# Hugging Face's attn_implementation names -> the vision tower's attention backends.
+_HF_ATTENTION = {"flash_attention_2": "flash", "sdpa": "sdpa", "eager": "eager"}
+
+
+def _vision_backend(attn_implementation: str | None) -> str | None:
+    if attn_implementation is None:
+        return None
+    backend = _HF_ATTENTION.get(attn_implementation, attn_implementation)
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attn_implementation={attn_implementation!r} is not known; use one of "
+                         f"{sorted(_HF_ATTENTION)} or a kimivl backend {ATTENTION_BACKENDS}")
+    if backend == "flash":
+        flash_varlen_fn()  # raises ImportError with the install line when flash-attn is missing
+    return backend
 
 
 class KimiVLForConditionalGeneration(nn.Module):
@@ -99,6 +146,8 @@ class KimiVLForConditionalGeneration(nn.Module):
 
     def _check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         vocab = self.config.text_config.vocab_size
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise KimiVLInputError(f"input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
             raise KimiVLInputError(
                 f"input_ids hold ids in [{int(input_ids.min())}, {int(input_ids.max())}] but the vocabulary has "
@@ -158,20 +207,36 @@ class KimiVLForConditionalGeneration(nn.Module):
     # ------------------------------------------------------------------ I/O
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike[str], dtype: torch.dtype | str | None = None,
-                        device: torch.device | str | None = None, progress: bool = False,
-                        **hub_kwargs: Any) -> KimiVLForConditionalGeneration:
+                        device: torch.device | str | None = None, progress: bool = False, *,
+                        revision: str | None = None, cache_dir: str | None = None,
+                        torch_dtype: torch.dtype | str | None = None, device_map: Any = None,
+                        attn_implementation: str | None = None, trust_remote_code: bool | None = None,
+                        low_cpu_mem_usage: bool | None = None) -> KimiVLForConditionalGeneration:
         """Load a checkpoint in the official layout (local directory or hub id).
 
         The model is built on the meta device and the safetensors tensors are assigned to it, so the
         weights exist once, on ``device``. ``dtype=None`` keeps the stored dtypes; ``"auto"`` uses
         ``config.torch_dtype``; ``e_score_correction_bias`` stays float32 either way. ``progress``
         shows a progress bar over the tensors read.
+
+        Hugging Face's spellings are accepted so that the model card's example runs unchanged:
+        ``torch_dtype`` (= ``dtype``), ``device_map`` (``"auto"``: CUDA when available, else the CPU; or one
+        device; the model is never split across devices), ``attn_implementation`` (the vision tower's attention:
+        ``"flash_attention_2"``, ``"sdpa"``, ``"eager"`` or a backend of :mod:`kimivl.ops.attention`);
+        ``trust_remote_code`` and ``low_cpu_mem_usage`` change nothing (no checkpoint code is ever run, and
+        loading always holds one copy of the weights).
         """
-        directory = resolve_checkpoint_dir(path_or_id, **hub_kwargs)
+        del trust_remote_code, low_cpu_mem_usage  # accepted for Hugging Face examples; nothing to do
+        dtype = _merge_alias("dtype", dtype, "torch_dtype", torch_dtype)
+        device = _merge_alias("device", device, "device_map", _device_of_map(device_map))
+        backend = _vision_backend(attn_implementation)
+        directory = resolve_checkpoint_dir(path_or_id, revision=revision, cache_dir=cache_dir)
         config = KimiVLConfig.from_pretrained(directory)
         device = torch.device(device) if device is not None else torch.device("cpu")
         with torch.device("meta"):
             model = cls(config)
+        if backend is not None:
+            model.vision_tower.attn_backend = backend
         load_weights(model, directory, dtype=_as_dtype(dtype, config), device=device, progress=progress)
         model.generation_config = GenerationConfig.from_checkpoint(directory, config.text_config.eos_token_id)
         model.eval()

@@ -75,3 +75,44 @@ def test_bad_json_is_named(tmp_path):
         KimiVLConfig.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         KimiVLConfig.from_pretrained(tmp_path / "nope")
+
+
+def test_unknown_keys_read_as_attributes(configs_dir):
+    raw = json.loads((configs_dir / "test-tiny" / "config.json").read_text())
+    raw["text_config"]["future_option"] = 3
+    config = KimiVLConfig.from_dict(raw)
+    assert config.text_config.future_option == 3
+    with pytest.raises(AttributeError, match="DeepseekV3Config has no field or config.json key 'other'"):
+        config.text_config.other  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    "section, key, value, needle",
+    [
+        ("text_config", "hidden_size", "64", "text_config.hidden_size = '64': must be an integer, got str"),
+        ("text_config", "num_hidden_layers", 2.5, "text_config.num_hidden_layers = 2.5: must be an integer, got float"),
+        ("text_config", "norm_topk_prob", "yes", "text_config.norm_topk_prob = 'yes': must be true/false, got str"),
+        ("text_config", "q_lora_rank", True, "text_config.q_lora_rank = True: must be an integer or null, got bool"),
+        ("vision_config", "merge_kernel_size", [2, "2"], "vision_config.merge_kernel_size = [2, '2']: must be a list (an integer each), got list"),
+        ("vision_config", "patch_size", None, "vision_config.patch_size = None: must be an integer, got NoneType"),
+        (None, "media_placeholder_token_id", "763", "config.media_placeholder_token_id = '763': must be an integer"),
+    ],
+)
+def test_values_of_the_wrong_json_type_are_named(golden_dir, section, key, value, needle):
+    raw = json.loads((golden_dir / "config.json").read_text())
+    (raw[section] if section else raw)[key] = value
+    with pytest.raises(ValueError) as e:
+        KimiVLConfig.from_dict(raw)
+    assert needle in str(e.value)
+
+
+def test_numbers_keep_their_json_form(golden_dir):
+    raw = json.loads((golden_dir / "config.json").read_text())
+    raw["text_config"]["rope_theta"] = 800000  # an integer where the field is a float: fine, and kept as written
+    assert KimiVLConfig.from_dict(raw).to_dict()["text_config"]["rope_theta"] == 800000
+
+
+def test_directory_without_config_json_is_named(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no config.json in .*not a Kimi-VL checkpoint directory.*model.safetensors"):
+        KimiVLConfig.from_pretrained(tmp_path)

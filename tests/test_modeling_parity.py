@@ -94,3 +94,5 @@ def test_input_errors(model, golden):
               image_grid_hws=p["image_grid_hws"])
     with pytest.raises(KimiVLInputError, match="exactly one of input_ids or inputs_embeds"):
         model()
+    with pytest.raises(KimiVLInputError, match="input_ids must be an integer tensor .token ids., got torch.float32"):
+        model(input_ids=torch.tensor([[1.0, 2.0]]))

@@ -40,7 +40,8 @@ def cu_seqlens_from_grid(grid_hws: torch.Tensor) -> torch.Tensor:
     return cu_seqlens_from_lengths(grid[:, 0] * grid[:, 1])
 
 
-def _flash_varlen_fn() -> Callable[..., torch.Tensor]:
+def flash_varlen_fn() -> Callable[..., torch.Tensor]:
+    """flash-attn's ``flash_attn_varlen_func``; ImportError with the install line where flash-attn is missing."""
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError as e:
@@ -55,7 +56,7 @@ def _flash_usable(q: torch.Tensor) -> bool:
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     try:
-        _flash_varlen_fn()
+        flash_varlen_fn()
     except ImportError:
         return False
     return True
@@ -149,7 +150,7 @@ def varlen_attention(
 
 def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int) -> torch.Tensor:
-    fn = _flash_varlen_fn()
+    fn = flash_varlen_fn()
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"attention backend 'flash' needs CUDA float16/bfloat16 tensors; got {q.dtype} on {q.device}")
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)

@@ -120,14 +120,18 @@ class KimiVLProcessor:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike[str], **kwargs: Any) -> KimiVLProcessor:
+    def from_pretrained(cls, path_or_id: str | os.PathLike[str], *, revision: str | None = None,
+                        cache_dir: str | None = None, trust_remote_code: bool | None = None,
+                        **kwargs: Any) -> KimiVLProcessor:
         """Read ``preprocessor_config.json``, ``tiktoken.model`` + ``tokenizer_config.json``, the chat template
         (``chat_template.jinja``, else the ``chat_template`` key) and, if present, ``config.json`` (context
-        length, placeholder id) from a checkpoint directory or hub id."""
+        length, placeholder id) from a checkpoint directory or hub id. Other keyword arguments are the
+        constructor's; ``trust_remote_code`` is accepted for Hugging Face examples and changes nothing."""
         from kimivl.checkpoint import resolve_checkpoint_dir
         from kimivl.configuration import KimiVLConfig
 
-        directory = resolve_checkpoint_dir(path_or_id)
+        del trust_remote_code  # no checkpoint code is ever run
+        directory = resolve_checkpoint_dir(path_or_id, revision=revision, cache_dir=cache_dir)
         if (directory / PREPROCESSOR_CONFIG_FILE).is_file():
             image_processor = KimiVLImageProcessor.from_pretrained(directory / PREPROCESSOR_CONFIG_FILE)
         else:
