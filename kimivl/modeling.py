@@ -22,7 +22,7 @@ from kimivl.configuration import KimiVLConfig
 from kimivl.decoder import DeepseekV3ForCausalLM
 from kimivl.errors import KimiVLInputError
 from kimivl.generation.config import GenerationConfig
-from kimivl.generation.generate import Streamer
+from kimivl.generation.generate import GenerateOutput, Streamer
 from kimivl.generation.generate import generate as generate_ids
 from kimivl.ops.attention import BACKENDS as ATTENTION_BACKENDS
 from kimivl.ops.attention import flash_varlen_fn
@@ -196,13 +196,20 @@ class KimiVLForConditionalGeneration(nn.Module):
                  repetition_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
                  stop_strings: str | list[str] | None = None, seed: int | None = None,
                  streamer: Streamer | None = None, tokenizer: Any = None,
-                 pad_token_id: int | None = None) -> torch.Tensor:
-        """Prompt + new ids (B, S + new); see :func:`kimivl.generation.generate` (which this calls)."""
+                 pad_token_id: int | None = None, *, min_new_tokens: int | None = None, max_length: int | None = None,
+                 generation_config: Any = None, num_beams: int | None = None, use_cache: bool | None = None,
+                 return_dict_in_generate: bool = False, output_scores: bool = False,
+                 output_logits: bool = False) -> torch.Tensor | GenerateOutput:
+        """Prompt + new ids (B, S + new), or a :class:`~kimivl.generation.GenerateOutput` with
+        ``return_dict_in_generate=True``; see :func:`kimivl.generation.generate` (which this calls)."""
         return generate_ids(self, input_ids, attention_mask, pixel_values, image_grid_hws,
                             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                             top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                             eos_token_id=eos_token_id, stop_strings=stop_strings, seed=seed, streamer=streamer,
-                            tokenizer=tokenizer, pad_token_id=pad_token_id)
+                            tokenizer=tokenizer, pad_token_id=pad_token_id, min_new_tokens=min_new_tokens,
+                            max_length=max_length, generation_config=generation_config, num_beams=num_beams,
+                            use_cache=use_cache, return_dict_in_generate=return_dict_in_generate,
+                            output_scores=output_scores, output_logits=output_logits)
 
     # ------------------------------------------------------------------ I/O
     @classmethod

@@ -6,9 +6,17 @@ from __future__ import annotations
 
 from kimivl.generation.config import GenerationConfig
 from kimivl.generation.detokenize import IncrementalDetokenizer
-from kimivl.generation.generate import decode_step, generate, prefill, resolve_generation_config, stream
+from kimivl.generation.generate import (
+    GenerateOutput,
+    decode_step,
+    generate,
+    prefill,
+    resolve_generation_config,
+    stream,
+)
 
 __all__ = [
+    "GenerateOutput",
     "GenerationConfig",
     "IncrementalDetokenizer",
     "decode_step",

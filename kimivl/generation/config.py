@@ -21,6 +21,7 @@ CHAT_STOP_TOKENS = ("<|im_end|>", "[EOS]")
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 512
+    min_new_tokens: int | None = None
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int | None = None

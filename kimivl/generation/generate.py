@@ -31,9 +31,21 @@ from kimivl.errors import KimiVLInputError
 from kimivl.generation import cuda_graph
 from kimivl.generation.config import GenerationConfig
 from kimivl.generation.detokenize import IncrementalDetokenizer
-from kimivl.ops.sampling import apply_repetition_penalty, select_next_token
+from kimivl.ops.sampling import apply_repetition_penalty, pick_token, warp_logits
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """``generate(..., return_dict_in_generate=True)``: transformers' field names. ``scores``: per new token the
+    (B, vocab) float32 scores it was chosen from (after the repetition penalty, ``min_new_tokens``, temperature
+    and top-k / top-p / min-p), with ``output_scores=True``; ``logits``: the raw next-token logits, with
+    ``output_logits=True``."""
+
+    sequences: torch.Tensor
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
 
 
 class Streamer(Protocol):
@@ -111,6 +123,8 @@ def _validate(c: GenerationConfig) -> None:
     """Reject values the sampler cannot use; every message names the value."""
     _check(_is_int(c.max_new_tokens) and c.max_new_tokens > 0, "max_new_tokens", c.max_new_tokens,
            "must be a positive integer")
+    _check(c.min_new_tokens is None or (_is_int(c.min_new_tokens) and c.min_new_tokens >= 0), "min_new_tokens",
+           c.min_new_tokens, "must be an integer >= 0 or None")
     _check(_is_number(c.temperature) and c.temperature >= 0, "temperature", c.temperature,
            "must be a finite number >= 0")
     _check(not (c.do_sample and c.temperature == 0), "temperature", c.temperature,
@@ -128,14 +142,23 @@ def _validate(c: GenerationConfig) -> None:
            "must be a non-empty string or a list of them")
 
 
-def resolve_generation_config(model: nn.Module, **overrides: Any) -> GenerationConfig:
-    """The model's ``generation_config`` (or the defaults) with the non-None ``overrides`` applied, validated.
+def resolve_generation_config(model: nn.Module, base: Any = None, **overrides: Any) -> GenerationConfig:
+    """``base`` (a :class:`GenerationConfig`, a dict of its keys or an object with ``to_dict()`` such as
+    transformers' ``GenerationConfig``), else the model's ``generation_config`` (or the defaults), with the
+    non-None ``overrides`` applied, validated.
 
     Without a stop id anywhere, the text config's ``eos_token_id`` stops; ``pad_token_id`` falls back to the
     text config's, then 0. ``eos_token_id=[]`` turns stopping on ids off.
     """
     text_config = _language_model(model).config
-    base = getattr(model, "generation_config", None) or GenerationConfig(eos_token_id=text_config.eos_token_id)
+    if base is not None and not isinstance(base, GenerationConfig):
+        data = base.to_dict() if callable(getattr(base, "to_dict", None)) else base
+        if not isinstance(data, dict):
+            raise KimiVLInputError(f"generation_config must be a GenerationConfig, a dict or have to_dict(), got "
+                                   f"{type(base).__name__}")
+        base = GenerationConfig.from_dict(data)
+    if base is None:
+        base = getattr(model, "generation_config", None) or GenerationConfig(eos_token_id=text_config.eos_token_id)
     config = dataclasses.replace(base, extra=dict(base.extra),
                                  **{k: v for k, v in overrides.items() if v is not None})
     if config.pad_token_id is None:
@@ -209,8 +232,10 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
 @torch.inference_mode()
 def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  pixel_values: torch.Tensor | None, image_grid_hws: torch.Tensor | None, config: GenerationConfig,
-                 generator: torch.Generator | None, stops: _StopStrings | None) -> Iterator[torch.Tensor]:
-    """Yield each step's new ids (B,) int64 until every row stopped or ``max_new_tokens`` were made.
+                 generator: torch.Generator | None, stops: _StopStrings | None,
+                 record: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Iterator[torch.Tensor]:
+    """Yield each step's new ids (B,) int64 until every row stopped or ``max_new_tokens`` were made; with
+    ``record``, append each step's (scores, raw logits) to it.
 
     (The decorator keeps inference mode on only while this generator runs, not while its consumer does.)
     """
@@ -243,15 +268,23 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
             seen = torch.zeros(b, logits.shape[-1], dtype=torch.long, device=logits.device)
             seen = seen.scatter_add_(1, input_ids, real) > 0
         eos = frozenset(config.eos_ids())
+        min_new = config.min_new_tokens or 0
+        eos_index = torch.tensor(sorted(eos), dtype=torch.long, device=device) if eos and min_new else None
         rows = torch.arange(b, device=input_ids.device)
         # Which rows stopped, as Python bools: the step's ids are read once (``tolist``) and checked here; the
         # tensor form (masked_fill, isin, or, all) was ~5 tensor ops per step around a bandwidth-bound decode step.
         finished = [False] * b
         for step in range(max_new):
+            raw = logits.clone() if record is not None else logits  # a CUDA graph rewrites its output buffer
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
-            token = select_next_token(logits, do_sample=config.do_sample, temperature=config.temperature,
-                                      top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, generator=generator)
+            if eos_index is not None and step < min_new:  # no stop id before min_new_tokens
+                logits = logits.index_fill(1, eos_index, float("-inf"))
+            scores = warp_logits(logits, do_sample=config.do_sample, temperature=config.temperature,
+                                 top_k=config.top_k, top_p=config.top_p, min_p=config.min_p)
+            token = pick_token(scores, do_sample=config.do_sample, generator=generator)
+            if record is not None:
+                record.append((scores.clone() if scores.data_ptr() == logits.data_ptr() else scores, raw))
             if any(finished):  # stopped rows get the pad id
                 token = token.masked_fill(torch.tensor(finished, device=token.device), config.pad_token_id)
             if seen is not None:
@@ -273,12 +306,12 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 
 def _prepare(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-             overrides: dict[str, Any], seed: int | None, tokenizer: Any
+             overrides: dict[str, Any], seed: int | None, tokenizer: Any, base: Any = None
              ) -> tuple[torch.Tensor, torch.Tensor | None, GenerationConfig, torch.Generator | None,
                         _StopStrings | None]:
     """Validate everything before the first forward (so errors are raised by the call, not by iteration)."""
     lm = _language_model(model)
-    config = resolve_generation_config(model, **overrides)
+    config = resolve_generation_config(model, base, **overrides)
     _check_inputs(input_ids, attention_mask, lm.config.max_position_embeddings)
     n = input_ids.shape[1]
     room = lm.config.max_position_embeddings - n
@@ -314,7 +347,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
              repetition_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
              stop_strings: str | list[str] | None = None, seed: int | None = None, streamer: Streamer | None = None,
-             tokenizer: Any = None, pad_token_id: int | None = None) -> torch.Tensor:
+             tokenizer: Any = None, pad_token_id: int | None = None, *, min_new_tokens: int | None = None,
+             max_length: int | None = None, generation_config: Any = None, num_beams: int | None = None,
+             use_cache: bool | None = None, return_dict_in_generate: bool = False, output_scores: bool = False,
+             output_logits: bool = False) -> torch.Tensor | GenerateOutput:
     """Generate new tokens after each (left-padded) prompt row; returns (B, S + new) int64 ids.
 
     input_ids: (B, S); attention_mask: (B, S), 1 = token, 0 = left pad; pixel_values / image_grid_hws as from
@@ -324,23 +360,44 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     output ends when every row stopped or ``max_new_tokens`` were made. ``seed`` seeds a private
     ``torch.Generator`` for sampling. ``streamer.put`` gets the prompt (B, S) and then each step's (B,) ids.
     Raises :class:`~kimivl.errors.KimiVLInputError` for empty or over-long prompts and invalid settings.
+
+    transformers' spellings: ``min_new_tokens`` (no stop id before that many new tokens), ``max_length`` (prompt +
+    new tokens; ``max_new_tokens`` wins when both are given), ``generation_config`` (the settings to start from in
+    place of ``model.generation_config``), ``return_dict_in_generate`` with ``output_scores`` / ``output_logits``
+    (a :class:`GenerateOutput`); ``num_beams`` may only be 1 (no beam search) and ``use_cache`` changes nothing
+    (the latent cache is always used; the output is the same without it).
     """
-    overrides = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                     top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
-                     stop_strings=stop_strings, pad_token_id=pad_token_id)
+    _check(num_beams is None or num_beams == 1, "num_beams", num_beams,
+           "must be 1: beam search is not implemented (greedy with do_sample=False, or sampling)")
+    _check(use_cache is None or isinstance(use_cache, bool), "use_cache", use_cache, "must be True or False")
+    if max_length is not None and max_new_tokens is None:
+        n = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else 0
+        _check(_is_int(max_length) and max_length > n, "max_length", max_length,
+               f"must be longer than the prompt ({n} tokens): it counts the prompt and the new tokens")
+        max_new_tokens = max_length - n
+    overrides = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+                     temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                     repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, stop_strings=stop_strings,
+                     pad_token_id=pad_token_id)
     input_ids, attention_mask, config, generator, stops = _prepare(model, input_ids, attention_mask, overrides,
-                                                                   seed, tokenizer)
+                                                                   seed, tokenizer, generation_config)
+    record: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if output_scores or output_logits else None
     if streamer is not None:
         streamer.put(input_ids.cpu())
     tokens = []
     for token in _token_steps(model, input_ids, attention_mask, pixel_values, image_grid_hws, config, generator,
-                              stops):
+                              stops, record):
         tokens.append(token)
         if streamer is not None:
             streamer.put(token.cpu())
     if streamer is not None:
         streamer.end()
-    return torch.cat((input_ids, torch.stack(tokens, dim=1)), dim=1)
+    sequences = torch.cat((input_ids, torch.stack(tokens, dim=1)), dim=1)
+    if not return_dict_in_generate:
+        return sequences
+    return GenerateOutput(sequences, scores=tuple(r[0] for r in record) if output_scores and record is not None
+                          else None, logits=tuple(r[1] for r in record) if output_logits and record is not None
+                          else None)
 
 
 def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -349,7 +406,7 @@ def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
            temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
            min_p: float | None = None, repetition_penalty: float | None = None,
            eos_token_id: int | list[int] | None = None, stop_strings: str | list[str] | None = None,
-           seed: int | None = None, pad_token_id: int | None = None,
+           seed: int | None = None, pad_token_id: int | None = None, min_new_tokens: int | None = None,
            skip_special_tokens: bool = True) -> Iterator[str]:
     """Generate for one prompt row and yield the new text as it grows (UTF-8 safe deltas).
 
@@ -358,9 +415,10 @@ def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     ``tokenizer.decode(new_ids, skip_special_tokens=skip_special_tokens)``. Arguments are checked by this
     call; the model runs as the iterator is consumed.
     """
-    overrides = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                     top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
-                     stop_strings=stop_strings, pad_token_id=pad_token_id)
+    overrides = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+                     temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                     repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, stop_strings=stop_strings,
+                     pad_token_id=pad_token_id)
     decode = _decode_fn(tokenizer, skip_special_tokens)
     input_ids, attention_mask, config, generator, stops = _prepare(model, input_ids, attention_mask, overrides,
                                                                    seed, tokenizer)

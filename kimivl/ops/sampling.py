@@ -39,13 +39,26 @@ def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: floa
     return logits
 
 
+def warp_logits(logits: torch.Tensor, *, do_sample: bool = False, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None, min_p: float | None = None) -> torch.Tensor:
+    """The scores the next token is chosen from (transformers' ``scores``): float32 logits as they are for greedy
+    decoding; tempered, with the tokens outside the top-k / top-p / min-p support at -inf, for sampling."""
+    logits = logits.float()
+    if not do_sample:
+        return logits
+    return filter_logits(logits / temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+
+
+def pick_token(scores: torch.Tensor, *, do_sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy argmax of ``warp_logits``' scores, or a draw from their softmax. Returns (B,) int64."""
+    if not do_sample:
+        return scores.argmax(dim=-1)
+    return torch.multinomial(scores.softmax(-1), num_samples=1, generator=generator).squeeze(-1)
+
+
 def select_next_token(logits: torch.Tensor, *, do_sample: bool = False, temperature: float = 1.0,
                       top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Greedy argmax, or a draw from the filtered, tempered distribution. Returns (B,) int64."""
-    logits = logits.float()
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    scores = warp_logits(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    return pick_token(scores, do_sample=do_sample, generator=generator)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kimivl.decoder import MLACache
+from kimivl.errors import KimiVLInputError
 from kimivl.generation import GenerationConfig, decode_step, generate, prefill
 from kimivl.modeling import KimiVLForConditionalGeneration
 
@@ -169,3 +170,71 @@ def test_generation_config_defaults_are_used_without_a_checkpoint(golden: dict[s
     out = bare.generate(**_prompt(golden), max_new_tokens=20)  # stops on text_config.eos_token_id (743)
     assert out[0, 55:].tolist() == GOLDEN_NEW
     assert GenerationConfig().max_new_tokens == 512
+
+
+# ---------------------------------------------------------------------------------------------- transformers' spellings
+
+def test_return_dict_scores_equal_golden_step_logits(model: KimiVLForConditionalGeneration,
+                                                     golden: dict[str, torch.Tensor]) -> None:
+    # the golden step logits are the official generate's `scores` (greedy: the raw logits)
+    out = model.generate(**_prompt(golden), max_new_tokens=8, eos_token_id=[], return_dict_in_generate=True,
+                         output_scores=True, output_logits=True, use_cache=True, num_beams=1)
+    assert torch.equal(out.sequences, golden["generate.sequences"])
+    assert len(out.scores) == len(out.logits) == 8
+    torch.testing.assert_close(torch.cat(out.scores), golden["generate.step_logits"], rtol=STEP_RTOL, atol=STEP_ATOL)
+    torch.testing.assert_close(torch.cat(out.logits), golden["generate.step_logits"], rtol=STEP_RTOL, atol=STEP_ATOL)
+    plain = model.generate(**_prompt(golden), max_new_tokens=8, eos_token_id=[], return_dict_in_generate=True)
+    assert plain.scores is None and plain.logits is None and torch.equal(plain.sequences, out.sequences)
+
+
+def test_sampling_scores_are_tempered_and_filtered(model: KimiVLForConditionalGeneration,
+                                                   golden: dict[str, torch.Tensor]) -> None:
+    out = model.generate(**_prompt(golden), max_new_tokens=4, eos_token_id=[], do_sample=True, temperature=0.5,
+                         top_k=5, seed=3, return_dict_in_generate=True, output_scores=True, output_logits=True)
+    new = out.sequences[0, -4:].tolist()
+    for token, scores, logits in zip(new, out.scores, out.logits):
+        kept = scores[0] > torch.finfo(torch.float32).min
+        assert int(kept.sum()) == 5 and bool(kept[token])
+        assert set(kept.nonzero().flatten().tolist()) == set(logits[0].topk(5).indices.tolist())
+        torch.testing.assert_close(scores[0][kept], logits[0][kept] / 0.5)
+
+
+def test_min_new_tokens_holds_back_the_stop_id(model: KimiVLForConditionalGeneration,
+                                               golden: dict[str, torch.Tensor]) -> None:
+    # the golden greedy continuation's 8th token is the stop id 743
+    assert model.generate(**_prompt(golden), max_new_tokens=8, eos_token_id=743)[0, -8:].tolist() == GOLDEN_NEW
+    out = model.generate(**_prompt(golden), max_new_tokens=8, eos_token_id=743, min_new_tokens=8)
+    assert out[0, -8:-1].tolist() == GOLDEN_NEW[:7] and int(out[0, -1]) != 743
+    with pytest.raises(KimiVLInputError, match="min_new_tokens must be an integer >= 0 or None, got -1"):
+        model.generate(**_prompt(golden), min_new_tokens=-1)
+
+
+def test_max_length_counts_the_prompt(model: KimiVLForConditionalGeneration, golden: dict[str, torch.Tensor]) -> None:
+    p = _prompt(golden)
+    n = p["input_ids"].shape[1]
+    assert torch.equal(model.generate(**p, max_length=n + 3, eos_token_id=[]), golden["generate.sequences"][:, :n + 3])
+    assert model.generate(**p, max_length=n + 3, max_new_tokens=5, eos_token_id=[]).shape[1] == n + 5
+    with pytest.raises(KimiVLInputError, match=rf"max_length must be longer than the prompt \({n} tokens\).*got {n}"):
+        model.generate(**p, max_length=n)
+
+
+def test_generation_config_argument_is_the_base(model: KimiVLForConditionalGeneration,
+                                                golden: dict[str, torch.Tensor]) -> None:
+    class HFLike:  # transformers' GenerationConfig has to_dict()
+        def to_dict(self) -> dict[str, Any]:
+            return {"max_new_tokens": 3, "eos_token_id": None, "num_beams": 1}
+
+    n = golden["prompt.input_ids"].shape[1]
+    for base in (GenerationConfig(max_new_tokens=2, eos_token_id=[]), {"max_new_tokens": 2}, HFLike()):
+        out = model.generate(**_prompt(golden), generation_config=base, eos_token_id=[])
+        assert out[0, n:].tolist() == GOLDEN_NEW[:out.shape[1] - n]
+        assert out.shape[1] - n == (3 if isinstance(base, HFLike) else 2)
+    assert model.generate(**_prompt(golden), generation_config={"max_new_tokens": 2}, max_new_tokens=4,
+                          eos_token_id=[]).shape[1] == n + 4  # arguments override it
+    with pytest.raises(KimiVLInputError, match="generation_config must be a GenerationConfig, a dict or have to_dict"):
+        model.generate(**_prompt(golden), generation_config=3)
+
+
+def test_beam_search_is_refused_by_name(model: KimiVLForConditionalGeneration, golden: dict[str, torch.Tensor]) -> None:
+    with pytest.raises(KimiVLInputError, match="num_beams must be 1: beam search is not implemented.*got 4"):
+        model.generate(**_prompt(golden), num_beams=4)
