@@ -104,3 +104,13 @@ def test_trust_remote_code_is_accepted_and_runs_nothing(golden_dir):
     KimiVLProcessor.from_pretrained(golden_dir, trust_remote_code=False)
     with pytest.raises(TypeError, match="unexpected keyword argument 'load_in_8bit'"):
         KimiVLForConditionalGeneration.from_pretrained(golden_dir, load_in_8bit=True)
+
+
+def test_processor_keywords_of_transformers_pass_and_typos_do_not(golden_dir):
+    processor = KimiVLProcessor.from_pretrained(golden_dir)
+    plain = processor(text="hello there")
+    same = processor(text="hello there", truncation=True, return_attention_mask=True, add_special_tokens=True,
+                     return_token_type_ids=False, verbose=False)
+    assert torch.equal(plain["input_ids"], same["input_ids"])
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'image' \(did you mean 'images'\?\)"):
+        processor(text="hello there", image="cat.png")

@@ -8,6 +8,7 @@ pages, batches are padded (left by default), labels for training come from the s
 """
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -35,6 +36,10 @@ IGNORE_INDEX = -100
 _PLACEHOLDER = re.compile(r"<\|media_start\|>(video|document)<\|media_content\|><\|media_pad\|><\|media_end\|>"
                           r"|<\|media_pad\|>")
 _KINDS = ("image", "video", "document")
+# Tokenizer options transformers' processors take that change nothing here. No truncation: cutting a prompt
+# could cut an image's placeholders (a prompt over the context is refused by generate, by name).
+_IGNORED_OPTIONS = frozenset({"truncation", "return_attention_mask", "add_special_tokens", "return_token_type_ids",
+                              "verbose"})
 
 
 class KimiVLBatch(dict):
@@ -223,10 +228,19 @@ class KimiVLProcessor:
     # ------------------------------------------------------------------ __call__
     def __call__(self, text: str | Sequence[str] | None = None, images: Any = None, videos: Any = None,
                  documents: Any = None, *, return_tensors: str | None = "pt", padding: bool | str = True,
-                 padding_side: str | None = None, max_length: int | None = None, **_: Any) -> KimiVLBatch:
+                 padding_side: str | None = None, max_length: int | None = None, **options: Any) -> KimiVLBatch:
         """Tokenise ``text`` (one or a batch) with media consumed in the order their blocks appear:
         ``images`` for ``<|media_pad|>``, ``videos`` for ``VIDEO_BLOCK``, ``documents`` for
-        ``DOCUMENT_BLOCK`` (each a source, or a dict ``{"video": src, "fps": ...}`` with options)."""
+        ``DOCUMENT_BLOCK`` (each a source, or a dict ``{"video": src, "fps": ...}`` with options).
+        transformers' ``truncation``, ``return_attention_mask``, ``add_special_tokens``, ``return_token_type_ids``
+        and ``verbose`` are accepted and change nothing; any other keyword is a ``TypeError``."""
+        unknown = sorted(set(options) - _IGNORED_OPTIONS)
+        if unknown:
+            known = ["text", "images", "videos", "documents", "return_tensors", "padding", "padding_side",
+                     "max_length", *sorted(_IGNORED_OPTIONS)]
+            hint = difflib.get_close_matches(unknown[0], known, n=1)
+            raise TypeError(f"KimiVLProcessor() got an unexpected keyword argument {unknown[0]!r}"
+                            + (f" (did you mean {hint[0]!r}?)" if hint else ""))
         if text is None:
             raise KimiVLInputError("text is required (render a conversation with apply_chat_template first)")
         texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else [text]
