@@ -83,6 +83,22 @@ def _device_of_map(device_map: Any) -> torch.device | str | None:
     raise ValueError(f"device_map must be 'auto', a device, a device index or a dict, got {device_map!r}")
 
 
+def _target_device(device: torch.device | str | None) -> torch.device:
+    """The device to load onto (the CPU by default), refused by name when this machine has no such device."""
+    try:
+        target = torch.device(device) if device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device name (e.g. 'cpu', 'cuda', 'cuda:1')") from e
+    if target.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"device={device!r}, but {why} (torch {torch.__version__}); use device='cpu'")
+        if target.index is not None and target.index >= count:
+            raise ValueError(f"device={device!r}, but only {count} CUDA device(s) are visible (0..{count - 1})")
+    return target
+
+
 # Hugging Face's attn_implementation names -> the vision tower's attention backends.
 _HF_ATTENTION = {"flash_attention_2": "flash", "sdpa": "sdpa", "eager": "eager"}
 
@@ -239,7 +255,7 @@ class KimiVLForConditionalGeneration(nn.Module):
         backend = _vision_backend(attn_implementation)
         directory = resolve_checkpoint_dir(path_or_id, revision=revision, cache_dir=cache_dir)
         config = KimiVLConfig.from_pretrained(directory)
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        device = _target_device(device)
         with torch.device("meta"):
             model = cls(config)
         if backend is not None:

@@ -114,3 +114,11 @@ def test_processor_keywords_of_transformers_pass_and_typos_do_not(golden_dir):
     assert torch.equal(plain["input_ids"], same["input_ids"])
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'image' \(did you mean 'images'\?\)"):
         processor(text="hello there", image="cat.png")
+
+
+def test_a_device_this_machine_lacks_is_named(golden_dir):
+    with pytest.raises(ValueError, match=r"device='tpu' is not a device name \(e.g. 'cpu', 'cuda', 'cuda:1'\)"):
+        KimiVLForConditionalGeneration.from_pretrained(golden_dir, device="tpu")
+    with pytest.raises(ValueError, match=r"device='cuda:99', but (torch was built without CUDA|no CUDA device is "
+                                         r"visible|only \d+ CUDA device\(s\) are visible)"):
+        KimiVLForConditionalGeneration.from_pretrained(golden_dir, device="cuda:99")
