@@ -215,7 +215,7 @@ class KimiVLForConditionalGeneration(nn.Module):
                  pad_token_id: int | None = None, *, min_new_tokens: int | None = None, max_length: int | None = None,
                  generation_config: Any = None, num_beams: int | None = None, use_cache: bool | None = None,
                  return_dict_in_generate: bool = False, output_scores: bool = False,
-                 output_logits: bool = False) -> torch.Tensor | GenerateOutput:
+                 output_logits: bool = False, logits_processor: Any = None) -> torch.Tensor | GenerateOutput:
         """Prompt + new ids (B, S + new), or a :class:`~kimivl.generation.GenerateOutput` with
         ``return_dict_in_generate=True``; see :func:`kimivl.generation.generate` (which this calls)."""
         return generate_ids(self, input_ids, attention_mask, pixel_values, image_grid_hws,
@@ -225,7 +225,8 @@ class KimiVLForConditionalGeneration(nn.Module):
                             tokenizer=tokenizer, pad_token_id=pad_token_id, min_new_tokens=min_new_tokens,
                             max_length=max_length, generation_config=generation_config, num_beams=num_beams,
                             use_cache=use_cache, return_dict_in_generate=return_dict_in_generate,
-                            output_scores=output_scores, output_logits=output_logits)
+                            output_scores=output_scores, output_logits=output_logits,
+                            logits_processor=logits_processor)
 
     # ------------------------------------------------------------------ I/O
     @classmethod

@@ -48,6 +48,10 @@ class GenerateOutput:
     logits: tuple[torch.Tensor, ...] | None = None
 
 
+# transformers' LogitsProcessor call: (ids so far (B, S + t), scores (B, vocab) float32) -> scores (B, vocab)
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class Streamer(Protocol):
     """transformers-like streamer: ``put`` gets the prompt ids (B, S) once, then each step's (B,) new ids."""
 
@@ -168,6 +172,29 @@ def resolve_generation_config(model: nn.Module, base: Any = None, **overrides: A
     return config
 
 
+def _processor_list(logits_processor: Any) -> list[LogitsProcessor]:
+    """transformers' ``logits_processor``: one callable or a sequence of them (a ``LogitsProcessorList``)."""
+    if logits_processor is None:
+        return []
+    fns = [logits_processor] if callable(logits_processor) and not isinstance(logits_processor, Sequence) \
+        else list(logits_processor) if isinstance(logits_processor, Sequence) else None
+    if fns is None or not all(callable(fn) for fn in fns):
+        raise KimiVLInputError("logits_processor must be a callable (input_ids, scores) -> scores or a list of them, "
+                               f"got {type(logits_processor).__name__}")
+    return fns
+
+
+def _apply_processors(processors: Sequence[LogitsProcessor], ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    for i, fn in enumerate(processors):
+        out = fn(ids, scores)
+        if not isinstance(out, torch.Tensor) or out.shape != scores.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise KimiVLInputError(f"logits_processor[{i}] ({getattr(fn, '__name__', type(fn).__name__)}) returned "
+                                   f"{got}; it must return scores of the shape it was given, {tuple(scores.shape)}")
+        scores = out
+    return scores
+
+
 def _decode_fn(tokenizer: Any, skip_special_tokens: bool) -> Callable[[Sequence[int]], str]:
     """ids -> text with a tokenizer or a processor (anything with ``.decode`` or ``.tokenizer.decode``)."""
     tok = getattr(tokenizer, "tokenizer", tokenizer)
@@ -233,9 +260,10 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
 def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  pixel_values: torch.Tensor | None, image_grid_hws: torch.Tensor | None, config: GenerationConfig,
                  generator: torch.Generator | None, stops: _StopStrings | None,
-                 record: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Iterator[torch.Tensor]:
+                 record: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 processors: Sequence[LogitsProcessor] = ()) -> Iterator[torch.Tensor]:
     """Yield each step's new ids (B,) int64 until every row stopped or ``max_new_tokens`` were made; with
-    ``record``, append each step's (scores, raw logits) to it.
+    ``record``, append each step's (scores, raw logits) to it; ``processors`` rewrite the logits of each step.
 
     (The decorator keeps inference mode on only while this generator runs, not while its consumer does.)
     """
@@ -271,6 +299,8 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         min_new = config.min_new_tokens or 0
         eos_index = torch.tensor(sorted(eos), dtype=torch.long, device=device) if eos and min_new else None
         rows = torch.arange(b, device=input_ids.device)
+        # the ids so far, for logits processors (transformers passes them the (B, S + t) sequences)
+        history = torch.cat((input_ids, input_ids.new_zeros(b, max_new)), dim=1) if processors else None
         # Which rows stopped, as Python bools: the step's ids are read once (``tolist``) and checked here; the
         # tensor form (masked_fill, isin, or, all) was ~5 tensor ops per step around a bandwidth-bound decode step.
         finished = [False] * b
@@ -280,6 +310,8 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
                 logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
             if eos_index is not None and step < min_new:  # no stop id before min_new_tokens
                 logits = logits.index_fill(1, eos_index, float("-inf"))
+            if history is not None:
+                logits = _apply_processors(processors, history[:, :n + step], logits)
             scores = warp_logits(logits, do_sample=config.do_sample, temperature=config.temperature,
                                  top_k=config.top_k, top_p=config.top_p, min_p=config.min_p)
             token = pick_token(scores, do_sample=config.do_sample, generator=generator)
@@ -287,6 +319,8 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
                 record.append((scores.clone() if scores.data_ptr() == logits.data_ptr() else scores, raw))
             if any(finished):  # stopped rows get the pad id
                 token = token.masked_fill(torch.tensor(finished, device=token.device), config.pad_token_id)
+            if history is not None:
+                history[:, n + step] = token
             if seen is not None:
                 seen[rows, token] = True
             ids = token.tolist()
@@ -350,7 +384,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
              tokenizer: Any = None, pad_token_id: int | None = None, *, min_new_tokens: int | None = None,
              max_length: int | None = None, generation_config: Any = None, num_beams: int | None = None,
              use_cache: bool | None = None, return_dict_in_generate: bool = False, output_scores: bool = False,
-             output_logits: bool = False) -> torch.Tensor | GenerateOutput:
+             output_logits: bool = False, logits_processor: Any = None) -> torch.Tensor | GenerateOutput:
     """Generate new tokens after each (left-padded) prompt row; returns (B, S + new) int64 ids.
 
     input_ids: (B, S); attention_mask: (B, S), 1 = token, 0 = left pad; pixel_values / image_grid_hws as from
@@ -364,9 +398,12 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     transformers' spellings: ``min_new_tokens`` (no stop id before that many new tokens), ``max_length`` (prompt +
     new tokens; ``max_new_tokens`` wins when both are given), ``generation_config`` (the settings to start from in
     place of ``model.generation_config``), ``return_dict_in_generate`` with ``output_scores`` / ``output_logits``
-    (a :class:`GenerateOutput`); ``num_beams`` may only be 1 (no beam search) and ``use_cache`` changes nothing
-    (the latent cache is always used; the output is the same without it).
+    (a :class:`GenerateOutput`), ``logits_processor`` (callables ``(ids so far, scores) -> scores``, run on each
+    step's logits after the repetition penalty and ``min_new_tokens``, before temperature and the filters);
+    ``num_beams`` may only be 1 (no beam search) and ``use_cache`` changes nothing (the latent cache is always
+    used; the output is the same without it).
     """
+    processors = _processor_list(logits_processor)
     _check(num_beams is None or num_beams == 1, "num_beams", num_beams,
            "must be 1: beam search is not implemented (greedy with do_sample=False, or sampling)")
     _check(use_cache is None or isinstance(use_cache, bool), "use_cache", use_cache, "must be True or False")
@@ -386,7 +423,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         streamer.put(input_ids.cpu())
     tokens = []
     for token in _token_steps(model, input_ids, attention_mask, pixel_values, image_grid_hws, config, generator,
-                              stops, record):
+                              stops, record, processors):
         tokens.append(token)
         if streamer is not None:
             streamer.put(token.cpu())

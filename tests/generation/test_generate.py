@@ -238,3 +238,33 @@ def test_generation_config_argument_is_the_base(model: KimiVLForConditionalGener
 def test_beam_search_is_refused_by_name(model: KimiVLForConditionalGeneration, golden: dict[str, torch.Tensor]) -> None:
     with pytest.raises(KimiVLInputError, match="num_beams must be 1: beam search is not implemented.*got 4"):
         model.generate(**_prompt(golden), num_beams=4)
+
+
+def test_logits_processors_see_the_ids_so_far_and_steer(model: KimiVLForConditionalGeneration,
+                                                        golden: dict[str, torch.Tensor]) -> None:
+    seen: list[list[int]] = []
+
+    def ban_first_golden_token(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        seen.append(ids[0].tolist())
+        return scores.index_fill(1, torch.tensor([GOLDEN_NEW[0]]), float("-inf"))
+
+    p = _prompt(golden)
+    out = model.generate(**p, max_new_tokens=3, eos_token_id=[], logits_processor=[ban_first_golden_token])
+    prompt = p["input_ids"][0].tolist()
+    assert seen[0] == prompt and seen[1] == prompt + [int(out[0, -3])] and seen[2] == out[0, :-1].tolist()
+    # the first new token is the golden step's runner-up; transformers takes one callable as well as a list
+    assert int(out[0, -3]) == int(golden["generate.step_logits"][0].topk(2).indices[1])
+    assert torch.equal(model.generate(**p, max_new_tokens=3, eos_token_id=[], logits_processor=ban_first_golden_token),
+                       out)
+
+
+def test_a_logits_processor_of_the_wrong_shape_is_named(model: KimiVLForConditionalGeneration,
+                                                        golden: dict[str, torch.Tensor]) -> None:
+    def first_row(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores[0]
+
+    with pytest.raises(KimiVLInputError, match=r"logits_processor\[0\] \(first_row\) returned \(1000,\); it must "
+                                               r"return scores of the shape it was given, \(1, 1000\)"):
+        model.generate(**_prompt(golden), max_new_tokens=2, logits_processor=[first_row])
+    with pytest.raises(KimiVLInputError, match="logits_processor must be a callable"):
+        model.generate(**_prompt(golden), max_new_tokens=2, logits_processor=[3])
