@@ -3,7 +3,8 @@
 Follows the public OpenAI API reference for ``POST /v1/chat/completions`` (request fields, ``chat.completion``
 and ``chat.completion.chunk`` objects, ``{"error": {"message", "type", "param", "code"}}``). Deliberate
 deviations: unknown or unsupported fields are refused (400) instead of ignored, ``n`` must be 1, and two
-extensions that vLLM also accepts exist (``top_k``, ``ignore_eos``). Needs pydantic (the ``serve`` extra).
+extensions that vLLM also accepts exist (``top_k``, ``ignore_eos``). ``logprobs`` are those of the model's own
+next-token distribution (the raw logits, before temperature and top-k / top-p, as vLLM reports them). Needs pydantic (the ``serve`` extra).
 """
 from __future__ import annotations
 
@@ -85,6 +86,14 @@ class ChatCompletionRequest(_Strict):
     user: str | None = None
     top_k: int | None = Field(default=None, ge=1)  # extension (vLLM)
     ignore_eos: bool = False  # extension (vLLM): keep generating past the end-of-turn token
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def logprobs_top(self) -> int | None:
+        """How many alternatives each token's logprob entry lists, or None without ``logprobs``."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", code="invalid_value", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -173,18 +182,31 @@ def usage_body(prompt_tokens: int, image_tokens: int, completion_tokens: int) ->
             "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": image_tokens}}
 
 
+def logprobs_body(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """A choice's ``logprobs`` object: one entry per token (see :func:`logprob_entry`), or None when not asked."""
+    return None if entries is None else {"content": list(entries), "refusal": None}
+
+
+def logprob_entry(token: str, token_bytes: bytes, logprob: float,
+                  top: list[tuple[str, bytes, float]] | None = None) -> dict[str, Any]:
+    """``{"token", "logprob", "bytes", "top_logprobs"}`` of one generated token."""
+    return {"token": token, "logprob": logprob, "bytes": list(token_bytes),
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, b, lp in top or []]}
+
+
 def completion_body(cid: str, model: str, text: str, finish_reason: str, usage: dict[str, Any],
-                    created: int | None = None) -> dict[str, Any]:
+                    created: int | None = None, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"id": cid, "object": "chat.completion", "created": created or int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish_reason}],
+                         "logprobs": logprobs_body(logprobs), "finish_reason": finish_reason}],
             "usage": usage}
 
 
 def chunk_body(cid: str, model: str, created: int, delta: dict[str, Any] | None,
-               finish_reason: str | None = None, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+               finish_reason: str | None = None, usage: dict[str, Any] | None = None,
+               logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One ``chat.completion.chunk``; ``delta=None`` gives the usage-only chunk (empty ``choices``)."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs_body(logprobs),
                                          "finish_reason": finish_reason}]
     out: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                            "choices": choices}

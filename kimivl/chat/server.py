@@ -160,12 +160,14 @@ class _Service:
 async def _collect(job: Job) -> Event:
     """Wait for a non-streamed job: the whole text in one ``end`` event (or its ``error``/``cancelled``)."""
     pieces: list[str] = []
+    logprobs: list[dict[str, Any]] = []
     while True:
         event = await job.events.get()
         if event.kind == "delta":
             pieces.append(event.text)
+            logprobs.extend(event.logprobs)
         elif event.kind == "end":
-            return Event("end", "".join(pieces), event.finish_reason, event.completion_tokens)
+            return Event("end", "".join(pieces), event.finish_reason, event.completion_tokens, tuple(logprobs))
         else:
             return event
 
@@ -173,11 +175,13 @@ async def _collect(job: Job) -> Event:
 async def _sse_events(job: Job, cid: str, name: str, prompt: int, images: int,
                       include_usage: bool) -> AsyncIterator[bytes]:
     created = int(time.time())
+    with_logprobs = job.top_logprobs is not None
     yield sse(chunk_body(cid, name, created, {"role": "assistant", "content": ""}))
     while True:
         event = await job.events.get()
         if event.kind == "delta":
-            yield sse(chunk_body(cid, name, created, {"content": event.text}))
+            yield sse(chunk_body(cid, name, created, {"content": event.text},
+                                 logprobs=list(event.logprobs) if with_logprobs else None))
         elif event.kind == "end":
             yield sse(chunk_body(cid, name, created, {}, finish_reason=event.finish_reason))
             if include_usage:
@@ -249,7 +253,9 @@ def create_app(model: Any, processor: Any, *, model_name: str = "kimivl",
         stops = req.stop_strings()
         settings, eos_ids = service.settings(req, stops)
         inputs, prompt, images, new = await run_in_threadpool(service.prepare, req)
-        job = Job(inputs, {**settings, "max_new_tokens": new}, stops, eos_ids, asyncio.get_running_loop())
+        top_logprobs = req.logprobs_top()
+        job = Job(inputs, {**settings, "max_new_tokens": new}, stops, eos_ids, asyncio.get_running_loop(),
+                  top_logprobs=top_logprobs)
         try:
             service.worker.submit(job)
         except QueueFull:
@@ -272,7 +278,8 @@ def create_app(model: Any, processor: Any, *, model_name: str = "kimivl",
             raise APIError(500, result.text or "generation was cancelled", code="generation_failed",
                            type="server_error")
         return JSONResponse(completion_body(cid, model_name, result.text, result.finish_reason or "stop",
-                                            usage_body(prompt, images, result.completion_tokens)))
+                                            usage_body(prompt, images, result.completion_tokens),
+                                            logprobs=list(result.logprobs) if top_logprobs is not None else None))
 
     return app
 

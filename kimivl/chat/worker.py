@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kimivl.chat.protocol import logprob_entry
 from kimivl.generation import IncrementalDetokenizer, generate
 
 logger = logging.getLogger(__name__)
@@ -24,12 +25,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Event:
-    """What a job reports: ``delta`` (text), ``end`` (finish_reason, completion_tokens), ``error``, ``cancelled``."""
+    """What a job reports: ``delta`` (text, logprobs), ``end`` (finish_reason, completion_tokens), ``error``,
+    ``cancelled``."""
 
     kind: str
     text: str = ""
     finish_reason: str | None = None
     completion_tokens: int = 0
+    logprobs: tuple[dict[str, Any], ...] = ()  # entries of the tokens whose text this delta completes
 
 
 class QueueFull(Exception):
@@ -75,6 +78,7 @@ class Job:
     stops: list[str]
     eos_ids: list[int]
     loop: asyncio.AbstractEventLoop
+    top_logprobs: int | None = None  # None: no logprobs; k: each token's logprob and its k best alternatives
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -92,15 +96,42 @@ class Job:
             self.emit(Event("cancelled"))
 
 
+class LogprobRecorder:
+    """A ``logits_processor`` that only looks: keeps the last step's log-softmax of row 0 (the raw logits, before
+    temperature and the filters) so each new token's logprob entry can be made when the streamer gets it."""
+
+    def __init__(self, tokenizer: Any, top: int) -> None:
+        self.tokenizer = tokenizer
+        self.top = top
+        self.latest: torch.Tensor | None = None
+
+    def __call__(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.latest = scores[0].float().log_softmax(-1)
+        return scores
+
+    def _described(self, token: int) -> tuple[str, bytes]:
+        return self.tokenizer.convert_ids_to_tokens(token), self.tokenizer.token_bytes(token)
+
+    def entry(self, token: int) -> dict[str, Any]:
+        assert self.latest is not None
+        top: list[tuple[str, bytes, float]] = []
+        if self.top:
+            values, ids = self.latest.topk(self.top)
+            top = [(*self._described(int(i)), float(v)) for v, i in zip(values.tolist(), ids.tolist())]
+        return logprob_entry(*self._described(token), float(self.latest[token]), top)
+
+
 class _JobStreamer:
     """``generate`` streamer: token ids in, text deltas out to the job; raises once the job is cancelled."""
 
-    def __init__(self, job: Job, decode: Any) -> None:
+    def __init__(self, job: Job, decode: Any, recorder: LogprobRecorder | None = None) -> None:
         self.job = job
         self.detokenizer = IncrementalDetokenizer(decode)
         self.trimmer = StopTrimmer(job.stops)
         self.prompt_seen = False
         self.tokens: list[int] = []
+        self.recorder = recorder
+        self.pending: list[dict[str, Any]] = []  # logprob entries not sent with a delta yet
 
     def put(self, value: torch.Tensor) -> None:
         if self.job.cancelled.is_set():
@@ -110,14 +141,20 @@ class _JobStreamer:
             return
         token = int(value.reshape(-1)[0])
         self.tokens.append(token)
+        if self.recorder is not None and token not in self.job.eos_ids:  # a stop id adds no content
+            self.pending.append(self.recorder.entry(token))
         text = self.trimmer.push(self.detokenizer.push(token))
         if text:
-            self.job.emit(Event("delta", text))
+            self._emit(text)
 
     def end(self) -> None:
         text = self.trimmer.push(self.detokenizer.flush()) + self.trimmer.flush()
-        if text:
-            self.job.emit(Event("delta", text))
+        if text or self.pending:
+            self._emit(text)
+
+    def _emit(self, text: str) -> None:
+        self.job.emit(Event("delta", text, logprobs=tuple(self.pending)))
+        self.pending = []
 
 
 class ModelWorker:
@@ -192,12 +229,14 @@ class ModelWorker:
                 self._current = None
 
     def _generate(self, job: Job, decode: Any) -> None:
-        streamer = _JobStreamer(job, decode)
+        recorder = None if job.top_logprobs is None else LogprobRecorder(self.processor.tokenizer, job.top_logprobs)
+        streamer = _JobStreamer(job, decode, recorder)
         start = time.perf_counter()
         inputs = job.inputs
         try:
             generate(self.model, inputs["input_ids"], inputs.get("attention_mask"), inputs.get("pixel_values"),
-                     inputs.get("image_grid_hws"), streamer=streamer, tokenizer=self.processor, **job.settings)
+                     inputs.get("image_grid_hws"), streamer=streamer, tokenizer=self.processor,
+                     logits_processor=[recorder] if recorder is not None else None, **job.settings)
         except _Cancelled:
             self._count("cancelled")
             logger.info("request cancelled by its client after %d tokens", len(streamer.tokens))

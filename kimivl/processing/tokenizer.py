@@ -232,6 +232,14 @@ class KimiVLTokenizer:
             return self._id_to_token(ids)
         return [self._id_to_token(int(i)) for i in ids]
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a special token: its name in UTF-8); a token may hold part of a
+        multi-byte character, which its decoded text shows as U+FFFD."""
+        if not 0 <= token_id < self.vocab_size:
+            raise KimiVLInputError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
+        special = self._id_to_special.get(token_id)
+        return special.encode("utf-8") if special is not None else self._encoding.decode_single_token_bytes(token_id)
+
     def is_special_id(self, token_id: int) -> bool:
         return token_id >= self.num_base_tokens
 

@@ -127,3 +127,48 @@ def test_client_sees_the_error_message(client):
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert info.value.code == "model_not_found"
+
+
+def _golden_logprobs(golden, tiny, answer_ids, top: int):
+    """(token, bytes, logprob, [(token, logprob)] * top) of the answer tokens, from the official step logits."""
+    import torch
+
+    tokenizer = tiny[1].tokenizer
+    rows = torch.log_softmax(golden["generate.step_logits"].double(), -1)
+    out = []
+    for token, row in zip(answer_ids, rows):
+        best = row.topk(top)
+        out.append((tokenizer.convert_ids_to_tokens(token), tokenizer.token_bytes(token), float(row[token]),
+                    [(tokenizer.convert_ids_to_tokens(int(i)), float(v)) for v, i in zip(best.values, best.indices)]))
+    return out
+
+
+def _check_entries(entries, expected):
+    assert len(entries) == len(expected) == 7  # the 7 answer tokens; the stop id [EOS] adds no content
+    for entry, (token, token_bytes, logprob, top) in zip(entries, expected):
+        assert (entry.token, bytes(entry.bytes)) == (token, token_bytes) and abs(entry.logprob - logprob) < 1e-4
+        assert [t.token for t in entry.top_logprobs] == [t for t, _ in top]
+        assert all(abs(t.logprob - lp) < 1e-4 for t, (_, lp) in zip(entry.top_logprobs, top))
+
+
+def test_logprobs_are_the_official_step_distributions(client, golden_dir, golden, golden_answer, tiny, h):
+    expected = _golden_logprobs(golden, tiny, h.GOLDEN_ANSWER_IDS, top=3)
+    r = client.chat.completions.create(model="kimivl-tiny", messages=h.golden_messages(golden_dir), logprobs=True,
+                                       top_logprobs=3)
+    assert r.choices[0].message.content == golden_answer
+    _check_entries(r.choices[0].logprobs.content, expected)
+    assert b"".join(bytes(e.bytes) for e in r.choices[0].logprobs.content).decode(errors="replace") == golden_answer
+    chunks = list(client.chat.completions.create(model="kimivl-tiny", messages=h.golden_messages(golden_dir),
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    _check_entries(streamed, expected)
+    plain = client.chat.completions.create(model="kimivl-tiny", messages=h.golden_messages(golden_dir))
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == golden_answer
+
+
+def test_top_logprobs_needs_logprobs(server, golden_dir, h):
+    status, body = h.post_json(server, {"messages": h.golden_messages(golden_dir), "top_logprobs": 2})
+    assert status == 400 and body["error"]["message"] == "top_logprobs needs logprobs=true"
+    status, body = h.post_json(server, {"messages": h.golden_messages(golden_dir), "logprobs": True,
+                                        "top_logprobs": 21})
+    assert status == 400 and body["error"]["param"] == "top_logprobs"
