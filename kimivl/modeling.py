@@ -205,7 +205,7 @@ class KimiVLForConditionalGeneration(nn.Module):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=ignore)
 
     # ------------------------------------------------------------------ generation
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, image_grid_hws: torch.Tensor | None = None,
                  max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
@@ -215,7 +215,8 @@ class KimiVLForConditionalGeneration(nn.Module):
                  pad_token_id: int | None = None, *, min_new_tokens: int | None = None, max_length: int | None = None,
                  generation_config: Any = None, num_beams: int | None = None, use_cache: bool | None = None,
                  return_dict_in_generate: bool = False, output_scores: bool = False,
-                 output_logits: bool = False, logits_processor: Any = None) -> torch.Tensor | GenerateOutput:
+                 output_logits: bool = False, logits_processor: Any = None,
+                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | GenerateOutput:
         """Prompt + new ids (B, S + new), or a :class:`~kimivl.generation.GenerateOutput` with
         ``return_dict_in_generate=True``; see :func:`kimivl.generation.generate` (which this calls)."""
         return generate_ids(self, input_ids, attention_mask, pixel_values, image_grid_hws,
@@ -226,7 +227,7 @@ class KimiVLForConditionalGeneration(nn.Module):
                             max_length=max_length, generation_config=generation_config, num_beams=num_beams,
                             use_cache=use_cache, return_dict_in_generate=return_dict_in_generate,
                             output_scores=output_scores, output_logits=output_logits,
-                            logits_processor=logits_processor)
+                            logits_processor=logits_processor, inputs_embeds=inputs_embeds)
 
     # ------------------------------------------------------------------ I/O
     @classmethod

@@ -73,16 +73,20 @@ def _next_token_logits(lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def prefill(model: nn.Module, input_ids: torch.Tensor, cache: MLACache, attention_mask: torch.Tensor | None = None,
-            pixel_values: torch.Tensor | None = None, image_grid_hws: torch.Tensor | None = None) -> torch.Tensor:
+            pixel_values: torch.Tensor | None = None, image_grid_hws: torch.Tensor | None = None,
+            inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Run the prompt (and its images, the only time they are encoded) into ``cache``.
 
     input_ids: (B, S) left padded; attention_mask: (B, S) or None (no padding); pixel_values: (L, 3, p, p) and
-    image_grid_hws: (N, 2) for the placeholders of all rows, in order. Returns the next-token logits
-    (B, vocab) float32; ``cache.length`` grows by S. Only the last position goes through the last layer's MLP
+    image_grid_hws: (N, 2) for the placeholders of all rows, in order; ``inputs_embeds`` (B, S, D), when given,
+    is the prompt in place of ``input_ids``' embeddings. Returns the next-token logits (B, vocab) float32;
+    ``cache.length`` grows by S. Only the last position goes through the last layer's MLP
     (``last_positions=1``): the others' latents are cached by its attention and nothing else reads them.
     """
     lm = _language_model(model)
-    if hasattr(model, "embed_inputs"):
+    if inputs_embeds is not None:
+        out = lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, last_positions=1)
+    elif hasattr(model, "embed_inputs"):
         embeds = model.embed_inputs(input_ids, pixel_values, image_grid_hws)
         out = lm.model(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache, last_positions=1)
     else:
@@ -170,6 +174,27 @@ def resolve_generation_config(model: nn.Module, base: Any = None, **overrides: A
         config.pad_token_id = pad if pad is not None and 0 <= pad < text_config.vocab_size else 0
     _validate(config)
     return config
+
+
+def _embeds_prompt(model: nn.Module, inputs_embeds: torch.Tensor, input_ids: torch.Tensor | None,
+                   pixel_values: torch.Tensor | None) -> torch.Tensor:
+    """Check ``inputs_embeds`` (B, S, hidden); returns the ids that give the prompt its shape (``input_ids`` when
+    given and of the same (B, S), else zeros that are never read as tokens)."""
+    hidden = _language_model(model).config.hidden_size
+    if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden \
+            or not inputs_embeds.is_floating_point():
+        got = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds).__name__
+        raise KimiVLInputError(f"inputs_embeds must be a float (batch, seq_len, {hidden}) tensor, got {got}")
+    if pixel_values is not None and pixel_values.numel() > 0:
+        raise KimiVLInputError("pixel_values cannot come with inputs_embeds: the images' features must already be in "
+                               "the embeddings (model.embed_inputs(input_ids, pixel_values, image_grid_hws))")
+    b, n = inputs_embeds.shape[:2]
+    if input_ids is None:
+        return torch.zeros(b, n, dtype=torch.long, device=inputs_embeds.device)
+    if tuple(input_ids.shape) != (b, n):
+        raise KimiVLInputError(f"input_ids {tuple(input_ids.shape)} and inputs_embeds {tuple(inputs_embeds.shape)} "
+                               "must cover the same (batch, seq_len)")
+    return input_ids
 
 
 def _processor_list(logits_processor: Any) -> list[LogitsProcessor]:
@@ -261,9 +286,12 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
                  pixel_values: torch.Tensor | None, image_grid_hws: torch.Tensor | None, config: GenerationConfig,
                  generator: torch.Generator | None, stops: _StopStrings | None,
                  record: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 processors: Sequence[LogitsProcessor] = ()) -> Iterator[torch.Tensor]:
+                 processors: Sequence[LogitsProcessor] = (), inputs_embeds: torch.Tensor | None = None,
+                 ids_known: bool = True) -> Iterator[torch.Tensor]:
     """Yield each step's new ids (B,) int64 until every row stopped or ``max_new_tokens`` were made; with
     ``record``, append each step's (scores, raw logits) to it; ``processors`` rewrite the logits of each step.
+    ``inputs_embeds`` is the prompt when given; without ``ids_known``, ``input_ids`` only gives its shape (the
+    repetition penalty and the processors then see the new ids alone, as in transformers).
 
     (The decorator keeps inference mode on only while this generator runs, not while its consumer does.)
     """
@@ -285,7 +313,7 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         if attention_mask is not None and not bool(attention_mask.all()):
             full_mask = torch.cat((attention_mask.long(), attention_mask.new_ones(b, max_new).long()), dim=1)
         logits = prefill(model, input_ids, cache, None if full_mask is None else full_mask[:, :n],
-                         pixel_values, image_grid_hws)
+                         pixel_values, image_grid_hws, inputs_embeds)
         if graphs is not None:
             graphs.start(None if full_mask is None else full_mask[:, :n])
 
@@ -294,13 +322,14 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
             # counts, not a bool scatter: a pad id may also be a real prompt token of another position
             real = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
             seen = torch.zeros(b, logits.shape[-1], dtype=torch.long, device=logits.device)
-            seen = seen.scatter_add_(1, input_ids, real) > 0
+            seen = seen.scatter_add_(1, input_ids, real * ids_known) > 0
         eos = frozenset(config.eos_ids())
         min_new = config.min_new_tokens or 0
         eos_index = torch.tensor(sorted(eos), dtype=torch.long, device=device) if eos and min_new else None
         rows = torch.arange(b, device=input_ids.device)
         # the ids so far, for logits processors (transformers passes them the (B, S + t) sequences)
         history = torch.cat((input_ids, input_ids.new_zeros(b, max_new)), dim=1) if processors else None
+        first = 0 if ids_known else n  # where the ids the processors see start
         # Which rows stopped, as Python bools: the step's ids are read once (``tolist``) and checked here; the
         # tensor form (masked_fill, isin, or, all) was ~5 tensor ops per step around a bandwidth-bound decode step.
         finished = [False] * b
@@ -311,7 +340,7 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
             if eos_index is not None and step < min_new:  # no stop id before min_new_tokens
                 logits = logits.index_fill(1, eos_index, float("-inf"))
             if history is not None:
-                logits = _apply_processors(processors, history[:, :n + step], logits)
+                logits = _apply_processors(processors, history[:, first:n + step], logits)
             scores = warp_logits(logits, do_sample=config.do_sample, temperature=config.temperature,
                                  top_k=config.top_k, top_p=config.top_p, min_p=config.min_p)
             token = pick_token(scores, do_sample=config.do_sample, generator=generator)
@@ -375,7 +404,7 @@ def _prepare(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     return input_ids, attention_mask, config, generator, stops
 
 
-def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
              pixel_values: torch.Tensor | None = None, image_grid_hws: torch.Tensor | None = None,
              max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
@@ -384,7 +413,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
              tokenizer: Any = None, pad_token_id: int | None = None, *, min_new_tokens: int | None = None,
              max_length: int | None = None, generation_config: Any = None, num_beams: int | None = None,
              use_cache: bool | None = None, return_dict_in_generate: bool = False, output_scores: bool = False,
-             output_logits: bool = False, logits_processor: Any = None) -> torch.Tensor | GenerateOutput:
+             output_logits: bool = False, logits_processor: Any = None,
+             inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | GenerateOutput:
     """Generate new tokens after each (left-padded) prompt row; returns (B, S + new) int64 ids.
 
     input_ids: (B, S); attention_mask: (B, S), 1 = token, 0 = left pad; pixel_values / image_grid_hws as from
@@ -401,9 +431,15 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     (a :class:`GenerateOutput`), ``logits_processor`` (callables ``(ids so far, scores) -> scores``, run on each
     step's logits after the repetition penalty and ``min_new_tokens``, before temperature and the filters);
     ``num_beams`` may only be 1 (no beam search) and ``use_cache`` changes nothing (the latent cache is always
-    used; the output is the same without it).
+    used; the output is the same without it). ``inputs_embeds`` (B, S, hidden) is the prompt's embeddings in place
+    of ``input_ids``' (images already in them); without ``input_ids`` the output holds the new ids only.
     """
     processors = _processor_list(logits_processor)
+    ids_known = input_ids is not None
+    if inputs_embeds is not None:
+        input_ids = _embeds_prompt(model, inputs_embeds, input_ids, pixel_values)
+    elif input_ids is None:
+        raise KimiVLInputError("pass input_ids (or inputs_embeds) to generate from")
     _check(num_beams is None or num_beams == 1, "num_beams", num_beams,
            "must be 1: beam search is not implemented (greedy with do_sample=False, or sampling)")
     _check(use_cache is None or isinstance(use_cache, bool), "use_cache", use_cache, "must be True or False")
@@ -419,22 +455,25 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     input_ids, attention_mask, config, generator, stops = _prepare(model, input_ids, attention_mask, overrides,
                                                                    seed, tokenizer, generation_config)
     record: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if output_scores or output_logits else None
+    if inputs_embeds is not None:
+        inputs_embeds = inputs_embeds.to(device=input_ids.device, dtype=_language_model(model).lm_head.weight.dtype)
+    prompt = input_ids if ids_known else input_ids[:, :0]  # what the output and the streamer get of the prompt
     if streamer is not None:
-        streamer.put(input_ids.cpu())
+        streamer.put(prompt.cpu())
     tokens = []
     for token in _token_steps(model, input_ids, attention_mask, pixel_values, image_grid_hws, config, generator,
-                              stops, record, processors):
+                              stops, record, processors, inputs_embeds, ids_known):
         tokens.append(token)
         if streamer is not None:
             streamer.put(token.cpu())
     if streamer is not None:
         streamer.end()
-    sequences = torch.cat((input_ids, torch.stack(tokens, dim=1)), dim=1)
+    sequences = torch.cat((prompt, torch.stack(tokens, dim=1)), dim=1)
     if not return_dict_in_generate:
         return sequences
-    return GenerateOutput(sequences, scores=tuple(r[0] for r in record) if output_scores and record is not None
-                          else None, logits=tuple(r[1] for r in record) if output_logits and record is not None
-                          else None)
+    steps = record or []
+    return GenerateOutput(sequences, scores=tuple(s for s, _ in steps) if output_scores else None,
+                          logits=tuple(raw for _, raw in steps) if output_logits else None)
 
 
 def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -268,3 +268,38 @@ def test_a_logits_processor_of_the_wrong_shape_is_named(model: KimiVLForConditio
         model.generate(**_prompt(golden), max_new_tokens=2, logits_processor=[first_row])
     with pytest.raises(KimiVLInputError, match="logits_processor must be a callable"):
         model.generate(**_prompt(golden), max_new_tokens=2, logits_processor=[3])
+
+
+def test_inputs_embeds_in_place_of_ids(model: KimiVLForConditionalGeneration, golden: dict[str, torch.Tensor]) -> None:
+    p = _prompt(golden)
+    with torch.no_grad():
+        embeds = model.embed_inputs(p["input_ids"], p["pixel_values"], p["image_grid_hws"])
+    puts: list[tuple[int, ...]] = []
+
+    class Shapes:
+        def put(self, value: torch.Tensor) -> None:
+            puts.append(tuple(value.shape))
+
+        def end(self) -> None:
+            pass
+
+    # without input_ids the output is the new ids alone (transformers' rule); the streamer gets an empty prompt
+    new = model.generate(inputs_embeds=embeds, max_new_tokens=8, eos_token_id=[], streamer=Shapes())
+    assert new[0].tolist() == GOLDEN_NEW and puts[0] == (1, 0) and puts[1:] == [(1,)] * 8
+    both = model.generate(p["input_ids"], inputs_embeds=embeds, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(both, golden["generate.sequences"])
+    # the prompt's ids are unknown, so nothing of it is penalised: the first step is the plain argmax
+    assert int(model.generate(inputs_embeds=embeds, max_new_tokens=1, repetition_penalty=100.0)[0, 0]) == GOLDEN_NEW[0]
+
+
+def test_inputs_embeds_errors_are_named(model: KimiVLForConditionalGeneration, golden: dict[str, torch.Tensor]) -> None:
+    p = _prompt(golden)
+    embeds = torch.zeros(1, 5, 64)
+    with pytest.raises(KimiVLInputError, match=r"inputs_embeds must be a float \(batch, seq_len, 64\) tensor, got \(1, 5, 32\)"):
+        model.generate(inputs_embeds=torch.zeros(1, 5, 32))
+    with pytest.raises(KimiVLInputError, match="pixel_values cannot come with inputs_embeds"):
+        model.generate(inputs_embeds=embeds, pixel_values=p["pixel_values"], image_grid_hws=p["image_grid_hws"])
+    with pytest.raises(KimiVLInputError, match=r"input_ids \(1, 55\) and inputs_embeds \(1, 5, 64\) must cover"):
+        model.generate(p["input_ids"], inputs_embeds=embeds)
+    with pytest.raises(KimiVLInputError, match=r"pass input_ids \(or inputs_embeds\)"):
+        model.generate()
