@@ -8,15 +8,14 @@ Runtime choices (dtype, device, attention backend) are never config fields.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
+
+from kimivl.fieldtypes import type_problem
 
 logger = logging.getLogger(__name__)
 
@@ -70,50 +69,10 @@ class _ConfigBase:
     def _check_types(self, section: str) -> None:
         """Every known key holds a value of its annotated JSON type (a quoted "64" for a width would otherwise
         fail deep inside torch when the model is built)."""
-        for name, hint in _field_types(type(self)).items():
-            value = getattr(self, name)
-            if not _matches(value, hint):
-                raise ValueError(f"{section}.{name} = {value!r}: must be {_describe(hint)}, got {type(value).__name__}")
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "extra"}
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:  # JSON writes 800000.0 as 800000 just as well
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if origin is list:
-        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    return isinstance(value, origin or hint)
-
-
-def _describe(hint: Any) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    if typing.get_origin(hint) is list:
-        return f"a list ({_describe(typing.get_args(hint)[0])} each)"
-    if typing.get_origin(hint) is dict:
-        return "an object"
-    names = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
-    return names.get(hint, getattr(hint, "__name__", str(hint)))
+        problem = type_problem(self)
+        if problem is not None:
+            name, value, must = problem
+            raise ValueError(f"{section}.{name} = {value!r}: must be {must}, got {type(value).__name__}")
 
 
 def _plain(value: Any) -> Any:

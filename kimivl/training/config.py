@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kimivl.fieldtypes import float_strings_to_floats, type_problem
+
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 PROGRESS_MODES = ("tqdm", "log", "none")
 DISTRIBUTED_MODES = ("auto", "none", "ddp", "fsdp2", "deepspeed")
@@ -85,6 +87,7 @@ class TrainingArguments:
     progress: str = "tqdm"
 
     def __post_init__(self) -> None:
+        float_strings_to_floats(self)
         if isinstance(self.train_file, str):
             self.train_file = [self.train_file]
         if isinstance(self.freeze, str):
@@ -105,6 +108,10 @@ class TrainingArguments:
             if name not in (self.vision_labels or {}):
                 raise ValueError(f"training config: vision_pooling names {name!r}, which is not a label set of "
                                  f"vision_labels ({sorted(self.vision_labels or {})})")
+        problem = type_problem(self)
+        if problem is not None:
+            name, value, must = problem
+            raise ValueError(f"training config: {name} = {value!r} must be {must}, got {type(value).__name__}")
         checks = [
             (self.max_steps >= 1, "max_steps", self.max_steps, ">= 1"),
             (self.batch_size >= 1, "batch_size", self.batch_size, ">= 1"),

@@ -96,32 +96,50 @@ def sharegpt_to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _resolve_paths(messages: list[dict[str, Any]], base_dir: Path) -> list[dict[str, Any]]:
-    """Make relative media paths in string form relative to the JSONL file's directory."""
+    """Make relative media paths in string form relative to the JSONL file's directory (else the working
+    directory); a file in neither place is an error now, not hours into training."""
     out = []
-    for message in messages:
+    for i, message in enumerate(messages):
         content = message.get("content")
         if isinstance(content, list):
             items = []
-            for item in content:
+            for j, item in enumerate(content):
                 if isinstance(item, dict):
                     item = dict(item)
                     for key in _MEDIA_KEYS:
                         value = item.get(key)
-                        if isinstance(value, str) and "://" not in value and not value.startswith("data:") \
-                                and not os.path.isabs(value) and (base_dir / value).exists():
+                        if not isinstance(value, str) or "://" in value or value.startswith("data:"):
+                            continue
+                        if not os.path.isabs(value) and (base_dir / value).exists():
                             item[key] = str(base_dir / value)
+                        elif not os.path.exists(value):
+                            places = dict.fromkeys([str(base_dir.resolve()), str(Path.cwd())])
+                            where = " or ".join(places) if not os.path.isabs(value) else "that path"
+                            raise KimiVLInputError(f"message {i} item {j}: {key} file {value!r} not found (looked in "
+                                                   f"{where})")
                 items.append(item)
             message = {**message, "content": items}
         out.append(message)
     return out
 
 
+def _check_messages(messages: Any) -> list[dict[str, Any]]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        got = f"{type(messages).__name__} {messages!r:.60}" if messages else "an empty list"
+        raise KimiVLInputError(f"'messages' must be a non-empty list of {{'role', 'content'}} dicts, got {got}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+            raise KimiVLInputError(f"message {i} must be a dict with a 'role' string and 'content', got "
+                                   f"{message!r:.80}")
+    return list(messages)
+
+
 def to_messages(record: Any, *, base_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """Any supported record -> the processor's message list (see module docstring)."""
     if isinstance(record, (list, tuple)):
-        messages = list(record)
+        messages = _check_messages(record)
     elif isinstance(record, dict) and "messages" in record:
-        messages = list(record["messages"])
+        messages = _check_messages(record["messages"])
     elif isinstance(record, dict) and "conversations" in record:
         messages = sharegpt_to_messages(record)
     else:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -119,3 +120,34 @@ def test_unknown_config_key_is_an_error_with_a_suggestion(tmp_path):
 
     with pytest.raises(ValueError, match="max_steps = 0"):
         load_training_args(cfg)
+
+
+def test_yaml_values_of_the_wrong_type_are_named_and_1e_5_reads_as_a_number(tmp_path):
+    from kimivl.training import load_training_args
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 1e-5\nmax_grad_norm: 5e-1\nfreeze: vision_tower\n")
+    args = load_training_args(cfg)  # PyYAML reads 1e-5 (no dot) as a string
+    assert args.learning_rate == 1e-5 and args.max_grad_norm == 0.5 and args.freeze == ["vision_tower"]
+    for text, needle in [("learning_rate: fast\n", "learning_rate = 'fast' must be a number, got str"),
+                         ("max_steps: '3'\n", "max_steps = '3' must be an integer, got str"),
+                         ("bf16: 1\n", "bf16 = 1 must be true/false, got int"),
+                         ("freeze: [1]\n", "freeze = [1] must be a list (a string each), got list")]:
+        cfg.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"training config: {needle}")):
+            load_training_args(cfg)
+
+
+def test_malformed_records_and_missing_media_are_named_at_read_time(tmp_path):
+    path = tmp_path / "train.jsonl"
+    good = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+    for record, needle in [({"messages": "bad"}, "'messages' must be a non-empty list of {'role', 'content'} dicts, "
+                                                 "got str 'bad'"),
+                           ({"messages": []}, "'messages' must be a non-empty list of {'role', 'content'} dicts, "
+                                              "got an empty list"),
+                           ({"messages": [{"content": "Q"}]}, "message 0 must be a dict with a 'role' string"),
+                           ({"messages": [{"role": "user", "content": [{"type": "image", "image": "gone.png"}]}]},
+                            f"message 0 item 0: image file 'gone.png' not found (looked in {tmp_path}")]:
+        path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+        with pytest.raises(KimiVLInputError, match=re.escape(f"train.jsonl:2: {needle}")):
+            read_jsonl(path)
