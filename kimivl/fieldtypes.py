@@ -6,10 +6,13 @@ deep inside torch. Used by the model configs (:mod:`kimivl.configuration`) and t
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import types
 import typing
 from typing import Any
+
+from kimivl.errors import KimiVLInputError
 
 
 def type_problem(obj: Any, skip: tuple[str, ...] = ("extra",)) -> tuple[str, Any, str] | None:
@@ -80,3 +83,21 @@ def _allows_float(hint: Any) -> bool:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return any(_allows_float(a) for a in typing.get_args(hint)) and str not in typing.get_args(hint)
     return hint is float
+
+
+def checked_replace(obj: Any, changes: dict[str, Any], label: str, what: str) -> Any:
+    """``dataclasses.replace(obj, **changes)`` for options given by users (a content item's ``fps``, a
+    preprocessor_config's ``video_options``): an unknown key (with the closest known one) or a value of the
+    wrong type is a :class:`~kimivl.errors.KimiVLInputError` naming ``label`` and the key."""
+    names = [f.name for f in dataclasses.fields(obj)]
+    unknown = sorted(set(changes) - set(names))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise KimiVLInputError(f"{label}: unknown {what} option {unknown[0]!r}{hint}; the options are {', '.join(names)}")
+    out = dataclasses.replace(obj, **changes)
+    problem = type_problem(out)
+    if problem is not None:
+        name, value, must = problem
+        raise KimiVLInputError(f"{label}: {what} option {name} = {value!r} must be {must}, got {type(value).__name__}")
+    return out

@@ -11,12 +11,13 @@ from __future__ import annotations
 import io
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
 from kimivl.errors import KimiVLInputError
+from kimivl.fieldtypes import checked_replace
 from kimivl.processing.image_processing import KimiVLImageProcessor
 from kimivl.processing.media import ImageBlock, MediaPlan, fit_token_budget, resize_to, source_size
 
@@ -34,8 +35,7 @@ class DocumentOptions:
     password: str | None = None
 
     def updated(self, item: dict[str, Any], label: str) -> DocumentOptions:
-        changes = {k: item[k] for k in ("dpi", "max_pages", "max_tokens", "min_page_tokens", "password") if k in item}
-        out = replace(self, **changes)
+        out = checked_replace(self, item, label, "document")
         if not (out.dpi > 0 and out.max_pages >= 1 and out.max_tokens >= 1 and out.min_page_tokens >= 1):
             raise KimiVLInputError(f"{label}: need dpi > 0 and max_pages, max_tokens, min_page_tokens >= 1; got "
                                    f"dpi={out.dpi}, max_pages={out.max_pages}, max_tokens={out.max_tokens}, "

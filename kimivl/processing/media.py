@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
+import torch
 from PIL import Image
 
 from kimivl.errors import KimiVLInputError
@@ -114,11 +115,19 @@ def _open_lazy(source: ImageSource, label: str) -> Image.Image:
         if url is None:
             raise KimiVLInputError(f"{label}: image dict needs a 'url' (or 'path') key, got keys {sorted(source)}")
         return _open_lazy(url, label)
+    if isinstance(source, torch.Tensor):
+        if source.dtype != torch.uint8:
+            raise KimiVLInputError(f"{label}: tensors must be uint8 (H, W), (H, W, C) or (C, H, W), got {source.dtype} "
+                                   f"{tuple(source.shape)}")
+        source = source.detach().cpu().numpy()
     if isinstance(source, np.ndarray):
+        if source.ndim == 3 and source.shape[0] in (1, 3, 4) and source.shape[2] not in (1, 3, 4):
+            source = source.transpose(1, 2, 0)  # (C, H, W), as torch and transformers' processors lay images out
         channels_ok = source.ndim == 2 or (source.ndim == 3 and source.shape[2] in (1, 3, 4))
         if source.dtype != np.uint8 or not channels_ok:
-            raise KimiVLInputError(f"{label}: arrays must be uint8 (H, W) or (H, W, 1|3|4), got {source.dtype} "
-                                   f"{tuple(source.shape)}")
+            raise KimiVLInputError(f"{label}: arrays must be uint8 (H, W), (H, W, 1|3|4) or (1|3|4, H, W), got "
+                                   f"{source.dtype} {tuple(source.shape)}")
+        source = np.ascontiguousarray(source)
         return Image.fromarray(source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
@@ -126,7 +135,7 @@ def _open_lazy(source: ImageSource, label: str) -> Image.Image:
         data = _read_source_bytes(source, label)
     else:
         raise KimiVLInputError(f"{label}: unsupported image type {type(source).__name__}; pass a PIL image, a "
-                               "path, bytes, a data URL or a uint8 numpy array")
+                               "path, bytes, a data URL or a uint8 numpy array / torch tensor")
     if not data:
         raise KimiVLInputError(f"{label}: the image data is empty (0 bytes)")
     try:

@@ -14,12 +14,15 @@ import io
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+import torch
 from PIL import Image
 
 from kimivl.errors import KimiVLInputError
+from kimivl.fieldtypes import checked_replace
 from kimivl.processing.image_processing import KimiVLImageProcessor
 from kimivl.processing.media import (ImageBlock, MediaPlan, describe_source, fit_token_budget, image_size,
                                      load_image, resize_to, source_size)
@@ -43,8 +46,7 @@ class VideoOptions:
 
     def updated(self, item: dict[str, Any], label: str) -> VideoOptions:
         """These options with the keys of a content item / video dict that name options."""
-        keys = ("fps", "max_frames", "min_frames", "max_tokens", "min_frame_tokens")
-        out = replace(self, **{k: item[k] for k in keys if k in item})
+        out = checked_replace(self, item, label, "video")
         if not (out.fps > 0 and out.max_frames >= 1 and out.min_frames >= 1 and out.max_tokens >= 1
                 and out.min_frame_tokens >= 1):
             raise KimiVLInputError(f"{label}: need fps > 0 and max_frames, min_frames, max_tokens, min_frame_tokens "
@@ -201,7 +203,10 @@ def _frames_plan(label: str, times: list[float], sizes: list[tuple[int, int]], o
 
 def plan_video(source: Any, processor: KimiVLImageProcessor, options: VideoOptions, *, label: str,
                decoder: VideoDecoder | None) -> MediaPlan:
-    """Plan a video file (path / bytes) or a list of frames (PIL images, paths, bytes...)."""
+    """Plan a video file (path / bytes) or frames: a list (PIL images, paths, bytes, arrays...) or one uint8
+    array / tensor of frames, (T, H, W, C) or (T, C, H, W)."""
+    if isinstance(source, (np.ndarray, torch.Tensor)) and source.ndim == 4:
+        source = list(source)
     if isinstance(source, (list, tuple)):
         if not source:
             raise KimiVLInputError(f"{label}: the frame list is empty")

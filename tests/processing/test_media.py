@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -264,3 +265,46 @@ def test_broken_pdf(processor, make_pdf, tmp_path, mangle):
                       "empty": b"", "missing": str(tmp_path / "none.pdf")}[mangle]
     with pytest.raises(KimiVLInputError, match="document 0 .*(broken or not a PDF|empty|not found)"):
         processor(text=DOCUMENT_BLOCK, documents=[source])
+
+
+def test_image_arrays_and_tensors_in_either_channel_layout():
+    import torch
+
+    rgb = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    reference = np.asarray(load_image(rgb))
+    for source in (rgb.transpose(2, 0, 1), torch.from_numpy(rgb), torch.from_numpy(rgb).permute(2, 0, 1)):
+        assert np.array_equal(np.asarray(load_image(source)), reference) and image_size(source) == (40, 30)
+    with pytest.raises(KimiVLInputError, match=r"tensors must be uint8 .* got torch.float32 \(3, 30, 40\)"):
+        load_image(torch.zeros(3, 30, 40), label="image 0")
+
+
+def test_video_as_one_array_or_tensor_of_frames(processor):
+    import torch
+
+    frames = np.stack([np.full((28, 28, 3), frame_colour(i), np.uint8) for i in range(6)])
+
+    def encode(video):
+        messages = [{"role": "user", "content": [{"type": "video", "video": video, "fps": 2, "max_frames": 3},
+                                                 {"type": "text", "text": "What happens?"}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                             return_tensors="pt")
+
+    reference = encode([Image.fromarray(f) for f in frames])
+    for video in (frames, torch.from_numpy(frames), torch.from_numpy(frames).permute(0, 3, 1, 2)):  # THWC, TCHW
+        out = encode(video)
+        assert torch.equal(out.input_ids, reference.input_ids) and torch.equal(out.pixel_values, reference.pixel_values)
+
+
+@pytest.mark.parametrize("item, message", [
+    ({"type": "video", "video": "clip.mp4", "speed": 2}, "video 0 (message 0 item 0): unknown video option 'speed'; "
+                                                         "the options are fps, max_frames"),
+    ({"type": "video", "video": "clip.mp4", "max_frame": 2}, "unknown video option 'max_frame' (did you mean "
+                                                             "'max_frames'?)"),
+    ({"type": "video", "video": "clip.mp4", "fps": "fast"}, "video option fps = 'fast' must be a number, got str"),
+    ({"type": "document", "document": "a.pdf", "pages": [1]}, "unknown document option 'pages' (did you mean "
+                                                              "'max_pages'?)"),
+])
+def test_unknown_or_mistyped_media_options_are_named(processor, item, message):
+    messages = [{"role": "user", "content": [item, {"type": "text", "text": "?"}]}]
+    with pytest.raises(KimiVLInputError, match=re.escape(message)):
+        processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
