@@ -8,12 +8,14 @@ pages, batches are padded (left by default), labels for training come from the s
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
 import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +169,24 @@ class KimiVLProcessor:
                 raise KimiVLInputError(f"config.json media_placeholder_token_id={config.media_placeholder_token_id} "
                                        f"but the tokenizer's {MEDIA_PAD} is id {pad_id}")
         return cls(image_processor, tokenizer, template, **kwargs)
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
+        """Write what :meth:`from_pretrained` reads: ``preprocessor_config.json`` (with ``video_options`` /
+        ``document_options`` where they differ from the defaults or were in the file read), ``tiktoken.model``,
+        ``tokenizer_config.json`` and ``chat_template.jinja``, so ``save_pretrained(d)`` of the model and the
+        processor gives a directory both load from."""
+        directory = Path(directory)
+        image_processor = KimiVLImageProcessor.from_dict(self.image_processor.to_dict())
+        for key, value, default in (("video_options", self.video_options, VideoOptions()),
+                                    ("document_options", self.document_options, DocumentOptions())):
+            if value != default or key in image_processor.extra:
+                read = image_processor.extra.get(key) or {}  # its keys, and those that differ from the defaults
+                image_processor.extra[key] = {k: v for k, v in dataclasses.asdict(value).items()
+                                              if k in read or v != getattr(default, k)}
+        image_processor.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        if self.chat_template is not None:
+            (directory / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
 
     # ------------------------------------------------------------------ media planning
     def _plan(self, item: MediaItem) -> MediaPlan:

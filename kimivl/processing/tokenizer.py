@@ -103,6 +103,8 @@ class KimiVLTokenizer:
                  padding_side: str = "left", chat_template: str | None = None,
                  pat_str: str = KIMI_PAT_STR) -> None:
         self.num_base_tokens = len(mergeable_ranks)
+        self.mergeable_ranks = mergeable_ranks
+        self.init_config: dict[str, Any] = {}  # the tokenizer_config.json it was read from, kept for saving
         n_special = NUM_RESERVED_SPECIAL_TOKENS + 2
         names = dict(special_names or {})
         outside = sorted(i for i in names if not self.num_base_tokens <= i < self.num_base_tokens + n_special)
@@ -172,7 +174,38 @@ class KimiVLTokenizer:
         if config.get("padding_side") in ("left", "right"):
             options["padding_side"] = config["padding_side"]
         options.update(kwargs)
-        return cls(mergeable_ranks, names, **options)
+        tokenizer = cls(mergeable_ranks, names, **options)
+        tokenizer.init_config = dict(config)
+        return tokenizer
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
+        """Write ``tiktoken.model`` and ``tokenizer_config.json`` (the one read, keys kimivl does not use
+        included, with this tokenizer's special tokens, padding side and template) to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        lines = (base64.b64encode(token) + b" " + str(rank).encode()
+                 for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]))
+        (directory / TIKTOKEN_FILE).write_bytes(b"\n".join(lines) + b"\n")
+        config = dict(self.init_config)
+        decoder = dict(config.get("added_tokens_decoder") or {})
+        for name, i in self.special_tokens.items():
+            entry = decoder.get(str(i))
+            unnamed = name == f"<|reserved_token_{i}|>"  # ids the file does not name get this name on reading
+            if not (isinstance(entry, dict) and entry.get("content") == name or entry == name or unnamed):
+                decoder[str(i)] = {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
+                                   "single_word": False, "special": True}
+        config["added_tokens_decoder"] = dict(sorted(decoder.items(), key=lambda kv: int(kv[0])))
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            if not isinstance(config.get(key), dict) or config[key].get("content") != getattr(self, key):
+                config[key] = getattr(self, key)
+        if self.additional_special_tokens or "additional_special_tokens" in config:
+            config["additional_special_tokens"] = list(self.additional_special_tokens)
+        if "padding_side" in config or self.padding_side != "left":
+            config["padding_side"] = self.padding_side
+        if self.chat_template is not None and not isinstance(config.get("chat_template"), list):
+            config["chat_template"] = self.chat_template
+        (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                       encoding="utf-8")
 
     # ------------------------------------------------------------------ ids
     @property

@@ -272,3 +272,26 @@ def test_media_budgets_from_preprocessor_config(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="video_options.*fps=-1"):
         KimiVLProcessor.from_pretrained(tmp_path)
+
+
+def test_save_pretrained_writes_what_from_pretrained_reads(golden_dir, tmp_path):
+    import json
+
+    from kimivl.processing.document import DocumentOptions
+
+    processor = KimiVLProcessor.from_pretrained(golden_dir, document_options=DocumentOptions(dpi=100.0))
+    processor.save_pretrained(tmp_path)
+    # the official files come back as they were (nothing dropped, nothing added)
+    assert (tmp_path / "tiktoken.model").read_bytes() == (golden_dir / "tiktoken.model").read_bytes()
+    assert (tmp_path / "chat_template.jinja").read_text() == (golden_dir / "chat_template.jinja").read_text()
+    for name in ("tokenizer_config.json", "preprocessor_config.json"):
+        saved, read = (json.loads((d / name).read_text()) for d in (tmp_path, golden_dir))
+        assert {k: v for k, v in saved.items() if k != "document_options"} == read
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["document_options"] == {"dpi": 100.0}
+    again = KimiVLProcessor.from_pretrained(tmp_path)
+    assert again.document_options == DocumentOptions(dpi=100.0) and again.video_options == processor.video_options
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(golden_dir / "inputs" / "image_70x98.png")},
+                                             {"type": "text", "text": "Describe this picture."}]}]
+    a, b = (p.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                  return_tensors="pt") for p in (processor, again))
+    assert all(torch.equal(a[k], b[k]) for k in a)
