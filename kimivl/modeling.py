@@ -268,10 +268,15 @@ class KimiVLForConditionalGeneration(nn.Module):
         return model
 
     def save_pretrained(self, directory: str | os.PathLike[str], max_shard_size: int | str = "5GB") -> None:
-        """Write ``config.json`` and (sharded) safetensors with the official keys."""
+        """Write ``config.json``, (sharded) safetensors with the official keys and, when the model has decoding
+        defaults (``generation_config``, set by ``from_pretrained``), ``generation_config.json``."""
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise FileExistsError(f"save_pretrained needs a directory, but {directory} is a file")
         config = KimiVLConfig.from_dict(self.config.to_dict())  # the model's own config stays untouched
         dtype_name = str(self.dtype).replace("torch.", "")
         config.torch_dtype = config.vision_config.torch_dtype = config.text_config.torch_dtype = dtype_name
         config.save_pretrained(directory)
         save_weights(self.state_dict(), directory, max_shard_size=max_shard_size)
+        if self.generation_config is not None:
+            self.generation_config.save_pretrained(directory)

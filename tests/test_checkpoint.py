@@ -247,3 +247,14 @@ def test_from_pretrained_builds_its_skeleton_without_random_init(golden_dir):
         assert 0.9 < weight.detach().std().item() < 1.1  # normal_(0, 1)
     if embed.padding_idx is not None:
         assert torch.count_nonzero(embed.weight[embed.padding_idx]) == 0
+
+
+def test_save_pretrained_keeps_the_decoding_defaults_and_refuses_a_file(golden_dir, tmp_path):
+    model = KimiVLForConditionalGeneration.from_pretrained(golden_dir)
+    model.generation_config.max_new_tokens = 7
+    model.save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["max_new_tokens"] == 7
+    assert KimiVLForConditionalGeneration.from_pretrained(tmp_path / "out").generation_config == model.generation_config
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match=r"save_pretrained needs a directory, but .*file is a file"):
+        model.save_pretrained(tmp_path / "file")

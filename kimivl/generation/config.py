@@ -65,6 +65,13 @@ class GenerationConfig:
         ids = list(dict.fromkeys(config.eos_ids() + chat_stop_ids(directory) + extra))
         return dataclasses.replace(config, eos_token_id=ids or None, extra=dict(config.extra))
 
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
+        """Write ``generation_config.json`` (the keys that are set, and the unknown ones read)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        data = {k: v for k, v in self.to_dict().items() if v is not None}
+        (directory / GENERATION_CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return out | dict(self.extra)
