@@ -122,3 +122,30 @@ def test_a_device_this_machine_lacks_is_named(golden_dir):
     with pytest.raises(ValueError, match=r"device='cuda:99', but (torch was built without CUDA|no CUDA device is "
                                          r"visible|only \d+ CUDA device\(s\) are visible)"):
         KimiVLForConditionalGeneration.from_pretrained(golden_dir, device="cuda:99")
+
+
+def test_transformers_streamer_logits_processors_and_generation_config_work():
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    model = KimiVLForConditionalGeneration.from_pretrained(kimivl.DEMO_MODEL)
+    processor = KimiVLProcessor.from_pretrained(kimivl.DEMO_MODEL)
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(SHAPE_PNG)},
+                                             {"type": "text", "text": "What color is the shape?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
+    streamed: list[str] = []
+
+    class Collect(transformers.TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            streamed.append(text)
+
+    out = model.generate(**inputs, max_new_tokens=8, streamer=Collect(processor.tokenizer, skip_prompt=True,
+                                                                      skip_special_tokens=True))
+    assert "".join(streamed).strip() == processor.batch_decode(out[:, n:], skip_special_tokens=True)[0] == "blue"
+    blue = processor.tokenizer.encode("blue")
+    banned = transformers.LogitsProcessorList([transformers.NoBadWordsLogitsProcessor([blue], eos_token_id=[0])])
+    other = model.generate(**inputs, max_new_tokens=4, logits_processor=banned)
+    assert blue[0] not in other[0, n:].tolist()
+    # transformers' GenerationConfig leaves unset fields None: the checkpoint's stop ids stay
+    short = model.generate(**inputs, generation_config=transformers.GenerationConfig(max_new_tokens=5, do_sample=False))
+    assert processor.batch_decode(short[:, n:], skip_special_tokens=True)[0] == "blue" and short.shape[1] - n == 2

@@ -151,24 +151,25 @@ def _validate(c: GenerationConfig) -> None:
 
 
 def resolve_generation_config(model: nn.Module, base: Any = None, **overrides: Any) -> GenerationConfig:
-    """``base`` (a :class:`GenerationConfig`, a dict of its keys or an object with ``to_dict()`` such as
-    transformers' ``GenerationConfig``), else the model's ``generation_config`` (or the defaults), with the
-    non-None ``overrides`` applied, validated.
+    """The model's ``generation_config`` (or the defaults), then the set (non-None) values of ``base`` (a
+    :class:`GenerationConfig`, a dict of its keys or an object with ``to_dict()`` such as transformers'
+    ``GenerationConfig``), then the non-None ``overrides``; validated.
 
     Without a stop id anywhere, the text config's ``eos_token_id`` stops; ``pad_token_id`` falls back to the
     text config's, then 0. ``eos_token_id=[]`` turns stopping on ids off.
     """
     text_config = _language_model(model).config
-    if base is not None and not isinstance(base, GenerationConfig):
+    model_config = getattr(model, "generation_config", None) or GenerationConfig(eos_token_id=text_config.eos_token_id)
+    changes: dict[str, Any] = {}
+    if base is not None:
         data = base.to_dict() if callable(getattr(base, "to_dict", None)) else base
         if not isinstance(data, dict):
             raise KimiVLInputError(f"generation_config must be a GenerationConfig, a dict or have to_dict(), got "
                                    f"{type(base).__name__}")
-        base = GenerationConfig.from_dict(data)
-    if base is None:
-        base = getattr(model, "generation_config", None) or GenerationConfig(eos_token_id=text_config.eos_token_id)
-    config = dataclasses.replace(base, extra=dict(base.extra),
-                                 **{k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in dataclasses.fields(GenerationConfig)} - {"extra"}
+        changes.update({k: v for k, v in data.items() if k in known and v is not None})
+    changes.update({k: v for k, v in overrides.items() if v is not None})
+    config = dataclasses.replace(model_config, extra=dict(model_config.extra), **changes)
     if config.pad_token_id is None:
         pad = text_config.pad_token_id
         config.pad_token_id = pad if pad is not None and 0 <= pad < text_config.vocab_size else 0
@@ -426,9 +427,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
     Raises :class:`~kimivl.errors.KimiVLInputError` for empty or over-long prompts and invalid settings.
 
     transformers' spellings: ``min_new_tokens`` (no stop id before that many new tokens), ``max_length`` (prompt +
-    new tokens; ``max_new_tokens`` wins when both are given), ``generation_config`` (the settings to start from in
-    place of ``model.generation_config``), ``return_dict_in_generate`` with ``output_scores`` / ``output_logits``
-    (a :class:`GenerateOutput`), ``logits_processor`` (callables ``(ids so far, scores) -> scores``, run on each
+    new tokens; ``max_new_tokens`` wins when both are given), ``generation_config`` (its set values override
+    ``model.generation_config``, the arguments override both), ``return_dict_in_generate`` with
+    ``output_scores`` / ``output_logits`` (a :class:`GenerateOutput`), ``logits_processor`` (callables ``(ids so far, scores) -> scores``, run on each
     step's logits after the repetition penalty and ``min_new_tokens``, before temperature and the filters);
     ``num_beams`` may only be 1 (no beam search) and ``use_cache`` changes nothing (the latent cache is always
     used; the output is the same without it). ``inputs_embeds`` (B, S, hidden) is the prompt's embeddings in place
