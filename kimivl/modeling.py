@@ -216,7 +216,8 @@ class KimiVLForConditionalGeneration(nn.Module):
                  generation_config: Any = None, num_beams: int | None = None, use_cache: bool | None = None,
                  return_dict_in_generate: bool = False, output_scores: bool = False,
                  output_logits: bool = False, logits_processor: Any = None,
-                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | GenerateOutput:
+                 inputs_embeds: torch.Tensor | None = None,
+                 num_return_sequences: int | None = None) -> torch.Tensor | GenerateOutput:
         """Prompt + new ids (B, S + new), or a :class:`~kimivl.generation.GenerateOutput` with
         ``return_dict_in_generate=True``; see :func:`kimivl.generation.generate` (which this calls)."""
         return generate_ids(self, input_ids, attention_mask, pixel_values, image_grid_hws,
@@ -227,7 +228,8 @@ class KimiVLForConditionalGeneration(nn.Module):
                             max_length=max_length, generation_config=generation_config, num_beams=num_beams,
                             use_cache=use_cache, return_dict_in_generate=return_dict_in_generate,
                             output_scores=output_scores, output_logits=output_logits,
-                            logits_processor=logits_processor, inputs_embeds=inputs_embeds)
+                            logits_processor=logits_processor, inputs_embeds=inputs_embeds,
+                            num_return_sequences=num_return_sequences)
 
     # ------------------------------------------------------------------ I/O
     @classmethod

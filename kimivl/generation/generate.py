@@ -198,6 +198,18 @@ def _embeds_prompt(model: nn.Module, inputs_embeds: torch.Tensor, input_ids: tor
     return input_ids
 
 
+@torch.inference_mode()
+def _repeat_prompts(model: nn.Module, k: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    pixel_values: torch.Tensor | None, image_grid_hws: torch.Tensor | None,
+                    inputs_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Each prompt row ``k`` times in a row; a prompt with images becomes its embeddings first (vision runs once)."""
+    if inputs_embeds is None and pixel_values is not None and pixel_values.numel() > 0:
+        device = _language_model(model).lm_head.weight.device
+        inputs_embeds = model.embed_inputs(input_ids.to(device), pixel_values, image_grid_hws)
+    again = [None if t is None else t.repeat_interleave(k, dim=0) for t in (input_ids, attention_mask, inputs_embeds)]
+    return again[0], again[1], again[2]
+
+
 def _processor_list(logits_processor: Any) -> list[LogitsProcessor]:
     """transformers' ``logits_processor``: one callable or a sequence of them (a ``LogitsProcessorList``)."""
     if logits_processor is None:
@@ -414,8 +426,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
              tokenizer: Any = None, pad_token_id: int | None = None, *, min_new_tokens: int | None = None,
              max_length: int | None = None, generation_config: Any = None, num_beams: int | None = None,
              use_cache: bool | None = None, return_dict_in_generate: bool = False, output_scores: bool = False,
-             output_logits: bool = False, logits_processor: Any = None,
-             inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | GenerateOutput:
+             output_logits: bool = False, logits_processor: Any = None, inputs_embeds: torch.Tensor | None = None,
+             num_return_sequences: int | None = None) -> torch.Tensor | GenerateOutput:
     """Generate new tokens after each (left-padded) prompt row; returns (B, S + new) int64 ids.
 
     input_ids: (B, S); attention_mask: (B, S), 1 = token, 0 = left pad; pixel_values / image_grid_hws as from
@@ -434,6 +446,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
     ``num_beams`` may only be 1 (no beam search) and ``use_cache`` changes nothing (the latent cache is always
     used; the output is the same without it). ``inputs_embeds`` (B, S, hidden) is the prompt's embeddings in place
     of ``input_ids``' (images already in them); without ``input_ids`` the output holds the new ids only.
+    ``num_return_sequences`` (sampling only) answers each prompt that many times, rows ``b * k ... b * k + k - 1``
+    of the output for prompt ``b``; the images are encoded once.
     """
     processors = _processor_list(logits_processor)
     ids_known = input_ids is not None
@@ -453,6 +467,15 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
                      temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                      repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, stop_strings=stop_strings,
                      pad_token_id=pad_token_id)
+    if num_return_sequences is not None and num_return_sequences != 1:
+        k = num_return_sequences
+        _check(_is_int(k) and k >= 1, "num_return_sequences", k, "must be a positive integer")
+        _check(resolve_generation_config(model, generation_config, **overrides).do_sample, "num_return_sequences", k,
+               "needs do_sample=True: greedy answers to one prompt are all the same")
+        _check_inputs(input_ids, attention_mask, _language_model(model).config.max_position_embeddings)
+        input_ids, attention_mask, inputs_embeds = _repeat_prompts(model, k, input_ids, attention_mask, pixel_values,
+                                                                   image_grid_hws, inputs_embeds)
+        pixel_values = image_grid_hws = None
     input_ids, attention_mask, config, generator, stops = _prepare(model, input_ids, attention_mask, overrides,
                                                                    seed, tokenizer, generation_config)
     record: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if output_scores or output_logits else None

@@ -303,3 +303,16 @@ def test_inputs_embeds_errors_are_named(model: KimiVLForConditionalGeneration, g
         model.generate(p["input_ids"], inputs_embeds=embeds)
     with pytest.raises(KimiVLInputError, match=r"pass input_ids \(or inputs_embeds\)"):
         model.generate()
+
+
+def test_num_return_sequences_equals_the_prompt_repeated_by_hand(model: KimiVLForConditionalGeneration,
+                                                                  golden: dict[str, torch.Tensor]) -> None:
+    p = _prompt(golden)
+    settings = dict(max_new_tokens=6, eos_token_id=[], do_sample=True, temperature=1.0, seed=0)
+    out = model.generate(**p, num_return_sequences=3, **settings)
+    by_hand = model.generate(p["input_ids"].repeat(3, 1), pixel_values=p["pixel_values"].repeat(3, 1, 1, 1),
+                             image_grid_hws=p["image_grid_hws"].repeat(3, 1), **settings)
+    assert torch.equal(out, by_hand)
+    assert len({tuple(row) for row in out[:, -6:].tolist()}) > 1  # the copies are sampled apart
+    with pytest.raises(KimiVLInputError, match="num_return_sequences needs do_sample=True"):
+        model.generate(**p, num_return_sequences=2)
