@@ -139,6 +139,38 @@ class KimiVLForConditionalGeneration(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    # ------------------------------------------------------------------ transformers' model surface
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.model.embed_tokens
+
+    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
+        self.language_model.model.embed_tokens = embeddings
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.language_model.lm_head
+
+    def set_output_embeddings(self, head: nn.Linear) -> None:
+        self.language_model.lm_head = head
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return getattr(self, "_checkpointed_blocks", 0) > 0
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Recompute every decoder layer and MoonViT block in backward (non-reentrant; the parameter names stay).
+        Idempotent. ``gradient_checkpointing_kwargs`` is accepted for transformers' callers and not used."""
+        if not self.is_gradient_checkpointing:
+            from kimivl.training.trainer import enable_gradient_checkpointing
+
+            self._checkpointed_blocks = enable_gradient_checkpointing(self)
+
+    def enable_input_require_grads(self) -> None:
+        """Make the token embeddings' output require grad (what peft asks of a frozen base under checkpointing)."""
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            output.requires_grad_(True)
+
+        self._input_grads_hook = self.get_input_embeddings().register_forward_hook(hook)
+
     # ------------------------------------------------------------------ multimodal embedding
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_hws: torch.Tensor) -> torch.Tensor:
         """Vision tower + projector: (L, 3, p, p) patches and (N, 2) grids -> (sum h*w/4, D_text)."""

@@ -149,3 +149,28 @@ def test_transformers_streamer_logits_processors_and_generation_config_work():
     # transformers' GenerationConfig leaves unset fields None: the checkpoint's stop ids stay
     short = model.generate(**inputs, generation_config=transformers.GenerationConfig(max_new_tokens=5, do_sample=False))
     assert processor.batch_decode(short[:, n:], skip_special_tokens=True)[0] == "blue" and short.shape[1] - n == 2
+
+
+def test_transformers_model_surface_for_fine_tuning_libraries(golden_dir, golden):
+    model = KimiVLForConditionalGeneration.from_pretrained(golden_dir)
+    assert model.get_input_embeddings() is model.language_model.model.embed_tokens
+    assert model.get_output_embeddings() is model.language_model.lm_head
+    inputs = {k: golden[f"prompt.{k}"] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_hws")}
+    model.train()
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    assert not model.is_gradient_checkpointing
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable()  # idempotent
+    assert model.is_gradient_checkpointing and model._checkpointed_blocks == 3 + 2  # decoder layers + vision blocks
+    again = model(**inputs, labels=inputs["input_ids"]).loss
+    again.backward()
+    assert torch.equal(again, loss)
+    for name, grad in plain.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=0, atol=0)
+    model.get_input_embeddings().weight.requires_grad_(False)  # a frozen base, as peft leaves it
+    assert not model.get_input_embeddings()(inputs["input_ids"]).requires_grad
+    model.enable_input_require_grads()
+    assert model.get_input_embeddings()(inputs["input_ids"]).requires_grad
