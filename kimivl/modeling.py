@@ -58,7 +58,7 @@ def _merge_alias(name: str, value: Any, alias: str, alias_value: Any) -> Any:
     """One argument given under its own name or under Hugging Face's; both only if they agree."""
     if alias_value is None:
         return value
-    if value is not None and value != alias_value:
+    if value is not None and str(value).removeprefix("torch.") != str(alias_value).removeprefix("torch."):
         raise ValueError(f"{name}={value!r} and {alias}={alias_value!r} disagree; pass one of them")
     return alias_value
 
@@ -169,7 +169,8 @@ class KimiVLForConditionalGeneration(nn.Module):
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
             output.requires_grad_(True)
 
-        self._input_grads_hook = self.get_input_embeddings().register_forward_hook(hook)
+        if getattr(self, "_input_grads_hook", None) is None:
+            self._input_grads_hook = self.get_input_embeddings().register_forward_hook(hook)
 
     # ------------------------------------------------------------------ multimodal embedding
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_hws: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ def test_torch_dtype_is_dtype(golden_dir):
     assert KimiVLForConditionalGeneration.from_pretrained(golden_dir, torch_dtype="auto").dtype == torch.float32
     # both spellings may be given when they agree, never when they differ
     assert KimiVLForConditionalGeneration.from_pretrained(golden_dir, dtype="bfloat16",
-                                                          torch_dtype="bfloat16").dtype == torch.bfloat16
+                                                          torch_dtype=torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(ValueError, match=r"dtype=torch.float32 and torch_dtype=torch.bfloat16 disagree"):
         KimiVLForConditionalGeneration.from_pretrained(golden_dir, dtype=torch.float32, torch_dtype=torch.bfloat16)
 
@@ -72,6 +72,8 @@ def test_device_map_auto_and_its_refusals(golden_dir):
     with pytest.raises(ValueError, match=r"device_map sends modules to 2 devices \(\['cpu', 'meta'\]\); kimivl keeps"):
         KimiVLForConditionalGeneration.from_pretrained(golden_dir, device_map={"vision_tower": "cpu",
                                                                                "language_model": "meta"})
+    assert KimiVLForConditionalGeneration.from_pretrained(golden_dir, device=torch.device("cpu"),
+                                                          device_map="cpu").device.type == "cpu"  # they agree
     with pytest.raises(ValueError, match="device='meta' and device_map='cpu' disagree"):
         KimiVLForConditionalGeneration.from_pretrained(golden_dir, device="meta", device_map="cpu")
     with pytest.raises(ValueError, match="device_map must be 'auto', a device, a device index or a dict, got 1.5"):
