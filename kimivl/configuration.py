@@ -216,7 +216,7 @@ class KimiVLConfig(_ConfigBase):
 
     vision_config: MoonViTConfig = field(default_factory=MoonViTConfig)
     text_config: DeepseekV3Config = field(default_factory=DeepseekV3Config)
-    architectures: list[str] = field(default_factory=lambda: ["KimiVLForConditionalGeneration"])
+    architectures: list[str] | None = field(default_factory=lambda: ["KimiVLForConditionalGeneration"])
     model_type: str = "kimi_vl"
     ignore_index: int = -100
     media_placeholder_token_id: int = 163605
