@@ -94,7 +94,8 @@ def checked_replace(obj: Any, changes: dict[str, Any], label: str, what: str) ->
     if unknown:
         close = difflib.get_close_matches(unknown[0], names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise KimiVLInputError(f"{label}: unknown {what} option {unknown[0]!r}{hint}; the options are {', '.join(names)}")
+        raise KimiVLInputError(f"{label}: unknown {what} option {unknown[0]!r}{hint}; the options are "
+                               f"{', '.join(names)}")
     out = dataclasses.replace(obj, **changes)
     problem = type_problem(out)
     if problem is not None:

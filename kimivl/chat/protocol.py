@@ -4,7 +4,8 @@ Follows the public OpenAI API reference for ``POST /v1/chat/completions`` (reque
 and ``chat.completion.chunk`` objects, ``{"error": {"message", "type", "param", "code"}}``). Deliberate
 deviations: unknown or unsupported fields are refused (400) instead of ignored, ``n`` must be 1, and two
 extensions that vLLM also accepts exist (``top_k``, ``ignore_eos``). ``logprobs`` are those of the model's own
-next-token distribution (the raw logits, before temperature and top-k / top-p, as vLLM reports them). Needs pydantic (the ``serve`` extra).
+next-token distribution (the raw logits, before temperature and top-k / top-p, as vLLM reports them). Needs
+pydantic (the ``serve`` extra).
 """
 from __future__ import annotations
 

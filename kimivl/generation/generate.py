@@ -201,7 +201,8 @@ def _embeds_prompt(model: nn.Module, inputs_embeds: torch.Tensor, input_ids: tor
 @torch.inference_mode()
 def _repeat_prompts(model: nn.Module, k: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     pixel_values: torch.Tensor | None, image_grid_hws: torch.Tensor | None,
-                    inputs_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                    inputs_embeds: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Each prompt row ``k`` times in a row; a prompt with images becomes its embeddings first (vision runs once)."""
     if inputs_embeds is None and pixel_values is not None and pixel_values.numel() > 0:
         device = _language_model(model).lm_head.weight.device
@@ -441,8 +442,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
     transformers' spellings: ``min_new_tokens`` (no stop id before that many new tokens), ``max_length`` (prompt +
     new tokens; ``max_new_tokens`` wins when both are given), ``generation_config`` (its set values override
     ``model.generation_config``, the arguments override both), ``return_dict_in_generate`` with
-    ``output_scores`` / ``output_logits`` (a :class:`GenerateOutput`), ``logits_processor`` (callables ``(ids so far, scores) -> scores``, run on each
-    step's logits after the repetition penalty and ``min_new_tokens``, before temperature and the filters);
+    ``output_scores`` / ``output_logits`` (a :class:`GenerateOutput`), ``logits_processor`` (callables
+    ``(ids so far, scores) -> scores``, run on each step's logits after the repetition penalty and
+    ``min_new_tokens``, before temperature and the filters);
     ``num_beams`` may only be 1 (no beam search) and ``use_cache`` changes nothing (the latent cache is always
     used; the output is the same without it). ``inputs_embeds`` (B, S, hidden) is the prompt's embeddings in place
     of ``input_ids``' (images already in them); without ``input_ids`` the output holds the new ids only.

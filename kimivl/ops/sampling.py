@@ -49,7 +49,8 @@ def warp_logits(logits: torch.Tensor, *, do_sample: bool = False, temperature: f
     return filter_logits(logits / temperature, top_k=top_k, top_p=top_p, min_p=min_p)
 
 
-def pick_token(scores: torch.Tensor, *, do_sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+def pick_token(scores: torch.Tensor, *, do_sample: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
     """Greedy argmax of ``warp_logits``' scores, or a draw from their softmax. Returns (B,) int64."""
     if not do_sample:
         return scores.argmax(dim=-1)

@@ -191,7 +191,8 @@ class KimiVLTokenizer:
         for name, i in self.special_tokens.items():
             entry = decoder.get(str(i))
             unnamed = name == f"<|reserved_token_{i}|>"  # ids the file does not name get this name on reading
-            if not (isinstance(entry, dict) and entry.get("content") == name or entry == name or unnamed):
+            named = (isinstance(entry, dict) and entry.get("content") == name) or entry == name
+            if not (named or unnamed):
                 decoder[str(i)] = {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
                                    "single_word": False, "special": True}
         config["added_tokens_decoder"] = dict(sorted(decoder.items(), key=lambda kv: int(kv[0])))
