@@ -2,7 +2,7 @@
 
 Follows the public OpenAI API reference for ``POST /v1/chat/completions`` (request fields, ``chat.completion``
 and ``chat.completion.chunk`` objects, ``{"error": {"message", "type", "param", "code"}}``). Deliberate
-deviations: unknown or unsupported fields are refused (400) instead of ignored, ``n`` must be 1, and two
+deviations: unknown or unsupported fields are refused (400) instead of ignored, ``n`` is at most 8, and two
 extensions that vLLM also accepts exist (``top_k``, ``ignore_eos``). ``logprobs`` are those of the model's own
 next-token distribution (the raw logits, before temperature and top-k / top-p, as vLLM reports them). Needs
 pydantic (the ``serve`` extra).
@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 8  # n: answers per request, generated as one batch
 MAX_STOP_LENGTH = 64
 
 
@@ -83,7 +84,7 @@ class ChatCompletionRequest(_Strict):
     top_p: float | None = Field(default=None, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     user: str | None = None
     top_k: int | None = Field(default=None, ge=1)  # extension (vLLM)
     ignore_eos: bool = False  # extension (vLLM): keep generating past the end-of-turn token
@@ -195,19 +196,25 @@ def logprob_entry(token: str, token_bytes: bytes, logprob: float,
             "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, b, lp in top or []]}
 
 
-def completion_body(cid: str, model: str, text: str, finish_reason: str, usage: dict[str, Any],
-                    created: int | None = None, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def choice_body(index: int, text: str, finish_reason: str,
+                logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One answer of a ``chat.completion``."""
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs_body(logprobs),
+            "finish_reason": finish_reason}
+
+
+def completion_body(cid: str, model: str, choices: list[dict[str, Any]], usage: dict[str, Any],
+                    created: int | None = None) -> dict[str, Any]:
     return {"id": cid, "object": "chat.completion", "created": created or int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": logprobs_body(logprobs), "finish_reason": finish_reason}],
-            "usage": usage}
+            "choices": choices, "usage": usage}
 
 
 def chunk_body(cid: str, model: str, created: int, delta: dict[str, Any] | None,
                finish_reason: str | None = None, usage: dict[str, Any] | None = None,
-               logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """One ``chat.completion.chunk``; ``delta=None`` gives the usage-only chunk (empty ``choices``)."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs_body(logprobs),
+               logprobs: list[dict[str, Any]] | None = None, index: int = 0) -> dict[str, Any]:
+    """One ``chat.completion.chunk`` of answer ``index``; ``delta=None`` gives the usage-only chunk (empty
+    ``choices``)."""
+    choices = [] if delta is None else [{"index": index, "delta": delta, "logprobs": logprobs_body(logprobs),
                                          "finish_reason": finish_reason}]
     out: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                            "choices": choices}

@@ -30,8 +30,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from kimivl.chat.limits import ServerLimits
 from kimivl.chat.policy import processor_messages
-from kimivl.chat.protocol import (APIError, ChatCompletionRequest, chunk_body, completion_body, new_completion_id,
-                                  parse_request, sse, usage_body)
+from kimivl.chat.protocol import (APIError, ChatCompletionRequest, choice_body, chunk_body, completion_body,
+                                  new_completion_id, parse_request, sse, usage_body)
 from kimivl.chat.worker import Event, Job, ModelWorker, QueueFull
 from kimivl.errors import KimiVLInputError
 from kimivl.generation import resolve_generation_config
@@ -111,8 +111,9 @@ class _Service:
             return self.limits.default_max_tokens
         return resolve_generation_config(self.model).max_new_tokens
 
-    def settings(self, req: ChatCompletionRequest, stops: list[str]) -> tuple[dict[str, Any], list[int]]:
-        """``generate`` overrides for a request (checked here, so bad values are a 400) and its stop ids."""
+    def settings(self, req: ChatCompletionRequest, stops: list[str]) -> tuple[dict[str, Any], list[int], bool]:
+        """``generate`` overrides for a request (checked here, so bad values are a 400), its stop ids and whether it
+        samples (greedy answers to ``n > 1`` are one answer given ``n`` times)."""
         settings: dict[str, Any] = {"top_p": req.top_p, "top_k": req.top_k, "seed": req.seed,
                                     "stop_strings": stops or None}
         if req.temperature is not None:
@@ -126,7 +127,7 @@ class _Service:
             config = resolve_generation_config(self.model, **checked)
         except KimiVLInputError as e:
             raise APIError(400, str(e), code="invalid_value") from e
-        return settings, config.eos_ids()
+        return settings, config.eos_ids(), config.do_sample
 
     def prepare(self, req: ChatCompletionRequest) -> tuple[dict[str, Any], int, int, int]:
         """Messages -> model inputs, bounded; returns (inputs, prompt tokens, image tokens, max new tokens)."""
@@ -157,36 +158,44 @@ class _Service:
         return dict(inputs.to(device)), int(inputs["input_ids"].shape[1]), image_tokens, new
 
 
-async def _collect(job: Job) -> Event:
-    """Wait for a non-streamed job: the whole text in one ``end`` event (or its ``error``/``cancelled``)."""
-    pieces: list[str] = []
-    logprobs: list[dict[str, Any]] = []
-    while True:
+async def _collect(job: Job) -> list[Event]:
+    """Wait for a non-streamed job: each answer's whole text in one ``end`` event, in answer order (or the job's
+    ``error`` / ``cancelled`` event alone)."""
+    pieces: list[list[str]] = [[] for _ in range(job.choices)]
+    logprobs: list[list[dict[str, Any]]] = [[] for _ in range(job.choices)]
+    ends: dict[int, Event] = {}
+    while len(ends) < job.choices:
         event = await job.events.get()
         if event.kind == "delta":
-            pieces.append(event.text)
-            logprobs.extend(event.logprobs)
+            pieces[event.index].append(event.text)
+            logprobs[event.index].extend(event.logprobs)
         elif event.kind == "end":
-            return Event("end", "".join(pieces), event.finish_reason, event.completion_tokens, tuple(logprobs))
+            ends[event.index] = Event("end", "".join(pieces[event.index]), event.finish_reason,
+                                      event.completion_tokens, tuple(logprobs[event.index]), event.index)
         else:
-            return event
+            return [event]
+    return [ends[i] for i in range(job.choices)]
 
 
 async def _sse_events(job: Job, cid: str, name: str, prompt: int, images: int,
                       include_usage: bool) -> AsyncIterator[bytes]:
     created = int(time.time())
     with_logprobs = job.top_logprobs is not None
-    yield sse(chunk_body(cid, name, created, {"role": "assistant", "content": ""}))
+    for index in range(job.choices):
+        yield sse(chunk_body(cid, name, created, {"role": "assistant", "content": ""}, index=index))
+    ended, completion_tokens = 0, 0
     while True:
         event = await job.events.get()
         if event.kind == "delta":
             yield sse(chunk_body(cid, name, created, {"content": event.text},
-                                 logprobs=list(event.logprobs) if with_logprobs else None))
+                                 logprobs=list(event.logprobs) if with_logprobs else None, index=event.index))
         elif event.kind == "end":
-            yield sse(chunk_body(cid, name, created, {}, finish_reason=event.finish_reason))
+            yield sse(chunk_body(cid, name, created, {}, finish_reason=event.finish_reason, index=event.index))
+            ended, completion_tokens = ended + 1, completion_tokens + event.completion_tokens
+            if ended < job.choices:
+                continue
             if include_usage:
-                yield sse(chunk_body(cid, name, created, None, usage=usage_body(prompt, images,
-                                                                                event.completion_tokens)))
+                yield sse(chunk_body(cid, name, created, None, usage=usage_body(prompt, images, completion_tokens)))
             yield sse("[DONE]")
             return
         elif event.kind == "error":
@@ -251,11 +260,11 @@ def create_app(model: Any, processor: Any, *, model_name: str = "kimivl",
             raise APIError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
                            code="model_not_found", param="model")
         stops = req.stop_strings()
-        settings, eos_ids = service.settings(req, stops)
+        settings, eos_ids, sampling = service.settings(req, stops)
         inputs, prompt, images, new = await run_in_threadpool(service.prepare, req)
         top_logprobs = req.logprobs_top()
         job = Job(inputs, {**settings, "max_new_tokens": new}, stops, eos_ids, asyncio.get_running_loop(),
-                  top_logprobs=top_logprobs)
+                  top_logprobs=top_logprobs, choices=req.n, copies=req.n > 1 and not sampling)
         try:
             service.worker.submit(job)
         except QueueFull:
@@ -273,13 +282,14 @@ def create_app(model: Any, processor: Any, *, model_name: str = "kimivl",
             job.cancel()
             collector.cancel()
             return Response(status_code=499)
-        result = collector.result()
-        if result.kind != "end":
-            raise APIError(500, result.text or "generation was cancelled", code="generation_failed",
+        results = collector.result()
+        if results[0].kind != "end":
+            raise APIError(500, results[0].text or "generation was cancelled", code="generation_failed",
                            type="server_error")
-        return JSONResponse(completion_body(cid, model_name, result.text, result.finish_reason or "stop",
-                                            usage_body(prompt, images, result.completion_tokens),
-                                            logprobs=list(result.logprobs) if top_logprobs is not None else None))
+        choices = [choice_body(r.index, r.text, r.finish_reason or "stop",
+                               list(r.logprobs) if top_logprobs is not None else None) for r in results]
+        completion_tokens = sum(r.completion_tokens for r in results)
+        return JSONResponse(completion_body(cid, model_name, choices, usage_body(prompt, images, completion_tokens)))
 
     return app
 

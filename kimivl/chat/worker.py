@@ -25,14 +25,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Event:
-    """What a job reports: ``delta`` (text, logprobs), ``end`` (finish_reason, completion_tokens), ``error``,
-    ``cancelled``."""
+    """What a job reports: ``delta`` (text, logprobs) and ``end`` (finish_reason, completion_tokens) of answer
+    ``index`` (one ``end`` per answer), ``error``, ``cancelled``."""
 
     kind: str
     text: str = ""
     finish_reason: str | None = None
     completion_tokens: int = 0
     logprobs: tuple[dict[str, Any], ...] = ()  # entries of the tokens whose text this delta completes
+    index: int = 0
 
 
 class QueueFull(Exception):
@@ -79,6 +80,8 @@ class Job:
     eos_ids: list[int]
     loop: asyncio.AbstractEventLoop
     top_logprobs: int | None = None  # None: no logprobs; k: each token's logprob and its k best alternatives
+    choices: int = 1  # answers asked for (n)
+    copies: bool = False  # greedy: one row is generated and its answer given ``choices`` times
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -97,7 +100,7 @@ class Job:
 
 
 class LogprobRecorder:
-    """A ``logits_processor`` that only looks: keeps the last step's log-softmax of row 0 (the raw logits, before
+    """A ``logits_processor`` that only looks: keeps the last step's log-softmax (the raw logits, before
     temperature and the filters) so each new token's logprob entry can be made when the streamer gets it."""
 
     def __init__(self, tokenizer: Any, top: int) -> None:
@@ -106,32 +109,45 @@ class LogprobRecorder:
         self.latest: torch.Tensor | None = None
 
     def __call__(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.latest = scores[0].float().log_softmax(-1)
+        self.latest = scores.float().log_softmax(-1)
         return scores
 
     def _described(self, token: int) -> tuple[str, bytes]:
         return self.tokenizer.convert_ids_to_tokens(token), self.tokenizer.token_bytes(token)
 
-    def entry(self, token: int) -> dict[str, Any]:
+    def entry(self, row: int, token: int) -> dict[str, Any]:
         assert self.latest is not None
         top: list[tuple[str, bytes, float]] = []
         if self.top:
-            values, ids = self.latest.topk(self.top)
+            values, ids = self.latest[row].topk(self.top)
             top = [(*self._described(int(i)), float(v)) for v, i in zip(values.tolist(), ids.tolist())]
-        return logprob_entry(*self._described(token), float(self.latest[token]), top)
+        return logprob_entry(*self._described(token), float(self.latest[row, token]), top)
+
+
+class _Answer:
+    """One row's text on its way out: detokenizer, stop trimming, logprob entries not sent yet, tokens."""
+
+    def __init__(self, decode: Any, stops: list[str]) -> None:
+        self.detokenizer = IncrementalDetokenizer(decode)
+        self.trimmer = StopTrimmer(stops)
+        self.pending: list[dict[str, Any]] = []
+        self.tokens: list[int] = []
+        self.stopped = False  # a stop id or a stop string ended it (later ids of the row are padding)
 
 
 class _JobStreamer:
-    """``generate`` streamer: token ids in, text deltas out to the job; raises once the job is cancelled."""
+    """``generate`` streamer: each row's token ids in, text deltas out to the job (one answer per row, or one row
+    copied to every answer); raises once the job is cancelled."""
 
-    def __init__(self, job: Job, decode: Any, recorder: LogprobRecorder | None = None) -> None:
+    def __init__(self, job: Job, decode: Any, rows: int, recorder: LogprobRecorder | None = None) -> None:
         self.job = job
-        self.detokenizer = IncrementalDetokenizer(decode)
-        self.trimmer = StopTrimmer(job.stops)
+        self.answers = [_Answer(decode, job.stops) for _ in range(rows)]
         self.prompt_seen = False
-        self.tokens: list[int] = []
         self.recorder = recorder
-        self.pending: list[dict[str, Any]] = []  # logprob entries not sent with a delta yet
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for a in self.answers for t in a.tokens]
 
     def put(self, value: torch.Tensor) -> None:
         if self.job.cancelled.is_set():
@@ -139,22 +155,42 @@ class _JobStreamer:
         if not self.prompt_seen:  # the first call carries the prompt
             self.prompt_seen = True
             return
-        token = int(value.reshape(-1)[0])
-        self.tokens.append(token)
-        if self.recorder is not None and token not in self.job.eos_ids:  # a stop id adds no content
-            self.pending.append(self.recorder.entry(token))
-        text = self.trimmer.push(self.detokenizer.push(token))
-        if text:
-            self._emit(text)
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            answer = self.answers[row]
+            if answer.stopped:
+                continue
+            answer.tokens.append(token)
+            if token in self.job.eos_ids:  # a stop id adds no content
+                answer.stopped = True
+                continue
+            if self.recorder is not None:
+                answer.pending.append(self.recorder.entry(row, token))
+            text = answer.trimmer.push(answer.detokenizer.push(token))
+            answer.stopped = answer.trimmer.hit
+            if text:
+                self._emit(row, text)
 
     def end(self) -> None:
-        text = self.trimmer.push(self.detokenizer.flush()) + self.trimmer.flush()
-        if text or self.pending:
-            self._emit(text)
+        for row, answer in enumerate(self.answers):
+            text = answer.trimmer.push(answer.detokenizer.flush()) + answer.trimmer.flush()
+            if text or answer.pending:
+                self._emit(row, text)
 
-    def _emit(self, text: str) -> None:
-        self.job.emit(Event("delta", text, logprobs=tuple(self.pending)))
-        self.pending = []
+    def finish(self) -> None:
+        """One ``end`` event per answer: ``stop`` (a stop id or string) or ``length``."""
+        for row, answer in enumerate(self.answers):
+            reason = "stop" if answer.stopped else "length"
+            for index in self._indices(row):
+                self.job.emit(Event("end", finish_reason=reason, completion_tokens=len(answer.tokens), index=index))
+
+    def _indices(self, row: int) -> range:
+        return range(self.job.choices) if self.job.copies else range(row, row + 1)
+
+    def _emit(self, row: int, text: str) -> None:
+        answer = self.answers[row]
+        for index in self._indices(row):
+            self.job.emit(Event("delta", text, logprobs=tuple(answer.pending), index=index))
+        answer.pending = []
 
 
 class ModelWorker:
@@ -230,13 +266,15 @@ class ModelWorker:
 
     def _generate(self, job: Job, decode: Any) -> None:
         recorder = None if job.top_logprobs is None else LogprobRecorder(self.processor.tokenizer, job.top_logprobs)
-        streamer = _JobStreamer(job, decode, recorder)
+        rows = 1 if job.copies else job.choices
+        streamer = _JobStreamer(job, decode, rows, recorder)
         start = time.perf_counter()
         inputs = job.inputs
         try:
             generate(self.model, inputs["input_ids"], inputs.get("attention_mask"), inputs.get("pixel_values"),
                      inputs.get("image_grid_hws"), streamer=streamer, tokenizer=self.processor,
-                     logits_processor=[recorder] if recorder is not None else None, **job.settings)
+                     logits_processor=[recorder] if recorder is not None else None,
+                     num_return_sequences=rows, **job.settings)
         except _Cancelled:
             self._count("cancelled")
             logger.info("request cancelled by its client after %d tokens", len(streamer.tokens))
@@ -246,8 +284,6 @@ class ModelWorker:
             logger.exception("generation failed")
             job.emit(Event("error", text=f"generation failed: {type(e).__name__}: {e}"))
             return
-        tokens = streamer.tokens
-        stopped = bool(tokens) and (tokens[-1] in job.eos_ids or streamer.trimmer.hit)
         self._count("completed")
-        logger.info("generated %d tokens in %.2f s", len(tokens), time.perf_counter() - start)
-        job.emit(Event("end", finish_reason="stop" if stopped else "length", completion_tokens=len(tokens)))
+        logger.info("generated %d tokens in %.2f s", len(streamer.tokens), time.perf_counter() - start)
+        streamer.finish()

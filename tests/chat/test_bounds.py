@@ -50,7 +50,7 @@ def _cases(media_dir, golden_dir) -> dict[str, tuple[dict | bytes, int, str, str
         "bad_role": ({"messages": [{"role": "tool", "content": "x"}]}, 400, "invalid_value", "messages[0].role"),
         "no_messages": ({"messages": []}, 400, "invalid_value", "messages"),
         "temperature_range": ({**_user(), "temperature": 7}, 400, "invalid_value", "temperature"),
-        "n_above_one": ({**_user(), "n": 2}, 400, "invalid_value", "n"),
+        "n_above_eight": ({**_user(), "n": 9}, 400, "invalid_value", "n"),
         "too_many_stops": ({**_user(), "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value", "at most 4"),
         "model_not_found": ({**_user(), "model": "gpt-4o"}, 404, "model_not_found", "'gpt-4o' is not served here"),
         "remote_url": (_user(_image("https://example.com/cat.png")), 400, "allow_remote_images",
@@ -79,7 +79,7 @@ def _cases(media_dir, golden_dir) -> dict[str, tuple[dict | bytes, int, str, str
 
 CASES = ["body_too_large", "too_many_images", "too_many_pixels", "context_by_max_tokens", "context_by_prompt",
          "malformed_json", "not_an_object", "nan", "unknown_field", "unknown_nested_field", "unknown_part_type",
-         "bad_role", "no_messages", "temperature_range", "n_above_one", "too_many_stops", "model_not_found",
+         "bad_role", "no_messages", "temperature_range", "n_above_eight", "too_many_stops", "model_not_found",
          "remote_url", "other_scheme", "bad_base64", "not_an_image", "truncated_image", "seed_range",
          "not_image_data_url", "local_outside",
          "local_traversal", "local_symlink_out", "local_missing"]

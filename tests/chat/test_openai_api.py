@@ -172,3 +172,42 @@ def test_top_logprobs_needs_logprobs(server, golden_dir, h):
     status, body = h.post_json(server, {"messages": h.golden_messages(golden_dir), "logprobs": True,
                                         "top_logprobs": 21})
     assert status == 400 and body["error"]["param"] == "top_logprobs"
+
+
+def test_n_sampled_answers_are_the_library_batch(client, golden_dir, tiny, h):
+    import torch
+
+    from kimivl.generation import generate
+
+    model, processor = tiny
+    messages = h.golden_messages(golden_dir)
+    r = client.chat.completions.create(model="kimivl-tiny", messages=messages, n=3, temperature=1.0, seed=5,
+                                       max_tokens=6)
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image", "image": str(golden_dir / "inputs" / "image_70x98.png")},
+                                      {"type": "text", "text": h.GOLDEN_QUESTION}]}],
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    with torch.inference_mode():
+        out = generate(model, **inputs, max_new_tokens=6, do_sample=True, temperature=1.0, seed=5,
+                       num_return_sequences=3, tokenizer=processor)
+    expected = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.message.content for c in r.choices] == expected and len(set(expected)) > 1
+    stop_ids = set(model.generation_config.eos_ids())
+    new_ids = out[:, inputs["input_ids"].shape[1]:].tolist()
+    used = [next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row)) for row in new_ids]
+    assert r.usage.completion_tokens == sum(used)  # each answer's tokens, its stop id included
+    chunks = list(client.chat.completions.create(model="kimivl-tiny", messages=messages, n=3, temperature=1.0,
+                                                 seed=5, max_tokens=6, stream=True))
+    texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+             for i in range(3)]
+    assert texts == expected
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(finishes) == sorted(c.finish_reason for c in r.choices)
+
+
+def test_n_greedy_answers_are_one_answer_given_n_times(client, golden_dir, golden_answer, h):
+    r = client.chat.completions.create(model="kimivl-tiny", messages=h.golden_messages(golden_dir), n=2,
+                                       temperature=0)
+    assert [c.message.content for c in r.choices] == [golden_answer] * 2
+    assert [c.finish_reason for c in r.choices] == ["stop", "stop"] and r.usage.completion_tokens == 16
