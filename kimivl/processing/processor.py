@@ -388,12 +388,18 @@ class KimiVLProcessor:
                             return_dict: bool = False, return_tensors: str | None = None,
                             padding: bool | str = True, padding_side: str | None = None,
                             max_length: int | None = None, return_labels: bool = False,
-                            chat_template: str | None = None, **template_kwargs: Any) -> Any:
+                            chat_template: str | None = None, continue_final_message: bool = False,
+                            **template_kwargs: Any) -> Any:
         """Render one conversation (or a list of them). ``tokenize=False``: the text (str, or list of str);
         ``tokenize=True``: the processor output with the media taken from the messages (``return_dict``) or
         just ``input_ids``. ``return_labels=True`` adds ``labels`` (-100 except assistant content and its
         end token) from the same rendering; it needs ``tokenize=True`` and no generation prompt.
-        ``chat_template`` renders this call with another template instead of the processor's."""
+        ``chat_template`` renders this call with another template instead of the processor's.
+        ``continue_final_message`` ends the text right after the last message's content (no end-of-turn), so
+        generation continues that message, e.g. an assistant answer begun by the caller (transformers' rule)."""
+        if continue_final_message and (add_generation_prompt or return_labels):
+            raise KimiVLInputError("continue_final_message continues the last message: it cannot come with "
+                                   "add_generation_prompt or return_labels")
         convs, batched = self._conversations(conversation)
         template_kwargs = {**self._template_vars, **template_kwargs}
         renderer = self.renderer if chat_template is None else ChatRenderer(chat_template,
@@ -404,6 +410,8 @@ class KimiVLProcessor:
         if not tokenize:
             texts = [renderer.render(m, add_generation_prompt=add_generation_prompt, **template_kwargs)
                      for m, _ in prepared]
+            if continue_final_message:
+                texts = [_cut_after_final_message(t, c) for t, c in zip(texts, convs)]
             return texts if batched else texts[0]
         masks: list[bytearray] | None = None
         if return_labels:
@@ -413,6 +421,8 @@ class KimiVLProcessor:
         else:
             texts = [renderer.render(m, add_generation_prompt=add_generation_prompt, **template_kwargs)
                      for m, _ in prepared]
+            if continue_final_message:
+                texts = [_cut_after_final_message(t, c) for t, c in zip(texts, convs)]
         items = {k: [it for _, media in prepared for it in media if it.kind == k] for k in _KINDS}
         out = self._encode(texts, items, masks, return_tensors=return_tensors, padding=padding,
                            padding_side=padding_side, max_length=max_length)
@@ -472,3 +482,19 @@ def _span_mask(length: int, spans: Sequence[tuple[int, int]]) -> bytearray:
     for start, end in spans:
         mask[start:end] = b"\x01" * (end - start)
     return mask
+
+
+def _cut_after_final_message(text: str, conversation: Sequence[dict[str, Any]]) -> str:
+    """``text`` up to the end of the last message's content (its last text part), where the template put it."""
+    content = conversation[-1].get("content") if conversation and isinstance(conversation[-1], dict) else None
+    if isinstance(content, (list, tuple)):
+        parts = [c.get("text") for c in content if isinstance(c, dict) and c.get("type", "text") == "text"]
+        content = parts[-1] if parts else None
+    if not isinstance(content, str) or not content.strip():
+        raise KimiVLInputError("continue_final_message needs a last message whose content ends in text")
+    final = content.strip()
+    at = text.rfind(final)
+    if at < 0:
+        raise KimiVLInputError(f"continue_final_message: the last message's text {final[:40]!r} is not in the "
+                               "rendered conversation (the template changed it)")
+    return text[:at + len(final)]

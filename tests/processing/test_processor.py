@@ -295,3 +295,17 @@ def test_save_pretrained_writes_what_from_pretrained_reads(golden_dir, tmp_path)
     a, b = (p.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                   return_tensors="pt") for p in (processor, again))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_continue_final_message_ends_the_text_inside_the_last_message(golden_dir):
+    processor = KimiVLProcessor.from_pretrained(golden_dir)
+    messages = [{"role": "user", "content": "What is shown?"}, {"role": "assistant", "content": "It shows a "}]
+    full = processor.apply_chat_template(messages)
+    text = processor.apply_chat_template(messages, continue_final_message=True)
+    assert full.startswith(text) and text.endswith("<|im_middle|>It shows a") and full.endswith("a <|im_end|>")
+    ids = processor.apply_chat_template(messages, continue_final_message=True, tokenize=True, return_tensors="pt")
+    assert processor.decode(ids[0]) == text
+    parts = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": [{"type": "text", "text": "A1"}]}]
+    assert processor.apply_chat_template(parts, continue_final_message=True).endswith("<|im_middle|>A1")
+    with pytest.raises(KimiVLInputError, match="cannot come with add_generation_prompt"):
+        processor.apply_chat_template(messages, continue_final_message=True, add_generation_prompt=True)
