@@ -389,14 +389,21 @@ class KimiVLProcessor:
                             padding: bool | str = True, padding_side: str | None = None,
                             max_length: int | None = None, return_labels: bool = False,
                             chat_template: str | None = None, continue_final_message: bool = False,
-                            **template_kwargs: Any) -> Any:
+                            return_assistant_tokens_mask: bool = False, **template_kwargs: Any) -> Any:
         """Render one conversation (or a list of them). ``tokenize=False``: the text (str, or list of str);
         ``tokenize=True``: the processor output with the media taken from the messages (``return_dict``) or
         just ``input_ids``. ``return_labels=True`` adds ``labels`` (-100 except assistant content and its
         end token) from the same rendering; it needs ``tokenize=True`` and no generation prompt.
         ``chat_template`` renders this call with another template instead of the processor's.
         ``continue_final_message`` ends the text right after the last message's content (no end-of-turn), so
-        generation continues that message, e.g. an assistant answer begun by the caller (transformers' rule)."""
+        generation continues that message, e.g. an assistant answer begun by the caller (transformers' rule).
+        ``return_assistant_tokens_mask`` (with ``tokenize`` and ``return_dict``) adds ``assistant_masks``: 1 where
+        ``labels`` would train (assistant content and its end token), as transformers / TRL read it."""
+        wants_labels = return_labels
+        if return_assistant_tokens_mask:
+            if not (tokenize and return_dict):
+                raise KimiVLInputError("return_assistant_tokens_mask needs tokenize=True and return_dict=True")
+            return_labels = True
         if continue_final_message and (add_generation_prompt or return_labels):
             raise KimiVLInputError("continue_final_message continues the last message: it cannot come with "
                                    "add_generation_prompt or return_labels")
@@ -405,7 +412,8 @@ class KimiVLProcessor:
         renderer = self.renderer if chat_template is None else ChatRenderer(chat_template,
                                                                              self.tokenizer.special_tokens)
         if return_labels and (not tokenize or add_generation_prompt):
-            raise KimiVLInputError("return_labels needs tokenize=True and add_generation_prompt=False")
+            what = "return_labels" if wants_labels else "return_assistant_tokens_mask"
+            raise KimiVLInputError(f"{what} needs tokenize=True and add_generation_prompt=False")
         prepared = [prepare_messages(c, need_sources=tokenize) for c in convs]
         if not tokenize:
             texts = [renderer.render(m, add_generation_prompt=add_generation_prompt, **template_kwargs)
@@ -426,6 +434,14 @@ class KimiVLProcessor:
         items = {k: [it for _, media in prepared for it in media if it.kind == k] for k in _KINDS}
         out = self._encode(texts, items, masks, return_tensors=return_tensors, padding=padding,
                            padding_side=padding_side, max_length=max_length)
+        if return_assistant_tokens_mask:
+            labels = out["labels"] if wants_labels else out.pop("labels")
+            if isinstance(labels, torch.Tensor):
+                out["assistant_masks"] = (labels != IGNORE_INDEX).long()
+            elif isinstance(labels, np.ndarray):
+                out["assistant_masks"] = (labels != IGNORE_INDEX).astype(np.int64)
+            else:
+                out["assistant_masks"] = [[int(v != IGNORE_INDEX) for v in row] for row in labels]
         return out if return_dict else out["input_ids"]
 
     # ------------------------------------------------------------------ preflight

@@ -309,3 +309,20 @@ def test_continue_final_message_ends_the_text_inside_the_last_message(golden_dir
     assert processor.apply_chat_template(parts, continue_final_message=True).endswith("<|im_middle|>A1")
     with pytest.raises(KimiVLInputError, match="cannot come with add_generation_prompt"):
         processor.apply_chat_template(messages, continue_final_message=True, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("return_tensors", ["pt", "np", None])
+def test_assistant_tokens_mask_marks_what_labels_train(golden_dir, return_tensors):
+    processor = KimiVLProcessor.from_pretrained(golden_dir)
+    messages = [{"role": "user", "content": "What is shown?"}, {"role": "assistant", "content": "A red square."}]
+    both = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors=return_tensors,
+                                         return_labels=True, return_assistant_tokens_mask=True)
+    labels = np.asarray(both["labels"])
+    assert np.array_equal(np.asarray(both["assistant_masks"]), (labels != -100).astype(np.int64))
+    assert 0 < int(np.asarray(both["assistant_masks"]).sum()) < labels.size
+    only = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors=return_tensors,
+                                         return_assistant_tokens_mask=True)
+    assert "labels" not in only and np.array_equal(np.asarray(only["assistant_masks"]),
+                                                   np.asarray(both["assistant_masks"]))
+    with pytest.raises(KimiVLInputError, match="return_assistant_tokens_mask needs tokenize=True and return_dict"):
+        processor.apply_chat_template(messages, tokenize=True, return_assistant_tokens_mask=True)
