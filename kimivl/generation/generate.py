@@ -205,8 +205,7 @@ def _repeat_prompts(model: nn.Module, k: int, input_ids: torch.Tensor, attention
                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Each prompt row ``k`` times in a row; a prompt with images becomes its embeddings first (vision runs once)."""
     if inputs_embeds is None and pixel_values is not None and pixel_values.numel() > 0:
-        device = _language_model(model).lm_head.weight.device
-        inputs_embeds = model.embed_inputs(input_ids.to(device), pixel_values, image_grid_hws)
+        inputs_embeds = model.embed_inputs(input_ids, pixel_values, image_grid_hws)
     again = [None if t is None else t.repeat_interleave(k, dim=0) for t in (input_ids, attention_mask, inputs_embeds)]
     return again[0], again[1], again[2]
 
@@ -247,6 +246,7 @@ class _StopStrings:
 
     def __init__(self, stop_strings: list[str], decode: Callable[[Sequence[int]], str], batch_size: int) -> None:
         self.stop_strings = stop_strings
+        self.decode = decode
         self.detokenizers = [IncrementalDetokenizer(decode) for _ in range(batch_size)]
         self.texts = [""] * batch_size
 
@@ -469,17 +469,18 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
                      temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                      repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, stop_strings=stop_strings,
                      pad_token_id=pad_token_id)
-    if num_return_sequences is not None and num_return_sequences != 1:
-        k = num_return_sequences
-        _check(_is_int(k) and k >= 1, "num_return_sequences", k, "must be a positive integer")
-        _check(resolve_generation_config(model, generation_config, **overrides).do_sample, "num_return_sequences", k,
+    k = 1 if num_return_sequences is None else num_return_sequences
+    _check(_is_int(k) and k >= 1, "num_return_sequences", k, "must be a positive integer")
+    input_ids, attention_mask, config, generator, stops = _prepare(model, input_ids, attention_mask, overrides,
+                                                                   seed, tokenizer, generation_config)
+    if k > 1:
+        _check(config.do_sample, "num_return_sequences", k,
                "needs do_sample=True: greedy answers to one prompt are all the same")
-        _check_inputs(input_ids, attention_mask, _language_model(model).config.max_position_embeddings)
         input_ids, attention_mask, inputs_embeds = _repeat_prompts(model, k, input_ids, attention_mask, pixel_values,
                                                                    image_grid_hws, inputs_embeds)
         pixel_values = image_grid_hws = None
-    input_ids, attention_mask, config, generator, stops = _prepare(model, input_ids, attention_mask, overrides,
-                                                                   seed, tokenizer, generation_config)
+        if stops is not None:
+            stops = _StopStrings(stops.stop_strings, stops.decode, input_ids.shape[0])
     record: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if output_scores or output_logits else None
     if inputs_embeds is not None:
         inputs_embeds = inputs_embeds.to(device=input_ids.device, dtype=_language_model(model).lm_head.weight.dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import json
 import logging
 import os
@@ -256,8 +257,8 @@ class KimiVLProcessor:
         and ``verbose`` are accepted and change nothing; any other keyword is a ``TypeError``."""
         unknown = sorted(set(options) - _IGNORED_OPTIONS)
         if unknown:
-            known = ["text", "images", "videos", "documents", "return_tensors", "padding", "padding_side",
-                     "max_length", *sorted(_IGNORED_OPTIONS)]
+            named = [n for n in inspect.signature(KimiVLProcessor.__call__).parameters if n not in ('self', 'options')]
+            known = [*named, *sorted(_IGNORED_OPTIONS)]
             hint = difflib.get_close_matches(unknown[0], known, n=1)
             raise TypeError(f"KimiVLProcessor() got an unexpected keyword argument {unknown[0]!r}"
                             + (f" (did you mean {hint[0]!r}?)" if hint else ""))
@@ -415,14 +416,8 @@ class KimiVLProcessor:
             what = "return_labels" if wants_labels else "return_assistant_tokens_mask"
             raise KimiVLInputError(f"{what} needs tokenize=True and add_generation_prompt=False")
         prepared = [prepare_messages(c, need_sources=tokenize) for c in convs]
-        if not tokenize:
-            texts = [renderer.render(m, add_generation_prompt=add_generation_prompt, **template_kwargs)
-                     for m, _ in prepared]
-            if continue_final_message:
-                texts = [_cut_after_final_message(t, c) for t, c in zip(texts, convs)]
-            return texts if batched else texts[0]
         masks: list[bytearray] | None = None
-        if return_labels:
+        if return_labels:  # (only with tokenize)
             rendered = [renderer.render_with_mask(m, **template_kwargs) for m, _ in prepared]
             texts = [r.text for r in rendered]
             masks = [_span_mask(len(r.text), r.trainable_spans) for r in rendered]
@@ -431,6 +426,8 @@ class KimiVLProcessor:
                      for m, _ in prepared]
             if continue_final_message:
                 texts = [_cut_after_final_message(t, c) for t, c in zip(texts, convs)]
+        if not tokenize:
+            return texts if batched else texts[0]
         items = {k: [it for _, media in prepared for it in media if it.kind == k] for k in _KINDS}
         out = self._encode(texts, items, masks, return_tensors=return_tensors, padding=padding,
                            padding_side=padding_side, max_length=max_length)
