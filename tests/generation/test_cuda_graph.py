@@ -306,3 +306,47 @@ def test_compiled_graph_step_gives_the_golden_continuation(golden_dir: Path, gol
     runner = GraphDecoder(model.language_model, 1, 62, torch.float32, "cuda")
     _golden_steps(model, runner, golden, "cuda")
     assert runner.capture and runner.graphs
+
+
+@cuda
+def test_transformers_generate_options_through_captured_graphs(golden_dir: Path, golden: dict[str, torch.Tensor],
+                                                               monkeypatch) -> None:
+    """generate's transformers options on the replayed graphs: each recorded step is its own tensor (a graph
+    rewrites its output buffer every replay), and processors, min_new_tokens, inputs_embeds and
+    num_return_sequences act on the replayed steps as on the CPU."""
+    monkeypatch.setattr(cuda_graph, "MIN_WINDOW", 8)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = KimiVLForConditionalGeneration.from_pretrained(golden_dir, device="cuda")
+    p = _prompt(golden, "cuda")
+    out = model.generate(**p, max_new_tokens=8, eos_token_id=[], return_dict_in_generate=True, output_scores=True,
+                         output_logits=True)
+    assert out.sequences.cpu().tolist() == golden["generate.sequences"].tolist()
+    for steps in (out.scores, out.logits):
+        assert len({t.data_ptr() for t in steps}) == 8
+        torch.testing.assert_close(torch.cat(steps).cpu(), golden["generate.step_logits"], rtol=STEP_RTOL,
+                                   atol=STEP_ATOL)
+
+    seen: list[list[int]] = []
+
+    def ban_first_golden_token(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        seen.append(ids[0].tolist())
+        return scores.index_fill(1, torch.tensor([GOLDEN_NEW[0]], device=scores.device), float("-inf"))
+
+    banned = model.generate(**p, max_new_tokens=3, eos_token_id=[], logits_processor=[ban_first_golden_token])
+    assert int(banned[0, -3]) == int(golden["generate.step_logits"][0].topk(2).indices[1])
+    assert seen[-1] == banned[0, :-1].tolist()
+
+    held = model.generate(**p, max_new_tokens=8, eos_token_id=743, min_new_tokens=8)
+    assert held[0, -8:-1].tolist() == GOLDEN_NEW[:7] and int(held[0, -1]) != 743
+
+    with torch.inference_mode():
+        embeds = model.embed_inputs(p["input_ids"], p["pixel_values"], p["image_grid_hws"])
+    assert model.generate(inputs_embeds=embeds, max_new_tokens=8, eos_token_id=[])[0].tolist() == GOLDEN_NEW
+
+    settings = dict(max_new_tokens=6, eos_token_id=[], do_sample=True, temperature=1.0, seed=0)
+    copies = model.generate(**p, num_return_sequences=3, **settings)
+    by_hand = model.generate(p["input_ids"].repeat(3, 1), pixel_values=p["pixel_values"].repeat(3, 1, 1, 1),
+                             image_grid_hws=p["image_grid_hws"].repeat(3, 1), **settings)
+    assert torch.equal(copies, by_hand) and len({tuple(r) for r in copies[:, -6:].tolist()}) > 1
+    runner = cuda_graph._RUNNERS[model.language_model]
+    assert runner.capture and runner.graphs
