@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -122,32 +121,18 @@ def _generation_settings(args: argparse.Namespace) -> dict:
 
 
 def _print_turn(session, question: str, show_thinking: bool, out) -> None:
-    """Stream the answer; reasoning (between the thinking marks) is shown dimmed or hidden."""
-    from kimivl.processing import THINK_CLOSE, THINK_OPEN
+    """Stream the answer; a Thinking model's reasoning (``◁think▷…◁/think▷``) is printed as it comes with
+    ``--show-thinking``, else left out (only the answer after it is printed)."""
+    from kimivl.processing import ThinkingStream
 
-    text, shown = "", 0
+    split = ThinkingStream()
     for delta in session.ask(question):
-        text += delta
-        if show_thinking:
-            out.write(delta)
+        text = delta if show_thinking else split.push(delta)[1]
+        if text:
+            out.write(text)
             out.flush()
-            continue
-        # hide everything between the marks; hold back a possible partial mark
-        if THINK_OPEN in text and THINK_CLOSE not in text:
-            visible = text[: text.index(THINK_OPEN)]
-        elif THINK_CLOSE in text:
-            visible = text[: text.index(THINK_OPEN)] if THINK_OPEN in text else ""
-            visible += text[text.index(THINK_CLOSE) + len(THINK_CLOSE):]
-        else:
-            visible = text[: max(0, len(text) - len(THINK_OPEN))]
-        if len(visible) > shown:
-            out.write(visible[shown:])
-            out.flush()
-            shown = len(visible)
     if not show_thinking:
-        final = session.last_turn.answer if THINK_OPEN in text else text
-        if len(final) > shown and final.startswith(final[:shown]):
-            out.write(final[shown:])
+        out.write(split.flush()[1])
     out.write("\n")
     out.flush()
 
@@ -214,7 +199,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           allowed_local_media_path=args.allowed_local_media_path,
                           default_max_tokens=args.default_max_tokens)
     serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name, dtype=args.dtype,
-          device=args.device, limits=limits, log_level=args.log_level)
+          device=args.device, limits=limits, log_level=args.log_level, reasoning_parser=args.reasoning_parser)
     return 0
 
 
@@ -240,6 +225,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting for the model")
     serve.add_argument("--default-max-tokens", type=int, default=None,
                        help="answer length when a request gives none (default: the model's generation config)")
+    serve.add_argument("--reasoning-parser", default=None, choices=["kimi_vl"],
+                       help="Thinking models: return the ◁think▷ block in reasoning_content, the answer in content")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_cmd_serve)
 

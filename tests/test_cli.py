@@ -63,3 +63,19 @@ def test_chat_without_a_model_names_the_missing_demo_model(capsys, monkeypatch, 
     assert main(["chat", "hi"]) == 2
     err = capsys.readouterr().err
     assert "demo model is not shipped" in err and "--model" in err
+
+
+def test_chat_prints_a_thinking_models_answer_and_its_reasoning_only_when_asked():
+    import io
+
+    from kimivl.cli import _print_turn
+
+    class Session:  # the deltas a thinking model streams, markers cut across them
+        def ask(self, question):
+            yield from ["◁thi", "nk▷ It is ro", "und. ◁/", "think▷\n\n", "A circ", "le."]
+
+    hidden, shown = io.StringIO(), io.StringIO()
+    _print_turn(Session(), "what?", False, hidden)
+    _print_turn(Session(), "what?", True, shown)
+    assert hidden.getvalue() == "A circle.\n"
+    assert shown.getvalue() == "◁think▷ It is round. ◁/think▷\n\nA circle.\n"

@@ -196,11 +196,17 @@ def logprob_entry(token: str, token_bytes: bytes, logprob: float,
             "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, b, lp in top or []]}
 
 
-def choice_body(index: int, text: str, finish_reason: str,
-                logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """One answer of a ``chat.completion``."""
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs_body(logprobs),
-            "finish_reason": finish_reason}
+def reasoning_fields(reasoning: str | None) -> dict[str, str | None]:
+    """The reasoning of a thinking model's answer under both names clients read: ``reasoning_content`` (DeepSeek's
+    API, vLLM before 0.11) and ``reasoning`` (vLLM since)."""
+    return {"reasoning_content": reasoning, "reasoning": reasoning}
+
+
+def choice_body(index: int, text: str, finish_reason: str, logprobs: list[dict[str, Any]] | None = None,
+                reasoning: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """One answer of a ``chat.completion``; ``reasoning``: :func:`reasoning_fields` when a reasoning parser runs."""
+    return {"index": index, "message": {"role": "assistant", "content": text, **(reasoning or {})},
+            "logprobs": logprobs_body(logprobs), "finish_reason": finish_reason}
 
 
 def completion_body(cid: str, model: str, choices: list[dict[str, Any]], usage: dict[str, Any],

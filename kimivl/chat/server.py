@@ -31,10 +31,11 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from kimivl.chat.limits import ServerLimits
 from kimivl.chat.policy import processor_messages
 from kimivl.chat.protocol import (APIError, ChatCompletionRequest, choice_body, chunk_body, completion_body,
-                                  new_completion_id, parse_request, sse, usage_body)
+                                  new_completion_id, parse_request, reasoning_fields, sse, usage_body)
 from kimivl.chat.worker import Event, Job, ModelWorker, QueueFull
 from kimivl.errors import KimiVLInputError
 from kimivl.generation import resolve_generation_config
+from kimivl.processing import ThinkingStream
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ _PAGE_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff
                  "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
                                             "style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
                                             "connect-src 'self'; frame-ancestors 'none'"}
+# --reasoning-parser: the thinking models' ◁think▷…◁/think▷ block goes to reasoning_content (vLLM's name for it)
+REASONING_PARSERS = ("kimi_vl",)
 
 
 class _EventStream(StreamingResponse):
@@ -177,19 +180,60 @@ async def _collect(job: Job) -> list[Event]:
     return [ends[i] for i in range(job.choices)]
 
 
-async def _sse_events(job: Job, cid: str, name: str, prompt: int, images: int,
-                      include_usage: bool) -> AsyncIterator[bytes]:
+class _ReasoningDeltas:
+    """One streamed answer's deltas split into reasoning and content (``--reasoning-parser``). A token's logprobs
+    wait for the first delta that carries text, so every chunk has text and no entry is lost."""
+
+    def __init__(self) -> None:
+        self.split = ThinkingStream()
+        self.logprobs: list[dict[str, Any]] = []
+
+    def delta(self, text: str, logprobs: tuple[dict[str, Any], ...], last: bool = False
+              ) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        """The chunk delta and its logprobs, or None while nothing can be sent; ``last`` flushes the rest."""
+        self.logprobs.extend(logprobs)
+        reasoning, content = self.split.push(text)
+        if last:
+            more_reasoning, more_content = self.split.flush()
+            reasoning, content = reasoning + more_reasoning, content + more_content
+        if not (reasoning or content or (last and self.logprobs)):
+            return None
+        out: dict[str, Any] = reasoning_fields(reasoning) if reasoning else {}
+        if content or not reasoning:
+            out["content"] = content
+        sent, self.logprobs = self.logprobs, []
+        return out, sent
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """A whole answer -> (reasoning or None without a thinking block, content), as the streamed deltas join."""
+    split = ThinkingStream()
+    reasoning, content = split.push(text)
+    more_reasoning, more_content = split.flush()
+    return (reasoning + more_reasoning if split.had_reasoning else None), content + more_content
+
+
+async def _sse_events(job: Job, cid: str, name: str, prompt: int, images: int, include_usage: bool,
+                      reasoning_parser: str | None = None) -> AsyncIterator[bytes]:
     created = int(time.time())
     with_logprobs = job.top_logprobs is not None
+    splits = [_ReasoningDeltas() for _ in range(job.choices)] if reasoning_parser else None
     for index in range(job.choices):
         yield sse(chunk_body(cid, name, created, {"role": "assistant", "content": ""}, index=index))
     ended, completion_tokens = 0, 0
     while True:
         event = await job.events.get()
         if event.kind == "delta":
-            yield sse(chunk_body(cid, name, created, {"content": event.text},
-                                 logprobs=list(event.logprobs) if with_logprobs else None, index=event.index))
+            piece = splits[event.index].delta(event.text, event.logprobs) if splits else ({"content": event.text},
+                                                                                           list(event.logprobs))
+            if piece is not None:
+                yield sse(chunk_body(cid, name, created, piece[0], logprobs=piece[1] if with_logprobs else None,
+                                     index=event.index))
         elif event.kind == "end":
+            piece = splits[event.index].delta("", (), last=True) if splits else None
+            if piece is not None:
+                yield sse(chunk_body(cid, name, created, piece[0], logprobs=piece[1] if with_logprobs else None,
+                                     index=event.index))
             yield sse(chunk_body(cid, name, created, {}, finish_reason=event.finish_reason, index=event.index))
             ended, completion_tokens = ended + 1, completion_tokens + event.completion_tokens
             if ended < job.choices:
@@ -206,10 +250,13 @@ async def _sse_events(job: Job, cid: str, name: str, prompt: int, images: int,
             return
 
 
-def create_app(model: Any, processor: Any, *, model_name: str = "kimivl",
-               limits: ServerLimits | None = None) -> FastAPI:
+def create_app(model: Any, processor: Any, *, model_name: str = "kimivl", limits: ServerLimits | None = None,
+               reasoning_parser: str | None = None) -> FastAPI:
     """The FastAPI app serving ``model`` (a loaded KimiVL model) with ``processor``; the model worker thread
-    starts and stops with the app's lifespan."""
+    starts and stops with the app's lifespan. ``reasoning_parser="kimi_vl"`` returns a thinking model's
+    reasoning in ``reasoning_content`` / ``reasoning`` and only the answer in ``content``."""
+    if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
+        raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; choose one of {list(REASONING_PARSERS)}")
     service = _Service(model, processor, model_name, limits or ServerLimits())
 
     @asynccontextmanager
@@ -273,7 +320,8 @@ def create_app(model: Any, processor: Any, *, model_name: str = "kimivl",
         cid = new_completion_id()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _EventStream(_sse_events(job, cid, model_name, prompt, images, include_usage), job)
+            return _EventStream(_sse_events(job, cid, model_name, prompt, images, include_usage, reasoning_parser),
+                                job)
         collector = asyncio.ensure_future(_collect(job))
         watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
         await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -286,8 +334,12 @@ def create_app(model: Any, processor: Any, *, model_name: str = "kimivl",
         if results[0].kind != "end":
             raise APIError(500, results[0].text or "generation was cancelled", code="generation_failed",
                            type="server_error")
-        choices = [choice_body(r.index, r.text, r.finish_reason or "stop",
-                               list(r.logprobs) if top_logprobs is not None else None) for r in results]
+        choices = []
+        for r in results:
+            reasoning, text = split_reasoning(r.text) if reasoning_parser else (None, r.text)
+            choices.append(choice_body(r.index, text, r.finish_reason or "stop",
+                                       list(r.logprobs) if top_logprobs is not None else None,
+                                       reasoning_fields(reasoning) if reasoning_parser else None))
         completion_tokens = sum(r.completion_tokens for r in results)
         return JSONResponse(completion_body(cid, model_name, choices, usage_body(prompt, images, completion_tokens)))
 
@@ -305,7 +357,7 @@ def is_loopback(host: str) -> bool:
 
 def serve(model_path: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           served_model_name: str | None = None, dtype: str | None = None, device: str | None = None,
-          limits: ServerLimits | None = None, log_level: str = "info") -> None:
+          limits: ServerLimits | None = None, log_level: str = "info", reasoning_parser: str | None = None) -> None:
     """Load a checkpoint (default: the shipped demo model) and serve it with uvicorn until interrupted."""
     import uvicorn
 
@@ -320,5 +372,5 @@ def serve(model_path: str | None = None, *, host: str = "127.0.0.1", port: int =
     if not is_loopback(host):
         logger.warning("binding to %s: the server has no authentication; anyone who can reach this address can "
                        "use it", host)
-    app = create_app(model, processor, model_name=name, limits=limits)
+    app = create_app(model, processor, model_name=name, limits=limits, reasoning_parser=reasoning_parser)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from kimivl.processing.chat_template import (DEFAULT_CHAT_TEMPLATE, DOCUMENT_BLOCK, IMAGE_BLOCK, MEDIA_PAD,
                                              THINK_CLOSE, THINK_OPEN, VIDEO_BLOCK, ChatRenderer, MediaItem,
-                                             RenderedChat, ThinkingSplit, prepare_messages, split_thinking,
-                                             strip_thinking)
+                                             RenderedChat, ThinkingSplit, ThinkingStream, prepare_messages,
+                                             split_thinking, strip_thinking)
 from kimivl.processing.document import DocumentOptions, omitted_marker, page_marker
 from kimivl.processing.image_processing import (KimiVLImageProcessor, image_grid_hw, num_image_tokens,
                                                 resized_size)
@@ -22,7 +22,7 @@ __all__ = [
     "DEFAULT_CHAT_TEMPLATE", "DOCUMENT_BLOCK", "IGNORE_INDEX", "IMAGE_BLOCK", "KIMI_PAT_STR", "MEDIA_PAD",
     "THINK_CLOSE", "THINK_OPEN", "VIDEO_BLOCK", "ChatRenderer", "DocumentOptions", "ImageBlock", "KimiVLBatch",
     "KimiVLImageProcessor", "KimiVLProcessor", "KimiVLTokenizer", "MediaCount", "MediaItem", "MediaPlan",
-    "PreflightReport", "PyAVDecoder", "RenderedChat", "ThinkingSplit", "VideoDecoder", "VideoInfo",
+    "PreflightReport", "PyAVDecoder", "RenderedChat", "ThinkingSplit", "ThinkingStream", "VideoDecoder", "VideoInfo",
     "VideoOptions", "format_timestamp", "image_grid_hw", "image_size", "load_image", "num_image_tokens",
     "omitted_marker", "page_marker", "prepare_messages", "read_tiktoken_ranks", "resized_size",
     "split_thinking", "strip_thinking",

@@ -158,6 +158,66 @@ def split_thinking(text: str) -> ThinkingSplit:
     return ThinkingSplit("", text.strip(), True)
 
 
+class ThinkingStream:
+    """:func:`split_thinking` for text that arrives in pieces: :meth:`push` takes each delta and returns the
+    ``(reasoning, answer)`` text it completes; :meth:`flush` returns the rest at the end.
+
+    An output that opens with ``◁think▷`` (whitespace aside) is reasoning up to ``◁/think▷`` and answer after it;
+    one that opens otherwise is all answer, as it comes (an Instruct model's output passes unchanged). The
+    markers and the whitespace around the reasoning and at the answer's start are dropped, so the joined
+    pieces equal ``split_thinking(text)``'s reasoning and its answer (stripped only at the start) for such
+    outputs. ``inside=True`` starts inside the block (a prompt that ended with ``◁think▷``). Nothing is held
+    back longer than a possible partial marker or a run of whitespace.
+    """
+
+    def __init__(self, inside: bool = False) -> None:
+        self.state = "reasoning_start" if inside else "start"  # start, reasoning_start, reasoning, answer_start, answer
+        self.pending = ""  # text not yet decided
+        self.had_reasoning = inside
+
+    def push(self, delta: str) -> tuple[str, str]:
+        self.pending += delta
+        reasoning, answer = [], []
+        while self.pending:
+            if self.state == "start":
+                head = self.pending.lstrip()
+                if head.startswith(THINK_OPEN):
+                    self.pending, self.state, self.had_reasoning = head[len(THINK_OPEN):], "reasoning_start", True
+                elif not head or THINK_OPEN.startswith(head):
+                    break  # maybe a marker still arriving
+                else:
+                    self.state = "answer"
+            elif self.state in ("reasoning_start", "answer_start"):
+                self.pending = self.pending.lstrip()
+                if self.pending:
+                    self.state = self.state.removesuffix("_start")
+            elif self.state == "reasoning":
+                end = self.pending.find(THINK_CLOSE)
+                if end >= 0:
+                    reasoning.append(self.pending[:end].rstrip())
+                    self.pending, self.state = self.pending[end + len(THINK_CLOSE):], "answer_start"
+                    continue
+                # hold back a partial close marker, and trailing whitespace (it is dropped before the marker)
+                hold = max((k for k in range(1, len(THINK_CLOSE)) if self.pending.endswith(THINK_CLOSE[:k])), default=0)
+                body = self.pending[:len(self.pending) - hold]
+                keep = len(body.rstrip())
+                reasoning.append(body[:keep])
+                self.pending = self.pending[keep:]
+                break
+            else:  # answer
+                answer.append(self.pending)
+                self.pending = ""
+        return "".join(reasoning), "".join(answer)
+
+    def flush(self) -> tuple[str, str]:
+        """The held-back rest: a partial marker that never completed is answer text (or reasoning inside the
+        block); whitespace at the end of an unclosed reasoning is dropped."""
+        rest, self.pending = self.pending, ""
+        if self.state in ("reasoning", "reasoning_start"):
+            return rest.rstrip(), ""
+        return "", rest if self.state in ("start", "answer") else rest.lstrip()
+
+
 def strip_thinking(messages: Sequence[dict[str, Any]], *, keep_last: bool = False) -> list[dict[str, Any]]:
     """Copy of a conversation with the reasoning removed from assistant turns (the answers stay), for
     sending history back to a thinking model; ``keep_last`` leaves the final assistant turn untouched."""

@@ -88,12 +88,13 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory, golden_dir: Path) -> Pat
     return root
 
 
-def start_server(tiny: tuple[Any, Any], **limits: Any) -> ServerThread:
+def start_server(tiny: tuple[Any, Any], reasoning_parser: str | None = None, **limits: Any) -> ServerThread:
     from kimivl.chat.limits import ServerLimits
     from kimivl.chat.server import create_app
 
     model, processor = tiny
-    return ServerThread(create_app(model, processor, model_name="kimivl-tiny", limits=ServerLimits(**limits))).start()
+    return ServerThread(create_app(model, processor, model_name="kimivl-tiny", limits=ServerLimits(**limits),
+                                   reasoning_parser=reasoning_parser)).start()
 
 
 # bounds small enough for the tests to cross them with small inputs
@@ -197,6 +198,37 @@ def held_worker(model: Any, after_steps: int) -> Iterator[threading.Event]:
         handle.remove()
 
 
+@contextmanager
+def scripted_answer(model: Any, token_ids: list[int]) -> Iterator[None]:
+    """Make the model answer ``token_ids`` (then repeat the last) in every generation: each ``lm_head`` call's
+    logits put all weight on the next scripted id, counted from the prompt's forward (the only one over more
+    than one position). The golden weights are random; this gives the real server and generation loop an
+    answer with a known text, e.g. a thinking model's."""
+    import torch
+
+    calls = [0]
+
+    def restart(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        inputs = kwargs.get("inputs_embeds", kwargs.get("input_ids"))
+        if inputs is not None and inputs.shape[1] > 1:
+            calls[0] = 0
+
+    def hook(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
+        token = token_ids[min(calls[0], len(token_ids) - 1)]
+        calls[0] += 1
+        forced = torch.full_like(out, -30.0)
+        forced[..., token] = 30.0
+        return forced
+
+    handles = [model.language_model.model.register_forward_pre_hook(restart, with_kwargs=True),
+               model.language_model.lm_head.register_forward_hook(hook)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def worker_of(server: ServerThread) -> Any:
     return server.server.config.app.state.service.worker
 
@@ -210,4 +242,4 @@ def h() -> Any:
         GOLDEN_ANSWER_IDS=GOLDEN_ANSWER_IDS, GOLDEN_QUESTION=GOLDEN_QUESTION, TEST_LIMITS=TEST_LIMITS,
         start_server=start_server, data_url=data_url, image_part=image_part, golden_messages=golden_messages,
         http=http, post_json=post_json, health=health, wait_for=wait_for, reference_answer=reference_answer,
-        held_worker=held_worker, worker_of=worker_of)
+        held_worker=held_worker, worker_of=worker_of, scripted_answer=scripted_answer)

@@ -58,3 +58,32 @@ def test_page_streams_an_answer_about_an_example_image(server, tiny, h, tmp_path
     assert updates > 3  # several deltas arrived before the end
     assert not failed
     assert (tmp_path / "chat.png").stat().st_size > 10_000
+
+
+def test_page_shows_a_thinking_models_reasoning_apart(tiny, h):
+    """With --reasoning-parser the page puts the reasoning in a folded "thinking" box above the answer."""
+    reasoning, answer = "The shape is round.", "A blue circle."
+    model, processor = tiny
+    ids = processor.tokenizer.encode(f"◁think▷ {reasoning} ◁/think▷ {answer}") + [model.generation_config.eos_ids()[0]]
+    server = h.start_server(tiny, reasoning_parser="kimi_vl", **h.TEST_LIMITS)
+    executable = CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium")
+    try:
+        with h.scripted_answer(model, ids), sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_FLAGS,
+                                        timeout=60_000)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(60_000)
+                page.goto(server.url + "/")
+                page.wait_for_function("document.getElementById('model').textContent === 'kimivl-tiny'")
+                page.fill("#prompt", QUESTION)
+                page.click("#send")
+                bubble = page.wait_for_selector(".msg.assistant[data-state=done]")
+                shown = bubble.eval_on_selector(".text", "e => e.textContent")
+                thinking = bubble.eval_on_selector("details.thinking div", "e => e.textContent")
+                folded = bubble.eval_on_selector("details.thinking", "e => !e.open")
+            finally:
+                browser.close()
+    finally:
+        server.stop()
+    assert (shown, thinking, folded) == (answer, reasoning, True)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from kimivl.errors import KimiVLInputError
-from kimivl.processing import (IGNORE_INDEX, IMAGE_BLOCK, ChatRenderer, prepare_messages, split_thinking,
-                               strip_thinking)
+from kimivl.processing import (IGNORE_INDEX, IMAGE_BLOCK, ChatRenderer, ThinkingStream, prepare_messages,
+                               split_thinking, strip_thinking)
 
 CONVERSATIONS = [
     [{"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "Describe."}]}],
@@ -107,6 +107,42 @@ def test_thinking_split():
     assert split_thinking("reasoning after an opened prompt◁/think▷answer") == (
         "reasoning after an opened prompt", "answer", True)
     assert split_thinking("◁think▷a◁/think▷b").answer == "b"
+
+
+def _streamed(pieces: list[str], inside: bool = False) -> tuple[list[str], list[str]]:
+    """Each push's (reasoning, answer) and the flush's, as two lists of pieces."""
+    stream = ThinkingStream(inside=inside)
+    out = [stream.push(p) for p in pieces] + [stream.flush()]
+    return [r for r, _ in out], [a for _, a in out]
+
+
+THINKING_OUTPUTS = ["◁think▷ I look closely.\n It is round. ◁/think▷\n\nA circle, blue.",
+                    "◁think▷still thinking  ", "  A plain answer ◁ with a ◁think mark inside.  ",
+                    "\n◁think▷a◁/think▷b", "◁think▷◁/think▷", "◁thin", "◁think▷x◁/thi"]
+
+
+@pytest.mark.parametrize("text", THINKING_OUTPUTS)
+def test_thinking_stream_equals_the_split_at_every_cut(text: str) -> None:
+    """Cut the text into two and three pieces everywhere (markers and whitespace runs split across pieces):
+    the joined reasoning / answer never depend on the cuts, and equal split_thinking's for outputs that open
+    with the marker; text without an opening marker passes unchanged."""
+    want = ("", text)
+    if text.lstrip().startswith("◁think▷"):
+        close = text.find("◁/think▷")
+        want = (split_thinking(text).reasoning, text[close + len("◁/think▷"):].lstrip() if close >= 0 else "")
+    for i in range(len(text) + 1):
+        for j in range(i, len(text) + 1):
+            reasoning, answer = _streamed([text[:i], text[i:j], text[j:]])
+            assert ("".join(reasoning), "".join(answer)) == want, (i, j)
+
+
+def test_thinking_stream_holds_back_only_what_may_still_change() -> None:
+    reasoning, answer = _streamed(["◁think▷ The", " shape is", " round. ◁", "/think▷ Blue", " circle."])
+    assert reasoning == ["The", " shape is", " round.", "", "", ""]  # " ◁" waits: it may open the close marker
+    assert answer == ["", "", "", "Blue", " circle.", ""]
+    assert _streamed(["He", "llo"]) == (["", "", ""], ["He", "llo", ""])  # no marker can start with "He"
+    assert _streamed(["◁", "x"]) == (["", "", ""], ["", "◁x", ""])
+    assert _streamed(["still", " in◁/think▷ out"], inside=True) == (["still", " in", ""], ["", "out", ""])
 
 
 def test_strip_thinking_history():
