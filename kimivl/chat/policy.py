@@ -127,7 +127,14 @@ def processor_messages(request: ChatCompletionRequest, limits: ServerLimits) -> 
                        code="max_images", param="messages")
     out: list[dict[str, Any]] = []
     index = 0
-    for message in request.messages:
+    for i, message in enumerate(request.messages):
+        echoed = message.echoed_fields()
+        if echoed and message.role != "assistant":
+            raise APIError(400, f"messages[{i}].{echoed[0]} is a field of assistant messages, not {message.role} "
+                                "ones", code="invalid_value", param=f"messages[{i}].{echoed[0]}")
+        if message.tool_calls:
+            raise APIError(400, f"messages[{i}].tool_calls: this server runs no tools (tool calls are not "
+                                "supported)", code="invalid_value", param=f"messages[{i}].tool_calls")
         if isinstance(message.content, str):
             out.append({"role": message.role, "content": message.content})
             continue

@@ -67,6 +67,20 @@ class Message(_Strict):
     role: Literal["system", "user", "assistant"]
     content: str | list[ContentPart]
     name: str | None = None  # accepted for compatibility, not rendered
+    # What clients send back of an earlier answer (``messages.append(response.choices[0].message)``), on
+    # assistant messages only; not rendered: earlier reasoning is not re-sent to the model (as ChatSession does).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    tool_calls: list[Any] | None = None  # must be empty: this server runs no tools
+    function_call: None = None
+    audio: None = None
+
+    def echoed_fields(self) -> list[str]:
+        """The answer-echo fields this message sets (to anything but null / an empty list)."""
+        return [name for name in ("reasoning_content", "reasoning", "refusal", "annotations", "tool_calls")
+                if getattr(self, name) not in (None, [])]
 
 
 class StreamOptions(_Strict):

@@ -74,6 +74,13 @@ def _cases(media_dir, golden_dir) -> dict[str, tuple[dict | bytes, int, str, str
                               "allowed_local_media_path", "not a file under the allowed local media path"),
         "local_missing": (_user(_image(str(media_dir / "allowed" / "nope.png"))), 400, "allowed_local_media_path",
                           "file not found"),
+        "reasoning_on_a_user_message": ({"messages": [{"role": "user", "content": "hi", "reasoning_content": "x"}]},
+                                        400, "invalid_value",
+                                        "messages[0].reasoning_content is a field of assistant messages"),
+        "tool_calls": ({"messages": [{"role": "user", "content": "hi"},
+                                     {"role": "assistant", "content": "", "tool_calls": [{"id": "c"}]},
+                                     {"role": "user", "content": "and?"}]}, 400, "invalid_value",
+                       "messages[1].tool_calls: this server runs no tools"),
     }
 
 
@@ -82,7 +89,7 @@ CASES = ["body_too_large", "too_many_images", "too_many_pixels", "context_by_max
          "bad_role", "no_messages", "temperature_range", "n_above_eight", "too_many_stops", "model_not_found",
          "remote_url", "other_scheme", "bad_base64", "not_an_image", "truncated_image", "seed_range",
          "not_image_data_url", "local_outside",
-         "local_traversal", "local_symlink_out", "local_missing"]
+         "local_traversal", "local_symlink_out", "local_missing", "reasoning_on_a_user_message", "tool_calls"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -99,6 +99,24 @@ def test_n_answers_are_split_each(thinking_server, tiny, h):
         assert "".join(d.get("content") or "" for d in deltas) == ANSWER
 
 
+def test_an_answer_sent_back_as_it_came_continues_the_chat(thinking_server, tiny, h):
+    """``messages.append(response.choices[0].message)`` (the openai client's habit) sends reasoning_content and
+    reasoning back: accepted, and only the answer is rendered into the next prompt."""
+    openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install openai)")
+    client = openai.OpenAI(base_url=thinking_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    messages: list[Any] = [{"role": "user", "content": "What is the shape?"}]
+    with h.scripted_answer(tiny[0], _answer_ids(tiny, THINKING_TEXT)):
+        first = client.chat.completions.create(model="kimivl-tiny", messages=messages)
+        messages += [first.choices[0].message, {"role": "user", "content": "And its color?"}]
+        second = client.chat.completions.create(model="kimivl-tiny", messages=messages)
+    assert first.choices[0].message.reasoning_content == REASONING
+    assert second.choices[0].message.content == ANSWER
+    rendered = tiny[1].apply_chat_template([messages[0], {"role": "assistant", "content": ANSWER}, messages[2]],
+                                           add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    assert second.usage.prompt_tokens == rendered["input_ids"].shape[1]
+
+
 def test_without_the_parser_the_text_is_raw(server, tiny, h):
     with h.scripted_answer(tiny[0], _answer_ids(tiny, THINKING_TEXT)):
         status, body = h.post_json(server, _request(h))
