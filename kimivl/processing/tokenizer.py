@@ -328,4 +328,12 @@ def _as_id_list(ids: Any) -> list[int]:
     out = list(ids)
     if out and isinstance(out[0], list):
         raise KimiVLInputError("decode expects one sequence of ids; use batch_decode for several")
-    return [int(i) for i in out]
+    return [_as_id(i) for i in out]
+
+
+def _as_id(i: Any) -> int:
+    """An int, or a whole float (ids that went through a float tensor); int() would turn 1.5 (a score or
+    probability decoded by mistake) into 1 and a string into a crash."""
+    if isinstance(i, bool) or not isinstance(i, (int, float)) or (isinstance(i, float) and not i.is_integer()):
+        raise KimiVLInputError(f"token ids must be integers, got {i!r}")
+    return int(i)

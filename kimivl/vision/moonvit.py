@@ -214,6 +214,9 @@ def validate_vision_inputs(pixel_values: torch.Tensor, image_grid_hws: torch.Ten
     if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, p, p):
         raise KimiVLInputError(f"pixel_values must have shape (num_patches, 3, {p}, {p}); "
                                f"got {tuple(pixel_values.shape)}")
+    if not pixel_values.is_floating_point():  # raw 0-255 patches would be cast and encoded as nonsense
+        raise KimiVLInputError(f"pixel_values must be a float tensor (the processor's normalized patches); got dtype "
+                               f"{pixel_values.dtype}")
     if image_grid_hws.ndim != 2 or image_grid_hws.shape[1] != 2:
         raise KimiVLInputError(f"image_grid_hws must have shape (num_images, 2); got {tuple(image_grid_hws.shape)}")
     if image_grid_hws.is_floating_point() or image_grid_hws.is_complex():

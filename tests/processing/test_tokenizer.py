@@ -99,6 +99,16 @@ def test_decode_out_of_range(tok):
         tok.decode([5, 1000])
 
 
+def test_decode_refuses_what_is_not_an_id(tok):
+    import torch
+
+    assert tok.decode(torch.tensor([65.0, 66.0])) == tok.decode([65, 66])  # whole numbers in a float tensor
+    with pytest.raises(KimiVLInputError, match=r"token ids must be integers, got 1\.5"):
+        tok.batch_decode(torch.tensor([[1.5, 2.0]]))
+    with pytest.raises(KimiVLInputError, match="token ids must be integers, got 'a'"):
+        tok.decode(["a"])
+
+
 def test_real_vocabulary_layout(tmp_path):
     """A vocabulary of the real size (163,584 ranks) with the released special-id table (spec §6.2)."""
     lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]

@@ -268,6 +268,12 @@ def test_input_errors_name_the_numbers(tower: MoonVitPretrainedModel, pixels_sha
         tower(torch.zeros(pixels_shape), torch.tensor(grid))
 
 
+def test_integer_pixels_are_refused(tower: MoonVitPretrainedModel) -> None:
+    """Raw 0-255 patches (not the processor's normalized floats) would be cast and encoded as nonsense."""
+    with pytest.raises(KimiVLInputError, match=r"pixel_values must be a float tensor .* got dtype torch.uint8"):
+        tower(torch.zeros(92, 3, 14, 14, dtype=torch.uint8), torch.tensor([[8, 6], [4, 10], [2, 2]]))
+
+
 def test_unknown_backend_rejected(vision_config: MoonViTConfig) -> None:
     with torch.device("meta"):
         with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
