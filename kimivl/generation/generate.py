@@ -210,6 +210,16 @@ def _repeat_prompts(model: nn.Module, k: int, input_ids: torch.Tensor, attention
     return again[0], again[1], again[2]
 
 
+def _max_new_tokens(max_new_tokens: int | None, max_length: int | None, input_ids: Any) -> int | None:
+    """transformers' ``max_length`` (prompt + new tokens) as a number of new tokens; ``max_new_tokens`` wins."""
+    if max_length is None or max_new_tokens is not None:
+        return max_new_tokens
+    n = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else 0
+    _check(_is_int(max_length) and max_length > n, "max_length", max_length,
+           f"must be longer than the prompt ({n} tokens): it counts the prompt and the new tokens")
+    return max_length - n
+
+
 def _processor_list(logits_processor: Any) -> list[LogitsProcessor]:
     """transformers' ``logits_processor``: one callable or a sequence of them (a ``LogitsProcessorList``)."""
     if logits_processor is None:
@@ -460,11 +470,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
     _check(num_beams is None or num_beams == 1, "num_beams", num_beams,
            "must be 1: beam search is not implemented (greedy with do_sample=False, or sampling)")
     _check(use_cache is None or isinstance(use_cache, bool), "use_cache", use_cache, "must be True or False")
-    if max_length is not None and max_new_tokens is None:
-        n = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else 0
-        _check(_is_int(max_length) and max_length > n, "max_length", max_length,
-               f"must be longer than the prompt ({n} tokens): it counts the prompt and the new tokens")
-        max_new_tokens = max_length - n
+    max_new_tokens = _max_new_tokens(max_new_tokens, max_length, input_ids)
     overrides = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
                      temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                      repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, stop_strings=stop_strings,
@@ -510,25 +516,30 @@ def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
            min_p: float | None = None, repetition_penalty: float | None = None,
            eos_token_id: int | list[int] | None = None, stop_strings: str | list[str] | None = None,
            seed: int | None = None, pad_token_id: int | None = None, min_new_tokens: int | None = None,
-           skip_special_tokens: bool = True) -> Iterator[str]:
+           skip_special_tokens: bool = True, max_length: int | None = None, generation_config: Any = None,
+           logits_processor: Any = None) -> Iterator[str]:
     """Generate for one prompt row and yield the new text as it grows (UTF-8 safe deltas).
 
-    Same settings as :func:`generate`; ``tokenizer`` (or a processor) decodes. A delta is held back while the
-    text ends inside a multi-byte character, so ``"".join(stream(...))`` equals
-    ``tokenizer.decode(new_ids, skip_special_tokens=skip_special_tokens)``. Arguments are checked by this
-    call; the model runs as the iterator is consumed.
+    Same settings as :func:`generate` (``max_length``, ``generation_config`` and ``logits_processor`` too);
+    ``tokenizer`` (or a processor) decodes. A delta is held back while the text ends inside a multi-byte
+    character, so ``"".join(stream(...))`` equals ``tokenizer.decode(new_ids,
+    skip_special_tokens=skip_special_tokens)``. Arguments are checked by this call; the model runs as the
+    iterator is consumed.
     """
+    processors = _processor_list(logits_processor)
+    max_new_tokens = _max_new_tokens(max_new_tokens, max_length, input_ids)
     overrides = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
                      temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                      repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, stop_strings=stop_strings,
                      pad_token_id=pad_token_id)
     decode = _decode_fn(tokenizer, skip_special_tokens)
     input_ids, attention_mask, config, generator, stops = _prepare(model, input_ids, attention_mask, overrides,
-                                                                   seed, tokenizer)
+                                                                   seed, tokenizer, generation_config)
     if input_ids.shape[0] != 1:
         raise KimiVLInputError(f"stream() takes one prompt row, got a batch of {input_ids.shape[0]}; "
                                "use generate() for batches")
-    steps = _token_steps(model, input_ids, attention_mask, pixel_values, image_grid_hws, config, generator, stops)
+    steps = _token_steps(model, input_ids, attention_mask, pixel_values, image_grid_hws, config, generator, stops,
+                         processors=processors)
     return _text_deltas(steps, IncrementalDetokenizer(decode))
 
 

@@ -63,6 +63,22 @@ def test_stream_takes_a_processor_and_sampling_settings(model: KimiVLForConditio
     assert text == tokenizer.decode(ids.tolist(), skip_special_tokens=True)
 
 
+def test_stream_takes_the_transformers_options_of_generate(model: KimiVLForConditionalGeneration, tokenizer: Any,
+                                                     prompt: dict[str, torch.Tensor]) -> None:
+    """max_length, generation_config and logits_processor mean in stream() what they mean in generate()."""
+    def ban_first(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores.index_fill(1, torch.tensor([GOLDEN_NEW[0]]), float("-inf"))
+
+    settings = dict(generation_config={"max_new_tokens": 4, "eos_token_id": []}, logits_processor=[ban_first])
+    ids = model.generate(**prompt, **settings)[0, 55:]
+    assert len(ids) == 4 and int(ids[0]) != GOLDEN_NEW[0]
+    assert "".join(stream(model, **prompt, tokenizer=tokenizer, skip_special_tokens=False, **settings)) == \
+        tokenizer.decode(ids.tolist())
+    text = "".join(stream(model, **prompt, tokenizer=tokenizer, max_length=55 + 3, eos_token_id=[],
+                          skip_special_tokens=False))
+    assert text == tokenizer.decode(GOLDEN_NEW[:3])
+
+
 def test_stream_does_not_leak_inference_mode(model: KimiVLForConditionalGeneration, tokenizer: Any,
                                              prompt: dict[str, torch.Tensor]) -> None:
     it = stream(model, **prompt, tokenizer=tokenizer, max_new_tokens=4)
