@@ -193,7 +193,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(str(e)) from e
     from kimivl.chat.limits import ServerLimits
 
-    limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_images=args.max_images,
+    limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_videos=args.max_videos,
+                          max_documents=args.max_documents,
                           max_image_pixels=args.max_image_pixels, max_queue=args.max_queue,
                           allow_remote_images=args.allow_remote_images,
                           allowed_local_media_path=args.allowed_local_media_path,
@@ -216,12 +217,15 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="auto (config torch_dtype, bfloat16 for the released models) | bfloat16 | float32")
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     serve.add_argument("--allow-remote-images", action="store_true",
-                       help="fetch http(s) image URLs (refused by default)")
+                       help="fetch http(s) image and video URLs (refused by default)")
     serve.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
-                       help="allow file:// URLs / absolute paths of images under DIR (refused by default)")
+                       help="allow file:// URLs / absolute paths of images and videos under DIR (refused by default)")
     serve.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body bound")
     serve.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
-    serve.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="width x height per image")
+    serve.add_argument("--max-videos", type=int, default=d.max_videos, help="videos per request (video_url parts)")
+    serve.add_argument("--max-documents", type=int, default=d.max_documents, help="PDFs per request (file parts)")
+    serve.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
+                       help="width x height per image or video frame")
     serve.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting for the model")
     serve.add_argument("--default-max-tokens", type=int, default=None,
                        help="answer length when a request gives none (default: the model's generation config)")

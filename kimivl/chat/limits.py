@@ -16,6 +16,8 @@ class ServerLimits:
 
     max_body_bytes: int = 16 * 2**20
     max_images: int = 8
+    max_videos: int = 2
+    max_documents: int = 2
     max_image_pixels: int = 4096 * 4096
     max_queue: int = 32
     allow_remote_images: bool = False
@@ -24,7 +26,7 @@ class ServerLimits:
     default_max_tokens: int | None = None  # None: the model's generation_config max_new_tokens
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_images", "max_image_pixels", "max_queue"):
+        for name in ("max_body_bytes", "max_images", "max_videos", "max_documents", "max_image_pixels", "max_queue"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:

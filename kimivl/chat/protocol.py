@@ -60,7 +60,33 @@ class ImagePart(_Strict):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_Strict):
+    url: str = Field(min_length=1)
+
+
+class VideoPart(_Strict):
+    """vLLM's extension for video models: ``{"type": "video_url", "video_url": {"url": ...}}``."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+class FileData(_Strict):
+    file_data: str | None = None  # data:application/pdf;base64,...
+    file_id: str | None = None  # OpenAI's uploaded files: no Files API here, refused with a 400 naming it
+    filename: str | None = None  # accepted, not rendered
+
+
+class FilePart(_Strict):
+    """OpenAI's PDF input: ``{"type": "file", "file": {"file_data": "data:application/pdf;base64,...",
+    "filename": ...}}``; read as a document (pages as images)."""
+
+    type: Literal["file"]
+    file: FileData
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart | FilePart, Field(discriminator="type")]
+MEDIA_PARTS = {ImagePart: "image", VideoPart: "video", FilePart: "document"}  # part class -> processor kind
 
 
 class Message(_Strict):

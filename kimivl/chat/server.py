@@ -156,6 +156,8 @@ class _Service:
                                                             return_dict=True, return_tensors="pt")
             except KimiVLInputError as e:
                 raise APIError(400, str(e), code="invalid_input", param="messages") from e
+            except ImportError as e:  # a PDF without pypdfium2 on the server: the message names the install
+                raise APIError(400, str(e), code="media_unsupported", param="messages") from e
         image_tokens = int((inputs["input_ids"] == self.processor.image_token_id).sum())
         device = next(self.model.parameters()).device
         return dict(inputs.to(device)), int(inputs["input_ids"].shape[1]), image_tokens, new

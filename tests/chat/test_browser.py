@@ -87,3 +87,34 @@ def test_page_shows_a_thinking_models_reasoning_apart(tiny, h):
     finally:
         server.stop()
     assert (shown, thinking, folded) == (answer, reasoning, True)
+
+
+def test_page_sends_a_video_and_a_pdf(server, tiny, h, make_video, make_pdf, tmp_path):
+    """Attached videos and PDFs go out as video_url / file parts and get the library's answer."""
+    video = make_video(tmp_path / "clip.mp4", frames=25, fps=10)
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(make_pdf([(120, 90)]))
+    expected = h.reference_answer(tiny, [{"role": "user", "content": [
+        {"type": "video", "video": str(video)}, {"type": "document", "document": pdf.read_bytes()},
+        {"type": "text", "text": QUESTION}]}], max_new_tokens=16)
+    executable = CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_FLAGS, timeout=60_000)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent === 'kimivl-tiny'")
+            page.set_input_files("#file", [str(video), str(pdf)])
+            page.wait_for_selector("#attachments .chip.document")
+            chips = page.eval_on_selector_all("#attachments .chip", "es => es.map(e => e.textContent)")
+            page.fill("#max-tokens", "16")
+            page.fill("#prompt", QUESTION)
+            page.click("#send")
+            bubble = page.wait_for_selector(".msg.assistant[data-state=done]")
+            answer = bubble.eval_on_selector(".text", "e => e.textContent")
+            sent = page.eval_on_selector_all(".msg.user .chip", "es => es.length")
+        finally:
+            browser.close()
+    assert chips == ["video: clip.mp4", "PDF: doc.pdf"] and sent == 2
+    assert answer == expected
