@@ -126,7 +126,13 @@ class ChatCompletionRequest(_Strict):
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     user: str | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     top_k: int | None = Field(default=None, ge=1)  # extension (vLLM)
+    min_p: float | None = Field(default=None, ge=0, le=1)  # extension (vLLM)
+    repetition_penalty: float | None = Field(default=None, gt=0)  # extension (vLLM; transformers' meaning)
+    min_tokens: int | None = Field(default=None, ge=0)  # extension (vLLM): no end-of-turn before that many tokens
     ignore_eos: bool = False  # extension (vLLM): keep generating past the end-of-turn token
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -136,6 +142,20 @@ class ChatCompletionRequest(_Strict):
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", code="invalid_value", param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def logit_bias_ids(self, vocab_size: int) -> dict[int, float]:
+        """``logit_bias`` with integer keys; a key that is not a token id of the model is a 400 naming it."""
+        out: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            token = int(key) if key.strip().lstrip("-").isdigit() else None
+            if token is None or not 0 <= token < vocab_size:
+                raise APIError(400, f"logit_bias key {key!r} is not a token id of this model (0..{vocab_size - 1})",
+                               code="invalid_value", param="logit_bias")
+            if not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias[{key!r}] must be in [-100, 100], got {value}", code="invalid_value",
+                               param="logit_bias")
+            out[token] = value
+        return out
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

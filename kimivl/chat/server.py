@@ -34,7 +34,7 @@ from kimivl.chat.protocol import (APIError, ChatCompletionRequest, choice_body, 
                                   new_completion_id, parse_request, reasoning_fields, sse, usage_body)
 from kimivl.chat.worker import Event, Job, ModelWorker, QueueFull
 from kimivl.errors import KimiVLInputError
-from kimivl.generation import resolve_generation_config
+from kimivl.generation import LogitBias, PresenceFrequencyPenalty, resolve_generation_config
 from kimivl.processing import ThinkingStream
 
 logger = logging.getLogger(__name__)
@@ -117,8 +117,9 @@ class _Service:
     def settings(self, req: ChatCompletionRequest, stops: list[str]) -> tuple[dict[str, Any], list[int], bool]:
         """``generate`` overrides for a request (checked here, so bad values are a 400), its stop ids and whether it
         samples (greedy answers to ``n > 1`` are one answer given ``n`` times)."""
-        settings: dict[str, Any] = {"top_p": req.top_p, "top_k": req.top_k, "seed": req.seed,
-                                    "stop_strings": stops or None}
+        settings: dict[str, Any] = {"top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
+                                    "repetition_penalty": req.repetition_penalty, "min_new_tokens": req.min_tokens,
+                                    "seed": req.seed, "stop_strings": stops or None}
         if req.temperature is not None:
             settings["do_sample"] = req.temperature > 0
             settings["temperature"] = req.temperature if req.temperature > 0 else None
@@ -131,6 +132,18 @@ class _Service:
         except KimiVLInputError as e:
             raise APIError(400, str(e), code="invalid_value") from e
         return settings, config.eos_ids(), config.do_sample
+
+    def processors(self, req: ChatCompletionRequest, prompt_tokens: int) -> list[Any]:
+        """``logits_processor`` entries for the request's presence / frequency penalties and logit bias."""
+        out: list[Any] = []
+        if req.presence_penalty or req.frequency_penalty:
+            out.append(PresenceFrequencyPenalty(prompt_tokens, req.presence_penalty or 0.0,
+                                                req.frequency_penalty or 0.0))
+        vocab = getattr(self.model, "language_model", self.model).config.vocab_size
+        bias = req.logit_bias_ids(vocab)
+        if bias:
+            out.append(LogitBias(bias, vocab))
+        return out
 
     def prepare(self, req: ChatCompletionRequest) -> tuple[dict[str, Any], int, int, int]:
         """Messages -> model inputs, bounded; returns (inputs, prompt tokens, image tokens, max new tokens)."""
@@ -313,7 +326,8 @@ def create_app(model: Any, processor: Any, *, model_name: str = "kimivl", limits
         inputs, prompt, images, new = await run_in_threadpool(service.prepare, req)
         top_logprobs = req.logprobs_top()
         job = Job(inputs, {**settings, "max_new_tokens": new}, stops, eos_ids, asyncio.get_running_loop(),
-                  top_logprobs=top_logprobs, choices=req.n, copies=req.n > 1 and not sampling)
+                  top_logprobs=top_logprobs, choices=req.n, copies=req.n > 1 and not sampling,
+                  processors=service.processors(req, prompt))
         try:
             service.worker.submit(job)
         except QueueFull:

@@ -82,6 +82,7 @@ class Job:
     top_logprobs: int | None = None  # None: no logprobs; k: each token's logprob and its k best alternatives
     choices: int = 1  # answers asked for (n)
     copies: bool = False  # greedy: one row is generated and its answer given ``choices`` times
+    processors: list[Any] = field(default_factory=list)  # logits processors (penalties, logit bias)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -273,7 +274,7 @@ class ModelWorker:
         try:
             generate(self.model, inputs["input_ids"], inputs.get("attention_mask"), inputs.get("pixel_values"),
                      inputs.get("image_grid_hws"), streamer=streamer, tokenizer=self.processor,
-                     logits_processor=[recorder] if recorder is not None else None,
+                     logits_processor=([recorder] if recorder is not None else []) + job.processors,
                      num_return_sequences=rows, **job.settings)
         except _Cancelled:
             self._count("cancelled")

@@ -14,11 +14,14 @@ from kimivl.generation.generate import (
     resolve_generation_config,
     stream,
 )
+from kimivl.generation.processors import LogitBias, PresenceFrequencyPenalty
 
 __all__ = [
     "GenerateOutput",
     "GenerationConfig",
     "IncrementalDetokenizer",
+    "LogitBias",
+    "PresenceFrequencyPenalty",
     "decode_step",
     "generate",
     "prefill",

@@ -18,6 +18,13 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+def apply_presence_frequency_penalty(logits: torch.Tensor, counts: torch.Tensor, presence: float,
+                                     frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: ``logits - frequency * counts - presence * (counts > 0)``; counts (B, vocab) of the
+    tokens generated so far."""
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
 def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None,
                   min_p: float | None = None) -> torch.Tensor:
     """Set the logits outside the top-k / top-p / min-p support to -inf. logits: (B, V) float."""

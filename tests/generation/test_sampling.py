@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kimivl.errors import KimiVLInputError
 from kimivl.modeling import KimiVLForConditionalGeneration
 from kimivl.ops.sampling import apply_repetition_penalty, filter_logits, select_next_token
 
@@ -100,3 +101,29 @@ def test_select_next_token_is_pure_and_seeded() -> None:
         return select_next_token(logits, do_sample=True, generator=torch.Generator().manual_seed(seed))
 
     assert torch.equal(draw(5), draw(5))
+
+
+def test_presence_frequency_penalty_counts_only_the_new_tokens() -> None:
+    from kimivl.generation import PresenceFrequencyPenalty
+
+    ids = torch.tensor([[1, 2, 2, 3, 3, 3, 0], [3, 0, 0, 0, 1, 1, 1]])  # a 2-token prompt, then 5 new tokens
+    scores = torch.zeros(2, 5)
+    got = PresenceFrequencyPenalty(2, presence=0.5, frequency=0.25)(ids, scores)
+    # row 0 new: 2, 3, 3, 3, 0 -> counts [1, 0, 1, 3, 0]; row 1 new: 0, 0, 1, 1, 1 -> [2, 3, 0, 0, 0]
+    want = -torch.tensor([[0.75, 0.0, 0.75, 1.25, 0.0], [1.0, 1.25, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(got, want)
+    assert PresenceFrequencyPenalty(7, 1.0, 1.0)(ids, scores) is scores  # nothing generated yet
+    with pytest.raises(KimiVLInputError, match=r"frequency_penalty must be a number in \[-2, 2\], got 3"):
+        PresenceFrequencyPenalty(2, frequency=3)
+
+
+def test_logit_bias_adds_to_the_named_tokens() -> None:
+    from kimivl.generation import LogitBias
+
+    scores = torch.zeros(2, 6)
+    got = LogitBias({4: -100, 1: 2.5}, vocab_size=6)(torch.zeros(2, 3, dtype=torch.long), scores)
+    torch.testing.assert_close(got, torch.tensor([[0, 2.5, 0, 0, -100, 0]] * 2))
+    with pytest.raises(KimiVLInputError, match=r"logit_bias token 6 is not a token id of this model \(0..5\)"):
+        LogitBias({6: 1.0}, vocab_size=6)
+    with pytest.raises(KimiVLInputError, match=r"logit_bias\[1\] must be a number in \[-100, 100\], got 200"):
+        LogitBias({1: 200}, vocab_size=6)
