@@ -2,8 +2,9 @@
 
 Follows the public OpenAI API reference for ``POST /v1/chat/completions`` (request fields, ``chat.completion``
 and ``chat.completion.chunk`` objects, ``{"error": {"message", "type", "param", "code"}}``). Deliberate
-deviations: unknown or unsupported fields are refused (400) instead of ignored, ``n`` is at most 8, and two
-extensions that vLLM also accepts exist (``top_k``, ``ignore_eos``). ``logprobs`` are those of the model's own
+deviations: unknown fields are refused (400) instead of ignored, as are values asking for what is not here
+(structured output, tools), ``n`` is at most 8, and extensions that vLLM also accepts exist (``top_k``, ``min_p``,
+``repetition_penalty``, ``min_tokens``, ``ignore_eos``; ``video_url`` parts). ``logprobs`` are those of the model's own
 next-token distribution (the raw logits, before temperature and top-k / top-p, as vLLM reports them). Needs
 pydantic (the ``serve`` extra).
 """
@@ -136,6 +137,28 @@ class ChatCompletionRequest(_Strict):
     ignore_eos: bool = False  # extension (vLLM): keep generating past the end-of-turn token
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # Fields clients send with values that ask for nothing this server lacks: accepted at those values only
+    # (checked by unsupported()); anything they would change is refused by name.
+    response_format: dict[str, Any] | None = None  # {"type": "text"} only: no JSON / schema-constrained decoding
+    tools: list[Any] | None = None  # empty only: this server runs no tools
+    tool_choice: str | None = None  # "none" / "auto" (with no tools both mean plain text)
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None  # OpenAI's storage of completions: nothing is stored here either way
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+
+    def unsupported(self) -> None:
+        """A 400 naming the field when a request asks for structured output or tools."""
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            raise APIError(400, f"response_format {self.response_format.get('type')!r} is not supported: this server "
+                                "generates plain text only (response_format {\"type\": \"text\"})",
+                           code="unsupported_value", param="response_format")
+        if self.tools:
+            raise APIError(400, f"tools are not supported: this server runs no tools (got {len(self.tools)})",
+                           code="unsupported_value", param="tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise APIError(400, f"tool_choice {self.tool_choice!r} is not supported: this server runs no tools",
+                           code="unsupported_value", param="tool_choice")
 
     def logprobs_top(self) -> int | None:
         """How many alternatives each token's logprob entry lists, or None without ``logprobs``."""

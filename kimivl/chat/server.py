@@ -321,6 +321,7 @@ def create_app(model: Any, processor: Any, *, model_name: str = "kimivl", limits
         if req.model is not None and req.model != model_name:
             raise APIError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
                            code="model_not_found", param="model")
+        req.unsupported()
         stops = req.stop_strings()
         settings, eos_ids, sampling = service.settings(req, stops)
         inputs, prompt, images, new = await run_in_threadpool(service.prepare, req)

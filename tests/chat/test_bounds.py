@@ -42,7 +42,13 @@ def _cases(media_dir, golden_dir) -> dict[str, tuple[dict | bytes, int, str, str
         "not_an_object": (b"[1, 2]", 400, "invalid_json", "must be a JSON object"),
         "nan": (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "invalid_json",
                 "NaN"),
-        "unknown_field": ({**_user(), "tools": []}, 400, "unknown_field", "'tools'"),
+        "unknown_field": ({**_user(), "functions": []}, 400, "unknown_field", "'functions'"),
+        "json_mode": ({**_user(), "response_format": {"type": "json_object"}}, 400, "unsupported_value",
+                      "response_format 'json_object' is not supported"),
+        "tools": ({**_user(), "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "unsupported_value",
+                  "tools are not supported: this server runs no tools (got 1)"),
+        "tool_choice_required": ({**_user(), "tool_choice": "required"}, 400, "unsupported_value",
+                                 "tool_choice 'required' is not supported"),
         "unknown_nested_field": (_user({"type": "image_url", "image_url": {"url": small, "size": 3}}), 400,
                                  "unknown_field", "messages[0].content[0].image_url.size"),
         "unknown_part_type": (_user({"type": "input_audio", "input_audio": {}}), 400, "invalid_value",
@@ -85,7 +91,7 @@ def _cases(media_dir, golden_dir) -> dict[str, tuple[dict | bytes, int, str, str
 
 
 CASES = ["body_too_large", "too_many_images", "too_many_pixels", "context_by_max_tokens", "context_by_prompt",
-         "malformed_json", "not_an_object", "nan", "unknown_field", "unknown_nested_field", "unknown_part_type",
+         "malformed_json", "not_an_object", "nan", "unknown_field", "json_mode", "tools", "tool_choice_required", "unknown_nested_field", "unknown_part_type",
          "bad_role", "no_messages", "temperature_range", "n_above_eight", "too_many_stops", "model_not_found",
          "remote_url", "other_scheme", "bad_base64", "not_an_image", "truncated_image", "seed_range",
          "not_image_data_url", "local_outside",

@@ -211,3 +211,11 @@ def test_n_greedy_answers_are_one_answer_given_n_times(client, golden_dir, golde
                                        temperature=0)
     assert [c.message.content for c in r.choices] == [golden_answer] * 2
     assert [c.finish_reason for c in r.choices] == ["stop", "stop"] and r.usage.completion_tokens == 16
+
+
+def test_fields_clients_send_by_default_change_nothing(server, golden_dir, golden_answer, h):
+    """Values that ask for nothing this server lacks (plain text, no tools, no storage) are accepted."""
+    status, body = h.post_json(server, {"messages": h.golden_messages(golden_dir), "response_format": {"type": "text"},
+                                        "tools": [], "tool_choice": "none", "parallel_tool_calls": False,
+                                        "store": False, "metadata": {"run": "1"}, "service_tier": "auto"})
+    assert status == 200 and body["choices"][0]["message"]["content"] == golden_answer, body
