@@ -20,6 +20,8 @@ extras_require = {
     "pdf": ["pypdfium2>=4"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
     "train": ["peft>=0.13", "pyyaml>=6"],
+    # structured output (JSON Schema / regex / Lark constrained decoding): generate and kimivl serve's response_format
+    "structured": ["llguidance>=1.0"],
     "deepspeed": ["deepspeed>=0.15; platform_system == 'Linux'"],
     "hf": ["transformers>=5,<6"],
     # never installed in CI: needs a CUDA toolchain
@@ -29,7 +31,8 @@ extras_require = {
     # `playwright install`
     "e2e": ["playwright>=1.45"],
 }
-extras_require["all"] = sorted({d for k in ("video", "pdf", "serve", "train", "hf") for d in extras_require[k]})
+extras_require["all"] = sorted({d for k in ("video", "pdf", "serve", "train", "hf", "structured")
+                                for d in extras_require[k]})
 extras_require["dev"] = sorted({d for k in ("all", "test", "e2e", "deepspeed") for d in extras_require[k]})
 
 setup(

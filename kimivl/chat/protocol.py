@@ -3,7 +3,7 @@
 Follows the public OpenAI API reference for ``POST /v1/chat/completions`` (request fields, ``chat.completion``
 and ``chat.completion.chunk`` objects, ``{"error": {"message", "type", "param", "code"}}``). Deliberate
 deviations: unknown fields are refused (400) instead of ignored, as are values asking for what is not here
-(structured output, tools), ``n`` is at most 8, and extensions that vLLM also accepts exist (``top_k``, ``min_p``,
+(tools), ``n`` is at most 8, and extensions that vLLM also accepts exist (``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``; ``video_url`` parts). ``logprobs`` are those of the model's own
 next-token distribution (the raw logits, before temperature and top-k / top-p, as vLLM reports them). Needs
 pydantic (the ``serve`` extra).
@@ -139,7 +139,7 @@ class ChatCompletionRequest(_Strict):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     # Fields clients send with values that ask for nothing this server lacks: accepted at those values only
     # (checked by unsupported()); anything they would change is refused by name.
-    response_format: dict[str, Any] | None = None  # {"type": "text"} only: no JSON / schema-constrained decoding
+    response_format: dict[str, Any] | None = None  # text, json_object, json_schema (see json_schema())
     tools: list[Any] | None = None  # empty only: this server runs no tools
     tool_choice: str | None = None  # "none" / "auto" (with no tools both mean plain text)
     parallel_tool_calls: bool | None = None
@@ -147,12 +147,23 @@ class ChatCompletionRequest(_Strict):
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
 
+    def json_schema(self) -> dict[str, Any] | None:
+        """The JSON Schema ``response_format`` asks for (``{"type": "object"}`` for ``json_object``), or None for
+        plain text; anything else is a 400 naming it."""
+        fmt = self.response_format
+        if fmt is None or fmt == {"type": "text"}:
+            return None
+        if fmt == {"type": "json_object"}:
+            return {"type": "object"}
+        if fmt.get("type") == "json_schema" and isinstance(fmt.get("json_schema"), dict) \
+                and isinstance(fmt["json_schema"].get("schema"), dict) and set(fmt) == {"type", "json_schema"}:
+            return fmt["json_schema"]["schema"]
+        raise APIError(400, f"response_format must be {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or "
+                            f"{{\"type\": \"json_schema\", \"json_schema\": {{\"name\", \"schema\": {{...}}}}}}, "
+                            f"got {json.dumps(fmt)[:120]}", code="invalid_value", param="response_format")
+
     def unsupported(self) -> None:
-        """A 400 naming the field when a request asks for structured output or tools."""
-        if self.response_format is not None and self.response_format != {"type": "text"}:
-            raise APIError(400, f"response_format {self.response_format.get('type')!r} is not supported: this server "
-                                "generates plain text only (response_format {\"type\": \"text\"})",
-                           code="unsupported_value", param="response_format")
+        """A 400 naming the field when a request asks for tools."""
         if self.tools:
             raise APIError(400, f"tools are not supported: this server runs no tools (got {len(self.tools)})",
                            code="unsupported_value", param="tools")

@@ -34,7 +34,7 @@ from kimivl.chat.protocol import (APIError, ChatCompletionRequest, choice_body, 
                                   new_completion_id, parse_request, reasoning_fields, sse, usage_body)
 from kimivl.chat.worker import Event, Job, ModelWorker, QueueFull
 from kimivl.errors import KimiVLInputError
-from kimivl.generation import LogitBias, PresenceFrequencyPenalty, resolve_generation_config
+from kimivl.generation import GrammarConstraint, LogitBias, PresenceFrequencyPenalty, resolve_generation_config
 from kimivl.processing import ThinkingStream
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,8 @@ class _Service:
         return settings, config.eos_ids(), config.do_sample
 
     def processors(self, req: ChatCompletionRequest, prompt_tokens: int) -> list[Any]:
-        """``logits_processor`` entries for the request's presence / frequency penalties and logit bias."""
+        """``logits_processor`` entries for the request's presence / frequency penalties, logit bias and
+        ``response_format`` (a JSON grammar)."""
         out: list[Any] = []
         if req.presence_penalty or req.frequency_penalty:
             out.append(PresenceFrequencyPenalty(prompt_tokens, req.presence_penalty or 0.0,
@@ -143,6 +144,15 @@ class _Service:
         bias = req.logit_bias_ids(vocab)
         if bias:
             out.append(LogitBias(bias, vocab))
+        schema = req.json_schema()
+        if schema is not None:  # last: the grammar has the final say on what may follow
+            try:
+                out.append(GrammarConstraint.json_schema(self.processor, schema, vocab_size=vocab,
+                                                         stop_ids=resolve_generation_config(self.model).eos_ids()))
+            except KimiVLInputError as e:
+                raise APIError(400, f"response_format: {e}", code="invalid_value", param="response_format") from e
+            except ImportError as e:
+                raise APIError(400, f"response_format: {e}", code="unsupported_value", param="response_format") from e
         return out
 
     def prepare(self, req: ChatCompletionRequest) -> tuple[dict[str, Any], int, int, int]:
@@ -326,9 +336,9 @@ def create_app(model: Any, processor: Any, *, model_name: str = "kimivl", limits
         settings, eos_ids, sampling = service.settings(req, stops)
         inputs, prompt, images, new = await run_in_threadpool(service.prepare, req)
         top_logprobs = req.logprobs_top()
+        processors = await run_in_threadpool(service.processors, req, prompt)  # a grammar takes a while to build
         job = Job(inputs, {**settings, "max_new_tokens": new}, stops, eos_ids, asyncio.get_running_loop(),
-                  top_logprobs=top_logprobs, choices=req.n, copies=req.n > 1 and not sampling,
-                  processors=service.processors(req, prompt))
+                  top_logprobs=top_logprobs, choices=req.n, copies=req.n > 1 and not sampling, processors=processors)
         try:
             service.worker.submit(job)
         except QueueFull:

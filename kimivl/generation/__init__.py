@@ -14,11 +14,13 @@ from kimivl.generation.generate import (
     resolve_generation_config,
     stream,
 )
+from kimivl.generation.grammar import GrammarConstraint
 from kimivl.generation.processors import LogitBias, PresenceFrequencyPenalty
 
 __all__ = [
     "GenerateOutput",
     "GenerationConfig",
+    "GrammarConstraint",
     "IncrementalDetokenizer",
     "LogitBias",
     "PresenceFrequencyPenalty",

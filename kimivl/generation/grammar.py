@@ -1,0 +1,121 @@
+"""Structured output: a logits processor that keeps each row's new tokens inside a grammar (JSON Schema, any JSON
+object, a regex or a Lark grammar), so the answer parses by construction.
+
+The grammar engine is llguidance (the ``structured`` extra; the engine behind vLLM's ``guidance`` backend and
+llama.cpp's): it walks the grammar over the token trie of the tokenizer and returns, per step, a bitmask of the
+tokens that keep the text inside the grammar; once the grammar is complete only the stop ids are allowed, so the
+row ends there. Used as ``generate(logits_processor=[GrammarConstraint.json_schema(tokenizer, schema)])`` and by
+``kimivl serve`` for ``response_format``.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kimivl.errors import KimiVLInputError
+from kimivl.ops.sampling import apply_token_bitmask
+
+logger = logging.getLogger(__name__)
+
+STOP_TOKENS = ("<|im_end|>", "[EOS]")  # what ends an answer (the chat's end of turn, the text end)
+# llguidance's view of a tokenizer costs ~1 s to build for the 163,840-token vocabulary: once per tokenizer
+_LL_TOKENIZERS: weakref.WeakKeyDictionary[Any, dict[tuple[int, tuple[int, ...]], Any]] = weakref.WeakKeyDictionary()
+
+
+def _llguidance() -> Any:
+    try:
+        import llguidance
+        import llguidance.tiktoken  # noqa: F401
+    except ImportError as e:
+        raise ImportError("structured output needs llguidance: pip install 'kimivl[structured]' "
+                          "(or pip install llguidance)") from e
+    return llguidance
+
+
+def _ll_tokenizer(tokenizer: Any, vocab_size: int, stop_ids: tuple[int, ...]) -> Any:
+    llguidance = _llguidance()
+    cache = _LL_TOKENIZERS.setdefault(tokenizer, {})
+    key = (vocab_size, stop_ids)
+    if key not in cache:
+        cache[key] = llguidance.tiktoken.lltokenizer_from_encoding(tokenizer._encoding, n_vocab=vocab_size,
+                                                                   eos_token=list(stop_ids))
+    return cache[key]
+
+
+class GrammarConstraint:
+    """``logits_processor``: each row's new tokens stay inside ``grammar`` (an llguidance grammar string; use
+    the constructors). The first call sees the prompt and starts one matcher per row; each later call first
+    feeds every row the token it got. A row whose text completes the grammar may only stop; rows whose matcher
+    stopped (a stop id) are fed nothing more, and rows whose matcher failed (text the grammar does not allow,
+    e.g. the padding after a stop string ended the row) are left unmasked: their tokens are padding."""
+
+    def __init__(self, tokenizer: Any, grammar: str, *, vocab_size: int | None = None,
+                 stop_ids: Sequence[int] | None = None, what: str = "grammar") -> None:
+        tok = getattr(tokenizer, "tokenizer", tokenizer)  # a processor or its tokenizer
+        if not hasattr(tok, "_encoding"):
+            raise KimiVLInputError(f"GrammarConstraint needs kimivl's tokenizer (or processor), got "
+                                   f"{type(tokenizer).__name__}")
+        llguidance = _llguidance()
+        stops = tuple(stop_ids) if stop_ids is not None else tuple(tok.special_token_id(t) for t in STOP_TOKENS)
+        self.vocab_size = vocab_size or tok.vocab_size
+        self._tokenizer = _ll_tokenizer(tok, self.vocab_size, stops)
+        self._template = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
+        if self._template.is_error():
+            raise KimiVLInputError(f"the {what} cannot be used: {self._template.get_error()}")
+        self._matchers: list[Any] | None = None
+        self._fed = 0  # ids seen so far (prompt + new)
+
+    @classmethod
+    def json_schema(cls, tokenizer: Any, schema: dict[str, Any] | str, *, compact: bool = True,
+                    **kwargs: Any) -> GrammarConstraint:
+        """JSON that validates against ``schema`` (a dict or its JSON text). ``compact``: no whitespace between
+        tokens (``{"a":1}``), so a model cannot stall in whitespace."""
+        llguidance = _llguidance()
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                schema, defaults={"whitespace_flexible": not compact})
+        except (ValueError, TypeError) as e:
+            raise KimiVLInputError(f"the JSON schema is not a JSON object: {e}") from e
+        return cls(tokenizer, grammar, what="JSON schema", **kwargs)
+
+    @classmethod
+    def json_object(cls, tokenizer: Any, **kwargs: Any) -> GrammarConstraint:
+        """Any JSON object (OpenAI's ``response_format: {"type": "json_object"}``)."""
+        return cls.json_schema(tokenizer, {"type": "object"}, **kwargs)
+
+    @classmethod
+    def regex(cls, tokenizer: Any, pattern: str, **kwargs: Any) -> GrammarConstraint:
+        """Text matching ``pattern`` as a whole."""
+        return cls(tokenizer, _llguidance().LLMatcher.grammar_from_regex(pattern), what="regex", **kwargs)
+
+    @classmethod
+    def lark(cls, tokenizer: Any, grammar: str, **kwargs: Any) -> GrammarConstraint:
+        """Text of a Lark grammar (llguidance's dialect: ``start: ...``)."""
+        return cls(tokenizer, _llguidance().LLMatcher.grammar_from_lark(grammar), what="Lark grammar", **kwargs)
+
+    def __call__(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        rows = scores.shape[0]
+        if self._matchers is None:
+            self._matchers = [self._template.deep_copy() for _ in range(rows)]
+        elif len(self._matchers) != rows:
+            raise KimiVLInputError(f"a GrammarConstraint serves one generate() call: it started with "
+                                   f"{len(self._matchers)} rows, now {rows}")
+        else:
+            new = ids[:, self._fed:].tolist()
+            for matcher, tokens in zip(self._matchers, new):
+                if not matcher.is_stopped() and not matcher.is_error():
+                    matcher.consume_tokens(tokens)
+        self._fed = ids.shape[1]
+        words = (self.vocab_size + 31) // 32
+        mask = torch.full((rows, words), -1, dtype=torch.int32)
+        for row, matcher in enumerate(self._matchers):
+            if not matcher.is_error():  # a complete grammar allows only the stop ids
+                mask[row] = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
+        if scores.shape[-1] > self.vocab_size:  # ids past the tokenizer's: never allowed
+            scores = scores.clone()
+            scores[:, self.vocab_size:] = float("-inf")
+        return apply_token_bitmask(scores, mask)
