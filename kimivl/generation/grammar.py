@@ -61,7 +61,8 @@ class GrammarConstraint:
                                    f"{type(tokenizer).__name__}")
         llguidance = _llguidance()
         stops = tuple(stop_ids) if stop_ids is not None else tuple(tok.special_token_id(t) for t in STOP_TOKENS)
-        self.vocab_size = vocab_size or tok.vocab_size
+        self.text_vocab = tok.vocab_size  # ids with text; the model's rows may be fewer (163,840 of 163,842) or more
+        self.vocab_size = max(vocab_size or 0, self.text_vocab)
         self._tokenizer = _ll_tokenizer(tok, self.vocab_size, stops)
         self._template = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
         if self._template.is_error():
@@ -115,7 +116,7 @@ class GrammarConstraint:
         for row, matcher in enumerate(self._matchers):
             if not matcher.is_error():  # a complete grammar allows only the stop ids
                 mask[row] = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
-        if scores.shape[-1] > self.vocab_size:  # ids past the tokenizer's: never allowed
+        if scores.shape[-1] > self.text_vocab:  # rows past the tokenizer's ids: never allowed
             scores = scores.clone()
-            scores[:, self.vocab_size:] = float("-inf")
+            scores[:, self.text_vocab:] = float("-inf")
         return apply_token_bitmask(scores, mask)

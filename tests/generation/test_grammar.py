@@ -98,6 +98,19 @@ def test_a_lark_grammar_bounds_the_answer(model, tokenizer, story) -> None:
         assert re.fullmatch(r"(yes|no) [1-9][0-9]?", tokenizer.decode(row[n:].tolist(), skip_special_tokens=True))
 
 
+def test_model_rows_fewer_or_more_than_the_tokenizers_ids(tokenizer) -> None:
+    """The released model has 163,840 rows for the tokenizer's 163,842 ids (the last two specials have none); a
+    padded model may have more rows than ids: those are never allowed."""
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    fewer = GrammarConstraint.json_object(tokenizer, vocab_size=tokenizer.vocab_size - 2)
+    out = fewer(ids, torch.zeros(1, tokenizer.vocab_size - 2))
+    assert out.shape == (1, tokenizer.vocab_size - 2) and torch.isfinite(out).nonzero()[:, 1].tolist() == \
+        tokenizer.encode("{")
+    more = GrammarConstraint.json_object(tokenizer, vocab_size=tokenizer.vocab_size + 40)
+    out = more(ids, torch.zeros(1, tokenizer.vocab_size + 40))
+    assert torch.isfinite(out).nonzero()[:, 1].tolist() == tokenizer.encode("{")
+
+
 def test_errors_are_named(tokenizer) -> None:
     with pytest.raises(KimiVLInputError, match="the JSON schema cannot be used"):
         GrammarConstraint.json_schema(tokenizer, {"type": "object", "properties": {"a": {"type": "nonsense"}}})
