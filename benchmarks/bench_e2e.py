@@ -25,6 +25,12 @@ reported as ``answer``). Peer: transformers has no Kimi-VL, so only the text par
 same precomputed ``inputs_embeds`` (image features spliced in by kimivl), next to kimivl's decoder prefill on
 those embeddings; the two alternate (``compare``) and ``ratio`` is transformers time / kimivl time.
 
+``follow_up``: the conversation's second turn (the first answer, then ``FOLLOW_UP``) with the first turn's
+latents in a ``PromptCache`` (primed untimed by the first turn, as a chat session or the server's worker has
+them) against the same request prefilled whole (image encoded again), alternating; ``cached_tokens`` is how much
+of its prompt the cache served and ``ttft_ratio`` is full / cached. The answers of the two are the same
+(checked).
+
 Every timed region first waits (bounded) for the shared host to be quiet; ``worst_foreign_cores`` is the
 largest load of other processes seen while timing.
 
@@ -49,6 +55,7 @@ from benchmarks.common import CACHE, REPO, CpuMeter, StepClock, compare, dtype_o
 DEMO_IMAGE = REPO / "kimivl" / "assets" / "examples" / "shape.png"
 DEMO_QUESTION = "What color is the shape?"
 SLICE_QUESTION = "Describe the picture in one sentence."
+FOLLOW_UP = "What else can you tell me about it?"
 
 
 class _VisionClock:
@@ -110,6 +117,42 @@ def one_run(model: Any, processor: Any, conversation: list[dict[str, Any]], new_
             "decode_tok_s": (n - 1) / (last - first) if n > 1 else float("nan"), "new_tokens": n}
 
 
+def follow_up(model: Any, processor: Any, conversation: list[dict[str, Any]], answer: str, new_tokens: int,
+              repeats: int, meter: CpuMeter) -> dict[str, Any]:
+    """TTFT of the second turn with the first turn's latents cached and without (see the module docstring)."""
+    from kimivl.generation import PromptCache
+
+    def render(turns: list[dict[str, Any]]) -> dict[str, Any]:
+        return processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                             return_tensors="pt")
+
+    second = [*conversation, {"role": "assistant", "content": answer}, {"role": "user", "content": FOLLOW_UP}]
+    settings = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": []}
+    runs: dict[str, list[float]] = {"cached": [], "full": []}
+    outputs: dict[str, Any] = {}
+    cache = PromptCache()
+
+    def run(kind: str) -> None:
+        if kind == "cached":  # the first turn, as the session had it (untimed)
+            cache.reset()
+            model.generate(**render(conversation), prompt_cache=cache, **settings)
+        clock = StepClock()
+        t0 = time.perf_counter()
+        outputs[kind] = model.generate(**render(second), prompt_cache=cache if kind == "cached" else None,
+                                       streamer=clock, **settings)
+        runs[kind].append(clock.times[1] - t0)
+
+    for _ in range(repeats):
+        for kind in ("cached", "full"):
+            meter.timed(lambda kind=kind: run(kind))
+    if not torch.equal(outputs["cached"], outputs["full"]):
+        raise RuntimeError("the cached and the full prefill gave different answers")
+    cached, full = statistics.median(runs["cached"]), statistics.median(runs["full"])
+    return {"prompt_tokens": int(render(second)["input_ids"].shape[1]), "cached_tokens": cache.reused,
+            "ttft_cached_s": round(cached, 4), "ttft_full_s": round(full, 4), "ttft_ratio": round(full / cached, 2),
+            "runs": {k: [round(v, 4) for v in r] for k, r in runs.items()}}
+
+
 def measure(directory: Path, image: Path, question: str, dtype: str, new_tokens: int, repeats: int,
             meter: CpuMeter) -> tuple[dict[str, Any], Any, Any, list[dict[str, Any]]]:
     """Load, warm up, time ``repeats`` requests; returns (result, model, processor, conversation)."""
@@ -140,6 +183,7 @@ def measure(directory: Path, image: Path, question: str, dtype: str, new_tokens:
         **{k: round(v, 4 if k.endswith("_s") else 2) for k, v in med.items()},
         "runs": [{k: round(v, 4) for k, v in r.items()} for r in runs],
     }
+    result["follow_up"] = follow_up(model, processor, conversation, answer, new_tokens, repeats, meter)
     return result, model, processor, conversation
 
 

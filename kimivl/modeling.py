@@ -24,6 +24,7 @@ from kimivl.errors import KimiVLInputError
 from kimivl.generation.config import GenerationConfig
 from kimivl.generation.generate import GenerateOutput, Streamer
 from kimivl.generation.generate import generate as generate_ids
+from kimivl.generation.prompt_cache import PromptCache
 from kimivl.ops.attention import BACKENDS as ATTENTION_BACKENDS
 from kimivl.ops.attention import flash_varlen_fn
 from kimivl.ops.splice import merge_multimodal_embeddings
@@ -250,7 +251,8 @@ class KimiVLForConditionalGeneration(nn.Module):
                  return_dict_in_generate: bool = False, output_scores: bool = False,
                  output_logits: bool = False, logits_processor: Any = None,
                  inputs_embeds: torch.Tensor | None = None,
-                 num_return_sequences: int | None = None) -> torch.Tensor | GenerateOutput:
+                 num_return_sequences: int | None = None,
+                 prompt_cache: PromptCache | None = None) -> torch.Tensor | GenerateOutput:
         """Prompt + new ids (B, S + new), or a :class:`~kimivl.generation.GenerateOutput` with
         ``return_dict_in_generate=True``; see :func:`kimivl.generation.generate` (which this calls)."""
         return generate_ids(self, input_ids, attention_mask, pixel_values, image_grid_hws,
@@ -262,7 +264,7 @@ class KimiVLForConditionalGeneration(nn.Module):
                             use_cache=use_cache, return_dict_in_generate=return_dict_in_generate,
                             output_scores=output_scores, output_logits=output_logits,
                             logits_processor=logits_processor, inputs_embeds=inputs_embeds,
-                            num_return_sequences=num_return_sequences)
+                            num_return_sequences=num_return_sequences, prompt_cache=prompt_cache)
 
     # ------------------------------------------------------------------ I/O
     @classmethod

@@ -79,3 +79,19 @@ def test_chat_prints_a_thinking_models_answer_and_its_reasoning_only_when_asked(
     _print_turn(Session(), "what?", True, shown)
     assert hidden.getvalue() == "A circle.\n"
     assert shown.getvalue() == "◁think▷ It is round. ◁/think▷\n\nA circle.\n"
+
+
+def test_session_turns_read_the_history_from_the_prompt_cache(golden_dir):
+    from kimivl.chat.session import ChatSession
+
+    session = ChatSession.from_pretrained(str(golden_dir), generation={"max_new_tokens": 6})
+    session.attach("image", str(golden_dir / "inputs" / "image_70x98.png"))
+    first = session.answer("Describe this picture.")
+    prompt_tokens = len(session.prompt_cache.ids) - 5  # the cache holds the prompt and 5 of the 6 new tokens
+    second = session.answer("And then?")
+    assert session.prompt_cache.reused >= prompt_tokens
+    fresh = ChatSession.from_pretrained(str(golden_dir), generation={"max_new_tokens": 6})
+    fresh.history = [session.history[0], {"role": "assistant", "content": first.answer}]
+    assert fresh.answer("And then?").text == second.text  # a full prefill of the same conversation
+    session.reset()
+    assert session.prompt_cache.ids == [] and session.prompt_cache.cache is None

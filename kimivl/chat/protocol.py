@@ -272,10 +272,12 @@ def new_completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def usage_body(prompt_tokens: int, image_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def usage_body(prompt_tokens: int, image_tokens: int, completion_tokens: int, cached_tokens: int = 0
+               ) -> dict[str, Any]:
+    """``cached_tokens``: prompt tokens read from the prompt cache instead of prefilled (OpenAI's field)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": image_tokens}}
+            "prompt_tokens_details": {"cached_tokens": cached_tokens, "image_tokens": image_tokens}}
 
 
 def logprobs_body(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:

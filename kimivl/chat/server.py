@@ -199,7 +199,8 @@ async def _collect(job: Job) -> list[Event]:
             logprobs[event.index].extend(event.logprobs)
         elif event.kind == "end":
             ends[event.index] = Event("end", "".join(pieces[event.index]), event.finish_reason,
-                                      event.completion_tokens, tuple(logprobs[event.index]), event.index)
+                                      event.completion_tokens, tuple(logprobs[event.index]), event.index,
+                                      event.cached_tokens)
         else:
             return [event]
     return [ends[i] for i in range(job.choices)]
@@ -245,7 +246,7 @@ async def _sse_events(job: Job, cid: str, name: str, prompt: int, images: int, i
     splits = [_ReasoningDeltas() for _ in range(job.choices)] if reasoning_parser else None
     for index in range(job.choices):
         yield sse(chunk_body(cid, name, created, {"role": "assistant", "content": ""}, index=index))
-    ended, completion_tokens = 0, 0
+    ended, completion_tokens, cached = 0, 0, 0
     while True:
         event = await job.events.get()
         if event.kind == "delta":
@@ -261,10 +262,12 @@ async def _sse_events(job: Job, cid: str, name: str, prompt: int, images: int, i
                                      index=event.index))
             yield sse(chunk_body(cid, name, created, {}, finish_reason=event.finish_reason, index=event.index))
             ended, completion_tokens = ended + 1, completion_tokens + event.completion_tokens
+            cached = event.cached_tokens
             if ended < job.choices:
                 continue
             if include_usage:
-                yield sse(chunk_body(cid, name, created, None, usage=usage_body(prompt, images, completion_tokens)))
+                yield sse(chunk_body(cid, name, created, None,
+                                     usage=usage_body(prompt, images, completion_tokens, cached)))
             yield sse("[DONE]")
             return
         elif event.kind == "error":
@@ -368,7 +371,8 @@ def create_app(model: Any, processor: Any, *, model_name: str = "kimivl", limits
                                        list(r.logprobs) if top_logprobs is not None else None,
                                        reasoning_fields(reasoning) if reasoning_parser else None))
         completion_tokens = sum(r.completion_tokens for r in results)
-        return JSONResponse(completion_body(cid, model_name, choices, usage_body(prompt, images, completion_tokens)))
+        usage = usage_body(prompt, images, completion_tokens, results[0].cached_tokens)
+        return JSONResponse(completion_body(cid, model_name, choices, usage))
 
     return app
 

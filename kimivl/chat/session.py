@@ -3,7 +3,8 @@
 The serving layer (CLI, HTTP server) sits on this; nothing below imports it. History is kept in
 the processor's message format; media attached before a question go into that user turn. For
 Thinking models the reasoning (``◁think▷…◁/think▷``) is split off the answer and not re-sent in
-later turns (the official evaluation code reads only the text after ``◁/think▷``).
+later turns (the official evaluation code reads only the text after ``◁/think▷``). Each turn reads the
+latents of the history it shares with the last one from a :class:`~kimivl.generation.PromptCache`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kimivl.generation import stream
+from kimivl.generation import PromptCache, stream
 from kimivl.processing import split_thinking
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class ChatSession:
     generation: dict[str, Any] = field(default_factory=dict)  # generate() settings, e.g. max_new_tokens
     history: list[dict[str, Any]] = field(default_factory=list)
     pending: list[dict[str, Any]] = field(default_factory=list)
+    # the last turn's latents: the next turn prefills only its new part (the history is read, images included)
+    prompt_cache: PromptCache = field(default_factory=PromptCache)
 
     @classmethod
     def from_pretrained(cls, path: str | None = None, *, dtype: torch.dtype | str | None = "auto",
@@ -77,6 +80,7 @@ class ChatSession:
     def reset(self) -> None:
         self.history.clear()
         self.pending.clear()
+        self.prompt_cache.reset()
 
     def messages_for(self, question: str) -> list[dict[str, Any]]:
         """The conversation that would be sent for ``question`` (history + pending media + text)."""
@@ -94,7 +98,8 @@ class ChatSession:
         with torch.inference_mode():
             for delta in stream(self.model, inputs["input_ids"], inputs["attention_mask"],
                                 inputs.get("pixel_values"), inputs.get("image_grid_hws"),
-                                tokenizer=self.processor.tokenizer, **self.generation):
+                                tokenizer=self.processor.tokenizer, prompt_cache=self.prompt_cache,
+                                **self.generation):
                 pieces.append(delta)
                 yield delta
         turn = self._finish(messages[-1], "".join(pieces))

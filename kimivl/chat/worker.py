@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from kimivl.chat.protocol import logprob_entry
-from kimivl.generation import IncrementalDetokenizer, generate
+from kimivl.generation import IncrementalDetokenizer, PromptCache, generate
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class Event:
     completion_tokens: int = 0
     logprobs: tuple[dict[str, Any], ...] = ()  # entries of the tokens whose text this delta completes
     index: int = 0
+    cached_tokens: int = 0  # (end) prompt tokens read from the worker's prompt cache
 
 
 class QueueFull(Exception):
@@ -177,12 +178,13 @@ class _JobStreamer:
             if text or answer.pending:
                 self._emit(row, text)
 
-    def finish(self) -> None:
+    def finish(self, cached_tokens: int = 0) -> None:
         """One ``end`` event per answer: ``stop`` (a stop id or string) or ``length``."""
         for row, answer in enumerate(self.answers):
             reason = "stop" if answer.stopped else "length"
             for index in self._indices(row):
-                self.job.emit(Event("end", finish_reason=reason, completion_tokens=len(answer.tokens), index=index))
+                self.job.emit(Event("end", finish_reason=reason, completion_tokens=len(answer.tokens), index=index,
+                                    cached_tokens=cached_tokens))
 
     def _indices(self, row: int) -> range:
         return range(self.job.choices) if self.job.copies else range(row, row + 1)
@@ -205,6 +207,8 @@ class ModelWorker:
         self._lock = threading.Lock()
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0}
         self._current: Job | None = None
+        # the last one-row generation's latents: a conversation's next turn prefills only what is new
+        self.prompt_cache = PromptCache()
 
     def start(self) -> None:
         self._thread.start()
@@ -271,11 +275,12 @@ class ModelWorker:
         streamer = _JobStreamer(job, decode, rows, recorder)
         start = time.perf_counter()
         inputs = job.inputs
+        cache = self.prompt_cache if rows == 1 else None
         try:
             generate(self.model, inputs["input_ids"], inputs.get("attention_mask"), inputs.get("pixel_values"),
                      inputs.get("image_grid_hws"), streamer=streamer, tokenizer=self.processor,
                      logits_processor=([recorder] if recorder is not None else []) + job.processors,
-                     num_return_sequences=rows, **job.settings)
+                     num_return_sequences=rows, prompt_cache=cache, **job.settings)
         except _Cancelled:
             self._count("cancelled")
             logger.info("request cancelled by its client after %d tokens", len(streamer.tokens))
@@ -286,5 +291,7 @@ class ModelWorker:
             job.emit(Event("error", text=f"generation failed: {type(e).__name__}: {e}"))
             return
         self._count("completed")
-        logger.info("generated %d tokens in %.2f s", len(streamer.tokens), time.perf_counter() - start)
-        streamer.finish()
+        cached = cache.reused if cache is not None else 0
+        logger.info("generated %d tokens in %.2f s (%d prompt tokens from the prompt cache)", len(streamer.tokens),
+                    time.perf_counter() - start, cached)
+        streamer.finish(cached)

@@ -16,6 +16,7 @@ from kimivl.generation.generate import (
 )
 from kimivl.generation.grammar import GrammarConstraint
 from kimivl.generation.processors import LogitBias, PresenceFrequencyPenalty
+from kimivl.generation.prompt_cache import PromptCache
 
 __all__ = [
     "GenerateOutput",
@@ -24,6 +25,7 @@ __all__ = [
     "IncrementalDetokenizer",
     "LogitBias",
     "PresenceFrequencyPenalty",
+    "PromptCache",
     "decode_step",
     "generate",
     "prefill",

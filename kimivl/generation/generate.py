@@ -31,6 +31,7 @@ from kimivl.errors import KimiVLInputError
 from kimivl.generation import cuda_graph
 from kimivl.generation.config import GenerationConfig
 from kimivl.generation.detokenize import IncrementalDetokenizer
+from kimivl.generation.prompt_cache import ImageSpan, PromptCache, image_spans, images_after
 from kimivl.ops.sampling import apply_repetition_penalty, pick_token, warp_logits
 
 logger = logging.getLogger(__name__)
@@ -311,11 +312,12 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
                  generator: torch.Generator | None, stops: _StopStrings | None,
                  record: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                  processors: Sequence[LogitsProcessor] = (), inputs_embeds: torch.Tensor | None = None,
-                 ids_known: bool = True) -> Iterator[torch.Tensor]:
+                 ids_known: bool = True, prompt_cache: PromptCache | None = None) -> Iterator[torch.Tensor]:
     """Yield each step's new ids (B,) int64 until every row stopped or ``max_new_tokens`` were made; with
     ``record``, append each step's (scores, raw logits) to it; ``processors`` rewrite the logits of each step.
     ``inputs_embeds`` is the prompt when given; without ``ids_known``, ``input_ids`` only gives its shape (the
-    repetition penalty and the processors then see the new ids alone, as in transformers).
+    repetition penalty and the processors then see the new ids alone, as in transformers). With
+    ``prompt_cache``, the prefix it holds is read from it instead of prefilled, and it keeps this call's latents.
 
     (The decorator keeps inference mode on only while this generator runs, not while its consumer does.)
     """
@@ -325,18 +327,30 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     # The last token is returned, never fed back, so the cache needs one slot less than the output.
     max_len, device = n + max_new - 1, input_ids.device
     cache_dtype = latent_cache_dtype(lm.lm_head.weight.dtype, device)
+    reuse, spans = 0, []
+    if prompt_cache is not None:
+        spans = _image_spans(model, input_ids, pixel_values, image_grid_hws)
+        reuse = prompt_cache.usable_prefix(input_ids[0].tolist(), spans, cache_dtype, device)
     graphs = None
     if cuda_graph.applies(lm, b, device):  # decode steps replayed from CUDA graphs; it owns the cache
         graphs = cuda_graph.graph_decoder_for(lm, b, max_len, cache_dtype, device)
         cache = graphs.cache
+    elif reuse and prompt_cache.cache.max_len >= max_len:  # type: ignore[union-attr]
+        cache = prompt_cache.cache  # type: ignore[union-attr]
     else:
         cache = MLACache.from_config(lm.config, b, max_len, device=device, dtype=cache_dtype)
+    if reuse and cache is not prompt_cache.cache:  # type: ignore[union-attr]
+        cache.data[:, :, :reuse].copy_(prompt_cache.cache.data[:, :, :reuse])  # type: ignore[union-attr]
+    cache.length = reuse
+    fed: list[int] = []  # new tokens fed back (their latents are in the cache)
     try:
         # An all-ones mask is dropped: attention then runs plain causal (SDPA's causal kernel, no mask tensors).
         full_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             full_mask = torch.cat((attention_mask.long(), attention_mask.new_ones(b, max_new).long()), dim=1)
-        logits = prefill(model, input_ids, cache, None if full_mask is None else full_mask[:, :n],
+        if reuse:
+            pixel_values, image_grid_hws = images_after(spans, reuse, pixel_values, image_grid_hws)
+        logits = prefill(model, input_ids[:, reuse:], cache, None if full_mask is None else full_mask[:, :n],
                          pixel_values, image_grid_hws, inputs_embeds)
         if graphs is not None:
             graphs.start(None if full_mask is None else full_mask[:, :n])
@@ -382,14 +396,58 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
             yield token
             if step == max_new - 1 or all(finished):
                 return
+            if prompt_cache is not None:
+                fed.append(ids[0])
             if graphs is not None:
                 logits = graphs.step(token)
             else:
                 mask = None if full_mask is None else full_mask[:, :cache.length + 1]
                 logits = decode_step(model, token, cache, mask)
     finally:
+        if prompt_cache is not None:
+            _keep(prompt_cache, cache, graphs is not None, input_ids[0].tolist() + fed, spans, reuse)
         if graphs is not None:
             cuda_graph.release(graphs)
+
+
+def _image_spans(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                 image_grid_hws: torch.Tensor | None) -> list[ImageSpan]:
+    config = getattr(model, "config", None)
+    if not hasattr(config, "media_placeholder_token_id"):
+        return []  # a text-only model
+    merge = config.vision_config.merge_kernel_size
+    return image_spans(input_ids, pixel_values, image_grid_hws, config.media_placeholder_token_id,
+                       (merge[0], merge[1]))
+
+
+def _keep(prompt_cache: PromptCache, cache: MLACache, copy: bool, ids: list[int], spans: list[ImageSpan],
+          reused: int) -> None:
+    """After a generation (finished or stopped early): the cache now holds the latents of ``ids[:length]``."""
+    length = cache.length
+    if length > len(ids):  # a forward failed half-way; nothing trustworthy to keep
+        prompt_cache.reset()
+        return
+    if copy:  # the CUDA graph runner's cache serves the next generation: keep a copy of what it holds
+        kept = MLACache(cache.num_layers, 1, max(length, 1), cache.kv_lora_rank, cache.qk_rope_head_dim,
+                        dtype=cache.dtype, device=cache.data.device)
+        kept.data.copy_(cache.data[:, :, :max(length, 1)])
+        kept.length, cache = length, kept
+    prompt_cache.cache, prompt_cache.ids, prompt_cache.reused = cache, ids[:length], reused
+    prompt_cache.spans = [span for span in spans if span.end <= length]
+
+
+def _check_prompt_cache(prompt_cache: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        inputs_embeds: torch.Tensor | None) -> None:
+    if prompt_cache is None:
+        return
+    if not isinstance(prompt_cache, PromptCache):
+        raise KimiVLInputError(f"prompt_cache must be a kimivl.generation.PromptCache, got {type(prompt_cache).__name__}")
+    if input_ids.shape[0] != 1 or inputs_embeds is not None or (attention_mask is not None
+                                                                 and not bool(attention_mask.all())):
+        raise KimiVLInputError(f"prompt_cache serves one unpadded row of ids (a chat); got {input_ids.shape[0]} rows"
+                               + (", inputs_embeds" if inputs_embeds is not None else "")
+                               + (", a padded attention_mask" if attention_mask is not None
+                                  and not bool(attention_mask.all()) else ""))
 
 
 def _prepare(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -438,7 +496,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
              max_length: int | None = None, generation_config: Any = None, num_beams: int | None = None,
              use_cache: bool | None = None, return_dict_in_generate: bool = False, output_scores: bool = False,
              output_logits: bool = False, logits_processor: Any = None, inputs_embeds: torch.Tensor | None = None,
-             num_return_sequences: int | None = None) -> torch.Tensor | GenerateOutput:
+             num_return_sequences: int | None = None,
+             prompt_cache: PromptCache | None = None) -> torch.Tensor | GenerateOutput:
     """Generate new tokens after each (left-padded) prompt row; returns (B, S + new) int64 ids.
 
     input_ids: (B, S); attention_mask: (B, S), 1 = token, 0 = left pad; pixel_values / image_grid_hws as from
@@ -460,6 +519,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
     of ``input_ids``' (images already in them); without ``input_ids`` the output holds the new ids only.
     ``num_return_sequences`` (sampling only) answers each prompt that many times, rows ``b * k ... b * k + k - 1``
     of the output for prompt ``b``; the images are encoded once.
+
+    ``prompt_cache`` (a :class:`~kimivl.generation.prompt_cache.PromptCache`, one unpadded row): the prefix this
+    prompt shares with the cache's last generation is read from it, not prefilled again (images included), and
+    the cache keeps this generation's latents for the next turn.
     """
     processors = _processor_list(logits_processor)
     ids_known = input_ids is not None
@@ -487,6 +550,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
         pixel_values = image_grid_hws = None
         if stops is not None:
             stops = _StopStrings(stops.stop_strings, stops.decode, input_ids.shape[0])
+    _check_prompt_cache(prompt_cache, input_ids, attention_mask, inputs_embeds)
     record: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if output_scores or output_logits else None
     if inputs_embeds is not None:
         inputs_embeds = inputs_embeds.to(device=input_ids.device, dtype=_language_model(model).lm_head.weight.dtype)
@@ -495,7 +559,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
         streamer.put(prompt.cpu())
     tokens = []
     for token in _token_steps(model, input_ids, attention_mask, pixel_values, image_grid_hws, config, generator,
-                              stops, record, processors, inputs_embeds, ids_known):
+                              stops, record, processors, inputs_embeds, ids_known, prompt_cache):
         tokens.append(token)
         if streamer is not None:
             streamer.put(token.cpu())
@@ -517,10 +581,11 @@ def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
            eos_token_id: int | list[int] | None = None, stop_strings: str | list[str] | None = None,
            seed: int | None = None, pad_token_id: int | None = None, min_new_tokens: int | None = None,
            skip_special_tokens: bool = True, max_length: int | None = None, generation_config: Any = None,
-           logits_processor: Any = None) -> Iterator[str]:
+           logits_processor: Any = None, prompt_cache: PromptCache | None = None) -> Iterator[str]:
     """Generate for one prompt row and yield the new text as it grows (UTF-8 safe deltas).
 
-    Same settings as :func:`generate` (``max_length``, ``generation_config`` and ``logits_processor`` too);
+    Same settings as :func:`generate` (``max_length``, ``generation_config``, ``logits_processor`` and
+    ``prompt_cache`` too);
     ``tokenizer`` (or a processor) decodes. A delta is held back while the text ends inside a multi-byte
     character, so ``"".join(stream(...))`` equals ``tokenizer.decode(new_ids,
     skip_special_tokens=skip_special_tokens)``. Arguments are checked by this call; the model runs as the
@@ -538,8 +603,9 @@ def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     if input_ids.shape[0] != 1:
         raise KimiVLInputError(f"stream() takes one prompt row, got a batch of {input_ids.shape[0]}; "
                                "use generate() for batches")
+    _check_prompt_cache(prompt_cache, input_ids, attention_mask, None)
     steps = _token_steps(model, input_ids, attention_mask, pixel_values, image_grid_hws, config, generator, stops,
-                         processors=processors)
+                         processors=processors, prompt_cache=prompt_cache)
     return _text_deltas(steps, IncrementalDetokenizer(decode))
 
 

@@ -201,16 +201,16 @@ def held_worker(model: Any, after_steps: int) -> Iterator[threading.Event]:
 @contextmanager
 def scripted_answer(model: Any, token_ids: list[int]) -> Iterator[None]:
     """Make the model answer ``token_ids`` (then repeat the last) in every generation: each ``lm_head`` call's
-    logits put all weight on the next scripted id, counted from the prompt's forward (the only one over more
-    than one position). The golden weights are random; this gives the real server and generation loop an
-    answer with a known text, e.g. a thinking model's."""
+    logits put all weight on the next scripted id, counted from the prompt's forward (the prefill, the only
+    forward asked for ``last_positions``: with a prompt cache it may cover a single new position). The golden
+    weights are random; this gives the real server and generation loop an answer with a known text, e.g. a
+    thinking model's."""
     import torch
 
     calls = [0]
 
     def restart(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-        inputs = kwargs.get("inputs_embeds", kwargs.get("input_ids"))
-        if inputs is not None and inputs.shape[1] > 1:
+        if kwargs.get("last_positions") is not None:
             calls[0] = 0
 
     def hook(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:

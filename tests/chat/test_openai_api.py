@@ -219,3 +219,20 @@ def test_fields_clients_send_by_default_change_nothing(server, golden_dir, golde
                                         "tools": [], "tool_choice": "none", "parallel_tool_calls": False,
                                         "store": False, "metadata": {"run": "1"}, "service_tier": "auto"})
     assert status == 200 and body["choices"][0]["message"]["content"] == golden_answer, body
+
+
+def test_the_next_turn_reads_the_history_from_the_prompt_cache(client, golden_dir, golden_answer, tiny, h):
+    """usage.prompt_tokens_details.cached_tokens: the follow-up prefills only what is new (the image turn is read
+    from the worker's prompt cache), and its answer is the library's full-prefill answer."""
+    first = client.chat.completions.create(model="kimivl-tiny", messages=h.golden_messages(golden_dir))
+    assert first.choices[0].message.content == golden_answer
+    follow_up = [*h.golden_messages(golden_dir), {"role": "assistant", "content": golden_answer},
+                 {"role": "user", "content": "And then?"}]
+    second = client.chat.completions.create(model="kimivl-tiny", messages=follow_up, max_tokens=8)
+    assert first.usage.prompt_tokens <= second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    image = {"type": "image", "image": str(golden_dir / "inputs" / "image_70x98.png")}
+    expected = h.reference_answer(tiny, [{"role": "user", "content": [image, {"type": "text",
+                                                                              "text": h.GOLDEN_QUESTION}]},
+                                         {"role": "assistant", "content": golden_answer},
+                                         {"role": "user", "content": "And then?"}], max_new_tokens=8)
+    assert second.choices[0].message.content == expected

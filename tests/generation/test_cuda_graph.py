@@ -350,3 +350,20 @@ def test_transformers_generate_options_through_captured_graphs(golden_dir: Path,
     assert torch.equal(copies, by_hand) and len({tuple(r) for r in copies[:, -6:].tolist()}) > 1
     runner = cuda_graph._RUNNERS[model.language_model]
     assert runner.capture and runner.graphs
+
+
+@cuda
+def test_prompt_cache_through_captured_graphs(golden_dir: Path, golden: dict[str, torch.Tensor], monkeypatch) -> None:
+    """The graph runner's cache is filled from a PromptCache and copied back: a repeated prompt reads all but its
+    last token and gives the golden continuation again."""
+    from kimivl.generation import PromptCache
+
+    monkeypatch.setattr(cuda_graph, "MIN_WINDOW", 8)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = KimiVLForConditionalGeneration.from_pretrained(golden_dir, device="cuda")
+    cache = PromptCache()
+    for _ in range(2):
+        out = model.generate(**_prompt(golden, "cuda"), max_new_tokens=8, eos_token_id=[], prompt_cache=cache)
+        assert out.cpu().tolist() == golden["generate.sequences"].tolist()
+    assert cache.reused == 54 and cache.cache.length == 62 and cache.cache.data.is_cuda
+    assert cuda_graph._RUNNERS[model.language_model].graphs
