@@ -327,20 +327,21 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     # The last token is returned, never fed back, so the cache needs one slot less than the output.
     max_len, device = n + max_new - 1, input_ids.device
     cache_dtype = latent_cache_dtype(lm.lm_head.weight.dtype, device)
-    reuse, spans = 0, []
+    reuse, spans, kept = 0, [], None
     if prompt_cache is not None:
         spans = _image_spans(model, input_ids, pixel_values, image_grid_hws)
         reuse = prompt_cache.usable_prefix(input_ids[0].tolist(), spans, cache_dtype, device)
+        kept = prompt_cache.cache if reuse else None  # the latents of the reused prefix
     graphs = None
     if cuda_graph.applies(lm, b, device):  # decode steps replayed from CUDA graphs; it owns the cache
         graphs = cuda_graph.graph_decoder_for(lm, b, max_len, cache_dtype, device)
         cache = graphs.cache
-    elif reuse and prompt_cache.cache.max_len >= max_len:  # type: ignore[union-attr]
-        cache = prompt_cache.cache  # type: ignore[union-attr]
+    elif kept is not None and kept.max_len >= max_len:  # written on in place: no copy
+        cache = kept
     else:
         cache = MLACache.from_config(lm.config, b, max_len, device=device, dtype=cache_dtype)
-    if reuse and cache is not prompt_cache.cache:  # type: ignore[union-attr]
-        cache.data[:, :, :reuse].copy_(prompt_cache.cache.data[:, :, :reuse])  # type: ignore[union-attr]
+    if kept is not None and cache is not kept:
+        cache.data[:, :, :reuse].copy_(kept.data[:, :, :reuse])
     cache.length = reuse
     fed: list[int] = []  # new tokens fed back (their latents are in the cache)
     try:
