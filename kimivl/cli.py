@@ -198,7 +198,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           max_image_pixels=args.max_image_pixels, max_queue=args.max_queue,
                           allow_remote_images=args.allow_remote_images,
                           allowed_local_media_path=args.allowed_local_media_path,
-                          default_max_tokens=args.default_max_tokens)
+                          default_max_tokens=args.default_max_tokens, prompt_caches=args.prompt_caches)
     serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name, dtype=args.dtype,
           device=args.device, limits=limits, log_level=args.log_level, reasoning_parser=args.reasoning_parser)
     return 0
@@ -229,6 +229,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting for the model")
     serve.add_argument("--default-max-tokens", type=int, default=None,
                        help="answer length when a request gives none (default: the model's generation config)")
+    serve.add_argument("--prompt-caches", type=int, default=d.prompt_caches,
+                       help="conversations whose latents are kept for their next turn (0: off)")
     serve.add_argument("--reasoning-parser", default=None, choices=["kimi_vl"],
                        help="Thinking models: return the ◁think▷ block in reasoning_content, the answer in content")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

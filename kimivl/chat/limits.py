@@ -24,11 +24,14 @@ class ServerLimits:
     allowed_local_media_path: str | None = None
     remote_timeout_s: float = 10.0
     default_max_tokens: int | None = None  # None: the model's generation_config max_new_tokens
+    prompt_caches: int = 4  # conversations whose latents the worker keeps for their next turn (0: none)
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_images", "max_videos", "max_documents", "max_image_pixels", "max_queue"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.prompt_caches, int) or self.prompt_caches < 0:
+            raise ValueError(f"prompt_caches must be an integer >= 0, got {self.prompt_caches!r}")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be a positive integer, got {self.default_max_tokens!r}")
         if self.remote_timeout_s <= 0:

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from kimivl.chat.protocol import logprob_entry
-from kimivl.generation import IncrementalDetokenizer, PromptCache, generate
+from kimivl.generation import IncrementalDetokenizer, generate
+from kimivl.generation.prompt_cache import PromptCachePool
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class _JobStreamer:
 class ModelWorker:
     """A daemon thread running jobs from a bounded queue on one model; ``stats`` counts outcomes."""
 
-    def __init__(self, model: Any, processor: Any, max_queue: int) -> None:
+    def __init__(self, model: Any, processor: Any, max_queue: int, prompt_caches: int = 4) -> None:
         self.model = model
         self.processor = processor
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
@@ -207,8 +208,9 @@ class ModelWorker:
         self._lock = threading.Lock()
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0}
         self._current: Job | None = None
-        # the last one-row generation's latents: a conversation's next turn prefills only what is new
-        self.prompt_cache = PromptCache()
+        # the latents of the last one-row generations of a few conversations: a conversation's next turn
+        # prefills only what is new (None: off)
+        self.prompt_caches = PromptCachePool(prompt_caches) if prompt_caches else None
 
     def start(self) -> None:
         self._thread.start()
@@ -275,7 +277,9 @@ class ModelWorker:
         streamer = _JobStreamer(job, decode, rows, recorder)
         start = time.perf_counter()
         inputs = job.inputs
-        cache = self.prompt_cache if rows == 1 else None
+        cache = None
+        if rows == 1 and self.prompt_caches is not None:
+            cache = self.prompt_caches.pick(inputs["input_ids"][0].tolist())
         try:
             generate(self.model, inputs["input_ids"], inputs.get("attention_mask"), inputs.get("pixel_values"),
                      inputs.get("image_grid_hws"), streamer=streamer, tokenizer=self.processor,

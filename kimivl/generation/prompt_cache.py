@@ -68,12 +68,7 @@ class PromptCache:
         """How many leading tokens of ``ids`` (with ``spans``) can be read from this cache."""
         if self.cache is None or self.cache.dtype != cache_dtype or self.cache.data.device != device:
             return 0
-        common = 0
-        for a, b in zip(self.ids, ids):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1, self.cache.length)
+        common = min(common_prefix(self.ids, ids), len(ids) - 1, self.cache.length)
         cached = {(s.start, s.end): s.digest for s in self.spans}
         for span in spans:
             if span.start >= common:
@@ -94,3 +89,36 @@ def images_after(spans: list[ImageSpan], start: int, pixel_values: torch.Tensor 
     first = next((i for i, span in enumerate(spans) if span.start >= start), len(spans))
     patches = int(image_grid_hws[:first].prod(dim=-1).sum())
     return pixel_values[patches:], image_grid_hws[first:]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PromptCachePool:
+    """Up to ``size`` prompt caches, one per recent conversation, for a server answering several in turn.
+
+    :meth:`pick` returns the cache whose ids the new prompt continues (the longest shared prefix, when it covers
+    at least half of what that cache holds: less means another conversation that merely shares the chat
+    template or a system prompt); otherwise an unused cache, or the least recently used one, which is taken
+    over. The cache picked becomes the most recent."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"a prompt cache pool needs size >= 1, got {size}")
+        self.caches = [PromptCache() for _ in range(size)]  # least recently used first
+
+    def pick(self, ids: list[int]) -> PromptCache:
+        shared = [common_prefix(cache.ids, ids) for cache in self.caches]
+        best = max(range(len(self.caches)), key=lambda i: shared[i])
+        if not (shared[best] and 2 * shared[best] >= len(self.caches[best].ids)):
+            best = next((i for i, cache in enumerate(self.caches) if cache.cache is None), 0)
+        cache = self.caches.pop(best)
+        self.caches.append(cache)
+        return cache

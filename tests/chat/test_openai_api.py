@@ -236,3 +236,16 @@ def test_the_next_turn_reads_the_history_from_the_prompt_cache(client, golden_di
                                          {"role": "assistant", "content": golden_answer},
                                          {"role": "user", "content": "And then?"}], max_new_tokens=8)
     assert second.choices[0].message.content == expected
+
+
+def test_interleaved_conversations_each_keep_their_prompt_cache(client, golden_dir, golden_answer, h):
+    """Two conversations answered in turn (A, B, A, B): each follow-up reads its own history (--prompt-caches)."""
+    a = h.golden_messages(golden_dir)
+    b = [{"role": "user", "content": "Tell me a story about the sea."}]
+    first = {"a": client.chat.completions.create(model="kimivl-tiny", messages=a, max_tokens=4),
+             "b": client.chat.completions.create(model="kimivl-tiny", messages=b, max_tokens=4)}
+    for name, messages in (("a", a), ("b", b)):
+        follow_up = [*messages, {"role": "assistant", "content": first[name].choices[0].message.content},
+                     {"role": "user", "content": "Go on."}]
+        r = client.chat.completions.create(model="kimivl-tiny", messages=follow_up, max_tokens=4)
+        assert r.usage.prompt_tokens_details.cached_tokens >= first[name].usage.prompt_tokens, name

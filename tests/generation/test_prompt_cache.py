@@ -122,3 +122,21 @@ def test_prompt_cache_errors_are_named(fresh_model, processor, golden_dir) -> No
         generate(fresh_model, inputs["input_ids"], mask, prompt_cache=PromptCache(), max_new_tokens=2)
     with pytest.raises(KimiVLInputError, match="prompt_cache must be a kimivl.generation.PromptCache, got dict"):
         generate(fresh_model, inputs["input_ids"], prompt_cache={}, max_new_tokens=2)
+
+
+def test_a_pool_keeps_one_cache_per_conversation() -> None:
+    from kimivl.generation.prompt_cache import PromptCachePool
+
+    pool = PromptCachePool(2)
+    template = [1, 2, 3]  # what every prompt starts with (the chat template)
+    a, b = template + [10, 11, 12, 13], template + [20, 21, 22, 23]
+    first_a = pool.pick(a)
+    first_a.ids, first_a.cache = a, object()  # as a generation leaves it
+    first_b = pool.pick(b)  # shares only the template with a: an unused cache, a's stays
+    assert first_b is not first_a
+    first_b.ids, first_b.cache = b, object()
+    assert pool.pick(a + [14, 15]) is first_a and pool.pick(b + [24]) is first_b  # each continues its own
+    c = pool.pick(template + [30, 31])  # a third conversation takes over the least recently used (a's)
+    assert c is first_a
+    with pytest.raises(ValueError, match="size >= 1"):
+        PromptCachePool(0)
