@@ -99,8 +99,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
 class _Service:
     """What the routes share: model, processor, limits, the worker and a lock around processor calls."""
 
-    def __init__(self, model: Any, processor: Any, model_name: str, limits: ServerLimits) -> None:
+    def __init__(self, model: Any, processor: Any, model_name: str, limits: ServerLimits,
+                 reasoning_parser: str | None = None) -> None:
         self.model = model
+        self.reasoning_parser = reasoning_parser
         self.processor = processor
         self.model_name = model_name
         self.limits = limits
@@ -147,8 +149,10 @@ class _Service:
         schema = req.json_schema()
         if schema is not None:  # last: the grammar has the final say on what may follow
             try:
+                # with a reasoning parser, a Thinking model's ◁think▷ block comes first, free; the JSON after it
                 out.append(GrammarConstraint.json_schema(self.processor, schema, vocab_size=vocab,
-                                                         stop_ids=resolve_generation_config(self.model).eos_ids()))
+                                                         stop_ids=resolve_generation_config(self.model).eos_ids(),
+                                                         after_reasoning=self.reasoning_parser is not None))
             except KimiVLInputError as e:
                 raise APIError(400, f"response_format: {e}", code="invalid_value", param="response_format") from e
             except ImportError as e:
@@ -285,7 +289,7 @@ def create_app(model: Any, processor: Any, *, model_name: str = "kimivl", limits
     reasoning in ``reasoning_content`` / ``reasoning`` and only the answer in ``content``."""
     if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
         raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; choose one of {list(REASONING_PARSERS)}")
-    service = _Service(model, processor, model_name, limits or ServerLimits())
+    service = _Service(model, processor, model_name, limits or ServerLimits(), reasoning_parser)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -14,16 +14,78 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from kimivl.errors import KimiVLInputError
 from kimivl.ops.sampling import apply_token_bitmask
+from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN
 
 logger = logging.getLogger(__name__)
 
-STOP_TOKENS = ("<|im_end|>", "[EOS]")  # what ends an answer (the chat's end of turn, the text end)
+STOP_TOKENS = ("<|im_end|>", "[EOS]")
+_OPEN, _CLOSE = THINK_OPEN.encode(), THINK_CLOSE.encode()  # what ends an answer (the chat's end of turn, the text end)
 # llguidance's view of a tokenizer costs ~1 s to build for the 163,840-token vocabulary: once per tokenizer
-_LL_TOKENIZERS: weakref.WeakKeyDictionary[Any, dict[tuple[int, tuple[int, ...]], Any]] = weakref.WeakKeyDictionary()
+_LL_TOKENIZERS: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+class _ReasoningRow:
+    """Where one row of a Thinking model's answer is: ``start`` (nothing, or part of ``◁think▷``), ``reasoning``
+    (free, until ``◁/think▷``), ``grammar`` (constrained), ``free`` (text after the close marker that the
+    grammar cannot take up in the middle of a token: left unconstrained)."""
+
+    def __init__(self) -> None:
+        self.state = "start"
+        self.text = b""  # the row's bytes while not constrained
+
+    def grammar_tokens(self, tokens: list[int], tok: Any) -> list[int]:
+        """The new tokens the grammar must consume (those after the reasoning block, or all without one)."""
+        out: list[int] = []
+        for token in tokens:
+            if self.state == "grammar":
+                out.append(token)
+                continue
+            if self.state == "free":
+                continue
+            self.text += tok.token_bytes(token)
+            if self.state == "start":
+                if _OPEN.startswith(self.text):
+                    continue  # still the marker's beginning
+                if not self.text.startswith(_OPEN):  # no reasoning block: the grammar from the first token
+                    self.state, self.text = "grammar", b""
+                    out.append(token)
+                    continue
+                self.state = "reasoning"
+            end = self.text.find(_CLOSE)
+            if end >= 0:
+                rest = self.text[end + len(_CLOSE):]
+                self.state, self.text = ("grammar" if not rest.strip() else "free"), b""
+        return out
+
+
+def _marker_mask(tok: Any, vocab_size: int, text: bytes) -> torch.Tensor:
+    """Bitmask of the tokens that continue ``text`` (a prefix of ``◁think▷``) along the marker (cached)."""
+    cache = _LL_TOKENIZERS.setdefault(tok, {})
+    key = ("marker", vocab_size, text)
+    if key not in cache:
+        words = (vocab_size + 31) // 32
+        bits = torch.zeros(words * 32, dtype=torch.bool)
+        bits[[i for i, piece in enumerate(_token_pieces(tok)) if piece and _compatible(text + piece)]] = True
+        packed = (bits.view(words, 32).long() << torch.arange(32)).sum(-1)  # each word < 2**32
+        cache[key] = torch.from_numpy(packed.numpy().astype(np.uint32).view(np.int32))
+    return cache[key]
+
+
+def _compatible(text: bytes) -> bool:
+    return _OPEN.startswith(text) or text.startswith(_OPEN)
+
+
+def _token_pieces(tok: Any) -> list[bytes]:
+    """Every id's bytes (empty for specials), once per tokenizer."""
+    cache = _LL_TOKENIZERS.setdefault(tok, {})
+    if "pieces" not in cache:
+        cache["pieces"] = [b"" if tok.is_special_id(i) else tok.token_bytes(i) for i in range(tok.vocab_size)]
+    return cache["pieces"]
 
 
 def _llguidance() -> Any:
@@ -54,7 +116,7 @@ class GrammarConstraint:
     e.g. the padding after a stop string ended the row) are left unmasked: their tokens are padding."""
 
     def __init__(self, tokenizer: Any, grammar: str, *, vocab_size: int | None = None,
-                 stop_ids: Sequence[int] | None = None, what: str = "grammar") -> None:
+                 stop_ids: Sequence[int] | None = None, what: str = "grammar", after_reasoning: bool = False) -> None:
         tok = getattr(tokenizer, "tokenizer", tokenizer)  # a processor or its tokenizer
         if not hasattr(tok, "_encoding"):
             raise KimiVLInputError(f"GrammarConstraint needs kimivl's tokenizer (or processor), got "
@@ -69,12 +131,17 @@ class GrammarConstraint:
             raise KimiVLInputError(f"the {what} cannot be used: {self._template.get_error()}")
         self._matchers: list[Any] | None = None
         self._fed = 0  # ids seen so far (prompt + new)
+        self._tok = tok
+        # Thinking models: rows that open with ◁think▷ are free until ◁/think▷, constrained after it
+        self._rows: list[_ReasoningRow] | None = None if not after_reasoning else []
 
     @classmethod
     def json_schema(cls, tokenizer: Any, schema: dict[str, Any] | str, *, compact: bool = True,
                     **kwargs: Any) -> GrammarConstraint:
         """JSON that validates against ``schema`` (a dict or its JSON text). ``compact``: no whitespace between
-        tokens (``{"a":1}``), so a model cannot stall in whitespace."""
+        tokens (``{"a":1}``), so a model cannot stall in whitespace. Every constructor takes
+        ``after_reasoning=True`` for Thinking models: an answer may open with a free ``◁think▷ … ◁/think▷``
+        block, and the grammar holds from after it (or from the first token when the answer opens otherwise)."""
         llguidance = _llguidance()
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
@@ -102,20 +169,30 @@ class GrammarConstraint:
         rows = scores.shape[0]
         if self._matchers is None:
             self._matchers = [self._template.deep_copy() for _ in range(rows)]
+            if self._rows is not None:
+                self._rows = [_ReasoningRow() for _ in range(rows)]
         elif len(self._matchers) != rows:
             raise KimiVLInputError(f"a GrammarConstraint serves one generate() call: it started with "
                                    f"{len(self._matchers)} rows, now {rows}")
         else:
             new = ids[:, self._fed:].tolist()
-            for matcher, tokens in zip(self._matchers, new):
-                if not matcher.is_stopped() and not matcher.is_error():
+            for row, (matcher, tokens) in enumerate(zip(self._matchers, new)):
+                if self._rows is not None:
+                    tokens = self._rows[row].grammar_tokens(tokens, self._tok)
+                if tokens and not matcher.is_stopped() and not matcher.is_error():
                     matcher.consume_tokens(tokens)
         self._fed = ids.shape[1]
         words = (self.vocab_size + 31) // 32
         mask = torch.full((rows, words), -1, dtype=torch.int32)
         for row, matcher in enumerate(self._matchers):
-            if not matcher.is_error():  # a complete grammar allows only the stop ids
+            state = self._rows[row].state if self._rows is not None else "grammar"
+            if state == "grammar" and not matcher.is_error():  # a complete grammar allows only the stop ids
                 mask[row] = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
+            elif state == "start":  # the grammar's first tokens or the opening of a reasoning block; once the
+                text = self._rows[row].text  # marker has begun, only its continuation
+                mask[row] = _marker_mask(self._tok, self.vocab_size, text)
+                if not text:
+                    mask[row] |= torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
         if scores.shape[-1] > self.text_vocab:  # rows past the tokenizer's ids: never allowed
             scores = scores.clone()
             scores[:, self.text_vocab:] = float("-inf")

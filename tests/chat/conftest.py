@@ -199,12 +199,12 @@ def held_worker(model: Any, after_steps: int) -> Iterator[threading.Event]:
 
 
 @contextmanager
-def scripted_answer(model: Any, token_ids: list[int]) -> Iterator[None]:
+def scripted_answer(model: Any, token_ids: list[int], then_free: bool = False) -> Iterator[None]:
     """Make the model answer ``token_ids`` (then repeat the last) in every generation: each ``lm_head`` call's
     logits put all weight on the next scripted id, counted from the prompt's forward (the prefill, the only
     forward asked for ``last_positions``: with a prompt cache it may cover a single new position). The golden
     weights are random; this gives the real server and generation loop an answer with a known text, e.g. a
-    thinking model's."""
+    thinking model's (``then_free``: only its beginning, the model's own logits after it)."""
     import torch
 
     calls = [0]
@@ -214,6 +214,8 @@ def scripted_answer(model: Any, token_ids: list[int]) -> Iterator[None]:
             calls[0] = 0
 
     def hook(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
+        if then_free and calls[0] >= len(token_ids):  # the script said: the model's own logits from here
+            return out
         token = token_ids[min(calls[0], len(token_ids) - 1)]
         calls[0] += 1
         forced = torch.full_like(out, -30.0)

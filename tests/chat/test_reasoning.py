@@ -117,6 +117,20 @@ def test_an_answer_sent_back_as_it_came_continues_the_chat(thinking_server, tiny
     assert second.usage.prompt_tokens == rendered["input_ids"].shape[1]
 
 
+def test_json_output_follows_the_reasoning_block(thinking_server, tiny, h):
+    """response_format with the reasoning parser: the ◁think▷ block stays free, the JSON after it validates."""
+    pytest.importorskip("llguidance", reason="structured output needs llguidance (pip install 'kimivl[structured]')")
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}}, "required": ["color"],
+              "additionalProperties": False}
+    thinking = tiny[1].tokenizer.encode(f"◁think▷ {REASONING} ◁/think▷")
+    with h.scripted_answer(tiny[0], thinking, then_free=True):
+        status, body = h.post_json(thinking_server, _request(h, response_format={
+            "type": "json_schema", "json_schema": {"name": "color", "schema": schema}}))
+    assert status == 200, body
+    message = body["choices"][0]["message"]
+    assert message["reasoning_content"] == REASONING and json.loads(message["content"])["color"] in ("red", "blue")
+
+
 def test_without_the_parser_the_text_is_raw(server, tiny, h):
     with h.scripted_answer(tiny[0], _answer_ids(tiny, THINKING_TEXT)):
         status, body = h.post_json(server, _request(h))

@@ -16,7 +16,7 @@ from kimivl.ops.sampling import apply_token_bitmask
 
 pytest.importorskip("llguidance", reason="structured output needs llguidance (pip install 'kimivl[structured]')")
 
-from kimivl.generation import GrammarConstraint  # noqa: E402
+from kimivl.generation import GrammarConstraint, LogitBias  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]},
                                            "n": {"type": "integer", "minimum": 0, "maximum": 100},
@@ -140,3 +140,35 @@ def test_demo_model_answers_the_color_under_a_regex() -> None:
         answers[question] = processor.decode(out[0, inputs["input_ids"].shape[1]:].tolist(), skip_special_tokens=True)
     assert answers["What color is the shape?"] == "blue"  # the unconstrained answer too (README)
     assert answers["What shape is it?"] in {"red", "green", "blue", "yellow", "purple", "orange"}
+
+
+class _Scripted:
+    """A logits processor that forces ``ids`` as the first new tokens (a Thinking model's reasoning block, here),
+    then lets the model's own logits through."""
+
+    def __init__(self, prompt_length: int, ids: list[int]) -> None:
+        self.prompt_length, self.ids = prompt_length, ids
+
+    def __call__(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = ids.shape[1] - self.prompt_length
+        if step >= len(self.ids):
+            return scores
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.ids[step]] = 0.0
+        return forced
+
+
+def test_after_reasoning_the_grammar_starts_after_the_thinking_block(model, tokenizer, story) -> None:
+    n = story["input_ids"].shape[1]
+    thinking = "◁think▷ The user wants JSON. ◁/think▷"
+    script = _Scripted(n, tokenizer.encode(thinking))
+    out = model.generate(**story, max_new_tokens=80, logits_processor=[
+        script, GrammarConstraint.json_schema(tokenizer, SCHEMA, after_reasoning=True)])
+    text = tokenizer.decode(out[0, n:].tolist(), skip_special_tokens=True)
+    assert text.startswith(thinking) and _valid(json.loads(text[len(thinking):])), text
+    # an answer that does not open with the block (its first byte banned here: an Instruct model's) is
+    # constrained from its first token, as without the option
+    no_block = LogitBias({tokenizer.encode("◁")[0]: -100}, tokenizer.vocab_size)
+    plain = model.generate(**story, max_new_tokens=80, logits_processor=[
+        no_block, GrammarConstraint.json_schema(tokenizer, SCHEMA, after_reasoning=True)])
+    assert _valid(json.loads(tokenizer.decode(plain[0, n:].tolist(), skip_special_tokens=True)))
