@@ -1,8 +1,9 @@
 """The ``kimivl`` command: one entry point with subcommands (argparse, like the serving engines).
 
 Subcommands: ``info`` (config summary, parameter counts, memory per dtype), ``train`` (one fine-tuning
-run from a YAML config, see ``docs/finetune.md``), ``chat`` (one-shot or interactive, streamed) and
-``serve`` (OpenAI-compatible HTTP server with a chat page, see ``docs/serving.md``).
+run from a YAML config, see ``docs/finetune.md``), ``chat`` (one-shot or interactive, streamed),
+``serve`` (OpenAI-compatible HTTP server with a chat page, see ``docs/serving.md``) and ``run-batch`` (an OpenAI
+batch file answered offline by the server's code).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -182,6 +184,16 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                 print(f"error: {e}", file=sys.stderr)
 
 
+def _limits(args: argparse.Namespace) -> Any:
+    from kimivl.chat.limits import ServerLimits
+
+    return ServerLimits(max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_videos=args.max_videos,
+                        max_documents=args.max_documents, max_image_pixels=args.max_image_pixels,
+                        max_queue=args.max_queue, allow_remote_images=args.allow_remote_images,
+                        allowed_local_media_path=args.allowed_local_media_path,
+                        default_max_tokens=args.default_max_tokens, prompt_caches=args.prompt_caches)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -191,50 +203,86 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from kimivl.chat.server import serve
     except ImportError as e:
         raise ValueError(str(e)) from e
-    from kimivl.chat.limits import ServerLimits
-
-    limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_videos=args.max_videos,
-                          max_documents=args.max_documents,
-                          max_image_pixels=args.max_image_pixels, max_queue=args.max_queue,
-                          allow_remote_images=args.allow_remote_images,
-                          allowed_local_media_path=args.allowed_local_media_path,
-                          default_max_tokens=args.default_max_tokens, prompt_caches=args.prompt_caches)
     serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name, dtype=args.dtype,
-          device=args.device, limits=limits, log_level=args.log_level, reasoning_parser=args.reasoning_parser)
+          device=args.device, limits=_limits(args), log_level=args.log_level, reasoning_parser=args.reasoning_parser)
     return 0
 
 
-def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+def _cmd_run_batch(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from kimivl.chat.batch import run_batch
+    except ImportError as e:
+        raise ValueError(str(e)) from e
+    from kimivl.chat.session import model_path_or_demo
+    from kimivl.modeling import KimiVLForConditionalGeneration
+    from kimivl.processing import KimiVLProcessor
+
+    source = Path(args.input_file)
+    if not source.is_file():
+        raise ValueError(f"--input-file {source}: no such file")
+    path = model_path_or_demo(args.model)
+    model = KimiVLForConditionalGeneration.from_pretrained(path, dtype=args.dtype, device=args.device)
+    processor = KimiVLProcessor.from_pretrained(path)
+    name = args.served_model_name or Path(path).name or "kimivl"
+    lines = source.read_text(encoding="utf-8").splitlines()
+    out = Path(args.output_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for record in run_batch(model, processor, lines, model_name=name, limits=_limits(args),
+                                reasoning_parser=args.reasoning_parser, concurrency=args.concurrency):
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return 0
+
+
+def _add_model_and_limit_flags(p: argparse.ArgumentParser) -> None:
+    """What ``serve`` and ``run-batch`` share: the model, the request bounds and the answer options."""
     from kimivl.chat.limits import ServerLimits
 
     d = ServerLimits()
+    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the shipped demo model)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id requests must use or leave out (default: the directory name)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (config torch_dtype, bfloat16 for the released models) | bfloat16 | float32")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image and video URLs (refused by default)")
+    p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="allow file:// URLs / absolute paths of images and videos under DIR (refused by default)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body bound")
+    p.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
+    p.add_argument("--max-videos", type=int, default=d.max_videos, help="videos per request (video_url parts)")
+    p.add_argument("--max-documents", type=int, default=d.max_documents, help="PDFs per request (file parts)")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
+                   help="width x height per image or video frame")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting for the model")
+    p.add_argument("--default-max-tokens", type=int, default=None,
+                   help="answer length when a request gives none (default: the model's generation config)")
+    p.add_argument("--prompt-caches", type=int, default=d.prompt_caches,
+                   help="conversations whose latents are kept for their next turn (0: off)")
+    p.add_argument("--reasoning-parser", default=None, choices=["kimi_vl"],
+                   help="Thinking models: return the ◁think▷ block in reasoning_content, the answer in content")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _add_serve_parsers(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server + chat page (docs/serving.md)")
-    serve.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the shipped demo model)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
-    serve.add_argument("--dtype", default="auto",
-                       help="auto (config torch_dtype, bfloat16 for the released models) | bfloat16 | float32")
-    serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
-    serve.add_argument("--allow-remote-images", action="store_true",
-                       help="fetch http(s) image and video URLs (refused by default)")
-    serve.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
-                       help="allow file:// URLs / absolute paths of images and videos under DIR (refused by default)")
-    serve.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body bound")
-    serve.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
-    serve.add_argument("--max-videos", type=int, default=d.max_videos, help="videos per request (video_url parts)")
-    serve.add_argument("--max-documents", type=int, default=d.max_documents, help="PDFs per request (file parts)")
-    serve.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
-                       help="width x height per image or video frame")
-    serve.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting for the model")
-    serve.add_argument("--default-max-tokens", type=int, default=None,
-                       help="answer length when a request gives none (default: the model's generation config)")
-    serve.add_argument("--prompt-caches", type=int, default=d.prompt_caches,
-                       help="conversations whose latents are kept for their next turn (0: off)")
-    serve.add_argument("--reasoning-parser", default=None, choices=["kimi_vl"],
-                       help="Thinking models: return the ◁think▷ block in reasoning_content, the answer in content")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_model_and_limit_flags(serve)
     serve.set_defaults(func=_cmd_serve)
+    batch = sub.add_parser("run-batch", help="answer an OpenAI batch file (JSONL) offline with the server's code "
+                                             "(docs/serving.md)")
+    batch.add_argument("-i", "--input-file", required=True, help="JSONL: one {custom_id, method, url, body} a line")
+    batch.add_argument("-o", "--output-file", required=True, help="JSONL: one {id, custom_id, response, error} a line")
+    batch.add_argument("--concurrency", type=int, default=4, help="requests prepared while the model answers one")
+    _add_model_and_limit_flags(batch)
+    batch.set_defaults(func=_cmd_run_batch)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     chat.add_argument("--show-thinking", action="store_true", help="print the reasoning of Thinking models")
     chat.set_defaults(func=_cmd_chat)
-    _add_serve_parser(sub)
+    _add_serve_parsers(sub)
     return parser
 
 

@@ -1,0 +1,39 @@
+"""``kimivl run-batch``: an OpenAI batch file answered by the server's own code, in order, nothing dropped."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kimivl.cli import main
+
+
+def test_run_batch_answers_every_line_in_order(golden_dir: Path, tmp_path: Path, golden_answer, tiny, h):
+    lines = [
+        {"custom_id": "image", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "kimivl-tiny", "messages": h.golden_messages(golden_dir)}},
+        {"custom_id": "sampled", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "user", "content": "Tell me a story."}], "n": 2, "temperature": 1.0,
+                  "seed": 5, "max_tokens": 6}},
+        {"custom_id": "refused", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "user", "content": "hi"}], "functions": []}},
+        {"custom_id": "embeddings", "method": "POST", "url": "/v1/embeddings", "body": {"input": "hi"}},
+        {"custom_id": "streamed", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "user", "content": "hi"}], "stream": True}},
+    ]
+    source = tmp_path / "batch.jsonl"
+    source.write_text("\n".join([*(json.dumps(line) for line in lines[:2]), "{not json", "",
+                                 *(json.dumps(line) for line in lines[2:])]) + "\n")
+    out = tmp_path / "out" / "results.jsonl"
+    assert main(["run-batch", "-i", str(source), "-o", str(out), "--model", str(golden_dir),
+                 "--served-model-name", "kimivl-tiny", "--log-level", "warning"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["custom_id"] for r in records] == ["image", "sampled", None, "refused", "embeddings", "streamed"]
+    image, sampled, broken, refused, embeddings, streamed = records
+    assert image["error"] is None and image["response"]["status_code"] == 200
+    assert image["response"]["body"]["choices"][0]["message"]["content"] == golden_answer
+    assert image["response"]["request_id"] == image["response"]["body"]["id"]
+    assert len({c["message"]["content"] for c in sampled["response"]["body"]["choices"]}) == 2
+    assert broken["error"]["code"] == "invalid_json" and "line 3" in broken["error"]["message"]
+    assert refused["response"]["status_code"] == 400
+    assert refused["response"]["body"]["error"]["code"] == "unknown_field"
+    assert embeddings["error"]["code"] == "invalid_url" and streamed["error"]["code"] == "invalid_request"
