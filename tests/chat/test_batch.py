@@ -37,3 +37,9 @@ def test_run_batch_answers_every_line_in_order(golden_dir: Path, tmp_path: Path,
     assert refused["response"]["status_code"] == 400
     assert refused["response"]["body"]["error"]["code"] == "unknown_field"
     assert embeddings["error"]["code"] == "invalid_url" and streamed["error"]["code"] == "invalid_request"
+
+
+def test_a_missing_input_file_is_named(tmp_path: Path, capsys):
+    assert main(["run-batch", "-i", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "kimivl run-batch: error: --input-file" in err and "nope.jsonl: no such file" in err
