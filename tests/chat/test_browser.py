@@ -50,11 +50,17 @@ def test_page_streams_an_answer_about_an_example_image(server, tiny, h, tmp_path
             meta = bubble.eval_on_selector(".meta", "e => e.textContent")
             updates = page.evaluate("window.updates")
             user_image = page.eval_on_selector(".msg.user img", "e => e.src.slice(0, 22)")
+            page.fill("#prompt", "And its shape?")  # the follow-up reads the first turn from the prompt cache
+            page.click("#send")
+            page.locator(".msg.assistant[data-state=done]").nth(1).wait_for()
+            follow_up_meta = page.eval_on_selector_all(".msg.assistant .meta", "es => es[1].textContent")
         finally:
             browser.close()
     assert answer == expected
     assert user_image == "data:image/png;base64,"
-    assert "image)" in meta and "prompt" in meta
+    assert " image" in meta and "prompt" in meta
+    cached = int(follow_up_meta.split(" cached")[0].rsplit(" ", 1)[-1])
+    assert cached > int(meta.split("prompt ")[1].split(" tokens")[0]) // 2, follow_up_meta
     assert updates > 3  # several deltas arrived before the end
     assert not failed
     assert (tmp_path / "chat.png").stat().st_size > 10_000
