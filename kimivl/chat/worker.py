@@ -84,7 +84,7 @@ class Job:
     top_logprobs: int | None = None  # None: no logprobs; k: each token's logprob and its k best alternatives
     choices: int = 1  # answers asked for (n)
     copies: bool = False  # greedy: one row is generated and its answer given ``choices`` times
-    processors: list[Any] = field(default_factory=list)  # logits processors (penalties, logit bias)
+    processors: list[Any] = field(default_factory=list)  # logits processors (penalties, bias, a JSON grammar)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
