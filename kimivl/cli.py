@@ -191,7 +191,8 @@ def _limits(args: argparse.Namespace) -> Any:
                         max_documents=args.max_documents, max_image_pixels=args.max_image_pixels,
                         max_queue=args.max_queue, allow_remote_images=args.allow_remote_images,
                         allowed_local_media_path=args.allowed_local_media_path,
-                        default_max_tokens=args.default_max_tokens, prompt_caches=args.prompt_caches)
+                        default_max_tokens=args.default_max_tokens, prompt_caches=args.prompt_caches,
+                        prompt_cache_gib=args.prompt_cache_gib)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -265,6 +266,8 @@ def _add_model_and_limit_flags(p: argparse.ArgumentParser) -> None:
                    help="answer length when a request gives none (default: the model's generation config)")
     p.add_argument("--prompt-caches", type=int, default=d.prompt_caches,
                    help="conversations whose latents are kept for their next turn (0: off)")
+    p.add_argument("--prompt-cache-gib", type=float, default=d.prompt_cache_gib,
+                   help="memory the kept latents may take; the least recently used are dropped first")
     p.add_argument("--reasoning-parser", default=None, choices=["kimi_vl"],
                    help="Thinking models: return the ◁think▷ block in reasoning_content, the answer in content")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -25,11 +25,14 @@ class ServerLimits:
     remote_timeout_s: float = 10.0
     default_max_tokens: int | None = None  # None: the model's generation_config max_new_tokens
     prompt_caches: int = 4  # conversations whose latents the worker keeps for their next turn (0: none)
+    prompt_cache_gib: float = 4.0  # the kept latents' bound in GiB (least recently used emptied first)
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_images", "max_videos", "max_documents", "max_image_pixels", "max_queue"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.prompt_cache_gib, (int, float)) or not self.prompt_cache_gib > 0:
+            raise ValueError(f"prompt_cache_gib must be > 0, got {self.prompt_cache_gib!r}")
         if not isinstance(self.prompt_caches, int) or self.prompt_caches < 0:
             raise ValueError(f"prompt_caches must be an integer >= 0, got {self.prompt_caches!r}")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:

@@ -106,7 +106,8 @@ class _Service:
         self.processor = processor
         self.model_name = model_name
         self.limits = limits
-        self.worker = ModelWorker(model, processor, limits.max_queue, limits.prompt_caches)
+        self.worker = ModelWorker(model, processor, limits.max_queue, limits.prompt_caches,
+                                  int(limits.prompt_cache_gib * 2**30))
         self.processor_lock = threading.Lock()
         self.created = int(time.time())
         self.page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")

@@ -200,7 +200,8 @@ class _JobStreamer:
 class ModelWorker:
     """A daemon thread running jobs from a bounded queue on one model; ``stats`` counts outcomes."""
 
-    def __init__(self, model: Any, processor: Any, max_queue: int, prompt_caches: int = 4) -> None:
+    def __init__(self, model: Any, processor: Any, max_queue: int, prompt_caches: int = 4,
+                 prompt_cache_bytes: int | None = None) -> None:
         self.model = model
         self.processor = processor
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
@@ -210,7 +211,7 @@ class ModelWorker:
         self._current: Job | None = None
         # the latents of the last one-row generations of a few conversations: a conversation's next turn
         # prefills only what is new (None: off)
-        self.prompt_caches = PromptCachePool(prompt_caches) if prompt_caches else None
+        self.prompt_caches = PromptCachePool(prompt_caches, prompt_cache_bytes) if prompt_caches else None
 
     def start(self) -> None:
         self._thread.start()
@@ -294,6 +295,8 @@ class ModelWorker:
             logger.exception("generation failed")
             job.emit(Event("error", text=f"generation failed: {type(e).__name__}: {e}"))
             return
+        if self.prompt_caches is not None:
+            self.prompt_caches.trim()
         self._count("completed")
         cached = cache.reused if cache is not None else 0
         logger.info("generated %d tokens in %.2f s (%d prompt tokens from the prompt cache)", len(streamer.tokens),

@@ -80,6 +80,11 @@ class PromptCache:
     def reset(self) -> None:
         self.cache, self.ids, self.spans, self.reused = None, [], [], 0
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kept latents occupy (the cache's whole allocation)."""
+        return 0 if self.cache is None else self.cache.data.numel() * self.cache.data.element_size()
+
 
 def images_after(spans: list[ImageSpan], start: int, pixel_values: torch.Tensor | None,
                  image_grid_hws: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -107,12 +112,26 @@ class PromptCachePool:
     :meth:`pick` returns the cache whose ids the new prompt continues (the longest shared prefix, when it covers
     at least half of what that cache holds: less means another conversation that merely shares the chat
     template or a system prompt); otherwise an unused cache, or the least recently used one, which is taken
-    over. The cache picked becomes the most recent."""
+    over. The cache picked becomes the most recent. :meth:`trim` keeps the caches' bytes within ``max_bytes``
+    (None: no bound), emptying the least recently used first."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_bytes: int | None = None) -> None:
         if size < 1:
             raise ValueError(f"a prompt cache pool needs size >= 1, got {size}")
         self.caches = [PromptCache() for _ in range(size)]  # least recently used first
+        self.max_bytes = max_bytes
+
+    def trim(self) -> None:
+        """Empty caches, least recently used first, until their bytes fit ``max_bytes``."""
+        if self.max_bytes is None:
+            return
+        for cache in self.caches:  # one over the bound alone would empty the others for nothing
+            if cache.nbytes > self.max_bytes:
+                cache.reset()
+        for cache in self.caches:
+            if sum(c.nbytes for c in self.caches) <= self.max_bytes:
+                return
+            cache.reset()
 
     def pick(self, ids: list[int]) -> PromptCache:
         shared = [common_prefix(cache.ids, ids) for cache in self.caches]

@@ -140,3 +140,22 @@ def test_a_pool_keeps_one_cache_per_conversation() -> None:
     assert c is first_a
     with pytest.raises(ValueError, match="size >= 1"):
         PromptCachePool(0)
+
+
+def test_a_pool_keeps_its_latents_within_its_bytes() -> None:
+    from kimivl.decoder.cache import MLACache
+    from kimivl.generation.prompt_cache import PromptCachePool
+
+    pool = PromptCachePool(3, max_bytes=3 * 1000 * 4)  # three caches of 1,000 float32 values fit
+    for first in (1, 2, 3):
+        cache = pool.pick([first] * 8)
+        cache.ids, cache.cache = [first] * 8, MLACache(1, 1, 10, 90, 10)  # 1 x 1 x 10 x 100 values
+    assert [c.nbytes for c in pool.caches] == [4000] * 3
+    pool.trim()
+    assert all(c.cache is not None for c in pool.caches)
+    pool.caches[-1].cache = MLACache(1, 1, 20, 90, 10)  # the most recent grew to 2,000 values
+    pool.trim()  # 16,000 bytes > 12,000: the least recently used is emptied, then the total fits
+    assert [c.nbytes for c in pool.caches] == [0, 4000, 8000]
+    pool.caches[-1].cache = MLACache(1, 1, 40, 90, 10)  # alone over the bound: emptied too
+    pool.trim()
+    assert [c.nbytes for c in pool.caches] == [0, 4000, 0]
