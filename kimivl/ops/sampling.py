@@ -28,7 +28,7 @@ def apply_presence_frequency_penalty(logits: torch.Tensor, counts: torch.Tensor,
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """Keep the tokens a (B, ceil(V / 32)) int32 bitmask allows (bit ``j`` of word ``w``: token ``32 w + j``, the
     layout grammar engines such as llguidance and xgrammar fill); the others go to -inf."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
     allowed = ((bitmask.to(logits.device).unsqueeze(-1) >> shifts) & 1).reshape(bitmask.shape[0], -1)
     return logits.masked_fill(allowed[:, :logits.shape[-1]] == 0, float("-inf"))
 

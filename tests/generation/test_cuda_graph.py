@@ -367,3 +367,23 @@ def test_prompt_cache_through_captured_graphs(golden_dir: Path, golden: dict[str
         assert out.cpu().tolist() == golden["generate.sequences"].tolist()
     assert cache.reused == 54 and cache.cache.length == 62 and cache.cache.data.is_cuda
     assert cuda_graph._RUNNERS[model.language_model].graphs
+
+
+@cuda
+def test_structured_output_and_penalties_on_cuda(golden_dir: Path, golden: dict[str, torch.Tensor]) -> None:
+    """The grammar's CPU bitmask and the penalties' tensors meet CUDA logits (graphs replaying the steps)."""
+    import json
+
+    pytest.importorskip("llguidance", reason="structured output needs llguidance")
+    from kimivl.generation import GrammarConstraint, LogitBias, PresenceFrequencyPenalty
+    from kimivl.processing import KimiVLProcessor
+
+    processor = KimiVLProcessor.from_pretrained(golden_dir)
+    model = KimiVLForConditionalGeneration.from_pretrained(golden_dir, device="cuda")
+    p = _prompt(golden, "cuda")
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}}, "required": ["color"],
+              "additionalProperties": False}
+    processors = [PresenceFrequencyPenalty(55, 0.5, 0.5), LogitBias({915: -100}, 1000),
+                  GrammarConstraint.json_schema(processor, schema)]
+    out = model.generate(**p, max_new_tokens=20, logits_processor=processors)
+    assert json.loads(processor.decode(out[0, 55:].tolist(), skip_special_tokens=True))["color"] in ("red", "blue")

@@ -52,6 +52,8 @@ def test_bitmask_keeps_exactly_the_set_bits() -> None:
     out = apply_token_bitmask(logits, mask)
     assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [0, 2]
     assert torch.isfinite(out[1]).nonzero().flatten().tolist() == list(range(32, 64)) + [69]
+    # the grammar engine's mask is made on the CPU; the logits may be elsewhere (CUDA): stand-in device "meta"
+    assert apply_token_bitmask(logits.to("meta"), mask).device.type == "meta"
 
 
 def test_greedy_and_sampled_answers_validate(model, tokenizer, story) -> None:
