@@ -195,41 +195,36 @@ def _limits(args: argparse.Namespace) -> Any:
                         prompt_cache_gib=args.prompt_cache_gib)
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def _server_stack(args: argparse.Namespace) -> Any:
+    """Logging as ``--log-level`` says, and the server module (a clear error without the serve extra)."""
     import logging
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        from kimivl.chat.server import serve
+        from kimivl.chat import server
     except ImportError as e:
         raise ValueError(str(e)) from e
-    serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name, dtype=args.dtype,
-          device=args.device, limits=_limits(args), log_level=args.log_level, reasoning_parser=args.reasoning_parser)
+    return server
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    _server_stack(args).serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
+                              dtype=args.dtype, device=args.device, limits=_limits(args), log_level=args.log_level,
+                              reasoning_parser=args.reasoning_parser)
     return 0
 
 
 def _cmd_run_batch(args: argparse.Namespace) -> int:
-    import logging
     from pathlib import Path
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        from kimivl.chat.batch import run_batch
-    except ImportError as e:
-        raise ValueError(str(e)) from e
-    from kimivl.chat.session import model_path_or_demo
-    from kimivl.modeling import KimiVLForConditionalGeneration
-    from kimivl.processing import KimiVLProcessor
+    server = _server_stack(args)
+    from kimivl.chat.batch import run_batch
 
     source = Path(args.input_file)
     if not source.is_file():
         raise ValueError(f"--input-file {source}: no such file")
-    path = model_path_or_demo(args.model)
-    model = KimiVLForConditionalGeneration.from_pretrained(path, dtype=args.dtype, device=args.device)
-    processor = KimiVLProcessor.from_pretrained(path)
-    name = args.served_model_name or Path(path).name or "kimivl"
+    model, processor, name = server.load(args.model, args.served_model_name, args.dtype, args.device)
     lines = source.read_text(encoding="utf-8").splitlines()
     out = Path(args.output_file)
     out.parent.mkdir(parents=True, exist_ok=True)
