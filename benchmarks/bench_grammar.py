@@ -4,7 +4,8 @@
 its matcher, fills the (rows, vocab / 32) allowed-token bitmask and masks the logits (``apply_token_bitmask``).
 The released tokenizer cannot be downloaded here, so the vocabulary is synthetic: the 256 bytes, then random
 2-10-byte tokens (letters, digits, JSON punctuation, a third with a leading space) up to 163,584 ranks, then the
-258 special ids (the model has rows for 163,840 of the 163,842 ids, as the released one); llguidance's cost depends on the vocabulary's size and trie, not on which text the tokens hold.
+258 special ids (the model has rows for 163,840 of the 163,842 ids, as the released one); llguidance's cost
+depends on the vocabulary's size and trie, not on which text the tokens hold.
 The constraint is walked through a fixed 90-odd-token answer to a nested JSON Schema, as a decode loop feeds it.
 
 Printed (JSON): the first constraint's build time (llguidance's view of the tokenizer, cached per tokenizer),

@@ -442,7 +442,8 @@ def _check_prompt_cache(prompt_cache: Any, input_ids: torch.Tensor, attention_ma
     if prompt_cache is None:
         return
     if not isinstance(prompt_cache, PromptCache):
-        raise KimiVLInputError(f"prompt_cache must be a kimivl.generation.PromptCache, got {type(prompt_cache).__name__}")
+        raise KimiVLInputError("prompt_cache must be a kimivl.generation.PromptCache, got "
+                               f"{type(prompt_cache).__name__}")
     if input_ids.shape[0] != 1 or inputs_embeds is not None or (attention_mask is not None
                                                                  and not bool(attention_mask.all())):
         raise KimiVLInputError(f"prompt_cache serves one unpadded row of ids (a chat); got {input_ids.shape[0]} rows"

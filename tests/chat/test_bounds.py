@@ -91,7 +91,8 @@ def _cases(media_dir, golden_dir) -> dict[str, tuple[dict | bytes, int, str, str
 
 
 CASES = ["body_too_large", "too_many_images", "too_many_pixels", "context_by_max_tokens", "context_by_prompt",
-         "malformed_json", "not_an_object", "nan", "unknown_field", "json_mode", "tools", "tool_choice_required", "unknown_nested_field", "unknown_part_type",
+         "malformed_json", "not_an_object", "nan", "unknown_field", "json_mode", "tools", "tool_choice_required",
+         "unknown_nested_field", "unknown_part_type",
          "bad_role", "no_messages", "temperature_range", "n_above_eight", "too_many_stops", "model_not_found",
          "remote_url", "other_scheme", "bad_base64", "not_an_image", "truncated_image", "seed_range",
          "not_image_data_url", "local_outside",
