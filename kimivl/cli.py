@@ -185,14 +185,12 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _limits(args: argparse.Namespace) -> Any:
+    """The ``ServerLimits`` of the flags (each flag is a field's name with dashes)."""
+    from dataclasses import fields
+
     from kimivl.chat.limits import ServerLimits
 
-    return ServerLimits(max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_videos=args.max_videos,
-                        max_documents=args.max_documents, max_image_pixels=args.max_image_pixels,
-                        max_queue=args.max_queue, allow_remote_images=args.allow_remote_images,
-                        allowed_local_media_path=args.allowed_local_media_path,
-                        default_max_tokens=args.default_max_tokens, prompt_caches=args.prompt_caches,
-                        prompt_cache_gib=args.prompt_cache_gib)
+    return ServerLimits(**{f.name: getattr(args, f.name) for f in fields(ServerLimits) if hasattr(args, f.name)})
 
 
 def _server_stack(args: argparse.Namespace) -> Any:

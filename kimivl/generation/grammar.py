@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 
 STOP_TOKENS = ("<|im_end|>", "[EOS]")
 _OPEN, _CLOSE = THINK_OPEN.encode(), THINK_CLOSE.encode()  # what ends an answer (the chat's end of turn, the text end)
-# llguidance's view of a tokenizer costs ~1 s to build for the 163,840-token vocabulary: once per tokenizer
-_LL_TOKENIZERS: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
+# What is derived from a tokenizer once: llguidance's view of it (~1 s to build for the 163,840-token vocabulary),
+# its ids' bytes and the reasoning marker's masks
+_PER_TOKENIZER: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
 
 
 class _ReasoningRow:
@@ -65,7 +66,7 @@ class _ReasoningRow:
 
 def _marker_mask(tok: Any, vocab_size: int, text: bytes) -> torch.Tensor:
     """Bitmask of the tokens that continue ``text`` (a prefix of ``◁think▷``) along the marker (cached)."""
-    cache = _LL_TOKENIZERS.setdefault(tok, {})
+    cache = _PER_TOKENIZER.setdefault(tok, {})
     key = ("marker", vocab_size, text)
     if key not in cache:
         words = (vocab_size + 31) // 32
@@ -82,7 +83,7 @@ def _compatible(text: bytes) -> bool:
 
 def _token_pieces(tok: Any) -> list[bytes]:
     """Every id's bytes (empty for specials), once per tokenizer."""
-    cache = _LL_TOKENIZERS.setdefault(tok, {})
+    cache = _PER_TOKENIZER.setdefault(tok, {})
     if "pieces" not in cache:
         cache["pieces"] = [b"" if tok.is_special_id(i) else tok.token_bytes(i) for i in range(tok.vocab_size)]
     return cache["pieces"]
@@ -100,7 +101,7 @@ def _llguidance() -> Any:
 
 def _ll_tokenizer(tokenizer: Any, vocab_size: int, stop_ids: tuple[int, ...]) -> Any:
     llguidance = _llguidance()
-    cache = _LL_TOKENIZERS.setdefault(tokenizer, {})
+    cache = _PER_TOKENIZER.setdefault(tokenizer, {})
     key = (vocab_size, stop_ids)
     if key not in cache:
         cache[key] = llguidance.tiktoken.lltokenizer_from_encoding(tokenizer._encoding, n_vocab=vocab_size,

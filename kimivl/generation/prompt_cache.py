@@ -17,12 +17,12 @@ re-sent).
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import torch
 
 from kimivl.decoder.cache import MLACache
+from kimivl.ops.fingerprint import fingerprint
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,7 @@ def image_spans(input_ids: torch.Tensor, pixel_values: torch.Tensor | None, imag
         tokens, patches = h * w // (merge[0] * merge[1]), h * w
         if token + tokens > len(positions):
             return []  # not a prompt the model would accept either: no reuse, the forward names the problem
-        pixels = pixel_values[patch:patch + patches].detach().to("cpu", torch.float32).contiguous()
-        digest = hashlib.blake2b(pixels.numpy().tobytes(), digest_size=16).digest()
+        digest = fingerprint(pixel_values[patch:patch + patches])
         spans.append(ImageSpan(positions[token], positions[token + tokens - 1] + 1, digest))
         token, patch = token + tokens, patch + patches
     return spans

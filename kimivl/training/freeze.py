@@ -8,11 +8,11 @@ parameter's bytes rather than a copy: a frozen 16B-parameter decoder would other
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 
-import torch
 from torch import nn
+
+from kimivl.ops.fingerprint import fingerprint
 
 TOWERS = ("vision_tower", "multi_modal_projector", "language_model")
 
@@ -65,18 +65,6 @@ def parameter_summary(model: nn.Module) -> dict[str, dict[str, int]]:
         row["total"] += p.numel()
         row["trainable"] += p.numel() if p.requires_grad else 0
     return out
-
-
-def fingerprint(t: torch.Tensor) -> bytes:
-    """A 16-byte BLAKE2b digest of ``t``'s dtype, shape and bytes: equal digests mean bit-identical tensors (up to
-    a hash collision), and one changed bit changes it. A sharded tensor is gathered first."""
-    data = t.detach()
-    if hasattr(data, "full_tensor"):
-        data = data.full_tensor()
-    data = data.reshape(-1).cpu().contiguous()
-    h = hashlib.blake2b(f"{data.dtype}{tuple(t.shape)}".encode(), digest_size=16)
-    h.update(data.view(torch.uint8).numpy())
-    return h.digest()
 
 
 def snapshot(model: nn.Module, prefixes: Iterable[str] | None = None) -> dict[str, bytes]:
