@@ -11,6 +11,9 @@ any official-layout checkpoint given as ``--checkpoint DIR`` (e.g. the released 
 * ``kimivl``: ``KimiVLForConditionalGeneration.from_pretrained(slice, dtype=...)`` and ``model.generate``;
 * ``transformers``: ``DeepseekV3ForCausalLM.from_pretrained`` on the same tensors (text keys without
   ``language_model.``) and its ``generate`` (greedy, ``min_new_tokens`` so it never stops early);
+* ``kimivl_int8`` (``--quantization int8``): the same with the decoder's linear layers in weight-only int8
+  (:mod:`kimivl.quantization.int8`), to read against llama.cpp's Q8_0 (also 8-bit weights, but per block of 32 with
+  int8 products on quantized activations);
 * ``llamacpp`` (optional): the slice converted to GGUF (``--dtype``: bf16 or f32, and Q8_0 for reference) and
   ``llama-bench``
   (see :mod:`benchmarks.peers.llamacpp`); skipped with the reason when it cannot be built here.
@@ -56,10 +59,13 @@ def prompt(n: int, cfg: dict[str, Any], seed: int) -> torch.Tensor:
 class Ours:
     name = "kimivl"
 
-    def __init__(self, directory: Path, dtype: torch.dtype) -> None:
+    def __init__(self, directory: Path, dtype: torch.dtype, quantization: str | None = None) -> None:
         from kimivl import KimiVLForConditionalGeneration
 
-        self.model = KimiVLForConditionalGeneration.from_pretrained(directory, dtype=dtype).eval()
+        self.model = KimiVLForConditionalGeneration.from_pretrained(directory, dtype=dtype,
+                                                                   quantization=quantization).eval()
+        if quantization:
+            self.name = f"kimivl_{quantization}"
 
     def run(self, ids: torch.Tensor, new: int) -> list[float]:
         clock = StepClock()
@@ -115,6 +121,19 @@ def decode_bytes_per_token(cfg: dict[str, Any], dtype_bytes: int, ctx: int) -> i
     return (params + cache) * dtype_bytes
 
 
+def int8_bytes_per_token(cfg: dict[str, Any], dtype_bytes: int, ctx: int) -> int:
+    """:func:`decode_bytes_per_token` with the int8 layers' weights at one byte (lm_head, kv_b_proj, the embedding row,
+    the router and the cache stay ``dtype_bytes``; the scales are noise)."""
+    t = cfg["text_config"]
+    h, heads, layers = t["hidden_size"], t["num_attention_heads"], t["num_hidden_layers"]
+    kept = layers * t["kv_lora_rank"] * heads * (t["qk_nope_head_dim"] + t["v_head_dim"]) + h * t["vocab_size"] + h
+    n_moe = len(moe_layer_indices(t))
+    kept += n_moe * t.get("n_routed_experts", 0) * h  # the router
+    whole = decode_bytes_per_token(cfg, dtype_bytes, ctx)
+    return whole - (whole // dtype_bytes - kept - layers * (t["kv_lora_rank"] + t["qk_rope_head_dim"]) * ctx) \
+        * (dtype_bytes - 1)
+
+
 def mlp_active_params(t: dict[str, Any], moe: bool) -> int:
     """Weights one token multiplies in a layer's MLP: dense, or top-k + shared experts and the router."""
     h = t["hidden_size"]
@@ -161,6 +180,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--text-layers", type=int, default=None, help="decoder layers of the synthetic slice (2)")
     add_checkpoint_arguments(parser)
+    parser.add_argument("--quantization", choices=["int8"], default=None,
+                        help="also run kimivl with the decoder's linear layers quantized (row kimivl_int8)")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--no-llamacpp", action="store_true")
     parser.add_argument("--transformers-max-context", type=int, default=4096,
@@ -184,6 +205,8 @@ def main() -> None:
               "gemm_gflop_s": round(measure_gemm(dtype, meter=meter), 1)}
     result["limits"] = limits
     impls: list[Any] = [Ours(directory, dtype)]
+    if args.quantization:
+        impls.append(Ours(directory, dtype, args.quantization))
     if not args.no_transformers:
         try:
             impls.append(Transformers(text_only_dir(directory), dtype))
@@ -208,12 +231,13 @@ def main() -> None:
         seed = 1_000_003 * args.seed  # the prompts' seeds: 1, 2, 3, ctx at --seed 0 (the documented runs)
         ids = prompt(64, cfg, seed=seed + 1)
         outs = {impl.name: (impl.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=[])
-                            if impl.name == "kimivl" else
+                            if isinstance(impl, Ours) else
                             impl.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
                                                 min_new_tokens=8, do_sample=False, pad_token_id=0))[0, 64:]
                 for impl in impls}
-        if len(outs) > 1:
-            result["agreement_greedy_tokens_equal_of_8"] = int((outs["kimivl"] == outs["transformers"]).cumprod(0).sum())
+        for other in outs.keys() - {"kimivl"}:
+            key = "agreement_greedy_tokens_equal_of_8" + ("" if other == "transformers" else f"_{other}")
+            result[key] = int((outs["kimivl"] == outs[other]).cumprod(0).sum())
 
         prefill_ids = prompt(args.prefill_len, cfg, seed=seed + 2)
         context_ids = {ctx: prompt(ctx, cfg, seed=seed + ctx) for ctx in args.contexts}
@@ -243,8 +267,9 @@ def main() -> None:
         decode = {str(ctx): {name: statistics.median(values) for name, values in by_impl.items()}
                   for ctx, by_impl in rates.items()}
         cache = {"kimivl": impls[0].cache_bytes_per_token()}
-        if len(impls) > 1:
-            cache["transformers"] = impls[1].cache_bytes_per_token(prompt(128, cfg, seed=seed + 3))
+        for impl in impls:
+            if impl.name == "transformers":
+                cache["transformers"] = impl.cache_bytes_per_token(prompt(128, cfg, seed=seed + 3))
 
     for outtype, runs in peer_runs.items():
         key = f"llamacpp_{outtype}"
@@ -261,6 +286,8 @@ def main() -> None:
     dtype_bytes = torch.finfo(dtype).bits // 8
     result["prefill"] = {"tokens": args.prefill_len, **{f"{k}_tok_s": round(v, 1) for k, v in prefill.items()},
                          **ratios(prefill),
+                         **({f"kimivl_{args.quantization}_{k}": v for k, v in ratios(
+                             prefill, ours=f"kimivl_{args.quantization}").items()} if args.quantization else {}),
                          "kimivl_fraction_of_gemm_roof": round(
                              prefill["kimivl"] * prefill_flops_per_token(cfg, args.prefill_len) / 1e9
                              / limits["gemm_gflop_s"], 3)}
@@ -271,6 +298,12 @@ def main() -> None:
         result["decode"][ctx] = {**{f"{k}_tok_s": round(v, 2) for k, v in rates.items()}, **ratios(rates),
                                  "bytes_per_token": bytes_tok, "bandwidth_bound_tok_s": round(bound, 1),
                                  "kimivl_fraction_of_bound": round(rates["kimivl"] / bound, 3)}
+        if args.quantization and f"kimivl_{args.quantization}" in rates:
+            # the quantized row against the 8-bit peer, and against its own bound (int8 weights: 1 byte each)
+            ours8 = f"kimivl_{args.quantization}"
+            result["decode"][ctx].update({f"{ours8}_{k}": v for k, v in ratios(rates, ours=ours8).items()})
+            bound8 = limits["read_bandwidth_gb_s"] * 1e9 / int8_bytes_per_token(cfg, dtype_bytes, int(ctx))
+            result["decode"][ctx][f"{ours8}_fraction_of_bound"] = round(rates[ours8] / bound8, 3)
     result["cache_bytes_per_token"] = {**cache, "latent_formula": (
         cfg["text_config"]["kv_lora_rank"] + cfg["text_config"]["qk_rope_head_dim"])
         * cfg["text_config"]["num_hidden_layers"] * dtype_bytes}

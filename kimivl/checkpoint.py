@@ -41,8 +41,8 @@ CONFIG_NAME = "config.json"
 # Files a Kimi-VL checkpoint consists of (weights, configs, tokenizer, template).
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tiktoken.model", "*.jinja", "*.md"]
 # Tensors kept in float32 whatever dtype the rest of the model is cast to (router selection bias:
-# tiny differences in it flip expert choices).
-FP32_KEYS = re.compile(r"\.e_score_correction_bias$")
+# tiny differences in it flip expert choices; an int8 layer's per-row scales).
+FP32_KEYS = re.compile(r"\.(e_score_correction_bias|weight_scale)$")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -217,10 +217,16 @@ def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Siz
 
 
 def load_weights(model: torch.nn.Module, directory: Path, *, dtype: torch.dtype | None = None,
-                 device: torch.device | str = "cpu", progress: bool = False) -> None:
-    """Fill a (meta-device) model from a checkpoint directory: strict, assign, one copy."""
+                 device: torch.device | str = "cpu", progress: bool = False,
+                 quantize: set[str] | None = None) -> None:
+    """Fill a (meta-device) model from a checkpoint directory: strict, assign, one copy. ``quantize``: keys of float
+    weights to store as int8 + scale as they are read (:func:`kimivl.quantization.int8.quantize_tensors`)."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tensors = iter_checkpoint_tensors(directory, dtype=dtype, device=device)
+    if quantize:
+        from kimivl.quantization.int8 import quantize_tensors
+
+        tensors = quantize_tensors(tensors, quantize)
     if progress:
         from tqdm.auto import tqdm
 

@@ -43,6 +43,23 @@ class KimiVLOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
+def _quantize_on_load(model: KimiVLForConditionalGeneration, config: KimiVLConfig,
+                      quantization: str | None) -> set[str]:
+    """Swap the (meta) model's layers for int8 ones where asked or where the checkpoint is quantized; returns the
+    weight keys to quantize as they are read (an int8 checkpoint's weights pass as they are)."""
+    from kimivl.quantization import int8
+
+    stored, ignore = int8.method_of(config.extra.get("quantization_config"))
+    if quantization is not None:
+        int8.check_method(quantization)
+    method = stored or quantization
+    if method is None:
+        return set()
+    names = int8.replace_linears(model, ignore or int8.IGNORE)
+    config.extra["quantization_config"] = int8.quantization_config(ignore or int8.IGNORE)
+    return {name + ".weight" for name in names}
+
+
 def _as_dtype(dtype: torch.dtype | str | None, config: KimiVLConfig) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -273,7 +290,8 @@ class KimiVLForConditionalGeneration(nn.Module):
                         revision: str | None = None, cache_dir: str | None = None,
                         torch_dtype: torch.dtype | str | None = None, device_map: Any = None,
                         attn_implementation: str | None = None, trust_remote_code: bool | None = None,
-                        low_cpu_mem_usage: bool | None = None) -> KimiVLForConditionalGeneration:
+                        low_cpu_mem_usage: bool | None = None,
+                        quantization: str | None = None) -> KimiVLForConditionalGeneration:
         """Load a checkpoint in the official layout (local directory or hub id).
 
         The model is built on the meta device and the safetensors tensors are assigned to it, so the
@@ -287,6 +305,11 @@ class KimiVLForConditionalGeneration(nn.Module):
         ``"flash_attention_2"``, ``"sdpa"``, ``"eager"`` or a backend of :mod:`kimivl.ops.attention`);
         ``trust_remote_code`` and ``low_cpu_mem_usage`` change nothing (no checkpoint code is ever run, and
         loading always holds one copy of the weights).
+
+        ``quantization="int8"`` stores the decoder's linear layers as int8 with one scale per output channel
+        (:mod:`kimivl.quantization.int8`), each weight quantized as it is read, so the float weights never exist
+        together: the released model in ~16 GiB instead of 29.7. A checkpoint saved from such a model (its
+        ``config.json`` has a ``quantization_config``) loads quantized without the argument.
         """
         del trust_remote_code, low_cpu_mem_usage  # accepted for Hugging Face examples; nothing to do
         dtype = _merge_alias("dtype", dtype, "torch_dtype", torch_dtype)
@@ -299,7 +322,9 @@ class KimiVLForConditionalGeneration(nn.Module):
             model = cls(config)
         if backend is not None:
             model.vision_tower.attn_backend = backend
-        load_weights(model, directory, dtype=_as_dtype(dtype, config), device=device, progress=progress)
+        quantize = _quantize_on_load(model, config, quantization)
+        load_weights(model, directory, dtype=_as_dtype(dtype, config), device=device, progress=progress,
+                     quantize=quantize)
         model.generation_config = GenerationConfig.from_checkpoint(directory, config.text_config.eos_token_id)
         model.eval()
         return model

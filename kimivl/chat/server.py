@@ -392,24 +392,26 @@ def is_loopback(host: str) -> bool:
 
 
 def load(model_path: str | None, served_model_name: str | None = None, dtype: str | None = None,
-         device: str | None = None) -> tuple[Any, Any, str]:
+         device: str | None = None, quantization: str | None = None) -> tuple[Any, Any, str]:
     """(model, processor, served name) of a checkpoint (default: the shipped demo model), as serving loads it."""
     from kimivl.chat.session import model_path_or_demo
     from kimivl.modeling import KimiVLForConditionalGeneration
     from kimivl.processing import KimiVLProcessor
 
     path = model_path_or_demo(model_path)
-    model = KimiVLForConditionalGeneration.from_pretrained(path, dtype=dtype, device=device, progress=True)
+    model = KimiVLForConditionalGeneration.from_pretrained(path, dtype=dtype, device=device, progress=True,
+                                                           quantization=quantization)
     return model, KimiVLProcessor.from_pretrained(path), served_model_name or Path(path).name or "kimivl"
 
 
 def serve(model_path: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           served_model_name: str | None = None, dtype: str | None = None, device: str | None = None,
-          limits: ServerLimits | None = None, log_level: str = "info", reasoning_parser: str | None = None) -> None:
+          limits: ServerLimits | None = None, log_level: str = "info", reasoning_parser: str | None = None,
+          quantization: str | None = None) -> None:
     """Load a checkpoint (default: the shipped demo model) and serve it with uvicorn until interrupted."""
     import uvicorn
 
-    model, processor, name = load(model_path, served_model_name, dtype, device)
+    model, processor, name = load(model_path, served_model_name, dtype, device, quantization)
     if not is_loopback(host):
         logger.warning("binding to %s: the server has no authentication; anyone who can reach this address can "
                        "use it", host)

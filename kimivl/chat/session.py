@@ -59,16 +59,19 @@ class ChatSession:
 
     @classmethod
     def from_pretrained(cls, path: str | None = None, *, dtype: torch.dtype | str | None = "auto",
-                        device: str | None = None, progress: bool = False, **kwargs: Any) -> ChatSession:
+                        device: str | None = None, progress: bool = False, quantization: str | None = None,
+                        **kwargs: Any) -> ChatSession:
         """Load model + processor from ``path`` (default: the shipped demo model).
 
         ``dtype="auto"`` is the checkpoint's ``torch_dtype`` (bfloat16 for the released models, float32 for the
-        demo); ``None`` keeps each tensor as stored; ``"float32"`` / ``torch.float32`` upcasts."""
+        demo); ``None`` keeps each tensor as stored; ``"float32"`` / ``torch.float32`` upcasts. ``quantization``
+        as in :meth:`KimiVLForConditionalGeneration.from_pretrained` (``"int8"``)."""
         from kimivl.modeling import KimiVLForConditionalGeneration
         from kimivl.processing import KimiVLProcessor
 
         path = model_path_or_demo(path)
-        model = KimiVLForConditionalGeneration.from_pretrained(path, dtype=dtype, device=device, progress=progress)
+        model = KimiVLForConditionalGeneration.from_pretrained(path, dtype=dtype, device=device, progress=progress,
+                                                               quantization=quantization)
         return cls(model, KimiVLProcessor.from_pretrained(path), **kwargs)
 
     def attach(self, kind: str, source: Any) -> None:

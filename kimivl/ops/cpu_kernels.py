@@ -74,7 +74,7 @@ logger = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("bindings.cpp", "linear_bf16w.cpp", "mla_decode.cpp", "rms_norm.cpp", "rope.cpp",
                         "decode_layer.cpp", "decode_model.cpp", "experts_bf16.cpp",
-                        "attention_bf16.cpp", "routing.cpp")]
+                        "attention_bf16.cpp", "routing.cpp", "linear_int8w.cpp")]
 ENV_SWITCH = "KIMIVL_CPU_KERNELS"
 ISA_SWITCH = "KIMIVL_CPU_MAX_ISA"
 # Per cap: the prefixes of the CPU flags above it (hidden from the callers) and the compiler options that keep

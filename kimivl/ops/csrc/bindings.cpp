@@ -9,6 +9,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16w", &linear_bf16w, nogil,
         "x (..., K) float32 or bfloat16 @ w (N, K) bfloat16 .T (+ bias) -> (..., N) in x's dtype, accumulated in "
         "float32", pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none());
+  m.def("linear_int8w", &linear_int8w, nogil,
+        "x (..., K) float32 or bfloat16 @ q (N, K) int8 .T * scale (N) float32 (+ bias) -> (..., N) in x's dtype, "
+        "accumulated in float32 (weight-only int8, one scale per output row)",
+        pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("scale"), pybind11::arg("bias") = pybind11::none());
+  m.def("int8_avx2", &int8_avx2, "whether linear_int8w's AVX2+FMA path was compiled in");
   m.def("moe_bf16w", &moe_bf16w, nogil,
         "a MoE layer's experts for a few tokens in two parallel passes: x (T, D) float32 or bfloat16, topk_idx / "
         "topk_weight (T, k), ids = the chosen experts (sorted), gate/up/down = their bfloat16 weights followed by "

@@ -74,6 +74,10 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> route(const torch::Tenso
                                                               bool softmax, bool norm_topk_prob,
                                                               double routed_scaling_factor);
 bool has_avx2();
+bool int8_avx2();
+// y = (x @ q.T) * scale (+ bias): int8 weights (N, K), one float32 scale per row (linear_int8w.cpp).
+torch::Tensor linear_int8w(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                           const c10::optional<torch::Tensor>& bias);
 std::string bf16_isa();
 std::string experts_isa();
 torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,

@@ -1,0 +1,236 @@
+"""Weight-only int8 for the decoder's linear layers: one symmetric scale per output channel, activations unchanged.
+
+Why: the released Kimi-VL-A3B is 15.96 B parameters, 29.7 GiB in bf16: it does not fit a 24 GiB machine, and a
+decode step streams ~5.2 GB of active weights per token from memory. With the decoder's linear layers in int8
+(routed and shared experts, the dense MLP, the attention projections) it is ~16 GiB, and a decode step reads about
+half the bytes (shared/reference/performance-notes.md §1.5). ``q = round(w / s)`` clamped to [-127, 127] with
+``s = max|w_row| / 127``: the error of a weight is at most s / 2, ~0.4 % of the row's largest weight.
+
+What stays in the checkpoint's dtype: the embedding, ``lm_head`` (``model.dtype`` and the logits read it), each
+layer's ``kv_b_proj`` (the absorbed MLA decode reads it as two matrices per head; 2 % of a layer), the router, the
+norms, the whole vision tower and projector (compute-bound: int8 weights would not speed them up).
+
+State-dict keys follow compressed-tensors' ``int-quantized`` layout: ``<module>.weight`` int8 (out, in),
+``<module>.weight_scale`` float32 (out, 1); :func:`quantization_config` is what ``config.json`` records.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimivl.ops import cpu_kernels
+from kimivl.ops.linear import SMALL_M, Linear, float32_linear
+
+METHODS = ("int8",)
+# modules of the language model kept in their dtype (see the module docstring)
+IGNORE = ("lm_head", "re:.*kv_b_proj$")
+QMAX = 127
+
+
+def check_method(method: str) -> str:
+    """``method`` if it is a supported weight quantization, else a ValueError that lists them."""
+    if method not in METHODS:
+        raise ValueError(f"quantization={method!r} is not supported: choose one of {', '.join(METHODS)} (weight-only, "
+                         "per output channel)")
+    return method
+
+
+def quantize_weight(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` with ``q`` int8 (out, in) and ``scale`` float32 (out, 1), ``q * scale`` ~= ``weight``.
+
+    Rows of zeros get scale 1 (any scale gives q = 0). Non-finite weights are refused by name: a NaN would make the
+    whole row's scale NaN."""
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"{name}: int8 quantization needs a floating (out, in) weight, got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1, keepdim=True)
+    if not bool(torch.isfinite(amax).all()):
+        bad = int((~torch.isfinite(amax)).sum())
+        raise ValueError(f"{name}: {bad} of {w.shape[0]} rows hold inf or NaN; they cannot be quantized")
+    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+    q = torch.round(w / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q * scale`` in ``dtype`` (products in float32, one rounding)."""
+    return (q.float() * scale.float()).to(dtype)
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights (buffer ``weight``) and float32 per-row scales (buffer ``weight_scale``).
+
+    The output has the input's dtype. A few rows on the CPU without autograd (a decode step) take the C++
+    ``linear_int8w`` kernel, which streams the int8 weights and widens them in registers; anything else multiplies
+    by the dequantized weight (gradients reach the input, never the weights, which are buffers: LoRA-style
+    adapters can train on top)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, name: str = "weight") -> Int8Linear:
+        """The quantized copy of ``linear`` (on its device; the bias keeps its dtype)."""
+        out = cls(linear.in_features, linear.out_features, bias=False, device="meta")
+        q, scale = quantize_weight(linear.weight, name)
+        out.weight, out.weight_scale = q, scale
+        out.bias = None if linear.bias is None else linear.bias.detach().clone()
+        return out
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        # a dtype cast of the model (.to(torch.bfloat16), .half()) must not round the scales: they stay float32
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Int8Linear: input has {x.shape[-1]} features, the layer expects {self.in_features}")
+        scale = self.weight_scale.view(-1)
+        if x.device.type == "cpu" and self.weight.device.type == "cpu":
+            rows = x.numel() // self.in_features if self.in_features else 0
+            if cpu_kernels.inference_rows(x, rows, SMALL_M):
+                ext = cpu_kernels.kernels()
+                if ext is not None:
+                    return ext.linear_int8w(x, self.weight, scale, self.bias)
+            if x.dtype != torch.bfloat16 or not cpu_kernels.cpu_has_fast_bf16():
+                # float32 products: torch's bf16 GEMM has no fast path without AVX512-BF16
+                bias = None if self.bias is None else self.bias.float()
+                w = dequantize_weight(self.weight, self.weight_scale, torch.float32)
+                return float32_linear(x.float(), w, bias).to(x.dtype)
+        w = dequantize_weight(self.weight, self.weight_scale, x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+def _ignored(name: str, ignore: tuple[str, ...]) -> bool:
+    for pattern in ignore:
+        if pattern.startswith("re:"):
+            if re.match(pattern[3:], name):
+                return True
+        elif name == pattern or name.endswith("." + pattern):
+            return True
+    return False
+
+
+def quantizable(model: nn.Module, ignore: tuple[str, ...] = IGNORE) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of the language model's plain :class:`~kimivl.ops.linear.Linear` layers that int8 takes
+    (names relative to ``model``); the vision tower and projector are never included."""
+    language_model = getattr(model, "language_model", model)
+    prefix = "language_model." if language_model is not model else ""
+    for name, module in language_model.named_modules():
+        if type(module) is Linear and not _ignored(name, ignore):
+            yield prefix + name, module
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _drop_caches(model: nn.Module) -> None:
+    """Forget what the fast paths built from the replaced layers (the experts' stacked weights, the C++ decode
+    step's plans): they hold the old weights, and rebuild from the new modules when they still apply."""
+    for module in model.modules():
+        for key in ("_stacked", "_cpu_stacked", "_cpu_decode_plan"):
+            module.__dict__.pop(key, None)
+
+
+def replace_linears(model: nn.Module, ignore: tuple[str, ...] = IGNORE) -> list[str]:
+    """Swap every quantizable layer for an empty :class:`Int8Linear` on the meta device (what ``from_pretrained``
+    builds before reading a checkpoint). Returns the names replaced."""
+    names = []
+    for name, module in list(quantizable(model, ignore)):
+        _set(model, name, Int8Linear(module.in_features, module.out_features, module.bias is not None, "meta"))
+        names.append(name)
+    return names
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, method: str = "int8", ignore: tuple[str, ...] = IGNORE) -> nn.Module:
+    """Quantize ``model``'s language model in place (layer by layer: each float weight is freed as its int8 copy is
+    made, so the peak is the model plus one layer's float32 copy). Returns ``model``, with its ``config`` recording
+    the scheme (``save_pretrained`` writes it; ``from_pretrained`` reads it back)."""
+    check_method(method)
+    done = []
+    for name, module in list(quantizable(model, ignore)):
+        _set(model, name, Int8Linear.from_linear(module, name + ".weight"))
+        done.append(name)
+    _drop_caches(model)
+    config = getattr(model, "config", None)
+    if config is not None and done:
+        config.extra["quantization_config"] = quantization_config(ignore)
+    return model
+
+
+def quantization_config(ignore: tuple[str, ...] = IGNORE) -> dict:
+    """``config.json``'s ``quantization_config`` for this scheme, in compressed-tensors' terms (W8A16, symmetric,
+    per channel, stored int8); ``ignore`` names modules of the language model kept in their dtype."""
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None,
+                        "dynamic": False},
+            "input_activations": None,
+            "output_activations": None,
+        }},
+        "ignore": ["re:vision_tower.*", "re:multi_modal_projector.*",
+                   *(p if p.startswith("re:") else "language_model." + p for p in ignore)],
+        "kv_cache_scheme": None,
+    }
+
+
+def method_of(config: dict | None) -> tuple[str | None, tuple[str, ...]]:
+    """``(method, ignore)`` of a checkpoint's ``quantization_config`` (``(None, ())`` when there is none); anything
+    but the scheme :func:`quantization_config` writes is refused by name."""
+    if config is None:
+        return None, ()
+    group = (config.get("config_groups") or {}).get("group_0") or {}
+    weights = group.get("weights") or {}
+    if (config.get("quant_method") != "compressed-tensors" or config.get("format") != "int-quantized"
+            or len(config.get("config_groups") or {}) != 1 or group.get("input_activations") is not None
+            or weights.get("num_bits") != 8 or weights.get("type") != "int" or not weights.get("symmetric")
+            or weights.get("strategy") != "channel"):
+        summary = {k: config.get(k) for k in ("quant_method", "format")}
+        raise ValueError(f"config.json's quantization_config is not one kimivl loads: {summary}, weights {weights}, "
+                         "input_activations " + repr(group.get("input_activations"))
+                         + "; supported: compressed-tensors int-quantized, 8-bit symmetric per-channel weights, "
+                           "unquantized activations (what kimivl's quantization='int8' writes)")
+    ignore = []
+    for pattern in config.get("ignore") or []:
+        if pattern in ("re:vision_tower.*", "re:multi_modal_projector.*"):
+            continue
+        ignore.append(pattern if pattern.startswith("re:") else pattern.removeprefix("language_model."))
+    return "int8", tuple(ignore)
+
+
+def quantize_tensors(tensors: Iterator[tuple[str, torch.Tensor]], weight_keys: set[str]
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """A checkpoint's ``(key, tensor)`` stream with each float ``weight_keys`` tensor replaced by its int8 weight and
+    ``weight_scale`` (one tensor at a time: the float copy is dropped before the next is read); int8 tensors
+    (an already quantized checkpoint) pass as they are."""
+    for key, tensor in tensors:
+        if key in weight_keys and tensor.is_floating_point():
+            q, scale = quantize_weight(tensor, key)
+            del tensor
+            yield key, q
+            yield key[: -len("weight")] + "weight_scale", scale
+        else:
+            yield key, tensor
