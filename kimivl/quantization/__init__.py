@@ -1,5 +1,11 @@
 """Weight quantization of the decoder (:mod:`kimivl.quantization.int8`): ``from_pretrained(..., quantization="int8")``,
 or :func:`quantize_model` on a loaded model; docs/quantization.md."""
-from kimivl.quantization.int8 import METHODS, Int8Linear, dequantize_weight, quantize_model, quantize_weight
+from kimivl.quantization.int8 import (
+    METHODS,
+    Int8Linear,
+    dequantize_weight,
+    quantize_model,
+    quantize_weight,
+)
 
 __all__ = ["METHODS", "Int8Linear", "dequantize_weight", "quantize_model", "quantize_weight"]

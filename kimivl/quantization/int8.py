@@ -87,7 +87,7 @@ class Int8Linear(nn.Module):
         out.bias = None if linear.bias is None else linear.bias.detach().clone()
         return out
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+    def _apply(self, fn, recurse=True):
         # a dtype cast of the model (.to(torch.bfloat16), .half()) must not round the scales: they stay float32
         scale = self.weight_scale
         super()._apply(fn, recurse)

@@ -13,7 +13,12 @@ from safetensors import safe_open
 import kimivl
 from kimivl import KimiVLForConditionalGeneration
 from kimivl.ops.linear import Linear
-from kimivl.quantization import Int8Linear, dequantize_weight, quantize_model, quantize_weight
+from kimivl.quantization import (
+    Int8Linear,
+    dequantize_weight,
+    quantize_model,
+    quantize_weight,
+)
 from kimivl.quantization.int8 import quantizable
 
 
@@ -124,7 +129,7 @@ def test_from_pretrained_quantizes_the_decoders_linear_layers(int8_model, golden
     assert "language_model.model.layers.0.self_attn.q_proj" in names
     assert "language_model.model.layers.1.mlp.experts.0.down_proj" in names
     assert "language_model.model.layers.1.mlp.shared_experts.gate_proj" in names
-    assert not any(n.endswith("kv_b_proj") or n.endswith("lm_head") for n in names)
+    assert not any(n.endswith(("kv_b_proj", "lm_head")) for n in names)
     assert not any(n.startswith(("vision_tower", "multi_modal_projector")) for n in names)
     assert type(lm.lm_head) is Linear and all(type(lm.model.layers[i].self_attn.kv_b_proj) is Linear
                                               for i in range(layers))
