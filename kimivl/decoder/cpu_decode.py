@@ -36,7 +36,7 @@ from kimivl.decoder.cache import MLACache
 from kimivl.decoder.norm import DeepseekV3RMSNorm
 from kimivl.ops import cpu_kernels
 from kimivl.ops.linear import SMALL_M
-from kimivl.ops.moe import plain_bf16_linear, plain_bf16_mlp, rows_bf16
+from kimivl.ops.moe import decode_linear, plain_bf16_linear, plain_bf16_mlp, plain_int8_linear, plain_int8_mlp, rows_bf16
 from kimivl.ops.rope import cached_inv_freq
 from kimivl.ops.routing import TOPK_METHODS
 
@@ -100,7 +100,7 @@ def layer_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.
     plan = _plan(layer, _layer_plan)
     if plan.args is None:
         return None
-    attn, dims, post, mlp = plan.args
+    attn, dims, post, mlp, scales = plan.args
     if mlp is None:  # a MoE layer: its own plan (also used when the MoE module is called alone)
         moe_plan = _plan(layer.mlp, _moe_plan)
         if moe_plan.args is None:
@@ -109,7 +109,7 @@ def layer_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.
     if ext is None:
         return None
     h = ext.mla_block(h, *attn, cos, sin, cache.data[layer.layer_idx], cache.length, valid, *dims,
-                      cpu_kernels.mla_decode_form(ext))  # the form mla_decode takes in the module path too
+                      cpu_kernels.mla_decode_form(ext), scales)  # the form mla_decode takes in the module path too
     return ext.moe_block(h, *post, *moe_plan.args) if mlp is None else ext.mlp_block(h, *post, *mlp)
 
 
@@ -207,12 +207,12 @@ def _build_model_plan(lm: nn.Module) -> _Plan:
         plan = plan_of(layer, _layer_plan)
         if plan.args is None:
             return stop()
-        attn, dims, post, mlp = plan.args
+        attn, dims, post, mlp, scales = plan.args
         if mlp is None:
             moe = plan_of(layer.mlp, _moe_plan)
             if moe.args is None:
                 return stop()
-        blocks.append(((*attn, *dims), (*post, *(mlp if mlp is not None else moe.args)), mlp is None))
+        blocks.append(((*attn, *dims, scales), (*post, *(mlp if mlp is not None else moe.args)), mlp is None))
     ext = cpu_kernels.kernels()  # only now: a model the blocks do not serve (float32, say) never builds it
     if ext is None:
         return stop()
@@ -229,8 +229,22 @@ def _build_model_plan(lm: nn.Module) -> _Plan:
 
 
 def _ref(module: nn.Module, name: str) -> tuple:
-    store = module._parameters if name in module._parameters else module._modules
+    store = next((d for d in (module._parameters, module._buffers) if name in d), module._modules)
     return store, name, store.get(name)
+
+
+def _weights_of(modules: list) -> list:  # noqa: ANN001 (modules or None)
+    """Refs of the tensors the blocks read from these projections: a bf16 layer's weight, an int8 one's weight and
+    scales."""
+    return [_ref(m, n) for m in modules if isinstance(m, nn.Module)
+            for n in ("weight", "weight_scale") if n in m._parameters or n in m._buffers]
+
+
+def _scales(modules: list) -> list:  # noqa: ANN001 (modules)
+    """The blocks' scales argument: each int8 projection's per-row scales (None for a bf16 one), or [] when none
+    is int8 (the bf16 kernels as before)."""
+    scales = [m.weight_scale.view(-1) if plain_int8_linear(m) else None for m in modules]
+    return scales if any(s is not None for s in scales) else []
 
 
 def _layer_plan(layer: nn.Module) -> _Plan:
@@ -254,22 +268,27 @@ def _layer_plan(layer: nn.Module) -> _Plan:
     if not moe:
         refs += [_ref(mlp, n) for n in _MLP if n in mlp._modules]
         linears += [getattr(mlp, n, None) for n in _MLP]
-    refs += [_ref(m, "weight") for m in (*norms, *linears) if isinstance(m, nn.Module) and "weight" in m._parameters]
-    if not all(plain_bf16_linear(m) for m in linears) or not all(rows_bf16(n.weight) for n in norms):
+    refs += _weights_of([*norms, *linears])
+    # kv_b_proj is read as two matrices per head by the absorbed attention: bf16 only (never quantized)
+    if (not all(decode_linear(m) for m in linears) or not plain_bf16_linear(attn.kv_b_proj)
+            or not all(rows_bf16(n.weight) for n in norms)):
         return _Plan(None, tuple(refs))
     q = (None, attn.q_a_proj.weight, attn.q_a_layernorm.weight, attn.q_b_proj.weight) if lora \
         else (attn.q_proj.weight, None, None, None)
+    queries = [attn.q_a_proj, attn.q_b_proj] if lora else [attn.q_proj, None]
+    scales = _scales([*queries, attn.kv_a_proj_with_mqa, attn.o_proj])
     args = (layer.input_layernorm.weight, layer.input_layernorm.eps, *q, attn.kv_a_proj_with_mqa.weight,
             attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps, attn.kv_b_proj.weight, attn.o_proj.weight)
     dims = (attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim, float(attn.softmax_scale))
     post = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
-    dense = None if moe else tuple(getattr(mlp, n).weight for n in _MLP)
-    return _Plan((args, dims, post, dense), tuple(refs))
+    dense = None if moe else (*(getattr(mlp, n).weight for n in _MLP), _scales([getattr(mlp, n) for n in _MLP]))
+    return _Plan((args, dims, post, dense, scales), tuple(refs))
 
 
 def _moe_plan(moe: nn.Module) -> _Plan:
     """``moe_forward``'s arguments: the router weight in float32, the bias, the stacked experts, the shared MLP's
-    weights and the routing settings."""
+    weights, the routing settings and the int8 matrices' scales (experts' gate, up, down, shared MLP's; [] when all
+    are bf16)."""
     gate, shared = moe.gate, moe.shared_experts
     refs = [_ref(moe, "gate"), _ref(moe, "shared_experts"), _ref(moe, "experts"), _ref(gate, "weight"),
             _ref(gate, "e_score_correction_bias")]
@@ -277,16 +296,24 @@ def _moe_plan(moe: nn.Module) -> _Plan:
         refs += [_ref(e, n) for n in _MLP]
     if shared is not None:
         refs += [_ref(shared, n) for n in _MLP]
-    if ((shared is not None and not plain_bf16_mlp(shared)) or gate.topk_method not in TOPK_METHODS
-            or gate.scoring_func not in ("sigmoid", "softmax") or not all(plain_bf16_mlp(e) for e in moe.experts)):
+    int8 = all(plain_int8_mlp(e) for e in moe.experts)
+    if ((shared is not None and not (plain_bf16_mlp(shared) or plain_int8_mlp(shared)))
+            or gate.topk_method not in TOPK_METHODS or gate.scoring_func not in ("sigmoid", "softmax")
+            or not (int8 or all(plain_bf16_mlp(e) for e in moe.experts))):
         return _Plan(None, tuple(refs))
-    stacked = moe.stacked_experts()  # re-points the experts' parameters: their refs are taken after it
+    # re-points the experts' weights to views of the stacks: their refs are taken after it
+    stacked = moe.stacked_int8_experts() if int8 else moe.stacked_experts()
     if stacked is None:
         return _Plan(None, tuple(refs))
     for e in (moe.experts[0], moe.experts[-1]):
-        refs += [_ref(getattr(e, n), "weight") for n in _MLP]
-    if shared is not None:
-        refs += [_ref(getattr(shared, n), "weight") for n in _MLP]
+        refs += _weights_of([getattr(e, n) for n in _MLP])
+    shared_mlp = [] if shared is None else [getattr(shared, n) for n in _MLP]
+    refs += _weights_of(shared_mlp)
+    scales = []
+    if int8 or _scales(shared_mlp):
+        scales = [*(stacked[3:] if int8 else (None, None, None)),
+                  *(_scales(shared_mlp) or [None] * 3 if shared_mlp else [None] * 3)]
+    stacked = stacked[:3]
     router, bias = gate.weight, gate.e_score_correction_bias
     if router.dtype not in (torch.bfloat16, torch.float32) or not router.is_contiguous():
         return _Plan(None, tuple(refs))
@@ -295,5 +322,5 @@ def _moe_plan(moe: nn.Module) -> _Plan:
     # version is checked)
     args = (router.detach(), None if bias is None else bias.detach(), *stacked, *shared_weights, gate.top_k,
             gate.n_group, gate.topk_group, TOPK_METHODS.index(gate.topk_method), gate.scoring_func == "softmax",
-            gate.norm_topk_prob, float(gate.routed_scaling_factor))
+            gate.norm_topk_prob, float(gate.routed_scaling_factor), scales)
     return _Plan(args, tuple(refs), () if bias is None else ((bias, bias._version),))

@@ -162,6 +162,7 @@ class DeepseekV3MoE(nn.Module):
         # .to() / .cuda() / .half() give every parameter its own new storage: drop the stack so the old one
         # (the experts' previous weights, on their previous device) is freed now, not at the next forward
         self.__dict__.pop("_stacked", None)
+        self.__dict__.pop("_stacked_int8", None)
         self.__dict__.pop("_cpu_stacked", None)
         self.__dict__.pop(PLAN, None)  # the fused CPU step's plan holds the stack and a router copy
         return super()._apply(fn, recurse)
@@ -209,6 +210,43 @@ class DeepseekV3MoE(nn.Module):
         self.__dict__["_cpu_stacked"] = None if gate_up is None else _CpuStack(
             gate_up, down, [_GateUpExpert(gate_up[e], down[e], inter) for e in range(num)])
         self.__dict__["_stacked"] = stacked = (gate, up, down)
+        return stacked
+
+
+    def stacked_int8_experts(self) -> tuple[torch.Tensor, ...] | None:
+        """For int8 experts (:class:`~kimivl.quantization.int8.Int8Linear`, the C++ decode step's operands): ``gate``,
+        ``up`` (E, I, D), ``down`` (E, D, I) int8 and their scales (E, I), (E, I), (E, D) float32, the experts'
+        buffers re-pointed to views of them as :meth:`stacked_experts` does (one copy; state-dict keys and values
+        unchanged). None when an expert is not a plain int8 MLP or they differ in shape or device."""
+        from kimivl.ops.moe import plain_int8_mlp
+
+        stacked = self.__dict__.get("_stacked_int8")
+        if stacked is not None and all(
+                getattr(e, name).weight.data_ptr() == w[i].data_ptr()
+                for i, e in ((0, self.experts[0]), (len(self.experts) - 1, self.experts[-1]))
+                for name, w in zip(("gate_proj", "up_proj", "down_proj"), stacked)):
+            return stacked
+        if not all(plain_int8_mlp(e) for e in self.experts):
+            return None
+        layers = [[getattr(e, name) for e in self.experts] for name in ("gate_proj", "up_proj", "down_proj")]
+        first = layers[0][0].weight
+        num, (inter, dim) = len(self.experts), first.shape
+        shapes = ((inter, dim), (inter, dim), (dim, inter))
+        if any(tuple(p.weight.shape) != shape or p.weight.device != first.device
+               for row, shape in zip(layers, shapes) for p in row):
+            return None
+        weights, scales = [], []
+        with torch.inference_mode(False), torch.no_grad():
+            for row, (rows, cols) in zip(layers, shapes):
+                w = first.new_empty(num, rows, cols)
+                s = torch.empty(num, rows, dtype=torch.float32, device=first.device)
+                for i, p in enumerate(row):  # copy, then re-point: each old buffer is freed as it goes
+                    w[i].copy_(p.weight)
+                    s[i].copy_(p.weight_scale.view(-1))
+                    p.weight, p.weight_scale = w[i], s[i].view(rows, 1)
+                weights.append(w)
+                scales.append(s)
+        self.__dict__["_stacked_int8"] = stacked = (*weights, *scales)
         return stacked
 
 

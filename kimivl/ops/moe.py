@@ -156,6 +156,25 @@ def plain_bf16_linear(p: torch.nn.Module | None) -> bool:
     return type(p) is Linear and p.bias is None and rows_bf16(p.weight)
 
 
+def plain_int8_linear(p: torch.nn.Module | None) -> bool:
+    """An :class:`~kimivl.quantization.int8.Int8Linear` without bias whose int8 weight and float32 scales the C++
+    decode passes can read by rows (contiguous, on the CPU)."""
+    from kimivl.quantization.int8 import Int8Linear  # (that module imports kimivl.ops)
+
+    return (type(p) is Int8Linear and p.bias is None and p.weight.device.type == "cpu" and p.weight.is_contiguous()
+            and p.weight_scale.dtype == torch.float32 and p.weight_scale.is_contiguous())
+
+
+def decode_linear(p: torch.nn.Module | None) -> bool:
+    """A projection the C++ decode blocks read: :func:`plain_bf16_linear` or :func:`plain_int8_linear`."""
+    return plain_bf16_linear(p) or plain_int8_linear(p)
+
+
+def plain_int8_mlp(mlp: torch.nn.Module) -> bool:
+    """A gated-SiLU MLP whose three projections are :func:`plain_int8_linear`."""
+    return all(plain_int8_linear(getattr(mlp, name, None)) for name in _PROJECTIONS)
+
+
 def plain_bf16_mlp(mlp: torch.nn.Module) -> bool:
     """A gated-SiLU MLP whose three projections are :func:`plain_bf16_linear`, so the C++ pass may read their
     weights directly."""
@@ -197,28 +216,44 @@ def fused_cpu_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Te
     :func:`moe_fused_max_tokens` tokens without autograd, when every expert involved is a plain bf16 MLP
     (:func:`plain_bf16_mlp`) and the extension is available.
     """
-    # cheap checks before the host sync below (a float32 or LoRA-wrapped layer never reaches it)
-    if not plain_bf16_mlp(experts[0]) or not _cpu_inference_rows(x, [], moe_fused_max_tokens()):
+    # cheap checks before the host sync below (a float32 or LoRA-wrapped layer never reaches it); int8 experts only
+    # for a decode step's few rows (more rows per expert are the dequantized GEMMs' shape)
+    limit = SMALL_M if plain_int8_mlp(experts[0]) else moe_fused_max_tokens()
+    if not _fused_mlp(experts[0]) or not _cpu_inference_rows(x, [], limit):
         return None
     ids = sorted(set(topk_idx.reshape(-1).tolist()))
     if ids and not 0 <= ids[0] <= ids[-1] < len(experts):
         raise ValueError(f"expert ids {ids[0]}..{ids[-1]} chosen for a layer of {len(experts)} experts")
     mlps = [experts[e] for e in ids] + ([shared] if shared is not None else [])
     # every MLP involved: one trainable expert among frozen ones must keep its autograd path
-    if not all(plain_bf16_mlp(m) for m in mlps) or not _cpu_inference_rows(x, mlps, moe_fused_max_tokens()):
+    if not all(_fused_mlp(m) for m in mlps) or not _cpu_inference_rows(x, mlps, limit):
         return None
     ext = cpu_kernels.kernels()
     if ext is None:
         return None
     return ext.moe_bf16w(x, topk_idx, topk_weight.float(), ids, [m.gate_proj.weight for m in mlps],
                          [m.up_proj.weight for m in mlps], [m.down_proj.weight for m in mlps],
-                         int(shared is not None))
+                         int(shared is not None), *_mlp_scales(mlps))
+
+
+def _fused_mlp(mlp: torch.nn.Module) -> bool:
+    """An MLP the C++ pass reads: plain bf16 or plain int8 projections."""
+    return plain_bf16_mlp(mlp) or plain_int8_mlp(mlp)
+
+
+def _mlp_scales(mlps: Sequence[torch.nn.Module]) -> tuple[list, list, list]:
+    """``moe_bf16w``'s gate / up / down scale lists: each int8 MLP's per-row scales, None for a bf16 one; three
+    empty lists when none is int8."""
+    if not any(plain_int8_mlp(m) for m in mlps):
+        return [], [], []
+    return tuple([getattr(m, name).weight_scale.view(-1) if plain_int8_mlp(m) else None for m in mlps]
+                 for name in _PROJECTIONS)
 
 
 def fused_cpu_mlp(x: torch.Tensor, mlp: torch.nn.Module) -> torch.Tensor | None:
     """``mlp(x)`` for a few rows on the CPU in one C++ call (the same pass as :func:`fused_cpu_moe`, one MLP
     applied to every row), or None where it does not apply (as there)."""
-    if not _cpu_inference_rows(x, [mlp]) or not plain_bf16_mlp(mlp):
+    if not _cpu_inference_rows(x, [mlp]) or not _fused_mlp(mlp):
         return None
     ext = cpu_kernels.kernels()
     if ext is None:
@@ -226,5 +261,5 @@ def fused_cpu_mlp(x: torch.Tensor, mlp: torch.nn.Module) -> torch.Tensor | None:
     x2 = x.reshape(-1, x.shape[-1])
     none = torch.empty(x2.shape[0], 0, dtype=torch.int64)
     y = ext.moe_bf16w(x2, none, none.float(), [], [mlp.gate_proj.weight], [mlp.up_proj.weight],
-                      [mlp.down_proj.weight], 1)
+                      [mlp.down_proj.weight], 1, *_mlp_scales([mlp]))
     return y.view(x.shape)

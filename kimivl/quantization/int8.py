@@ -146,7 +146,7 @@ def _drop_caches(model: nn.Module) -> None:
     """Forget what the fast paths built from the replaced layers (the experts' stacked weights, the C++ decode
     step's plans): they hold the old weights, and rebuild from the new modules when they still apply."""
     for module in model.modules():
-        for key in ("_stacked", "_cpu_stacked", "_cpu_decode_plan"):
+        for key in ("_stacked", "_stacked_int8", "_cpu_stacked", "_cpu_decode_plan"):
             module.__dict__.pop(key, None)
 
 

@@ -304,3 +304,38 @@ def test_the_one_call_step_lets_other_python_threads_run(cpu_ext) -> None:
     finally:
         torch.set_num_threads(threads)
     assert shared > 0.3 * alone, (shared, alone)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": 24}], ids=["q_proj", "q_lora"])
+def test_int8_decode_step_is_bit_identical_to_the_module_path(cpu_ext, monkeypatch, overrides) -> None:
+    """A decoder quantized to int8 (kimivl.quantization): the one-call step, the layer blocks and the modules read
+    the int8 rows with the same kernel and roundings; the experts' int8 weights are stacked once for the step."""
+    from kimivl.quantization import Int8Linear, quantize_model
+
+    reference = _model(**overrides)
+    model = quantize_model(_model(**overrides))
+    assert isinstance(model.model.layers[1].mlp.experts[0].up_proj, Int8Linear)
+    served = []
+    step = cpu_decode.model_step
+    monkeypatch.setattr(cpu_decode, "model_step", lambda *args: served.append(step(*args)) or served[-1])
+    whole_logits, whole_cache = _decode(model, monkeypatch, fused=True)
+    assert len(served) == 6 and all(s is not None for s in served)
+    assert "_stacked_int8" in model.model.layers[1].mlp.__dict__
+    layer_logits, layer_cache = _decode(model, monkeypatch, fused="layers")
+    assert _plans(model) == [True] * 4
+    module_logits, module_cache = _decode(model, monkeypatch, fused=False)
+    assert torch.equal(whole_logits, module_logits) and torch.equal(layer_logits, module_logits)
+    assert torch.equal(whole_cache, module_cache) and torch.equal(layer_cache, module_cache)
+    # the quantized model stays near the bf16 one it came from, and nearer the bf16 model holding its dequantized
+    # weights (compared on a prompt's last logits: greedy decodes part at the first near-tie)
+    from kimivl.quantization import dequantize_weight, quantize_weight
+    from kimivl.quantization.int8 import quantizable
+
+    dequantized = _model(**overrides)
+    with torch.no_grad():
+        for _, layer in quantizable(dequantized):
+            layer.weight.copy_(dequantize_weight(*quantize_weight(layer.weight)).bfloat16())
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ours, near, far = (m(ids).logits[:, -1].float() for m in (model, dequantized, reference))
+    assert (ours - near).abs().max() <= 0.05 and (ours - far).abs().max() <= 0.1 * far.abs().max()

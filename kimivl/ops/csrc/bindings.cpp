@@ -14,10 +14,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "accumulated in float32 (weight-only int8, one scale per output row)",
         pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("scale"), pybind11::arg("bias") = pybind11::none());
   m.def("int8_avx2", &int8_avx2, "whether linear_int8w's AVX2+FMA path was compiled in");
+  using Scales = std::vector<c10::optional<torch::Tensor>>;
   m.def("moe_bf16w", &moe_bf16w, nogil,
         "a MoE layer's experts for a few tokens in two parallel passes: x (T, D) float32 or bfloat16, topk_idx / "
         "topk_weight (T, k), ids = the chosen experts (sorted), gate/up/down = their bfloat16 weights followed by "
-        "n_shared shared (or dense) MLPs applied to every token -> (T, D) in x's dtype");
+        "n_shared shared (or dense) MLPs applied to every token -> (T, D) in x's dtype; an MLP whose gate_scale / "
+        "up_scale / down_scale entries are tensors has int8 weights with those per-row scales",
+        pybind11::arg("x"), pybind11::arg("topk_idx"), pybind11::arg("topk_weight"), pybind11::arg("ids"),
+        pybind11::arg("gate"), pybind11::arg("up"), pybind11::arg("down"), pybind11::arg("n_shared"),
+        pybind11::arg("gate_scale") = Scales{}, pybind11::arg("up_scale") = Scales{},
+        pybind11::arg("down_scale") = Scales{});
   m.def("rms_norm", &rms_norm, nogil,
         "weight * (x / sqrt(mean(x^2) + eps)) in float32, rounded to x's dtype before the weight, output in the "
         "promoted dtype (DeepseekV3RMSNorm's roundings)");

@@ -10,30 +10,38 @@
 using BF16 = at::BFloat16;
 
 // mla_block's weights: input norm, queries (q_proj, or q_a_proj / q_a_layernorm / q_b_proj), kv_a_proj_with_mqa
-// and the latent's norm, kv_b_proj (W_UK / W_UV, read in place), o_proj; every matrix row-major (N, K).
+// and the latent's norm, kv_b_proj (W_UK / W_UV, read in place), o_proj; every matrix row-major (N, K). The
+// projections may be int8 with per-row scales (kimivl.quantization.int8); kv_b_proj is bf16.
 struct MlaWeights {
   const BF16* ln_w;
   double ln_eps;
-  const uint16_t* q_w;  // null: the low-rank queries below
-  const uint16_t* q_a_w;
+  WeightRows q_w;  // data null: the low-rank queries below
+  WeightRows q_a_w;
   const BF16* q_a_ln_w;
-  const uint16_t* q_b_w;
+  WeightRows q_b_w;
   int64_t q_lora;
-  const uint16_t* kv_a_w;
+  WeightRows kv_a_w;
   const BF16* kv_a_ln_w;
   double latent_eps;
   const uint16_t* kv_b_w;
-  const uint16_t* o_w;
+  WeightRows o_w;
   int64_t D, heads, nope, rope, v, r;
   float scale;
 };
 
-// Checks the tensors (bf16, shapes, dense rows) and points into them: the tensors must outlive the struct.
+// Per-row scales of a block's int8 matrices, in the order the block names its matrices (attention: q_proj or
+// q_a_proj, q_b_proj, kv_a_proj_with_mqa, o_proj; an MLP: gate, up, down; a MoE layer: the stacked experts'
+// gate, up, down, then the shared MLP's): None for a bf16 matrix; an empty list: all bf16.
+using Scales = std::vector<c10::optional<torch::Tensor>>;
+
+// Checks the tensors (bf16 or int8 + scales, shapes, dense rows) and points into them: the tensors must outlive the
+// struct.
 MlaWeights mla_weights(const torch::Tensor& ln_w, double ln_eps, const c10::optional<torch::Tensor>& q_w,
                        const c10::optional<torch::Tensor>& q_a_w, const c10::optional<torch::Tensor>& q_a_ln_w,
                        const c10::optional<torch::Tensor>& q_b_w, const torch::Tensor& kv_a_w,
                        const torch::Tensor& kv_a_ln_w, double latent_eps, const torch::Tensor& kv_b_w,
-                       const torch::Tensor& o_w, int64_t heads, int64_t nope, int64_t rope, int64_t v, double scale);
+                       const torch::Tensor& o_w, int64_t heads, int64_t nope, int64_t rope, int64_t v, double scale,
+                       const Scales& scales);
 
 // What a step's attention reads besides h: RoPE tables (B rows of `rope`), this layer's cache (B, L, r + rope),
 // bf16 or float32 with contiguous rows, the row written (pos) and the keys each row may see (B, pos + 1) or null.
@@ -58,10 +66,8 @@ struct MoeWeights {
   double eps;
   RouterArgs router;
   torch::Tensor router_w, bias32;  // what `router` points into
-  const uint16_t* gate;
-  const uint16_t* up;
-  const uint16_t* down;
-  int64_t E, I, D, gate_stride, up_stride, down_stride;
+  WeightRows gate, up, down;  // expert 0's; expert e's are `stride` elements (and `scale_stride` scales) on
+  int64_t E, I, D, gate_stride, up_stride, down_stride, gate_scale_stride, up_scale_stride, down_scale_stride;
   bool has_shared;
   MlpRows shared;
 };
@@ -72,7 +78,7 @@ MoeWeights moe_weights(const torch::Tensor& router_w, const c10::optional<torch:
                        const c10::optional<torch::Tensor>& shared_gate, const c10::optional<torch::Tensor>& shared_up,
                        const c10::optional<torch::Tensor>& shared_down, int64_t top_k, int64_t n_group,
                        int64_t topk_group, int64_t method, bool softmax, bool norm_topk_prob,
-                       double routed_scaling_factor);
+                       double routed_scaling_factor, const Scales& scales);
 
 // out (T, D) = residual + moe(x) (residual may be null: moe(x) alone). x: (T, D), already normed.
 void moe_forward_rows(const MoeWeights& w, const BF16* x, int64_t T, const BF16* residual, BF16* out);
@@ -85,6 +91,6 @@ void moe_block_rows(const MoeWeights& w, const BF16* h, int64_t T, BF16* out);
 const uint16_t* bf16_matrix(const torch::Tensor& w, int64_t N, int64_t K, const char* what);
 const BF16* bf16_vector(const torch::Tensor& w, int64_t D, const char* what);
 
-// A dense gated-SiLU MLP's weights (I, D), (I, D), (D, I), checked.
+// A dense gated-SiLU MLP's weights (I, D), (I, D), (D, I), checked; scales: none, or the three int8 matrices'.
 MlpRows mlp_weights(const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down, int64_t D,
-                    const char* what);
+                    const char* what, const Scales& scales, size_t first = 0);

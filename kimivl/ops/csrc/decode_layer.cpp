@@ -24,10 +24,17 @@ void check_bf16(const torch::Tensor& t, const char* what) {
 // and (D, I)): bfloat16 CPU tensors of these shapes, each MLP's matrices row-major and dense (they are read
 // through raw row pointers; the stacked gate and up may be views of one (E, 2I, D) tensor).
 void check_mlp(const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down, int64_t E, int64_t I,
-               int64_t D, const char* what) {
+               int64_t D, const char* what, bool int8 = false) {
   const std::vector<int64_t> gu = E >= 0 ? std::vector<int64_t>{E, I, D} : std::vector<int64_t>{I, D};
   const std::vector<int64_t> dn = E >= 0 ? std::vector<int64_t>{E, D, I} : std::vector<int64_t>{D, I};
-  for (const auto* t : {&gate, &up, &down}) check_bf16(*t, what);
+  for (const auto* t : {&gate, &up, &down}) {
+    if (!int8) {
+      check_bf16(*t, what);
+    } else {
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kInt8, "decode_layer: ", what,
+                  " must be int8 CPU tensors (they have scales), got ", t->scalar_type(), " on ", t->device());
+    }
+  }
   auto dense = [](const torch::Tensor& t) {  // (a dimension of size 1 may carry any stride)
     return (t.size(-1) <= 1 || t.stride(-1) == 1) && (t.size(-2) <= 1 || t.stride(-2) == t.size(-1));
   };
@@ -37,6 +44,36 @@ void check_mlp(const torch::Tensor& gate, const torch::Tensor& up, const torch::
               down.sizes(), " (strides ", gate.strides(), ", ", up.strides(), ", ", down.strides(), ")");
 }
 
+
+const c10::optional<torch::Tensor>& scale_at(const Scales& scales, size_t i) {
+  static const c10::optional<torch::Tensor> none;
+  return i < scales.size() ? scales[i] : none;
+}
+
+// count float32 scales, contiguous (one per row of `count` rows), as a pointer.
+const float* scale_data(const torch::Tensor& s, int64_t count, const char* what) {
+  TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == torch::kFloat32 && s.numel() == count && s.is_contiguous(),
+              "decode_layer: ", what, "'s scales must be ", count, " contiguous float32 values, got ", s.sizes(), " ",
+              s.scalar_type());
+  return s.data_ptr<float>();
+}
+
+// A (N, K) matrix: bf16, or int8 when it comes with scales.
+WeightRows weight_rows(const torch::Tensor& w, const c10::optional<torch::Tensor>& scale, int64_t N, int64_t K,
+                       const char* what) {
+  if (!scale.has_value()) return bf16_rows(bf16_matrix(w, N, K, what));
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kInt8 && w.dim() == 2 && w.size(0) == N &&
+                  w.size(1) == K && w.is_contiguous(),
+              "decode_layer: ", what, " (with scales) must be a contiguous int8 (", N, ", ", K, ") matrix, got ",
+              w.sizes(), " ", w.scalar_type());
+  return {w.data_ptr<int8_t>(), scale_data(*scale, N, what)};
+}
+
+// Expert e's rows of a stacked (E, N, K) weight.
+WeightRows expert_rows(const WeightRows& w, int64_t e, int64_t stride, int64_t scale_stride) {
+  if (w.int8()) return {static_cast<const int8_t*>(w.data) + e * stride, w.scale + e * scale_stride};
+  return {static_cast<const uint16_t*>(w.data) + e * stride, nullptr};
+}
 
 // A (B, ..., D) bf16 tensor's rows, contiguous (a copy only if they are not).
 torch::Tensor rows_of(const torch::Tensor& h, int64_t D, const char* what) {
@@ -66,7 +103,10 @@ MlaWeights mla_weights(const torch::Tensor& ln_w, double ln_eps, const c10::opti
                        const c10::optional<torch::Tensor>& q_a_w, const c10::optional<torch::Tensor>& q_a_ln_w,
                        const c10::optional<torch::Tensor>& q_b_w, const torch::Tensor& kv_a_w,
                        const torch::Tensor& kv_a_ln_w, double latent_eps, const torch::Tensor& kv_b_w,
-                       const torch::Tensor& o_w, int64_t heads, int64_t nope, int64_t rope, int64_t v, double scale) {
+                       const torch::Tensor& o_w, int64_t heads, int64_t nope, int64_t rope, int64_t v, double scale,
+                       const Scales& scales) {
+  TORCH_CHECK(scales.empty() || scales.size() == 4, "mla_block: scales of q_proj (or q_a_proj), q_b_proj, "
+              "kv_a_proj_with_mqa and o_proj, or none, got ", scales.size());
   TORCH_CHECK(ln_w.dim() == 1 && kv_a_w.dim() == 2 && heads > 0 && nope > 0 && rope > 0 && rope % 2 == 0 && v > 0,
               "mla_block: a (D) norm weight, a (r + rope, D) kv_a_proj weight and positive dimensions (rope even), "
               "got ", ln_w.sizes(), ", ", kv_a_w.sizes(), ", heads ", heads, ", nope ", nope, ", rope ", rope, ", v ",
@@ -80,21 +120,21 @@ MlaWeights mla_weights(const torch::Tensor& ln_w, double ln_eps, const c10::opti
   w.ln_w = bf16_vector(ln_w, D, "input_layernorm");
   w.ln_eps = ln_eps;
   if (q_w.has_value()) {
-    w.q_w = bf16_matrix(*q_w, heads * qk, D, "q_proj");
+    w.q_w = weight_rows(*q_w, scale_at(scales, 0), heads * qk, D, "q_proj");
   } else {
     TORCH_CHECK(q_a_w.has_value() && q_a_ln_w.has_value() && q_b_w.has_value(),
                 "mla_block: pass q_w, or q_a_w, q_a_ln_w and q_b_w");
     TORCH_CHECK(q_a_w->dim() == 2, "mla_block: q_a_proj weight must be (q_lora, D), got ", q_a_w->sizes());
     w.q_lora = q_a_w->size(0);
-    w.q_a_w = bf16_matrix(*q_a_w, w.q_lora, D, "q_a_proj");
+    w.q_a_w = weight_rows(*q_a_w, scale_at(scales, 0), w.q_lora, D, "q_a_proj");
     w.q_a_ln_w = bf16_vector(*q_a_ln_w, w.q_lora, "q_a_layernorm");
-    w.q_b_w = bf16_matrix(*q_b_w, heads * qk, w.q_lora, "q_b_proj");
+    w.q_b_w = weight_rows(*q_b_w, scale_at(scales, 1), heads * qk, w.q_lora, "q_b_proj");
   }
-  w.kv_a_w = bf16_matrix(kv_a_w, r + rope, D, "kv_a_proj_with_mqa");
+  w.kv_a_w = weight_rows(kv_a_w, scale_at(scales, 2), r + rope, D, "kv_a_proj_with_mqa");
   w.kv_a_ln_w = bf16_vector(kv_a_ln_w, r, "kv_a_layernorm");
   w.latent_eps = latent_eps;
   w.kv_b_w = bf16_matrix(kv_b_w, heads * (nope + v), r, "kv_b_proj");
-  w.o_w = bf16_matrix(o_w, D, heads * v, "o_proj");
+  w.o_w = weight_rows(o_w, scale_at(scales, 3), D, heads * v, "o_proj");
   w.D = D, w.heads = heads, w.nope = nope, w.rope = rope, w.v = v, w.r = r;
   w.scale = static_cast<float>(scale);
   return w;
@@ -107,19 +147,19 @@ void mla_rows(const MlaWeights& w, const BF16* h, int64_t B, const MlaStep& s, B
   x.resize(B * D);
   rms_norm_rows(h, D, w.ln_w, B, D, w.ln_eps, x.data(), D);
   q.resize(B * H * qk);
-  if (w.q_w != nullptr) {
-    linear_bf16_rows(x.data(), B, D, w.q_w, H * qk, q.data());
+  if (w.q_w.data != nullptr) {
+    linear_rows(x.data(), B, D, w.q_w, H * qk, q.data());
   } else {
     qa.resize(B * w.q_lora);
     qa_normed.resize(B * w.q_lora);
-    linear_bf16_rows(x.data(), B, D, w.q_a_w, w.q_lora, qa.data());
+    linear_rows(x.data(), B, D, w.q_a_w, w.q_lora, qa.data());
     rms_norm_rows(qa.data(), w.q_lora, w.q_a_ln_w, B, w.q_lora, w.latent_eps, qa_normed.data(), w.q_lora);
-    linear_bf16_rows(qa_normed.data(), B, w.q_lora, w.q_b_w, H * qk, q.data());
+    linear_rows(qa_normed.data(), B, w.q_lora, w.q_b_w, H * qk, q.data());
   }
   // latent(): [c_kv | k_pe] from kv_a_proj_with_mqa, c_kv normed, k_pe rotated; written to the cache at pos
   kv.resize(B * kvw);
   latent.resize(B * kvw);
-  linear_bf16_rows(x.data(), B, D, w.kv_a_w, kvw, kv.data());
+  linear_rows(x.data(), B, D, w.kv_a_w, kvw, kv.data());
   rms_norm_rows(kv.data(), kvw, w.kv_a_ln_w, B, r, w.latent_eps, latent.data(), kvw);
   for (int64_t b = 0; b < B; ++b) {
     rope_rotate_vectors(kv.data() + b * kvw + r, 0, 1, s.cos + b * rope, s.sin + b * rope, rope,
@@ -154,7 +194,7 @@ void mla_rows(const MlaWeights& w, const BF16* h, int64_t B, const MlaStep& s, B
   attn.resize(B * H * w.v);
   for (int64_t i = 0; i < B * H * w.v; ++i) attn[i] = BF16(o[i]);  // the attention's output in bf16
   y.resize(B * D);
-  linear_bf16_rows(attn.data(), B, H * w.v, w.o_w, D, y.data());
+  linear_rows(attn.data(), B, H * w.v, w.o_w, D, y.data());
   for (int64_t i = 0; i < B * D; ++i) out[i] = BF16(widen(h[i]) + widen(y[i]));  // the residual, a bf16 add
 }
 
@@ -168,9 +208,9 @@ torch::Tensor mla_block(const torch::Tensor& h, const torch::Tensor& ln_w, doubl
                         const torch::Tensor& kv_b_w, const torch::Tensor& o_w, const torch::Tensor& cos,
                         const torch::Tensor& sin, const torch::Tensor& cache, int64_t pos,
                         const c10::optional<torch::Tensor>& valid, int64_t heads, int64_t nope, int64_t rope,
-                        int64_t v, double scale, int64_t form) {
+                        int64_t v, double scale, int64_t form, const Scales& scales) {
   const MlaWeights w = mla_weights(ln_w, ln_eps, q_w, q_a_w, q_a_ln_w, q_b_w, kv_a_w, kv_a_ln_w, latent_eps, kv_b_w,
-                                   o_w, heads, nope, rope, v, scale);
+                                   o_w, heads, nope, rope, v, scale, scales);
   TORCH_CHECK(h.dim() == 3 && h.size(1) == 1, "mla_block: h must be (B, 1, D), got ", h.sizes());
   const auto hc = rows_of(h, w.D, "h");
   const int64_t B = h.size(0);
@@ -201,10 +241,18 @@ torch::Tensor mla_block(const torch::Tensor& h, const torch::Tensor& ln_w, doubl
 }
 
 MlpRows mlp_weights(const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down, int64_t D,
-                    const char* what) {
+                    const char* what, const Scales& scales, size_t first) {
   TORCH_CHECK(gate.dim() == 2, "decode_layer: ", what, " gate weight must be (I, D), got ", gate.sizes());
-  check_mlp(gate, up, down, -1, gate.size(0), D, what);
-  return {bf16_data(gate), bf16_data(up), bf16_data(down), gate.size(0)};
+  const int64_t I = gate.size(0);
+  const auto& gs = scale_at(scales, first);
+  const bool int8 = gs.has_value();
+  TORCH_CHECK(int8 == scale_at(scales, first + 1).has_value() && int8 == scale_at(scales, first + 2).has_value(),
+              "decode_layer: ", what, ": all three matrices int8 (with scales) or none");
+  check_mlp(gate, up, down, -1, I, D, what, int8);
+  if (!int8) return {bf16_rows(bf16_data(gate)), bf16_rows(bf16_data(up)), bf16_rows(bf16_data(down)), I};
+  return {{gate.data_ptr<int8_t>(), scale_data(*gs, I, what)},
+          {up.data_ptr<int8_t>(), scale_data(*scale_at(scales, first + 1), I, what)},
+          {down.data_ptr<int8_t>(), scale_data(*scale_at(scales, first + 2), D, what)}, I};
 }
 
 MoeWeights moe_weights(const torch::Tensor& router_w, const c10::optional<torch::Tensor>& bias,
@@ -212,10 +260,15 @@ MoeWeights moe_weights(const torch::Tensor& router_w, const c10::optional<torch:
                        const c10::optional<torch::Tensor>& shared_gate, const c10::optional<torch::Tensor>& shared_up,
                        const c10::optional<torch::Tensor>& shared_down, int64_t top_k, int64_t n_group,
                        int64_t topk_group, int64_t method, bool softmax, bool norm_topk_prob,
-                       double routed_scaling_factor) {
+                       double routed_scaling_factor, const Scales& scales) {
   TORCH_CHECK(gate.dim() == 3, "moe_forward: stacked expert weights (E, I, D), got ", gate.sizes());
+  TORCH_CHECK(scales.empty() || scales.size() == 6, "moe_forward: scales of the experts' gate, up, down and the "
+              "shared MLP's, or none, got ", scales.size());
   const int64_t E = gate.size(0), I = gate.size(1), D = gate.size(2);
-  check_mlp(gate, up, down, E, I, D, "the stacked expert weights");
+  const bool int8 = scale_at(scales, 0).has_value();
+  TORCH_CHECK(int8 == scale_at(scales, 1).has_value() && int8 == scale_at(scales, 2).has_value(),
+              "moe_forward: the experts' three matrices int8 (with scales) or none");
+  check_mlp(gate, up, down, E, I, D, "the stacked expert weights", int8);
   TORCH_CHECK(router_w.dim() == 2 && router_w.size(0) == E && router_w.size(1) == D,
               "moe_forward: the router weight must be (", E, ", ", D, "), got ", router_w.sizes());
   MoeWeights w{};
@@ -223,13 +276,20 @@ MoeWeights moe_weights(const torch::Tensor& router_w, const c10::optional<torch:
   if (bias.has_value()) w.bias32 = bias->to(torch::kFloat32).contiguous();
   w.router = router_args(router_w, bias.has_value() ? c10::optional<torch::Tensor>(w.bias32) : c10::nullopt, top_k,
                          n_group, topk_group, method, softmax, norm_topk_prob, routed_scaling_factor);
-  w.gate = bf16_data(gate), w.up = bf16_data(up), w.down = bf16_data(down);
+  if (int8) {
+    w.gate = {gate.data_ptr<int8_t>(), scale_data(*scale_at(scales, 0), E * I, "the experts' gate")};
+    w.up = {up.data_ptr<int8_t>(), scale_data(*scale_at(scales, 1), E * I, "the experts' up")};
+    w.down = {down.data_ptr<int8_t>(), scale_data(*scale_at(scales, 2), E * D, "the experts' down")};
+    w.gate_scale_stride = w.up_scale_stride = I, w.down_scale_stride = D;
+  } else {
+    w.gate = bf16_rows(bf16_data(gate)), w.up = bf16_rows(bf16_data(up)), w.down = bf16_rows(bf16_data(down));
+  }
   w.E = E, w.I = I, w.D = D;
   w.gate_stride = gate.stride(0), w.up_stride = up.stride(0), w.down_stride = down.stride(0);
   w.has_shared = shared_gate.has_value();
   if (w.has_shared) {
     TORCH_CHECK(shared_up.has_value() && shared_down.has_value(), "moe_forward: pass all three shared weights");
-    w.shared = mlp_weights(*shared_gate, *shared_up, *shared_down, D, "the shared MLP's weights");
+    w.shared = mlp_weights(*shared_gate, *shared_up, *shared_down, D, "the shared MLP's weights", scales, 3);
   }
   return w;
 }
@@ -250,7 +310,9 @@ void moe_forward_rows(const MoeWeights& w, const BF16* x, int64_t T, const BF16*
   // the chosen experts' rows of the stacked weights, by pointer (a select per weight was ~1 us of dispatch each)
   mlps.clear();
   for (int64_t e : ids)
-    mlps.push_back({w.gate + e * w.gate_stride, w.up + e * w.up_stride, w.down + e * w.down_stride, w.I});
+    mlps.push_back({expert_rows(w.gate, e, w.gate_stride, w.gate_scale_stride),
+                    expert_rows(w.up, e, w.up_stride, w.up_scale_stride),
+                    expert_rows(w.down, e, w.down_stride, w.down_scale_stride), w.I});
   if (w.has_shared) mlps.push_back(w.shared);
   moe_rows_bf16(x, T, w.D, ip, topk_weight.data(), k, ids, mlps, w.has_shared ? 1 : 0, residual, out);
 }
@@ -276,9 +338,10 @@ torch::Tensor moe_forward(const torch::Tensor& x, const torch::Tensor& router_w,
                           const c10::optional<torch::Tensor>& shared_gate, const c10::optional<torch::Tensor>& shared_up,
                           const c10::optional<torch::Tensor>& shared_down, int64_t top_k, int64_t n_group,
                           int64_t topk_group, int64_t method, bool softmax, bool norm_topk_prob,
-                          double routed_scaling_factor) {
+                          double routed_scaling_factor, const Scales& scales) {
   const MoeWeights w = moe_weights(router_w, bias, gate, up, down, shared_gate, shared_up, shared_down, top_k,
-                                   n_group, topk_group, method, softmax, norm_topk_prob, routed_scaling_factor);
+                                   n_group, topk_group, method, softmax, norm_topk_prob, routed_scaling_factor,
+                                   scales);
   check_bf16(x, "x");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.D, "moe_forward: x must be (..., ", w.D, "), got ", x.sizes());
   const auto xc = x.contiguous();
@@ -293,9 +356,9 @@ torch::Tensor moe_block(const torch::Tensor& h, const torch::Tensor& ln_w, doubl
                         const torch::Tensor& down, const c10::optional<torch::Tensor>& shared_gate,
                         const c10::optional<torch::Tensor>& shared_up, const c10::optional<torch::Tensor>& shared_down,
                         int64_t top_k, int64_t n_group, int64_t topk_group, int64_t method, bool softmax,
-                        bool norm_topk_prob, double routed_scaling_factor) {
+                        bool norm_topk_prob, double routed_scaling_factor, const Scales& scales) {
   MoeWeights w = moe_weights(router_w, bias, gate, up, down, shared_gate, shared_up, shared_down, top_k, n_group,
-                             topk_group, method, softmax, norm_topk_prob, routed_scaling_factor);
+                             topk_group, method, softmax, norm_topk_prob, routed_scaling_factor, scales);
   w.ln_w = bf16_vector(ln_w, w.D, "post_attention_layernorm");
   w.eps = eps;
   TORCH_CHECK(h.dim() == 3, "moe_block: h must be (B, S, D), got ", h.sizes());
@@ -307,10 +370,10 @@ torch::Tensor moe_block(const torch::Tensor& h, const torch::Tensor& ln_w, doubl
 
 // h (B, S, D) -> h + mlp(post_attention_layernorm(h)) for a dense gated-SiLU MLP (layer 0 of DeepSeek-V3).
 torch::Tensor mlp_block(const torch::Tensor& h, const torch::Tensor& ln_w, double eps, const torch::Tensor& gate,
-                        const torch::Tensor& up, const torch::Tensor& down) {
+                        const torch::Tensor& up, const torch::Tensor& down, const Scales& scales) {
   TORCH_CHECK(h.dim() == 3, "mlp_block: h must be (B, S, D), got ", h.sizes());
   const int64_t D = h.size(2);
-  const MlpRows mlp = mlp_weights(gate, up, down, D, "the MLP's weights");
+  const MlpRows mlp = mlp_weights(gate, up, down, D, "the MLP's weights", scales);
   const BF16* norm = bf16_vector(ln_w, D, "post_attention_layernorm");
   const auto hc = rows_of(h, D, "h");
   auto out = torch::empty_like(hc);

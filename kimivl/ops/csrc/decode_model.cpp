@@ -40,22 +40,25 @@ class DecoderStep {
                      c10::optional<torch::Tensor> q_a_w, c10::optional<torch::Tensor> q_a_ln_w,
                      c10::optional<torch::Tensor> q_b_w, torch::Tensor kv_a_w, torch::Tensor kv_a_ln_w,
                      double latent_eps, torch::Tensor kv_b_w, torch::Tensor o_w, int64_t heads, int64_t nope,
-                     int64_t rope, int64_t v, double scale) {
+                     int64_t rope, int64_t v, double scale, Scales scales) {
     attention_.push_back(mla_weights(ln_w, ln_eps, q_w, q_a_w, q_a_ln_w, q_b_w, kv_a_w, kv_a_ln_w, latent_eps,
-                                     kv_b_w, o_w, heads, nope, rope, v, scale));
+                                     kv_b_w, o_w, heads, nope, rope, v, scale, scales));
     TORCH_CHECK(attention_.back().D == D_ && attention_.back().rope == 2 * inv_freq_.size(0),
                 "DecoderStep: layer ", attention_.size() - 1, " is ", attention_.back().D, " wide with RoPE over ",
                 attention_.back().rope, " channels; the model is ", D_, " wide with ", 2 * inv_freq_.size(0));
     keep(ln_w, q_w, q_a_w, q_a_ln_w, q_b_w, kv_a_w, kv_a_ln_w, kv_b_w, o_w);
+    keep_all(scales);
   }
 
   // The same layer's second half: a dense gated-SiLU MLP (mlp_block) ...
-  void add_mlp(torch::Tensor ln_w, double eps, torch::Tensor gate, torch::Tensor up, torch::Tensor down) {
-    const MlpRows mlp = mlp_weights(gate, up, down, D_, "the MLP's weights");
+  void add_mlp(torch::Tensor ln_w, double eps, torch::Tensor gate, torch::Tensor up, torch::Tensor down,
+               Scales scales) {
+    const MlpRows mlp = mlp_weights(gate, up, down, D_, "the MLP's weights", scales);
     const BF16* norm = bf16_vector(ln_w, D_, "post_attention_layernorm");
     const int64_t D = D_;
     second_.push_back([=](const BF16* h, int64_t B, BF16* out) { mlp_rows(norm, eps, mlp, h, B, D, out); });
     keep(ln_w, gate, up, down);
+    keep_all(scales);
   }
 
   // ... or a MoE layer, router included (moe_block).
@@ -63,14 +66,15 @@ class DecoderStep {
                torch::Tensor gate, torch::Tensor up, torch::Tensor down, c10::optional<torch::Tensor> shared_gate,
                c10::optional<torch::Tensor> shared_up, c10::optional<torch::Tensor> shared_down, int64_t top_k,
                int64_t n_group, int64_t topk_group, int64_t method, bool softmax, bool norm_topk_prob,
-               double routed_scaling_factor) {
+               double routed_scaling_factor, Scales scales) {
     MoeWeights w = moe_weights(router_w, bias, gate, up, down, shared_gate, shared_up, shared_down, top_k, n_group,
-                               topk_group, method, softmax, norm_topk_prob, routed_scaling_factor);
+                               topk_group, method, softmax, norm_topk_prob, routed_scaling_factor, scales);
     TORCH_CHECK(w.D == D_, "DecoderStep: a MoE layer ", w.D, " wide in a model ", D_, " wide");
     w.ln_w = bf16_vector(ln_w, D_, "post_attention_layernorm");
     w.eps = eps;
     second_.push_back([w](const BF16* h, int64_t B, BF16* out) { moe_block_rows(w, h, B, out); });
     keep(ln_w, gate, up, down, shared_gate, shared_up, shared_down);
+    keep_all(scales);
   }
 
   // ids (B, 1) int64 -> next-token logits (B, vocab) float32, each layer's latent written to cache row `pos`.
@@ -165,6 +169,9 @@ class DecoderStep {
     (keep_one(ts), ...);
   }
   void keep_one(const torch::Tensor& t) { keep_.push_back(t); }
+  void keep_all(const Scales& scales) {
+    for (const auto& s : scales) keep_one(s);
+  }
   void keep_one(const c10::optional<torch::Tensor>& t) {
     if (t.has_value()) keep_.push_back(*t);
   }

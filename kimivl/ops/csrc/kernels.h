@@ -12,7 +12,9 @@ torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w, const
 torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
                         const std::vector<int64_t>& ids, const std::vector<torch::Tensor>& gate,
                         const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down,
-                        int64_t n_shared);
+                        int64_t n_shared, const std::vector<c10::optional<torch::Tensor>>& gate_scale,
+                        const std::vector<c10::optional<torch::Tensor>>& up_scale,
+                        const std::vector<c10::optional<torch::Tensor>>& down_scale);
 // A bfloat16 value as float32 (exact): from raw 16-bit words (what the kernels read) or at::BFloat16; float32 as is.
 inline float widen(uint16_t v) {
   const uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -28,11 +30,21 @@ inline const uint16_t* bf16_data(const torch::Tensor& t) {
   return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
 }
 
+// A weight matrix (N, K) with dense rows as the streaming kernels read it: bf16 words, or int8 with one float32
+// scale per row (weight-only int8, kimivl.quantization.int8).
+struct WeightRows {
+  const void* data = nullptr;
+  const float* scale = nullptr;  // set: int8
+  bool int8() const { return scale != nullptr; }
+};
+inline WeightRows bf16_rows(const uint16_t* w) { return {w, nullptr}; }
+
 // moe_bf16w on raw weight rows (what moe_forward passes: rows of its stacked experts, no per-expert tensors).
+// An MLP's three matrices are all bf16 or all int8.
 struct MlpRows {
-  const uint16_t* gate;  // (I, D) bf16, row-major
-  const uint16_t* up;    // (I, D)
-  const uint16_t* down;  // (D, I)
+  WeightRows gate;  // (I, D), row-major
+  WeightRows up;    // (I, D)
+  WeightRows down;  // (D, I)
   int64_t I;
 };
 torch::Tensor moe_rows(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
@@ -42,6 +54,11 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 // The same kernels on raw bf16 rows (the decode blocks' glue: a tensor op's dispatch, view or allocation costs
 // ~1-2 us, and a decode step of the real-width slice had ~130 of them per layer). Same roundings as above.
 void linear_bf16_rows(const at::BFloat16* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, at::BFloat16* out);
+// linear_bf16_rows for either kind of weight (int8: linear_int8w's kernel, same roundings of the output).
+void linear_rows(const at::BFloat16* x, int64_t M, int64_t K, const WeightRows& w, int64_t N, at::BFloat16* out);
+// Rows [n0, n1) of int8 q (N, K) times its scales against M float32 rows of x (natural column order) -> y (M, ldy).
+void int8_rows(const float* x, int64_t M, const int8_t* q, int64_t K, const float* scale, int64_t n0, int64_t n1,
+               float* y, int64_t ldy);
 void moe_rows_bf16(const at::BFloat16* x, int64_t T, int64_t D, const int64_t* topk_idx, const float* topk_weight,
                    int64_t k, const std::vector<int64_t>& ids, const std::vector<MlpRows>& mlps, int64_t n_shared,
                    const at::BFloat16* residual, at::BFloat16* out);  // out = residual + moe (bf16 add), if given
@@ -117,20 +134,23 @@ torch::Tensor mla_block(const torch::Tensor& h, const torch::Tensor& ln_w, doubl
                         const torch::Tensor& kv_b_w, const torch::Tensor& o_w, const torch::Tensor& cos,
                         const torch::Tensor& sin, const torch::Tensor& cache, int64_t pos,
                         const c10::optional<torch::Tensor>& valid, int64_t heads, int64_t nope, int64_t rope,
-                        int64_t v, double scale, int64_t form);
+                        int64_t v, double scale, int64_t form,
+                        const std::vector<c10::optional<torch::Tensor>>& scales);
 torch::Tensor moe_block(const torch::Tensor& h, const torch::Tensor& ln_w, double eps, const torch::Tensor& router_w,
                         const c10::optional<torch::Tensor>& bias, const torch::Tensor& gate, const torch::Tensor& up,
                         const torch::Tensor& down, const c10::optional<torch::Tensor>& shared_gate,
                         const c10::optional<torch::Tensor>& shared_up, const c10::optional<torch::Tensor>& shared_down,
                         int64_t top_k, int64_t n_group, int64_t topk_group, int64_t method, bool softmax,
-                        bool norm_topk_prob, double routed_scaling_factor);
+                        bool norm_topk_prob, double routed_scaling_factor,
+                        const std::vector<c10::optional<torch::Tensor>>& scales);
 torch::Tensor moe_forward(const torch::Tensor& x, const torch::Tensor& router_w, const c10::optional<torch::Tensor>& bias,
                           const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down,
                           const c10::optional<torch::Tensor>& shared_gate, const c10::optional<torch::Tensor>& shared_up,
                           const c10::optional<torch::Tensor>& shared_down, int64_t top_k, int64_t n_group,
                           int64_t topk_group, int64_t method, bool softmax, bool norm_topk_prob,
-                          double routed_scaling_factor);
+                          double routed_scaling_factor, const std::vector<c10::optional<torch::Tensor>>& scales);
 torch::Tensor mlp_block(const torch::Tensor& h, const torch::Tensor& ln_w, double eps, const torch::Tensor& gate,
-                        const torch::Tensor& up, const torch::Tensor& down);
+                        const torch::Tensor& up, const torch::Tensor& down,
+                        const std::vector<c10::optional<torch::Tensor>>& scales);
 // The DecoderStep class (decode_model.cpp): a bf16 decoder's whole decode step in one call.
 void bind_decoder_step(pybind11::module& m);

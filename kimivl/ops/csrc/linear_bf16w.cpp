@@ -259,6 +259,22 @@ void split_pairs(float* x, int64_t M, int64_t K) {
 #endif
 }
 
+// split_pairs undone (an int8 MLP's input: its kernel reads the columns in order). A no-op without AVX-512.
+void unsplit_pairs(float* x, int64_t M, int64_t K) {
+#ifdef KIMIVL_AVX512
+  const int64_t K32 = split_columns(K);
+  float block[32];
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K32; k += 32) {
+      float* p = x + m * K + k;
+      for (int j = 0; j < 16; ++j) block[2 * j] = p[j], block[2 * j + 1] = p[16 + j];
+      std::memcpy(p, block, sizeof(block));
+    }
+#else
+  (void)x, (void)M, (void)K;
+#endif
+}
+
 // Rows of x (..., K): the product of its leading dimensions.
 int64_t leading_rows(const torch::Tensor& x) {
   int64_t m = 1;
@@ -349,10 +365,11 @@ torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w, const
 namespace {
 
 // One matrix product of a segmented row space: rows [n0, n1) of w (N, K) against M rows of x -> y (M, N).
+// x in the order the weight's kernel reads: split_pairs' for bf16 (rows()), natural for int8 (int8_rows()).
 struct Segment {
   const float* x;
   int64_t M, K, N;
-  const uint16_t* w;
+  WeightRows w;
   float* y;
 };
 
@@ -363,7 +380,11 @@ void segment_rows(const std::vector<Segment>& segs, const std::vector<int64_t>& 
   for (; i < segs.size() && offsets[i] < end; ++i) {
     const Segment& s = segs[i];
     const int64_t n0 = std::max<int64_t>(begin - offsets[i], 0), n1 = std::min<int64_t>(end - offsets[i], s.N);
-    if (n0 < n1) rows(s.x, s.K, s.M, s.w, s.K, n0, n1, s.y, s.N);
+    if (n0 >= n1) continue;
+    if (s.w.int8())
+      int8_rows(s.x, s.M, static_cast<const int8_t*>(s.w.data), s.K, s.w.scale, n0, n1, s.y, s.N);
+    else
+      rows(s.x, s.K, s.M, static_cast<const uint16_t*>(s.w.data), s.K, n0, n1, s.y, s.N);
   }
 }
 
@@ -388,7 +409,9 @@ void run_segments(const std::vector<Segment>& segs) {
 torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
                         const std::vector<int64_t>& ids, const std::vector<torch::Tensor>& gate,
                         const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down,
-                        int64_t n_shared) {
+                        int64_t n_shared, const std::vector<c10::optional<torch::Tensor>>& gate_scale,
+                        const std::vector<c10::optional<torch::Tensor>>& up_scale,
+                        const std::vector<c10::optional<torch::Tensor>>& down_scale) {
   TORCH_CHECK(x.dim() == 2, "moe_bf16w: x must be a float32 or bfloat16 (T, D) CPU tensor, got ", x.sizes(), " ",
               x.scalar_type());
   const int64_t D = x.size(1), P = static_cast<int64_t>(ids.size());
@@ -397,17 +420,37 @@ torch::Tensor moe_bf16w(const torch::Tensor& x, const torch::Tensor& topk_idx, c
               "moe_bf16w: ", P, " routed ids + ", n_shared, " shared MLPs but ", gate.size(), " gate, ", up.size(),
               " up and ", down.size(), " down weights");
   const size_t Q = gate.size();
+  TORCH_CHECK((gate_scale.empty() && up_scale.empty() && down_scale.empty()) ||
+                  (gate_scale.size() == Q && up_scale.size() == Q && down_scale.size() == Q),
+              "moe_bf16w: scales for each of the ", Q, " MLPs' gate, up and down (None for a bf16 MLP) or none");
   std::vector<MlpRows> mlps(Q);
   for (size_t q = 0; q < Q; ++q) {
+    const bool int8 = !gate_scale.empty() && gate_scale[q].has_value();
+    TORCH_CHECK(gate_scale.empty() || (int8 == up_scale[q].has_value() && int8 == down_scale[q].has_value()),
+                "moe_bf16w: MLP ", q, ": all three matrices int8 (with scales) or none");
+    const auto dtype = int8 ? torch::kInt8 : torch::kBFloat16;
     for (const auto* w : {&gate[q], &up[q], &down[q]})
-      TORCH_CHECK(w->device().is_cpu() && w->dim() == 2 && w->scalar_type() == torch::kBFloat16 && w->is_contiguous(),
-                  "moe_bf16w: MLP ", q, " weights must be contiguous bfloat16 (N, K) CPU tensors");
+      TORCH_CHECK(w->device().is_cpu() && w->dim() == 2 && w->scalar_type() == dtype && w->is_contiguous(),
+                  "moe_bf16w: MLP ", q, " weights must be contiguous ", int8 ? "int8" : "bfloat16",
+                  " (N, K) CPU tensors");
     const int64_t I = gate[q].size(0);
     TORCH_CHECK(gate[q].size(1) == D && up[q].size(0) == I && up[q].size(1) == D && down[q].size(0) == D &&
                     down[q].size(1) == I,
                 "moe_bf16w: MLP ", q, ": x ", x.sizes(), ", gate ", gate[q].sizes(), ", up ", up[q].sizes(), ", down ",
                 down[q].sizes(), " do not agree");
-    mlps[q] = {bf16_data(gate[q]), bf16_data(up[q]), bf16_data(down[q]), I};
+    if (!int8) {
+      mlps[q] = {bf16_rows(bf16_data(gate[q])), bf16_rows(bf16_data(up[q])), bf16_rows(bf16_data(down[q])), I};
+      continue;
+    }
+    const auto scale_of = [&](const c10::optional<torch::Tensor>& s, int64_t n) {
+      TORCH_CHECK(s->device().is_cpu() && s->scalar_type() == torch::kFloat32 && s->numel() == n &&
+                      s->is_contiguous(),
+                  "moe_bf16w: MLP ", q, ": scales must be ", n, " contiguous float32 values, got ", s->sizes());
+      return s->data_ptr<float>();
+    };
+    mlps[q] = {{gate[q].data_ptr<int8_t>(), scale_of(gate_scale[q], I)},
+               {up[q].data_ptr<int8_t>(), scale_of(up_scale[q], I)},
+               {down[q].data_ptr<int8_t>(), scale_of(down_scale[q], D)}, I};
   }
   return moe_rows(x, topk_idx, topk_weight, ids, mlps, n_shared);
 }
@@ -461,7 +504,8 @@ void moe_core(const float* xp, int64_t T, int64_t D, const int64_t* ip, const fl
     const int64_t I = mlps[q].I;
     rows_q[q] = static_cast<int64_t>(q) < P ? static_cast<int64_t>(members[q].size()) : T;
     x_at[q] = total;
-    total += static_cast<int64_t>(q) < P ? rows_q[q] * D : 0;
+    // routed MLPs gather their tokens' rows; an int8 shared MLP copies them too (into its kernel's column order)
+    total += static_cast<int64_t>(q) < P || mlps[q].gate.int8() ? rows_q[q] * D : 0;
     h_at[q] = total;
     total += 2 * rows_q[q] * I;  // gate and up outputs
     y_at[q] = total;
@@ -478,9 +522,14 @@ void moe_core(const float* xp, int64_t T, int64_t D, const int64_t* ip, const fl
       float* dst = arena.data() + x_at[q];
       for (int64_t r = 0; r < M; ++r) std::memcpy(dst + r * D, xp + members[q][r] * D, D * sizeof(float));
       xs[q] = dst;
+    } else if (mlps[q].gate.int8()) {
+      float* dst = arena.data() + x_at[q];
+      std::memcpy(dst, xp, M * D * sizeof(float));
+      xs[q] = dst;
     } else {
       xs[q] = xp;
     }
+    if (mlps[q].gate.int8()) unsplit_pairs(const_cast<float*>(xs[q]), M, D);
     y[q] = arena.data() + y_at[q];
     float* hp = arena.data() + h_at[q];
     first.push_back({xs[q], M, D, I, mlps[q].gate, hp});
@@ -492,7 +541,7 @@ void moe_core(const float* xp, int64_t T, int64_t D, const int64_t* ip, const fl
     float* gp = arena.data() + h_at[q];
     const float* upp = gp + M * I;
     silu_mul(gp, upp, M * I);
-    split_pairs(gp, M, I);  // the down projection's x
+    if (!mlps[q].down.int8()) split_pairs(gp, M, I);  // the down projection's x, in its kernel's order
     second.push_back({gp, M, I, D, mlps[q].down, y[q]});
   }
   run_segments(second);

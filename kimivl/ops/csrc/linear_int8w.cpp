@@ -102,9 +102,11 @@ void tile(const float* x, int64_t ldx, int64_t mb, const int8_t* q, int64_t K, i
 }
 #endif
 
+}  // namespace
+
 // Rows [n0, n1) of q against the M rows of x.
-void rows(const float* x, int64_t M, const int8_t* q, int64_t K, const float* scale, int64_t n0, int64_t n1,
-          float* y, int64_t ldy) {
+void int8_rows(const float* x, int64_t M, const int8_t* q, int64_t K, const float* scale, int64_t n0, int64_t n1,
+               float* y, int64_t ldy) {
 #ifdef KIMIVL_I8_AVX2
   // blocks of 4 weight rows; every pair of activation rows runs against a weight block while it is in L1
   for (int64_t n = n0; n < n1; n += 4) {
@@ -124,7 +126,26 @@ void rows(const float* x, int64_t M, const int8_t* q, int64_t K, const float* sc
 #endif
 }
 
+namespace {
+// pieces of ~64 KB of weights, starting at multiples of 4 rows: the same blocks whichever thread takes them
+int64_t int8_grain(int64_t K) { return std::max<int64_t>(4, (65536 / std::max<int64_t>(K, 1)) & ~int64_t(3)); }
 }  // namespace
+
+void linear_rows(const at::BFloat16* x, int64_t M, int64_t K, const WeightRows& w, int64_t N, at::BFloat16* out) {
+  if (!w.int8()) return linear_bf16_rows(x, M, K, static_cast<const uint16_t*>(w.data), N, out);
+  thread_local std::vector<float> xbuf, ybuf;  // reused: no allocation per decode-step projection
+  xbuf.resize(M * K);
+  ybuf.resize(M * N);
+  for (int64_t i = 0; i < M * K; ++i) xbuf[i] = widen(x[i]);
+  const float* xp = xbuf.data();
+  float* yp = ybuf.data();
+  const int8_t* q = static_cast<const int8_t*>(w.data);
+  balanced_for(N, int8_grain(K), [&](int64_t n0, int64_t n1) {
+    int8_rows(xp, M, q, K, w.scale, n0, n1, yp, N);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = n0; n < n1; ++n) out[m * N + n] = c10::BFloat16(yp[m * N + n]);
+  });
+}
 
 bool int8_avx2() {
 #ifdef KIMIVL_I8_AVX2
@@ -160,9 +181,7 @@ torch::Tensor linear_int8w(const torch::Tensor& x, const torch::Tensor& q, const
   const int8_t* qp = qc.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // pieces of ~64 KB of weights, starting at multiples of 4 rows: the same blocks whichever thread takes them
-  const int64_t grain = std::max<int64_t>(4, (65536 / std::max<int64_t>(K, 1)) & ~int64_t(3));
-  balanced_for(N, grain, [&](int64_t n0, int64_t n1) { rows(xp, M, qp, K, sp, n0, n1, yp, N); });
+  balanced_for(N, int8_grain(K), [&](int64_t n0, int64_t n1) { int8_rows(xp, M, qp, K, sp, n0, n1, yp, N); });
   if (bias.has_value()) y.add_(bias->to(torch::kFloat32));  // in float32, before the output's rounding
   auto sizes = x.sizes().vec();
   sizes.back() = N;
