@@ -90,12 +90,11 @@ def slice_ranks(n: int) -> dict[bytes, int]:
 def write_slice(directory: Path | None = None, *, text_layers: int = 2, vision_layers: int = 4,
                 vocab_ranks: int = 2048 - NUM_SPECIAL, seed: int = SLICE_SEED, max_shard_size: str = "512MB") -> Path:
     """Write (once) and return the slice checkpoint directory."""
-    from kimivl.checkpoint import save_weights
     from kimivl.configuration import KimiVLConfig
     from kimivl.demo.build import CHAT_TEMPLATE
     from kimivl.demo.vocab import write_tokenizer
     from kimivl.modeling import KimiVLForConditionalGeneration
-    from kimivl.training.init import golden_recipe_state_dict
+    from kimivl.training.init import golden_recipe_tensors
 
     config = slice_config(text_layers, vision_layers, vocab_ranks)
     key = hashlib.sha1(json.dumps([config, seed], sort_keys=True).encode()).hexdigest()[:10]
@@ -107,10 +106,9 @@ def write_slice(directory: Path | None = None, *, text_layers: int = 2, vision_l
     with torch.device("meta"):
         model = KimiVLForConditionalGeneration(KimiVLConfig.from_dict(config))
     shapes = {k: v.shape for k, v in model.state_dict().items()}
-    sd = {k: v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16)
-          for k, v in golden_recipe_state_dict(shapes, seed).items()}
-    save_weights(sd, directory, max_shard_size=max_shard_size)
-    del sd
+    tensors = ((k, v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16))
+               for k, v in golden_recipe_tensors(shapes, seed))
+    _save_streaming(tensors, directory, max_shard_size)  # a shard in memory at a time: full depth fits too
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     ids = write_tokenizer(directory, slice_ranks(vocab_ranks), CHAT_TEMPLATE)
     preprocessor = {
@@ -124,6 +122,40 @@ def write_slice(directory: Path | None = None, *, text_layers: int = 2, vision_l
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     stamp.write_text(key)
     return directory
+
+
+def _save_streaming(tensors: Any, directory: Path, max_shard_size: str) -> None:
+    """Shards of at most ``max_shard_size`` and the index, written as the tensors arrive (the official layout's
+    names, ``model-00001-of-0000N.safetensors``), each shard freed before the next is filled."""
+    from safetensors.torch import save_file
+
+    from kimivl.checkpoint import SAFE_WEIGHTS_INDEX_NAME, _parse_size
+
+    for stale in directory.glob("model*.safetensors*"):
+        stale.unlink()
+    limit, shard, size, parts, total = _parse_size(max_shard_size), {}, 0, [], 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        if shard:
+            name = f"part-{len(parts):05d}.safetensors"
+            save_file(shard, str(directory / name), metadata={"format": "pt"})
+            parts.append((name, list(shard)))
+        shard, size = {}, 0
+
+    for key, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > limit:
+            flush()
+        shard[key], size, total = tensor, size + nbytes, total + nbytes
+    flush()
+    weight_map = {}
+    for i, (name, keys) in enumerate(parts):
+        final = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        (directory / name).rename(directory / final)
+        weight_map.update(dict.fromkeys(keys, final))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def weight_bytes(directory: Path) -> int:

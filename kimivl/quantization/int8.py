@@ -47,13 +47,15 @@ def quantize_weight(weight: torch.Tensor, name: str = "weight") -> tuple[torch.T
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"{name}: int8 quantization needs a floating (out, in) weight, got {weight.dtype} "
                          f"{tuple(weight.shape)}")
-    w = weight.detach().float()
-    amax = w.abs().amax(dim=1, keepdim=True)
+    # one float32 copy, worked on in place (a load quantizes the largest weights of a 30 GB model one at a time)
+    w = weight.detach().to(torch.float32, copy=True)
+    low, high = w.aminmax(dim=1, keepdim=True)
+    amax = torch.maximum(high, -low)
     if not bool(torch.isfinite(amax).all()):
         bad = int((~torch.isfinite(amax)).sum())
         raise ValueError(f"{name}: {bad} of {w.shape[0]} rows hold inf or NaN; they cannot be quantized")
     scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
-    q = torch.round(w / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+    q = w.div_(scale).round_().clamp_(-QMAX, QMAX).to(torch.int8)
     return q, scale
 
 

@@ -15,6 +15,8 @@ A seeded ``torch.Generator`` makes the result depend only on ``seed`` (no global
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -83,20 +85,24 @@ def init_weights(model: nn.Module, *, std: float | None = None, seed: int = 0) -
     return model
 
 
+def golden_recipe_tensors(shapes: dict[str, torch.Size], seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`golden_recipe_state_dict`'s tensors one at a time, in ``shapes``' order (the same values: a writer can
+    stream a checkpoint larger than memory)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, shape in shapes.items():
+        if name.endswith("embed_tokens.weight"):
+            yield name, torch.randn(shape, generator=g)
+        elif len(shape) == 2:
+            yield name, torch.randn(shape, generator=g) * shape[1] ** -0.5
+        elif name.endswith("e_score_correction_bias"):
+            yield name, torch.randn(shape, generator=g) * 0.1
+        else:
+            yield name, 1 + torch.randn(shape, generator=g) * 0.1
+
+
 def golden_recipe_state_dict(shapes: dict[str, torch.Size], seed: int) -> dict[str, torch.Tensor]:
     """Random tensors for the given key -> shape map, drawn the way the shared golden sets were made:
     N(0, 1/fan_in) matrices, N(0, 1) token embeddings, N(0, 0.1^2) router bias, 1 + N(0, 0.1^2) for
     every other vector (norm gains). For parity tests and benchmarks, where weights far from a trained
     model's scale would hide numerical differences; not a training init (see ``init_weights``)."""
-    g = torch.Generator().manual_seed(seed)
-    sd: dict[str, torch.Tensor] = {}
-    for name, shape in shapes.items():
-        if name.endswith("embed_tokens.weight"):
-            sd[name] = torch.randn(shape, generator=g)
-        elif len(shape) == 2:
-            sd[name] = torch.randn(shape, generator=g) * shape[1] ** -0.5
-        elif name.endswith("e_score_correction_bias"):
-            sd[name] = torch.randn(shape, generator=g) * 0.1
-        else:
-            sd[name] = 1 + torch.randn(shape, generator=g) * 0.1
-    return sd
+    return dict(golden_recipe_tensors(shapes, seed))
