@@ -151,12 +151,15 @@ def _read_into(f: BinaryIO, offset: int, tensor: torch.Tensor, file: Path, key: 
 
 
 def iter_checkpoint_tensors(directory: Path, *, dtype: torch.dtype | None = None,
-                            device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+                            device: torch.device | str = "cpu",
+                            transient: frozenset[str] | set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, tensor)`` shard by shard, in file order; floating tensors cast to ``dtype`` one at a time.
 
     A tensor that needs no change is read straight into the memory it keeps; any other is read into one
     reused scratch buffer and converted from there. (A fresh scratch per tensor would interleave freed
     holes with the kept tensors on the heap: +4 % resident memory on a bf16 -> fp32 load of the slice.)
+    Keys in ``transient`` are yielded as stored, on the CPU, as views of that scratch buffer: the consumer must be
+    done with each before asking for the next (what quantizing on load does: only its int8 result is kept).
     """
     if sys.byteorder != "little":  # safetensors stores little-endian bytes; they are copied as they are
         raise CheckpointError("loading safetensors needs a little-endian host")
@@ -172,7 +175,13 @@ def iter_checkpoint_tensors(directory: Path, *, dtype: torch.dtype | None = None
             for key, (stored, shape, begin, end) in entries.items():
                 convert = dtype is not None and stored.is_floating_point and not FP32_KEYS.search(key)
                 target = dtype if convert else stored
-                if target == stored and device.type == "cpu":
+                if key in transient:
+                    if scratch.numel() < end - begin:
+                        scratch = torch.empty(0, dtype=torch.uint8)
+                        scratch = torch.empty(end - begin, dtype=torch.uint8)
+                    tensor = scratch[: end - begin].view(stored).view(shape)
+                    _read_into(f, start + begin, tensor, file, key)
+                elif target == stored and device.type == "cpu":
                     tensor = torch.empty(shape, dtype=stored)
                     _read_into(f, start + begin, tensor, file, key)
                 else:
@@ -222,11 +231,11 @@ def load_weights(model: torch.nn.Module, directory: Path, *, dtype: torch.dtype 
     """Fill a (meta-device) model from a checkpoint directory: strict, assign, one copy. ``quantize``: keys of float
     weights to store as int8 + scale as they are read (:func:`kimivl.quantization.int8.quantize_tensors`)."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    tensors = iter_checkpoint_tensors(directory, dtype=dtype, device=device)
+    tensors = iter_checkpoint_tensors(directory, dtype=dtype, device=device, transient=quantize or frozenset())
     if quantize:
         from kimivl.quantization.int8 import quantize_tensors
 
-        tensors = quantize_tensors(tensors, quantize)
+        tensors = quantize_tensors(tensors, quantize, device)
     if progress:
         from tqdm.auto import tqdm
 

@@ -39,16 +39,21 @@ def check_method(method: str) -> str:
     return method
 
 
-def quantize_weight(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(weight: torch.Tensor, name: str = "weight", work: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)`` with ``q`` int8 (out, in) and ``scale`` float32 (out, 1), ``q * scale`` ~= ``weight``.
 
     Rows of zeros get scale 1 (any scale gives q = 0). Non-finite weights are refused by name: a NaN would make the
-    whole row's scale NaN."""
+    whole row's scale NaN. ``work``: a float32 buffer of at least ``weight.numel()`` elements on its device to
+    compute in (else one is allocated)."""
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"{name}: int8 quantization needs a floating (out, in) weight, got {weight.dtype} "
                          f"{tuple(weight.shape)}")
     # one float32 copy, worked on in place (a load quantizes the largest weights of a 30 GB model one at a time)
-    w = weight.detach().to(torch.float32, copy=True)
+    if work is None:
+        w = weight.detach().to(torch.float32, copy=True)
+    else:
+        w = work[: weight.numel()].view(weight.shape).copy_(weight.detach())
     low, high = w.aminmax(dim=1, keepdim=True)
     amax = torch.maximum(high, -low)
     if not bool(torch.isfinite(amax).all()):
@@ -223,16 +228,27 @@ def method_of(config: dict | None) -> tuple[str | None, tuple[str, ...]]:
     return "int8", tuple(ignore)
 
 
-def quantize_tensors(tensors: Iterator[tuple[str, torch.Tensor]], weight_keys: set[str]
-                     ) -> Iterator[tuple[str, torch.Tensor]]:
+def quantize_tensors(tensors: Iterator[tuple[str, torch.Tensor]], weight_keys: set[str],
+                     device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """A checkpoint's ``(key, tensor)`` stream with each float ``weight_keys`` tensor replaced by its int8 weight and
-    ``weight_scale`` (one tensor at a time: the float copy is dropped before the next is read); int8 tensors
-    (an already quantized checkpoint) pass as they are."""
+    ``weight_scale`` on ``device``, the rest as they come; int8 tensors (an already quantized checkpoint) pass as
+    they are.
+
+    Only the results are new memory: the float weight (a view of the reader's scratch buffer, see
+    :func:`kimivl.checkpoint.iter_checkpoint_tensors`) and the float32 work buffer are reused from tensor to tensor.
+    Freed per-tensor copies would leave holes between the kept int8 tensors that the heap cannot hand back: a
+    full-depth real-width load held 23.3 GB for 15.5 GB of weights that way (docs/performance.md)."""
+    work = torch.empty(0, dtype=torch.float32)
     for key, tensor in tensors:
         if key in weight_keys and tensor.is_floating_point():
-            q, scale = quantize_weight(tensor, key)
+            if work.numel() < tensor.numel():
+                work = torch.empty(0, dtype=torch.float32)  # free the old one before growing
+                work = torch.empty(tensor.numel(), dtype=torch.float32)
+            q, scale = quantize_weight(tensor, key, work if tensor.device.type == "cpu" else None)
             del tensor
-            yield key, q
-            yield key[: -len("weight")] + "weight_scale", scale
+            yield key, q.to(device)
+            yield key[: -len("weight")] + "weight_scale", scale.to(device)
+        elif key in weight_keys:
+            yield key, tensor.to(device, copy=True)  # int8 as stored (a view of the scratch buffer: copied)
         else:
             yield key, tensor
