@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kimivl.cli import main
 
 
@@ -95,3 +97,25 @@ def test_session_turns_read_the_history_from_the_prompt_cache(golden_dir):
     assert fresh.answer("And then?").text == second.text  # a full prefill of the same conversation
     session.reset()
     assert session.prompt_cache.ids == [] and session.prompt_cache.cache is None
+
+
+def test_info_reports_the_int8_size(configs_dir, capsys):
+    """quantization="int8": the decoder's linear layers at one byte (+ a float32 scale per row), the rest bf16."""
+    assert main(["info", str(configs_dir / "Kimi-VL-A3B-Instruct"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    quantized = 15_228_862_464  # every decoder Linear but lm_head and kv_b_proj (kimivl.quantization.int8)
+    assert 15_000_000_000 < quantized < info["parameters"]["language_model"]
+    rows = info["weights_bytes"]["int8"] - 2 * (16_407_656_048 - quantized) - quantized
+    assert rows > 0 and rows % 4 == 0  # the scales: one float32 per output row
+    assert info["weights_bytes"]["int8"] < 0.55 * info["weights_bytes"]["bfloat16"]
+
+
+def test_chat_with_the_decoder_in_int8_still_answers(capsys):
+    import kimivl
+
+    image = f"{kimivl.__path__[0]}/assets/examples/shape.png"
+    assert main(["chat", "--quantization", "int8", "--image", image, "What color is the shape?"]) == 0
+    assert capsys.readouterr().out == "blue\n"
+    with pytest.raises(SystemExit) as exit_:  # argparse: not a choice
+        main(["chat", "-q", "int4", "hi"])
+    assert exit_.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err

@@ -235,6 +235,13 @@ class DeepseekV3MoE(nn.Module):
         if any(tuple(p.weight.shape) != shape or p.weight.device != first.device
                for row, shape in zip(layers, shapes) for p in row):
             return None
+        # loaded quantized, the experts' buffers are already views of one stack each (quantize_tensors): adopt them
+        adopted = [_stack_of([p.weight for p in row]) for row in layers] \
+            + [_stack_of([p.weight_scale for p in row]) for row in layers]
+        if all(t is not None for t in adopted):
+            stacked = (*adopted[:3], *(s.view(num, -1) for s in adopted[3:]))
+            self.__dict__["_stacked_int8"] = stacked
+            return stacked
         weights, scales = [], []
         with torch.inference_mode(False), torch.no_grad():
             for row, (rows, cols) in zip(layers, shapes):
@@ -248,6 +255,17 @@ class DeepseekV3MoE(nn.Module):
                 scales.append(s)
         self.__dict__["_stacked_int8"] = stacked = (*weights, *scales)
         return stacked
+
+
+def _stack_of(views: list[torch.Tensor]) -> torch.Tensor | None:
+    """The (E, ...) contiguous tensor whose E slices, in order, these tensors are, or None."""
+    base = views[0]._base
+    if base is None or not base.is_contiguous() or base.shape[0] != len(views):
+        return None
+    if all(v._base is base and v.data_ptr() == base[i].data_ptr() and v.shape == base.shape[1:]
+           for i, v in enumerate(views)):
+        return base
+    return None
 
 
 class _CpuStack(NamedTuple):

@@ -228,27 +228,57 @@ def method_of(config: dict | None) -> tuple[str | None, tuple[str, ...]]:
     return "int8", tuple(ignore)
 
 
+# A routed expert's projection: the loader writes the experts' int8 weights into one (E, N, K) stack per layer and
+# projection, which the C++ decode step reads as it is (DeepseekV3MoE.stacked_int8_experts adopts it: no copy)
+EXPERT_WEIGHT = re.compile(r"^(.*\.experts)\.(\d+)\.((?:gate|up|down)_proj)\.weight$")
+
+
 def quantize_tensors(tensors: Iterator[tuple[str, torch.Tensor]], weight_keys: set[str],
                      device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """A checkpoint's ``(key, tensor)`` stream with each float ``weight_keys`` tensor replaced by its int8 weight and
     ``weight_scale`` on ``device``, the rest as they come; int8 tensors (an already quantized checkpoint) pass as
-    they are.
+    they are. Routed experts' weights come as views of one stack per layer and projection (see ``EXPERT_WEIGHT``).
 
     Only the results are new memory: the float weight (a view of the reader's scratch buffer, see
     :func:`kimivl.checkpoint.iter_checkpoint_tensors`) and the float32 work buffer are reused from tensor to tensor.
     Freed per-tensor copies would leave holes between the kept int8 tensors that the heap cannot hand back: a
-    full-depth real-width load held 23.3 GB for 15.5 GB of weights that way (docs/performance.md)."""
+    full-depth real-width load held 23.3 GB for 15.5 GB of weights that way, and stacking the experts after the load
+    needed their size again (docs/performance.md)."""
+    experts: dict[tuple[str, str], int] = {}
+    for key in weight_keys:
+        match = EXPERT_WEIGHT.match(key)
+        if match:
+            group = (match[1], match[3])
+            experts[group] = max(experts.get(group, 0), int(match[2]) + 1)
+    stacks: dict[tuple[str, str, str], torch.Tensor] = {}
+
+    def place(weight_key: str, part: str, t: torch.Tensor, copy: bool) -> torch.Tensor:
+        """``t`` (an int8 weight or its scales) on ``device``: in its slot of the experts' stack for a routed expert
+        (allocated at the first expert seen), else as is (``copy``: it is a view of the reader's scratch)."""
+        match = EXPERT_WEIGHT.match(weight_key)
+        if match:
+            group = (match[1], match[3], part)
+            stack = stacks.get(group)
+            if stack is None:
+                stack = stacks[group] = torch.empty(experts[group[:2]], *t.shape, dtype=t.dtype, device=device)
+            if tuple(stack.shape[1:]) == tuple(t.shape) and stack.dtype == t.dtype:
+                return stack[int(match[2])].copy_(t)
+        return t.to(device, copy=copy)
+
     work = torch.empty(0, dtype=torch.float32)
     for key, tensor in tensors:
-        if key in weight_keys and tensor.is_floating_point():
+        weight_key = key.removesuffix("_scale")
+        if weight_key not in weight_keys:
+            yield key, tensor
+        elif key != weight_key:  # an int8 checkpoint's stored scales
+            yield key, place(weight_key, "scale", tensor, copy=False)
+        elif not tensor.is_floating_point():  # an int8 checkpoint's weight, as stored
+            yield key, place(key, "weight", tensor, copy=True)
+        else:
             if work.numel() < tensor.numel():
                 work = torch.empty(0, dtype=torch.float32)  # free the old one before growing
                 work = torch.empty(tensor.numel(), dtype=torch.float32)
             q, scale = quantize_weight(tensor, key, work if tensor.device.type == "cpu" else None)
             del tensor
-            yield key, q.to(device)
-            yield key[: -len("weight")] + "weight_scale", scale.to(device)
-        elif key in weight_keys:
-            yield key, tensor.to(device, copy=True)  # int8 as stored (a view of the scratch buffer: copied)
-        else:
-            yield key, tensor
+            yield key, place(key, "weight", q, copy=False)
+            yield key + "_scale", place(key, "scale", scale, copy=False)

@@ -43,3 +43,28 @@ def test_a_missing_input_file_is_named(tmp_path: Path, capsys):
     assert main(["run-batch", "-i", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "out.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "kimivl run-batch: error: --input-file" in err and "nope.jsonl: no such file" in err
+
+
+def test_run_batch_on_an_int8_model_equals_the_library(golden_dir: Path, tmp_path: Path, h):
+    """``--quantization int8`` reaches the served model: the answer is the int8 library model's greedy answer."""
+    from kimivl import KimiVLForConditionalGeneration, KimiVLProcessor
+
+    source = tmp_path / "batch.jsonl"
+    body = {"messages": h.golden_messages(golden_dir), "max_tokens": 6}
+    source.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                                  "body": body}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["run-batch", "-i", str(source), "-o", str(out), "--model", str(golden_dir), "-q", "int8",
+                 "--log-level", "warning"]) == 0
+    answer = json.loads(out.read_text())["response"]["body"]["choices"][0]["message"]["content"]
+    from PIL import Image
+
+    model = KimiVLForConditionalGeneration.from_pretrained(golden_dir, quantization="int8")
+    processor = KimiVLProcessor.from_pretrained(golden_dir)
+    image = Image.open(golden_dir / "inputs" / "image_70x98.png")
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": h.GOLDEN_QUESTION}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+    ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert answer == processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
