@@ -235,3 +235,27 @@ def test_quantized_demo_model_still_answers():
     assert answer(model, processor, messages) == "blue"
     results = evaluate(model, processor, samples_per_task=20, seed=2026, tasks=["color", "shape"])
     assert results["color"].accuracy >= 0.85 and results["shape"].accuracy >= 0.85, results
+
+
+def test_loading_puts_each_layers_experts_in_one_stack(golden_dir, tmp_path):
+    """Quantizing on load (and loading an int8 checkpoint) writes the routed experts' int8 weights and scales into one
+    (E, N, K) stack per layer and projection, which the C++ decode step adopts without a copy: a full-size model
+    would otherwise need its experts' size again when the step first stacks them."""
+    def check(model):
+        for layer in model.language_model.model.layers:
+            if not hasattr(layer.mlp, "experts"):
+                continue
+            experts = layer.mlp.experts
+            stack = experts[0].down_proj.weight._base
+            assert stack is not None and stack.shape == (len(experts), *experts[0].down_proj.weight.shape)
+            assert all(e.down_proj.weight.data_ptr() == stack[i].data_ptr() for i, e in enumerate(experts))
+            stacked = layer.mlp.stacked_int8_experts()
+            assert stacked[2] is stack and stacked[5].data_ptr() == experts[0].down_proj.weight_scale.data_ptr()
+
+    model = KimiVLForConditionalGeneration.from_pretrained(golden_dir, quantization="int8")
+    check(model)
+    model.save_pretrained(tmp_path)
+    again = KimiVLForConditionalGeneration.from_pretrained(tmp_path)
+    check(again)
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
