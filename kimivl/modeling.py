@@ -308,7 +308,7 @@ class KimiVLForConditionalGeneration(nn.Module):
 
         ``quantization="int8"`` stores the decoder's linear layers as int8 with one scale per output channel
         (:mod:`kimivl.quantization.int8`), each weight quantized as it is read, so the float weights never exist
-        together: the released model in ~16 GiB instead of 29.7. A checkpoint saved from such a model (its
+        together: the released model in 16.4 GiB instead of 30.6. A checkpoint saved from such a model (its
         ``config.json`` has a ``quantization_config``) loads quantized without the argument.
         """
         del trust_remote_code, low_cpu_mem_usage  # accepted for Hugging Face examples; nothing to do

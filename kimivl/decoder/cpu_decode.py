@@ -36,7 +36,8 @@ from kimivl.decoder.cache import MLACache
 from kimivl.decoder.norm import DeepseekV3RMSNorm
 from kimivl.ops import cpu_kernels
 from kimivl.ops.linear import SMALL_M
-from kimivl.ops.moe import decode_linear, plain_bf16_linear, plain_bf16_mlp, plain_int8_linear, plain_int8_mlp, rows_bf16
+from kimivl.ops.moe import (decode_linear, plain_bf16_linear, plain_bf16_mlp, plain_int8_linear, plain_int8_mlp,
+                            rows_bf16)
 from kimivl.ops.rope import cached_inv_freq
 from kimivl.ops.routing import TOPK_METHODS
 
@@ -311,8 +312,7 @@ def _moe_plan(moe: nn.Module) -> _Plan:
     refs += _weights_of(shared_mlp)
     scales = []
     if int8 or _scales(shared_mlp):
-        scales = [*(stacked[3:] if int8 else (None, None, None)),
-                  *(_scales(shared_mlp) or [None] * 3 if shared_mlp else [None] * 3)]
+        scales = [*(stacked[3:] if int8 else (None, None, None)), *(_scales(shared_mlp) or [None] * 3)]
     stacked = stacked[:3]
     router, bias = gate.weight, gate.e_score_correction_bias
     if router.dtype not in (torch.bfloat16, torch.float32) or not router.is_contiguous():

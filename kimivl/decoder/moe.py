@@ -178,10 +178,7 @@ class DeepseekV3MoE(nn.Module):
         differ in dtype / device / shape.
         Rebuilt when the parameters were replaced since (``.to()``, ``load_state_dict(assign=True)``)."""
         stacked = self.__dict__.get("_stacked")
-        if stacked is not None and all(
-                getattr(e, name).weight.data_ptr() == w[i].data_ptr()
-                for i, e in ((0, self.experts[0]), (len(self.experts) - 1, self.experts[-1]))
-                for name, w in zip(("gate_proj", "up_proj", "down_proj"), stacked)):
+        if stacked is not None and self._still_stacked(stacked):
             return stacked
         weights = [[getattr(e, name) for e in self.experts] for name in ("gate_proj", "up_proj", "down_proj")]
         first = weights[0][0].weight
@@ -213,6 +210,13 @@ class DeepseekV3MoE(nn.Module):
         return stacked
 
 
+    def _still_stacked(self, stacked: tuple[torch.Tensor, ...]) -> bool:
+        """Whether the first and last experts' weights are still slices of ``stacked`` (gate, up, down first):
+        ``.to()`` or ``load_state_dict(assign=True)`` gives them storage of their own."""
+        return all(getattr(e, name).weight.data_ptr() == w[i].data_ptr()
+                   for i, e in ((0, self.experts[0]), (len(self.experts) - 1, self.experts[-1]))
+                   for name, w in zip(("gate_proj", "up_proj", "down_proj"), stacked))
+
     def stacked_int8_experts(self) -> tuple[torch.Tensor, ...] | None:
         """For int8 experts (:class:`~kimivl.quantization.int8.Int8Linear`, the C++ decode step's operands): ``gate``,
         ``up`` (E, I, D), ``down`` (E, D, I) int8 and their scales (E, I), (E, I), (E, D) float32, the experts'
@@ -221,10 +225,7 @@ class DeepseekV3MoE(nn.Module):
         from kimivl.ops.moe import plain_int8_mlp
 
         stacked = self.__dict__.get("_stacked_int8")
-        if stacked is not None and all(
-                getattr(e, name).weight.data_ptr() == w[i].data_ptr()
-                for i, e in ((0, self.experts[0]), (len(self.experts) - 1, self.experts[-1]))
-                for name, w in zip(("gate_proj", "up_proj", "down_proj"), stacked)):
+        if stacked is not None and self._still_stacked(stacked):
             return stacked
         if not all(plain_int8_mlp(e) for e in self.experts):
             return None

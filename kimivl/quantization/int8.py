@@ -1,8 +1,8 @@
 """Weight-only int8 for the decoder's linear layers: one symmetric scale per output channel, activations unchanged.
 
-Why: the released Kimi-VL-A3B is 15.96 B parameters, 29.7 GiB in bf16: it does not fit a 24 GiB machine, and a
+Why: the released Kimi-VL-A3B is 16.4 B parameters, 30.6 GiB in bf16: it does not fit a 24 GiB machine, and a
 decode step streams ~5.2 GB of active weights per token from memory. With the decoder's linear layers in int8
-(routed and shared experts, the dense MLP, the attention projections) it is ~16 GiB, and a decode step reads about
+(routed and shared experts, the dense MLP, the attention projections) it is 16.4 GiB, and a decode step reads about
 half the bytes (shared/reference/performance-notes.md §1.5). ``q = round(w / s)`` clamped to [-127, 127] with
 ``s = max|w_row| / 127``: the error of a weight is at most s / 2, ~0.4 % of the row's largest weight.
 

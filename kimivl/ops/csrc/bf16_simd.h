@@ -22,6 +22,14 @@
 namespace kimivl_simd {
 
 #ifdef KIMIVL_SIMD_AVX2
+// The sum of a vector's 8 lanes (the streaming kernels' last step per output: linear_bf16w.cpp, linear_int8w.cpp).
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
 // exp for float32 lanes (Cephes-style: 2^n * poly(r), |rel. error| < 2e-7 on [-87, 88]; -inf -> 0).
 inline __m256 exp8(__m256 x) {
   const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);

@@ -29,12 +29,7 @@
 namespace {
 
 #ifdef KIMIVL_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using kimivl_simd::hsum8;
 
 // 16 bf16 values -> two float32 vectors.
 inline void widen16(const uint16_t* p, __m256& lo, __m256& hi) {
@@ -71,7 +66,7 @@ void block(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y, 
   for (; k + 16 <= K; k += 16) step(k);
   for (int r = 0; r < R; ++r) {
     for (int m = 0; m < MB; ++m) {
-      float s = hsum(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
+      float s = hsum8(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
       for (int64_t kk = k; kk < K; ++kk) s += widen(w[r * K + kk]) * x[m * ldx + kk];
       y[m * ldy + r] = s;
     }
@@ -109,7 +104,7 @@ void block8(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y,
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
-      float s = hsum(acc[r][m]);
+      float s = hsum8(acc[r][m]);
       for (int64_t kk = k; kk < K; ++kk) s += widen(w[r * K + kk]) * x[m * ldx + kk];
       y[m * ldy + r] = s;
     }

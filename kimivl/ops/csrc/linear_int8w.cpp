@@ -6,6 +6,7 @@
 // An AVX2+FMA path (also what an AVX-512 CPU runs: it streams at the memory's rate there too) and a portable
 // scalar one.
 #include <torch/extension.h>
+#include "bf16_simd.h"
 #include "kernels.h"
 #include "parallel.h"
 
@@ -22,12 +23,7 @@
 namespace {
 
 #ifdef KIMIVL_I8_AVX2
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using kimivl_simd::hsum8;
 
 // 8 int8 weights at p as float32.
 inline __m256 widen8(const int8_t* p) {
