@@ -7,8 +7,8 @@ half the bytes (shared/reference/performance-notes.md §1.5). ``q = round(w / s)
 ``s = max|w_row| / 127``: the error of a weight is at most s / 2, ~0.4 % of the row's largest weight.
 
 What stays in the checkpoint's dtype: the embedding, ``lm_head`` (``model.dtype`` and the logits read it), each
-layer's ``kv_b_proj`` (the absorbed MLA decode reads it as two matrices per head; 2 % of a layer), the router, the
-norms, the whole vision tower and projector (compute-bound: int8 weights would not speed them up).
+layer's ``kv_b_proj`` (the absorbed MLA decode reads it as two matrices per head; 15 % of the attention's weights),
+the router, the norms, the whole vision tower and projector (compute-bound: int8 weights would not speed them up).
 
 State-dict keys follow compressed-tensors' ``int-quantized`` layout: ``<module>.weight`` int8 (out, in),
 ``<module>.weight_scale`` float32 (out, 1); :func:`quantization_config` is what ``config.json`` records.
