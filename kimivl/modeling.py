@@ -55,8 +55,9 @@ def _quantize_on_load(model: KimiVLForConditionalGeneration, config: KimiVLConfi
     method = stored or quantization
     if method is None:
         return set()
-    names = int8.replace_linears(model, ignore or int8.IGNORE)
-    config.extra["quantization_config"] = int8.quantization_config(ignore or int8.IGNORE)
+    ignore = ignore or int8.IGNORE
+    names = int8.replace_linears(model, ignore)
+    config.extra["quantization_config"] = int8.quantization_config(ignore)
     return {name + ".weight" for name in names}
 
 

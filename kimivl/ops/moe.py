@@ -159,6 +159,8 @@ def plain_bf16_linear(p: torch.nn.Module | None) -> bool:
 def plain_int8_linear(p: torch.nn.Module | None) -> bool:
     """An :class:`~kimivl.quantization.int8.Int8Linear` without bias whose int8 weight and float32 scales the C++
     decode passes can read by rows (contiguous, on the CPU)."""
+    if p is None or "weight_scale" not in p._buffers:  # bf16 layers leave here: the bf16 expert dispatch asks too
+        return False
     from kimivl.quantization.int8 import Int8Linear  # (that module imports kimivl.ops)
 
     return (type(p) is Int8Linear and p.bias is None and p.weight.device.type == "cpu" and p.weight.is_contiguous()
@@ -225,15 +227,17 @@ def fused_cpu_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Te
     if ids and not 0 <= ids[0] <= ids[-1] < len(experts):
         raise ValueError(f"expert ids {ids[0]}..{ids[-1]} chosen for a layer of {len(experts)} experts")
     mlps = [experts[e] for e in ids] + ([shared] if shared is not None else [])
+    int8 = [plain_int8_mlp(m) for m in mlps]  # once per MLP: the kind check and the scales below
     # every MLP involved: one trainable expert among frozen ones must keep its autograd path
-    if not all(_fused_mlp(m) for m in mlps) or not _cpu_inference_rows(x, mlps, limit):
+    if (not all(i or plain_bf16_mlp(m) for i, m in zip(int8, mlps))
+            or not _cpu_inference_rows(x, mlps, limit)):
         return None
     ext = cpu_kernels.kernels()
     if ext is None:
         return None
     return ext.moe_bf16w(x, topk_idx, topk_weight.float(), ids, [m.gate_proj.weight for m in mlps],
                          [m.up_proj.weight for m in mlps], [m.down_proj.weight for m in mlps],
-                         int(shared is not None), *_mlp_scales(mlps))
+                         int(shared is not None), *_mlp_scales(mlps, int8))
 
 
 def _fused_mlp(mlp: torch.nn.Module) -> bool:
@@ -241,12 +245,12 @@ def _fused_mlp(mlp: torch.nn.Module) -> bool:
     return plain_bf16_mlp(mlp) or plain_int8_mlp(mlp)
 
 
-def _mlp_scales(mlps: Sequence[torch.nn.Module]) -> tuple[list, list, list]:
-    """``moe_bf16w``'s gate / up / down scale lists: each int8 MLP's per-row scales, None for a bf16 one; three
-    empty lists when none is int8."""
-    if not any(plain_int8_mlp(m) for m in mlps):
+def _mlp_scales(mlps: Sequence[torch.nn.Module], int8: Sequence[bool]) -> tuple[list, list, list]:
+    """``moe_bf16w``'s gate / up / down scale lists: each int8 MLP's per-row scales (``int8``: which are), None for
+    a bf16 one; three empty lists when none is int8."""
+    if not any(int8):
         return [], [], []
-    return tuple([getattr(m, name).weight_scale.view(-1) if plain_int8_mlp(m) else None for m in mlps]
+    return tuple([getattr(m, name).weight_scale.view(-1) if i else None for m, i in zip(mlps, int8)]
                  for name in _PROJECTIONS)
 
 
@@ -261,5 +265,5 @@ def fused_cpu_mlp(x: torch.Tensor, mlp: torch.nn.Module) -> torch.Tensor | None:
     x2 = x.reshape(-1, x.shape[-1])
     none = torch.empty(x2.shape[0], 0, dtype=torch.int64)
     y = ext.moe_bf16w(x2, none, none.float(), [], [mlp.gate_proj.weight], [mlp.up_proj.weight],
-                      [mlp.down_proj.weight], 1, *_mlp_scales([mlp]))
+                      [mlp.down_proj.weight], 1, *_mlp_scales([mlp], [plain_int8_mlp(mlp)]))
     return y.view(x.shape)
