@@ -218,7 +218,7 @@ class DeepseekV3MoE(nn.Module):
                    for name, w in zip(("gate_proj", "up_proj", "down_proj"), stacked))
 
     def stacked_int8_experts(self) -> tuple[torch.Tensor, ...] | None:
-        """For int8 experts (:class:`~kimivl.quantization.int8.Int8Linear`, the C++ decode step's operands): ``gate``,
+        """For int8 experts (:class:`~kimivl.ops.int8_linear.Int8Linear`, the C++ decode step's operands): ``gate``,
         ``up`` (E, I, D), ``down`` (E, D, I) int8 and their scales (E, I), (E, I), (E, D) float32, the experts'
         buffers re-pointed to views of them as :meth:`stacked_experts` does (one copy; state-dict keys and values
         unchanged). None when an expert is not a plain int8 MLP or they differ in shape or device."""

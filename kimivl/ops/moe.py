@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kimivl.ops import cpu_kernels
+from kimivl.ops.int8_linear import Int8Linear
 from kimivl.ops.linear import SMALL_M, Linear
 
 
@@ -85,7 +86,7 @@ def moe_grouped(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tens
     """:func:`moe_dispatch` with stacked weights (as :func:`moe_gathered`) as three grouped GEMMs
     (``torch._grouped_mm``: one launch over every expert's contiguous block of sorted rows, group ends on the
     device), without any host sync. Same sort, roundings and slot-order sum as :func:`moe_dispatch`."""
-    t, k = topk_idx.shape
+    k = topk_idx.shape[1]
     flat = topk_idx.reshape(-1)
     order = flat.argsort(stable=True)
     ends = torch.bincount(flat, minlength=gate.shape[0]).cumsum(0).to(torch.int32)
@@ -157,12 +158,8 @@ def plain_bf16_linear(p: torch.nn.Module | None) -> bool:
 
 
 def plain_int8_linear(p: torch.nn.Module | None) -> bool:
-    """An :class:`~kimivl.quantization.int8.Int8Linear` without bias whose int8 weight and float32 scales the C++
+    """An :class:`~kimivl.ops.int8_linear.Int8Linear` without bias whose int8 weight and float32 scales the C++
     decode passes can read by rows (contiguous, on the CPU)."""
-    if p is None or "weight_scale" not in p._buffers:  # bf16 layers leave here: the bf16 expert dispatch asks too
-        return False
-    from kimivl.quantization.int8 import Int8Linear  # (that module imports kimivl.ops)
-
     return (type(p) is Int8Linear and p.bias is None and p.weight.device.type == "cpu" and p.weight.is_contiguous()
             and p.weight_scale.dtype == torch.float32 and p.weight_scale.is_contiguous())
 

@@ -3,8 +3,9 @@
 Why: the released Kimi-VL-A3B is 16.4 B parameters, 30.6 GiB in bf16: it does not fit a 24 GiB machine, and a
 decode step streams ~5.2 GB of active weights per token from memory. With the decoder's linear layers in int8
 (routed and shared experts, the dense MLP, the attention projections) it is 16.4 GiB, and a decode step reads about
-half the bytes (shared/reference/performance-notes.md §1.5). ``q = round(w / s)`` clamped to [-127, 127] with
-``s = max|w_row| / 127``: the error of a weight is at most s / 2, ~0.4 % of the row's largest weight.
+half the bytes (shared/reference/performance-notes.md §1.5). The layer and its arithmetic are
+:mod:`kimivl.ops.int8_linear`'s; this module says which layers of a model are quantized, and how a checkpoint
+records it.
 
 What stays in the checkpoint's dtype: the embedding, ``lm_head`` (``model.dtype`` and the logits read it), each
 layer's ``kv_b_proj`` (the absorbed MLA decode reads it as two matrices per head; 15 % of the attention's weights),
@@ -19,16 +20,14 @@ import re
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kimivl.ops import cpu_kernels
-from kimivl.ops.linear import SMALL_M, Linear, float32_linear
+from kimivl.ops.int8_linear import Int8Linear, quantize_weight
+from kimivl.ops.linear import Linear
 
 METHODS = ("int8",)
 # modules of the language model kept in their dtype (see the module docstring)
 IGNORE = ("lm_head", "re:.*kv_b_proj$")
-QMAX = 127
 
 
 def check_method(method: str) -> str:
@@ -37,91 +36,6 @@ def check_method(method: str) -> str:
         raise ValueError(f"quantization={method!r} is not supported: choose one of {', '.join(METHODS)} (weight-only, "
                          "per output channel)")
     return method
-
-
-def quantize_weight(weight: torch.Tensor, name: str = "weight", work: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q, scale)`` with ``q`` int8 (out, in) and ``scale`` float32 (out, 1), ``q * scale`` ~= ``weight``.
-
-    Rows of zeros get scale 1 (any scale gives q = 0). Non-finite weights are refused by name: a NaN would make the
-    whole row's scale NaN. ``work``: a float32 buffer of at least ``weight.numel()`` elements on its device to
-    compute in (else one is allocated)."""
-    if weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(f"{name}: int8 quantization needs a floating (out, in) weight, got {weight.dtype} "
-                         f"{tuple(weight.shape)}")
-    # one float32 copy, worked on in place (a load quantizes the largest weights of a 30 GB model one at a time)
-    if work is None:
-        w = weight.detach().to(torch.float32, copy=True)
-    else:
-        w = work[: weight.numel()].view(weight.shape).copy_(weight.detach())
-    low, high = w.aminmax(dim=1, keepdim=True)
-    amax = torch.maximum(high, -low)
-    if not bool(torch.isfinite(amax).all()):
-        bad = int((~torch.isfinite(amax)).sum())
-        raise ValueError(f"{name}: {bad} of {w.shape[0]} rows hold inf or NaN; they cannot be quantized")
-    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
-    q = w.div_(scale).round_().clamp_(-QMAX, QMAX).to(torch.int8)
-    return q, scale
-
-
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``q * scale`` in ``dtype`` (products in float32, one rounding)."""
-    return (q.float() * scale.float()).to(dtype)
-
-
-class Int8Linear(nn.Module):
-    """A linear layer with int8 weights (buffer ``weight``) and float32 per-row scales (buffer ``weight_scale``).
-
-    The output has the input's dtype. A few rows on the CPU without autograd (a decode step) take the C++
-    ``linear_int8w`` kernel, which streams the int8 weights and widens them in registers; anything else multiplies
-    by the dequantized weight (gradients reach the input, never the weights, which are buffers: LoRA-style
-    adapters can train on top)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 device: torch.device | str | None = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
-        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, name: str = "weight") -> Int8Linear:
-        """The quantized copy of ``linear`` (on its device; the bias keeps its dtype)."""
-        out = cls(linear.in_features, linear.out_features, bias=False, device="meta")
-        q, scale = quantize_weight(linear.weight, name)
-        out.weight, out.weight_scale = q, scale
-        out.bias = None if linear.bias is None else linear.bias.detach().clone()
-        return out
-
-    def _apply(self, fn, recurse=True):
-        # a dtype cast of the model (.to(torch.bfloat16), .half()) must not round the scales: they stay float32
-        scale = self.weight_scale
-        super()._apply(fn, recurse)
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32)
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"Int8Linear: input has {x.shape[-1]} features, the layer expects {self.in_features}")
-        scale = self.weight_scale.view(-1)
-        if x.device.type == "cpu" and self.weight.device.type == "cpu":
-            rows = x.numel() // self.in_features if self.in_features else 0
-            if cpu_kernels.inference_rows(x, rows, SMALL_M):
-                ext = cpu_kernels.kernels()
-                if ext is not None:
-                    return ext.linear_int8w(x, self.weight, scale, self.bias)
-            if x.dtype != torch.bfloat16 or not cpu_kernels.cpu_has_fast_bf16():
-                # float32 products: torch's bf16 GEMM has no fast path without AVX512-BF16
-                bias = None if self.bias is None else self.bias.float()
-                w = dequantize_weight(self.weight, self.weight_scale, torch.float32)
-                return float32_linear(x.float(), w, bias).to(x.dtype)
-        w = dequantize_weight(self.weight, self.weight_scale, x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
 def _ignored(name: str, ignore: tuple[str, ...]) -> bool:
@@ -169,17 +83,33 @@ def replace_linears(model: nn.Module, ignore: tuple[str, ...] = IGNORE) -> list[
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, method: str = "int8", ignore: tuple[str, ...] = IGNORE) -> nn.Module:
-    """Quantize ``model``'s language model in place (layer by layer: each float weight is freed as its int8 copy is
-    made, so the peak is the model plus one layer's float32 copy). Returns ``model``, with its ``config`` recording
-    the scheme (``save_pretrained`` writes it; ``from_pretrained`` reads it back)."""
+    """Quantize ``model``'s language model in place, as ``from_pretrained(..., quantization="int8")`` does on load:
+    the same :func:`quantize_tensors` pass over the model's own weights, each float weight freed as its int8 copy
+    is made (the peak is the model plus one weight's float32 copy), the routed experts' int8 weights written into
+    their stacks. Returns ``model``, with its ``config`` recording the scheme (``save_pretrained`` writes it;
+    ``from_pretrained`` reads it back)."""
     check_method(method)
-    done = []
-    for name, module in list(quantizable(model, ignore)):
-        _set(model, name, Int8Linear.from_linear(module, name + ".weight"))
-        done.append(name)
+    layers = dict(quantizable(model, ignore))
+    if not layers:
+        return model
+    weights = {name + ".weight": layer.weight for name, layer in layers.items()}
+    replace_linears(model, ignore)  # from here on only `weights` holds the float weights
+    for name, layer in layers.items():
+        if layer.bias is not None:
+            model.get_submodule(name).bias = layer.bias.detach().clone()
+    del layers
+
+    def drain() -> Iterator[tuple[str, torch.Tensor]]:
+        while weights:  # popped as read: each float weight is freed once quantized
+            key = next(iter(weights))
+            yield key, weights.pop(key).detach()
+
+    for key, tensor in quantize_tensors(drain(), set(weights), device=None):
+        module_name, _, attr = key.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, tensor)
     _drop_caches(model)
     config = getattr(model, "config", None)
-    if config is not None and done:
+    if config is not None:
         config.extra["quantization_config"] = quantization_config(ignore)
     return model
 
@@ -234,10 +164,11 @@ EXPERT_WEIGHT = re.compile(r"^(.*\.experts)\.(\d+)\.((?:gate|up|down)_proj)\.wei
 
 
 def quantize_tensors(tensors: Iterator[tuple[str, torch.Tensor]], weight_keys: set[str],
-                     device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+                     device: torch.device | str | None = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """A checkpoint's ``(key, tensor)`` stream with each float ``weight_keys`` tensor replaced by its int8 weight and
     ``weight_scale`` on ``device``, the rest as they come; int8 tensors (an already quantized checkpoint) pass as
-    they are. Routed experts' weights come as views of one stack per layer and projection (see ``EXPERT_WEIGHT``).
+    they are (``device`` None: each on its tensor's device). Routed experts' weights come as views of one stack per
+layer and projection (see ``EXPERT_WEIGHT``).
 
     Only the results are new memory: the float weight (a view of the reader's scratch buffer, see
     :func:`kimivl.checkpoint.iter_checkpoint_tensors`) and the float32 work buffer are reused from tensor to tensor.
@@ -260,10 +191,11 @@ def quantize_tensors(tensors: Iterator[tuple[str, torch.Tensor]], weight_keys: s
             group = (match[1], match[3], part)
             stack = stacks.get(group)
             if stack is None:
-                stack = stacks[group] = torch.empty(experts[group[:2]], *t.shape, dtype=t.dtype, device=device)
+                stack = stacks[group] = torch.empty(experts[group[:2]], *t.shape, dtype=t.dtype,
+                                                    device=device or t.device)
             if tuple(stack.shape[1:]) == tuple(t.shape) and stack.dtype == t.dtype:
                 return stack[int(match[2])].copy_(t)
-        return t.to(device, copy=copy)
+        return t.to(device or t.device, copy=copy)
 
     work = torch.empty(0, dtype=torch.float32)
     for key, tensor in tensors:

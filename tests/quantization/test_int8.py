@@ -238,9 +238,9 @@ def test_quantized_demo_model_still_answers():
 
 
 def test_loading_puts_each_layers_experts_in_one_stack(golden_dir, tmp_path):
-    """Quantizing on load (and loading an int8 checkpoint) writes the routed experts' int8 weights and scales into one
-    (E, N, K) stack per layer and projection, which the C++ decode step adopts without a copy: a full-size model
-    would otherwise need its experts' size again when the step first stacks them."""
+    """Quantizing on load (and loading an int8 checkpoint, and quantize_model) writes the routed experts' int8 weights
+    and scales into one (E, N, K) stack per layer and projection, which the C++ decode step adopts without a copy: a
+    full-size model would otherwise need its experts' size again when the step first stacks them."""
     def check(model):
         for layer in model.language_model.model.layers:
             if not hasattr(layer.mlp, "experts"):
@@ -254,8 +254,27 @@ def test_loading_puts_each_layers_experts_in_one_stack(golden_dir, tmp_path):
 
     model = KimiVLForConditionalGeneration.from_pretrained(golden_dir, quantization="int8")
     check(model)
+    check(quantize_model(KimiVLForConditionalGeneration.from_pretrained(golden_dir)))
     model.save_pretrained(tmp_path)
     again = KimiVLForConditionalGeneration.from_pretrained(tmp_path)
     check(again)
     for key, value in model.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
+
+
+def test_quantize_model_keeps_biases():
+    """Layers with a bias keep it (attention_bias configs); the int8 layer computes x @ dequantized.T + bias."""
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Linear(24, 40, bias=True), Linear(40, 16, bias=False))
+    x = torch.randn(3, 24)
+    dense = [(m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for m in model]
+    quantize_model(model)
+    assert all(type(m) is Int8Linear for m in model)
+    assert torch.equal(model[0].bias, dense[0][1]) and model[1].bias is None
+    h = x
+    for (weight, bias), layer in zip(dense, model):
+        q, scale = quantize_weight(weight)
+        assert torch.equal(layer.weight, q) and torch.equal(layer.weight_scale, scale)
+        h = torch.nn.functional.linear(h, dequantize_weight(q, scale), bias)
+    torch.testing.assert_close(model(x), h, rtol=1e-5, atol=1e-5)
