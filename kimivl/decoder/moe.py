@@ -26,8 +26,8 @@ from kimivl.configuration import DeepseekV3Config
 from kimivl.decoder.cpu_decode import PLAN, moe_step
 from kimivl.decoder.mlp import DeepseekV3MLP
 from kimivl.ops.linear import Linear, linear
-from kimivl.ops.moe import (fused_cpu_moe, grouped_cpu_moe, grouped_mm_available, moe_dispatch, moe_gathered,
-                            moe_grouped)
+from kimivl.ops.moe import (fused_cpu_moe, grouped_cpu_moe, grouped_int8_moe, grouped_mm_available, moe_dispatch,
+                            moe_gathered, moe_grouped, plain_int8_mlp)
 from kimivl.ops.routing import route, route_cpu_rows
 
 
@@ -114,8 +114,11 @@ class DeepseekV3MoE(nn.Module):
             y = (moe_gathered if path == "gather" else moe_grouped)(x, topk_idx, topk_weight, *stacked).view(shape)
         else:
             cpu = self._cpu_stack(x)  # the CPU stack in inference mode, else None
-            # on a CPU with AMX / AVX512-BF16 the routed experts are one C++ call over the stacked weights
+            # on a CPU the routed experts are one C++ call over the stacked weights (bf16 or int8) where it applies
             y = None if cpu is None else grouped_cpu_moe(x, topk_idx, topk_weight, cpu.gate_up, cpu.down)
+            if y is None and cpu is None:
+                int8 = self._cpu_int8_stack(x)
+                y = None if int8 is None else grouped_int8_moe(x, topk_idx, topk_weight, *int8)
             if y is None:
                 y = moe_dispatch(x, topk_idx, topk_weight, self.experts if cpu is None else cpu.experts)
             y = y.view(shape)
@@ -157,6 +160,12 @@ class DeepseekV3MoE(nn.Module):
         if x.device.type != "cpu" or not torch.is_inference_mode_enabled() or self.stacked_experts() is None:
             return None
         return self.__dict__.get("_cpu_stacked")  # made with the stack (None off the CPU)
+
+    def _cpu_int8_stack(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """:meth:`stacked_int8_experts` for a CPU forward in inference mode (as :meth:`_cpu_stack`), else None."""
+        if x.device.type != "cpu" or not torch.is_inference_mode_enabled() or not plain_int8_mlp(self.experts[0]):
+            return None
+        return self.stacked_int8_experts()
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         # .to() / .cuda() / .half() give every parameter its own new storage: drop the stack so the old one
@@ -222,8 +231,6 @@ class DeepseekV3MoE(nn.Module):
         ``up`` (E, I, D), ``down`` (E, D, I) int8 and their scales (E, I), (E, I), (E, D) float32, the experts'
         buffers re-pointed to views of them as :meth:`stacked_experts` does (one copy; state-dict keys and values
         unchanged). None when an expert is not a plain int8 MLP or they differ in shape or device."""
-        from kimivl.ops.moe import plain_int8_mlp
-
         stacked = self.__dict__.get("_stacked_int8")
         if stacked is not None and self._still_stacked(stacked):
             return stacked

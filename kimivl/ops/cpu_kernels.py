@@ -17,7 +17,9 @@ inference on the CPU:
   a prefill's routed experts (:func:`kimivl.ops.moe.grouped_cpu_moe`): each expert's products transposed (its
   weights as the A operand, read in place: AMX tiles or vdpbf16ps broadcasts; on AVX2, float32 FMAs on weight
   rows widened into an L1/L2 buffer), whole experts per thread, the weighted sum over slots fused;
-  ``experts_isa()`` says which path this build and CPU have.
+  ``experts_isa()`` says which path this build and CPU have. ``moe_experts_int8(x, topk_idx, topk_weight, gate,
+  up, down, gate_scale, up_scale, down_scale)``: the AVX2 path for int8 experts (each weight block dequantized
+  into that buffer; :func:`kimivl.ops.moe.grouped_int8_moe`).
 - ``attention_bf16(q, k, v, lengths)`` (``attention_bf16.cpp``) — the vision tower's per-image attention with
   AVX512-BF16 dot products and an online softmax (:mod:`kimivl.ops.attention`, backend ``"avx512_bf16"``), for
   CPUs that have AVX512-BF16 but no AMX, where torch's flash CPU kernel runs at ~1/5 of the bf16 GEMM rate.

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimivl.ops import cpu_kernels
-from kimivl.ops.linear import SMALL_M, float32_linear
+from kimivl.ops.linear import SMALL_M, float32_linear, upcast_weight
 
 QMAX = 127
 
@@ -92,9 +92,10 @@ class Int8Linear(nn.Module):
                 if ext is not None:
                     return ext.linear_int8w(x, self.weight, scale, self.bias)
             if x.dtype != torch.bfloat16 or not cpu_kernels.cpu_has_fast_bf16():
-                # float32 products: torch's bf16 GEMM has no fast path without AVX512-BF16
+                # float32 products: torch's bf16 GEMM has no fast path without AVX512-BF16 (a large weight is
+                # dequantized into a reused buffer: a fresh one is page-faulted in on every call)
                 bias = None if self.bias is None else self.bias.float()
-                w = dequantize_weight(self.weight, self.weight_scale, torch.float32)
+                w = upcast_weight(self.weight, x, self.weight_scale)
                 return float32_linear(x.float(), w, bias).to(x.dtype)
         w = dequantize_weight(self.weight, self.weight_scale, x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))

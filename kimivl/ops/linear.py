@@ -46,7 +46,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return ext.linear_bf16w(x, weight, bias)
     if not cpu_kernels.cpu_has_fast_bf16() or x.dtype != torch.bfloat16:  # (F.linear refuses mixed dtypes)
         b = bias.float() if bias is not None else None
-        return float32_linear(x.float(), _upcast(weight, x), b).to(x.dtype)
+        return float32_linear(x.float(), upcast_weight(weight, x), b).to(x.dtype)
     if bias is not None and _onednn_post_op_applies(x, weight, bias):
         # the bias inside oneDNN's GEMM: F.linear's addmm first copies the bias into every output row, a pass
         # over the output (MoonViT's qkv 90 -> 79 ms, wo 29 -> 23 ms per 6,660 patches); bit for bit F.linear's
@@ -79,18 +79,21 @@ UPCAST_REUSE_MIN: int = 1 << 20
 _scratch = threading.local()
 
 
-def _upcast(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``weight.float()`` for a product with ``x``; without autograd through either (which would save the weight
-    for the backward pass), a large weight lands in this thread's reused buffer, which the caller must be done
-    with before its next call (the float32 GEMM fallback of :func:`linear`)."""
+def upcast_weight(weight: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight.float()`` (``* scale``: an int8 weight's per-row scales, float32) for a product with ``x``; without
+    autograd through either (which would save the weight for the backward pass), a large weight lands in this
+    thread's reused buffer, which the caller must be done with before its next call (the float32 GEMM fallbacks of
+    :func:`linear` and :class:`~kimivl.ops.int8_linear.Int8Linear`)."""
     if weight.numel() < UPCAST_REUSE_MIN or not _without_autograd(weight, x):
-        return weight.float()
+        return weight.float() if scale is None else weight.float() * scale
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < weight.numel():
         # outside inference mode: a buffer made inside it could not be written outside later
         with torch.inference_mode(False):
             buf = _scratch.buf = torch.empty(weight.numel(), dtype=torch.float32)
-    return buf[:weight.numel()].view(weight.shape).copy_(weight)
+    out = buf[:weight.numel()].view(weight.shape)
+    # one pass: the int8 values widen exactly, then one float32 product per weight (dequantize_weight's bits)
+    return out.copy_(weight) if scale is None else torch.mul(weight, scale, out=out)
 
 
 def _without_autograd(*tensors: torch.Tensor | None) -> bool:

@@ -278,3 +278,130 @@ def test_quantize_model_keeps_biases():
         assert torch.equal(layer.weight, q) and torch.equal(layer.weight_scale, scale)
         h = torch.nn.functional.linear(h, dequantize_weight(q, scale), bias)
     torch.testing.assert_close(model(x), h, rtol=1e-5, atol=1e-5)
+
+
+# --- a prefill's int8 experts in one C++ call (kimivl.ops.moe.grouped_int8_moe, C++ moe_experts_int8) ---------
+def _int8_experts(g: torch.Generator, hidden: int, inter: int, experts: int = 8, exact: bool = False):
+    """Stacked int8 gate, up, down and their per-row scales; ``exact``: scales that are powers of two, so every
+    q * scale is a bf16 value (the int8 kernel then must give the bf16 kernel's bits)."""
+    shapes = ((experts, inter, hidden), (experts, inter, hidden), (experts, hidden, inter))
+    q = [torch.randint(-127, 128, shape, generator=g, dtype=torch.int8) for shape in shapes]
+    if exact:
+        s = [2.0 ** -torch.randint(4, 9, shape[:2], generator=g).float() for shape in shapes]
+    else:
+        s = [torch.rand(shape[:2], generator=g) / 200 + 1e-3 for shape in shapes]
+    return q, s
+
+
+def _routing(g: torch.Generator, tokens: int, experts: int = 8, k: int = 3):
+    idx = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
+    return idx, torch.rand(tokens, k, generator=g)
+
+
+def _avx2_experts(cpu_ext):
+    if cpu_ext.experts_isa() != "avx2":
+        pytest.skip("moe_experts_int8 runs where the prefill experts take the AVX2 float32 path (experts_isa() "
+                    f"'avx2'); this CPU and build: {cpu_ext.experts_isa()!r}")
+
+
+# (50, 22): tails of the 8-wide loops and of the 6-row blocks; (2048, 1408): the release's expert shape
+@pytest.mark.parametrize("hidden,inter", [(64, 40), (50, 22), (2048, 1408)])
+@pytest.mark.parametrize("tokens", [1, 17, 150])
+def test_int8_experts_kernel_gives_the_bf16_kernels_bits_on_the_same_weights(cpu_ext, hidden, inter, tokens):
+    _avx2_experts(cpu_ext)
+    g = torch.Generator().manual_seed(tokens + hidden)
+    q, s = _int8_experts(g, hidden, inter, exact=True)
+    w = [(qi.float() * si[..., None]).bfloat16() for qi, si in zip(q, s)]
+    assert all(torch.equal(wi.float(), qi.float() * si[..., None]) for wi, qi, si in zip(w, q, s))  # exact in bf16
+    x = torch.randn(tokens, hidden, generator=g).bfloat16()
+    idx, weight = _routing(g, tokens)
+    gate_up = torch.cat([w[0], w[1]], dim=1).contiguous()
+    ref = cpu_ext.moe_experts_bf16(x, idx, weight, gate_up, w[2].contiguous(), False, 10**6)
+    out = cpu_ext.moe_experts_int8(x, idx, weight, *q, *s)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("tokens", [9, 40, 150])
+def test_int8_experts_match_the_int8_modules(cpu_ext, tokens):
+    """Arbitrary scales: against moe_dispatch over Int8Linear experts (same roundings, other summation order)
+    and a float64 reference on the dequantized weights."""
+    from kimivl.decoder.mlp import DeepseekV3MLP
+    from kimivl.ops.moe import fused_cpu_moe, grouped_int8_moe, moe_dispatch, moe_fused_max_tokens
+
+    _avx2_experts(cpu_ext)
+    g = torch.Generator().manual_seed(tokens)
+    hidden, inter = 96, 40
+    q, s = _int8_experts(g, hidden, inter)
+    experts = []
+    for e in range(8):
+        mlp = DeepseekV3MLP(hidden, inter)
+        for name, qi, si in zip(("gate_proj", "up_proj", "down_proj"), q, s):
+            layer = Int8Linear(qi.shape[2], qi.shape[1])
+            layer.weight, layer.weight_scale = qi[e].clone(), si[e][:, None].clone()
+            setattr(mlp, name, layer)
+        experts.append(mlp)
+    x = torch.randn(tokens, hidden, generator=g).bfloat16()
+    idx, weight = _routing(g, tokens)
+    with torch.inference_mode():
+        module = moe_dispatch(x, idx, weight, experts)
+        out = grouped_int8_moe(x, idx, weight, *q, *s)
+        # up to moe_fused_max_tokens() the decode-shaped pass takes them (moe_bf16w on int8 rows)
+        fused = fused_cpu_moe(x, idx, weight, experts) if tokens <= moe_fused_max_tokens() else None
+    assert out is not None
+    deq = [qi.double() * si.double()[..., None] for qi, si in zip(q, s)]
+    ref = torch.zeros(tokens, hidden, dtype=torch.float64)
+    for t in range(tokens):
+        for e, w in zip(idx[t].tolist(), weight[t].tolist()):
+            xt = x[t].double()
+            ref[t] += w * ((torch.nn.functional.silu(deq[0][e] @ xt) * (deq[1][e] @ xt)) @ deq[2][e].T)
+    scale = ref.abs().max()
+    err_module, err = (module.double() - ref).abs().max(), (out.double() - ref).abs().max()
+    assert err <= err_module + 0.004 * scale, (err, err_module)
+    assert err_module <= 0.02 * scale
+    torch.testing.assert_close(out, module, atol=0.02 * scale.item(), rtol=0.02)
+    if fused is not None:
+        assert (fused.double() - ref).abs().max() <= err_module + 0.004 * scale
+        torch.testing.assert_close(fused, module, atol=0.02 * scale.item(), rtol=0.02)
+
+
+def test_int8_experts_kernel_errors_name_the_shapes(cpu_ext):
+    _avx2_experts(cpu_ext)
+    g = torch.Generator().manual_seed(0)
+    q, s = _int8_experts(g, 32, 16)
+    x = torch.randn(4, 32).bfloat16()
+    idx, weight = _routing(g, 4)
+    with pytest.raises(RuntimeError, match=r"one value per weight row \(128\), got \[8, 15\]"):
+        cpu_ext.moe_experts_int8(x, idx, weight, *q, s[0], s[1][:, :15], s[2])
+    with pytest.raises(RuntimeError, match=r"x has 31 features"):
+        cpu_ext.moe_experts_int8(x[:, :31].contiguous(), idx, weight, *q, *s)
+    with pytest.raises(RuntimeError, match="must be contiguous \\(E, N, K\\) int8"):
+        cpu_ext.moe_experts_int8(x, idx, weight, q[0].float(), q[1], q[2], *s)
+    with pytest.raises(RuntimeError, match="expert id 9 chosen for token 0 of a layer of 8 experts"):
+        cpu_ext.moe_experts_int8(x, torch.full_like(idx, 9), weight, *q, *s)
+
+
+def test_int8_prefill_takes_the_experts_kernel(golden_dir, monkeypatch):
+    """A bf16 int8 model's prefill of more tokens than the decode-shaped expert pass takes (moe_fused_max_tokens)
+    runs its routed experts in moe_experts_int8; the logits stay those of the per-expert modules (bf16 tolerance:
+    summation order)."""
+    from kimivl.ops.moe import moe_fused_max_tokens
+
+    import kimivl.decoder.moe as moe_module
+    from kimivl.ops import cpu_kernels
+
+    ext = cpu_kernels.kernels()
+    if ext is None or ext.experts_isa() != "avx2":
+        pytest.skip("the int8 experts kernel runs on AVX2 builds without AVX512-BF16 only")
+    model = KimiVLForConditionalGeneration.from_pretrained(golden_dir, dtype=torch.bfloat16, quantization="int8")
+    tokens = moe_fused_max_tokens() + 40
+    ids = torch.randint(0, 1000, (1, tokens), generator=torch.Generator().manual_seed(0))
+    calls = []
+    kernel = moe_module.grouped_int8_moe
+    monkeypatch.setattr(moe_module, "grouped_int8_moe", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    with torch.inference_mode():
+        fast = model(input_ids=ids).logits.float()
+        assert calls and all(shape[0] == tokens for shape in calls)
+        monkeypatch.setattr(moe_module, "grouped_int8_moe", lambda *a: None)
+        slow = model(input_ids=ids).logits.float()
+    torch.testing.assert_close(fast, slow, atol=0.05 * slow.abs().max().item(), rtol=0.05)
+    assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() >= 0.95

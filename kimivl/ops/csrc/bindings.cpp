@@ -42,6 +42,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "float32, gate_up (E, 2I, D) = each expert's gate rows then its up rows, down (E, D, I), use_amx, max_rows "
         "-> (T, D) bfloat16 = moe_dispatch's weighted sum (its roundings); experts with more than max_rows (token, "
         "slot) pairs run as ATen GEMMs inside the call");
+  m.def("moe_experts_int8", &moe_experts_int8, nogil,
+        "moe_experts_bf16 for int8 experts (float32 products, experts_isa() 'avx2' only): x (T, D) bfloat16, "
+        "topk_idx / topk_weight (T, k), gate / up (E, I, D) and down (E, D, I) int8, gate_scale / up_scale (E * I) "
+        "and down_scale (E * D) float32 -> (T, D) bfloat16, the int8 modules' roundings");
   m.def("mla_decode", &mla_decode, nogil,
         "one absorbed-MLA decode step: q_nope (B, H, nope), q_pe (B, H, rope) float32 or bfloat16, kv (B, T, r + "
         "rope), w_uk (H, nope, r), w_uv (H, v, r), scale, valid (B, T) bool or None, form -> (B, H, v) in q's "

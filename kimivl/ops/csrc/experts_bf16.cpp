@@ -302,14 +302,38 @@ void fma_rows(const float* w, int64_t K, const float* xt, int64_t nt, float* c) 
 // shift and a mask per pair on the FMA pipes' ports: 56 GFLOP/s against 80+ this way on a 2-core Zen 3).
 constexpr int64_t MR_F32 = 6;
 
-// c (M, nt) float32 = w (M, K) bf16 row-major @ x^T (K, nt) float32; wbuf holds MR_F32 * K floats.
-void gemm_f32(const uint16_t* w, int64_t M, int64_t K, const float* xt, int64_t nt, float* c, float* wbuf) {
-  for (int64_t m0 = 0; m0 < M; m0 += MR_F32) {
-    const int64_t rows = std::min(MR_F32, M - m0);
-    const uint16_t* src = w + m0 * K;
+// 8 int8 weights at p as float32 times `scale`: dequantize_weight's product (one rounding), bit for bit.
+inline __m256 widen_int8_8(const int8_t* p, __m256 scale) {
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), scale);
+}
+
+// Rows [m0, m0 + rows) of w (K columns) as float32 into wbuf: bf16 widened, or int8 times its row's scale.
+void widen_rows(const WeightRows& w, int64_t m0, int64_t rows, int64_t K, float* wbuf) {
+  if (!w.int8()) {
+    const uint16_t* src = static_cast<const uint16_t*>(w.data) + m0 * K;
     int64_t i = 0;
     for (; i + 8 <= rows * K; i += 8) _mm256_storeu_ps(wbuf + i, widen_8(src + i));
     for (; i < rows * K; ++i) wbuf[i] = widen(src[i]);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* src = static_cast<const int8_t*>(w.data) + (m0 + r) * K;
+    const float scale = w.scale[m0 + r];
+    const __m256 sv = _mm256_set1_ps(scale);
+    float* dst = wbuf + r * K;
+    int64_t i = 0;
+    for (; i + 8 <= K; i += 8) _mm256_storeu_ps(dst + i, widen_int8_8(src + i, sv));
+    for (; i < K; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+  }
+}
+
+// c (M, nt) float32 = w (M, K) row-major (bf16, or int8 with its scales) @ x^T (K, nt) float32; wbuf holds
+// MR_F32 * K floats.
+void gemm_f32(const WeightRows& w, int64_t M, int64_t K, const float* xt, int64_t nt, float* c, float* wbuf) {
+  for (int64_t m0 = 0; m0 < M; m0 += MR_F32) {
+    const int64_t rows = std::min(MR_F32, M - m0);
+    widen_rows(w, m0, rows, K, wbuf);
     float* cb = c + m0 * nt;
     switch (rows) {
       case 6: fma_rows<6>(wbuf, K, xt, nt, cb); break;
@@ -356,12 +380,14 @@ struct ExpertScratch {
         wbuf(MR_F32 * std::max(D, I)) {}
 };
 
-void run_expert(const uint16_t* gate_up, const uint16_t* down, int64_t D, int64_t I, const uint16_t* const* in,
-                int64_t rows, uint16_t* const* out, ExpertScratch& s) {
+// gate and up (I, D) each (for a bf16 stack, the two halves of the expert's gate_up rows), down (D, I).
+void run_expert(const WeightRows& gate, const WeightRows& up, const WeightRows& down, int64_t D, int64_t I,
+                const uint16_t* const* in, int64_t rows, uint16_t* const* out, ExpertScratch& s) {
   for (int64_t r0 = 0; r0 < rows; r0 += CHUNK_TOKENS) {
     const int64_t n = std::min(CHUNK_TOKENS, rows - r0), nt = (n + 7) / 8 * 8;
     pack_cols(in + r0, n, D, nt, s.xt.data());
-    gemm_f32(gate_up, 2 * I, D, s.xt.data(), nt, s.c1.data(), s.wbuf.data());
+    gemm_f32(gate, I, D, s.xt.data(), nt, s.c1.data(), s.wbuf.data());
+    gemm_f32(up, I, D, s.xt.data(), nt, s.c1.data() + I * nt, s.wbuf.data());
     silu_mul_cols(s.c1.data(), I, nt, s.ht.data());
     gemm_f32(down, D, I, s.ht.data(), nt, s.c2.data(), s.wbuf.data());
     unpack_rows(s.c2.data(), D, nt, n, out + r0);
@@ -396,6 +422,38 @@ struct Work {
   int64_t expert, first, rows;  // rows (token, slot) pairs of the expert, listed from pairs[first]
   int64_t out;                  // its first output row in ys (this file's kernels only)
 };
+
+// x (T, D) bf16, topk_idx (T, k) int64 and topk_weight (T, k) float32 on the CPU: checked, `who` names the caller.
+void check_routing(const char* who, const torch::Tensor& x, const torch::Tensor& topk_idx,
+                   const torch::Tensor& topk_weight) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == torch::kBFloat16, who,
+              ": x must be a bfloat16 (T, D) CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  const int64_t T = x.size(0);
+  TORCH_CHECK(topk_idx.device().is_cpu() && topk_idx.dim() == 2 && topk_idx.size(0) == T &&
+                  topk_idx.scalar_type() == torch::kInt64 && topk_weight.sizes() == topk_idx.sizes() &&
+                  topk_weight.scalar_type() == torch::kFloat32,
+              who, ": topk_idx (T, k) int64 and topk_weight (T, k) float32 with T = ", T, ", got ", topk_idx.sizes(),
+              " ", topk_idx.scalar_type(), " and ", topk_weight.sizes(), " ", topk_weight.scalar_type());
+}
+
+// The (token, slot) pairs of idx (P = T * k expert ids) grouped by expert, each group in (token, slot) order (a
+// stable sort by expert id): expert e's pairs are pairs[first[e] : first[e] + counts[e]].
+struct ExpertPairs {
+  std::vector<int64_t> counts, first, pairs;
+};
+
+ExpertPairs group_pairs(const char* who, const int64_t* idx, int64_t P, int64_t E, int64_t k) {
+  ExpertPairs g{std::vector<int64_t>(E, 0), std::vector<int64_t>(E, 0), std::vector<int64_t>(P)};
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK(idx[p] >= 0 && idx[p] < E, who, ": expert id ", idx[p], " chosen for token ", p / k,
+                " of a layer of ", E, " experts");
+    ++g.counts[idx[p]];
+  }
+  for (int64_t e = 1; e < E; ++e) g.first[e] = g.first[e - 1] + g.counts[e - 1];
+  std::vector<int64_t> fill(g.first);
+  for (int64_t p = 0; p < P; ++p) g.pairs[fill[idx[p]]++] = p;
+  return g;
+}
 }  // namespace
 
 // What this build can run here: "amx" (AMX tiles, permitted by the kernel), "avx512_bf16", or "" (neither): the
@@ -424,15 +482,8 @@ std::string experts_isa() {
 torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
                                const torch::Tensor& gate_up, const torch::Tensor& down, bool use_amx,
                                int64_t max_rows) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == torch::kBFloat16,
-              "moe_experts_bf16: x must be a bfloat16 (T, D) CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  check_routing("moe_experts_bf16", x, topk_idx, topk_weight);
   const int64_t T = x.size(0), D = x.size(1);
-  TORCH_CHECK(topk_idx.device().is_cpu() && topk_idx.dim() == 2 && topk_idx.size(0) == T &&
-                  topk_idx.scalar_type() == torch::kInt64 && topk_weight.sizes() == topk_idx.sizes() &&
-                  topk_weight.scalar_type() == torch::kFloat32,
-              "moe_experts_bf16: topk_idx (T, k) int64 and topk_weight (T, k) float32 with T = ", T, ", got ",
-              topk_idx.sizes(), " ", topk_idx.scalar_type(), " and ", topk_weight.sizes(), " ",
-              topk_weight.scalar_type());
   TORCH_CHECK(gate_up.device().is_cpu() && down.device().is_cpu() && gate_up.dim() == 3 && down.dim() == 3 &&
                   gate_up.scalar_type() == torch::kBFloat16 && down.scalar_type() == torch::kBFloat16 &&
                   gate_up.is_contiguous() && down.is_contiguous(),
@@ -455,18 +506,8 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
 #else
   auto idx_c = topk_idx.contiguous();
   auto w_c = topk_weight.contiguous();
-  const int64_t* idx = idx_c.data_ptr<int64_t>();
-  std::vector<int64_t> counts(E, 0);
-  for (int64_t p = 0; p < P; ++p) {
-    TORCH_CHECK(idx[p] >= 0 && idx[p] < E, "moe_experts_bf16: expert id ", idx[p], " chosen for token ", p / k,
-                " of a layer of ", E, " experts");
-    ++counts[idx[p]];
-  }
-  // pairs grouped by expert, each group in (token, slot) order (a stable sort by expert id)
-  std::vector<int64_t> first(E, 0), pairs(P);
-  for (int64_t e = 1; e < E; ++e) first[e] = first[e - 1] + counts[e - 1];
-  std::vector<int64_t> fill(first);
-  for (int64_t p = 0; p < P; ++p) pairs[fill[idx[p]]++] = p;
+  ExpertPairs grouped = group_pairs("moe_experts_bf16", idx_c.data_ptr<int64_t>(), P, E, k);
+  std::vector<int64_t>&counts = grouped.counts, &first = grouped.first, &pairs = grouped.pairs;
   // Experts of up to max_rows rows run in this file's kernels, wider ones as the GEMM library's products (which
   // win there, see kimivl/ops/moe.py) with the gathering, activation and combining done here all the same.
   std::vector<Work> work, wide;
@@ -509,7 +550,9 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
     for (int64_t i; (i = take()) >= 0;) {
       const Work& w = work[i];
       expert_rows(w, in.data(), out.data());
-      run_expert(gu + w.expert * 2 * I * D, dn + w.expert * D * I, D, I, in.data(), w.rows, out.data(), scratch);
+      const uint16_t* g = gu + w.expert * 2 * I * D;
+      run_expert(bf16_rows(g), bf16_rows(g + I * D), bf16_rows(dn + w.expert * D * I), D, I, in.data(), w.rows,
+                 out.data(), scratch);
     }
 #else
 #ifdef KIMIVL_AMX
@@ -561,6 +604,82 @@ torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk
   const float* wp = w_c.data_ptr<float>();
   uint16_t* out = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) { combine_rows(src.data(), wp, k, D, t0, t1, out); });
+  return y;
+#endif
+}
+
+// The routed experts with int8 weights (kimivl.quantization.int8): gate, up (E, I, D) and down (E, D, I) int8, each
+// row's float32 scale in gate_scale, up_scale (E * I) and down_scale (E * D). Every expert runs in the float32
+// kernels above, each weight block dequantized as the module's dequantize_weight does (float(q) * scale, one
+// rounding) into the small buffer the products read: no dequantized copy of an expert, no GEMM call per expert.
+// Same roundings as moe_dispatch over the int8 modules (their products on the dequantized weights); only the
+// summation order of the products differs. AVX2 builds without AVX512-BF16 (experts_isa() == "avx2") only.
+torch::Tensor moe_experts_int8(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
+                               const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down,
+                               const torch::Tensor& gate_scale, const torch::Tensor& up_scale,
+                               const torch::Tensor& down_scale) {
+  check_routing("moe_experts_int8", x, topk_idx, topk_weight);
+  const int64_t T = x.size(0), D = x.size(1);
+  for (const auto* w : {&gate, &up, &down})
+    TORCH_CHECK(w->device().is_cpu() && w->dim() == 3 && w->scalar_type() == torch::kInt8 && w->is_contiguous(),
+                "moe_experts_int8: gate, up and down must be contiguous (E, N, K) int8 CPU tensors, got ", w->sizes(),
+                " ", w->scalar_type());
+  const int64_t E = gate.size(0), I = gate.size(1), k = topk_idx.size(1), P = T * k;
+  TORCH_CHECK(gate.size(2) == D && up.sizes() == gate.sizes() && down.size(0) == E && down.size(1) == D &&
+                  down.size(2) == I,
+              "moe_experts_int8: x has ", D, " features; gate ", gate.sizes(), ", up ", up.sizes(), " and down ",
+              down.sizes(), " must be (E, I, ", D, "), (E, I, ", D, ") and (E, ", D, ", I)");
+  for (const auto& [scale, rows] : {std::pair{&gate_scale, E * I}, std::pair{&up_scale, E * I},
+                                    std::pair{&down_scale, E * D}})
+    TORCH_CHECK(scale->device().is_cpu() && scale->scalar_type() == torch::kFloat32 && scale->is_contiguous() &&
+                    scale->numel() == rows,
+                "moe_experts_int8: each scale tensor must be contiguous float32 with one value per weight row (", rows,
+                "), got ", scale->sizes(), " ", scale->scalar_type());
+#ifndef KIMIVL_EXPERTS_AVX2
+  TORCH_CHECK(false, "moe_experts_int8: this build has no float32 experts path (experts_isa() is not 'avx2')");
+#else
+  auto idx_c = topk_idx.contiguous();
+  auto w_c = topk_weight.contiguous();
+  const ExpertPairs g = group_pairs("moe_experts_int8", idx_c.data_ptr<int64_t>(), P, E, k);
+  std::vector<Work> work;
+  int64_t total = 0;
+  for (int64_t e = 0; e < E; ++e)
+    if (g.counts[e] > 0) {
+      work.push_back({e, g.first[e], g.counts[e], total});
+      total += g.counts[e];
+    }
+  auto y = torch::empty({T, D}, x.options());
+  if (work.empty()) return y.zero_();
+  // Longest first, each to whichever thread is free (a thread slowed by another process takes fewer).
+  std::stable_sort(work.begin(), work.end(), [](const Work& a, const Work& b) { return a.rows > b.rows; });
+  auto xc = x.contiguous();
+  auto ys = torch::empty({total, D}, x.options());  // each (token, slot) pair's expert output, bf16
+  std::vector<const uint16_t*> src(P);
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  uint16_t* yb = reinterpret_cast<uint16_t*>(ys.data_ptr<at::BFloat16>());
+  const int8_t *gq = gate.data_ptr<int8_t>(), *uq = up.data_ptr<int8_t>(), *dq = down.data_ptr<int8_t>();
+  const float *gs = gate_scale.data_ptr<float>(), *us = up_scale.data_ptr<float>(),
+              *ds = down_scale.data_ptr<float>();
+  take_in_turn(static_cast<int64_t>(work.size()), [&](const auto& take) {
+    ExpertScratch scratch(D, I);
+    std::vector<const uint16_t*> in(work.front().rows);  // (sorted: the first is the widest)
+    std::vector<uint16_t*> out(work.front().rows);
+    for (int64_t i; (i = take()) >= 0;) {
+      const Work& w = work[i];
+      for (int64_t r = 0; r < w.rows; ++r) {
+        const int64_t p = g.pairs[w.first + r];
+        in[r] = xb + (p / k) * D;
+        out[r] = yb + (w.out + r) * D;
+        src[p] = out[r];
+      }
+      const int64_t e = w.expert;
+      run_expert({gq + e * I * D, gs + e * I}, {uq + e * I * D, us + e * I}, {dq + e * D * I, ds + e * D}, D, I,
+                 in.data(), w.rows, out.data(), scratch);
+    }
+  });
+  const float* wp = w_c.data_ptr<float>();
+  uint16_t* yo = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) { combine_rows(src.data(), wp, k, D, t0, t1, yo); });
   return y;
 #endif
 }

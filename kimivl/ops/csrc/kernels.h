@@ -102,6 +102,10 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
 torch::Tensor moe_experts_bf16(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
                                const torch::Tensor& gate_up, const torch::Tensor& down, bool use_amx,
                                int64_t max_rows);
+torch::Tensor moe_experts_int8(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
+                               const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down,
+                               const torch::Tensor& gate_scale, const torch::Tensor& up_scale,
+                               const torch::Tensor& down_scale);
 // mla_decode's forms (its `form` argument; kimivl.ops.cpu_kernels.mla_decode_form picks one): products in float32
 // on widened rows, or bf16 products (bf16 queries and probabilities, float32 sums) by vdpbf16ps or by AMX tiles.
 constexpr int64_t FORM_FLOAT32 = 0, FORM_VDPBF16 = 1, FORM_AMX = 2;
