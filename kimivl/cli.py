@@ -186,8 +186,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         else:
             try:
                 _print_turn(session, line, args.show_thinking, sys.stdout)
-            except ValueError as e:  # bad media or an over-long conversation: the session stays usable
-                session.pending.clear()
+            except ValueError as e:  # bad media or an over-long conversation: the session dropped the media
                 print(f"error: {e}", file=sys.stderr)
 
 
@@ -241,6 +240,17 @@ def _cmd_run_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    """``--port``: an integer 0-65535 (the socket layer would fail with an OverflowError traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port must be an integer 0-65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {value}")
+    return value
+
+
 def _add_model_and_limit_flags(p: argparse.ArgumentParser) -> None:
     """What ``serve`` and ``run-batch`` share: the model, the request bounds and the answer options."""
     from kimivl.chat.limits import ServerLimits
@@ -280,7 +290,7 @@ def _add_model_and_limit_flags(p: argparse.ArgumentParser) -> None:
 def _add_serve_parsers(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server + chat page (docs/serving.md)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000, help="TCP port, 0-65535 (0: any free port)")
     _add_model_and_limit_flags(serve)
     serve.set_defaults(func=_cmd_serve)
     batch = sub.add_parser("run-batch", help="answer an OpenAI batch file (JSONL) offline with the server's code "

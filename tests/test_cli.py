@@ -58,6 +58,38 @@ def test_session_keeps_answers_not_reasoning_in_history(golden_dir):
     assert session.history == []
 
 
+def test_session_generation_settings_are_checked_when_it_is_made():
+    from kimivl.chat.session import ChatSession, generation_settings
+    from kimivl.errors import KimiVLInputError
+
+    with pytest.raises(KimiVLInputError, match=r"unknown generation setting 'max_tokens' \(did you mean "
+                                               r"'max_new_tokens'\?\); the settings are max_new_tokens, "):
+        ChatSession(None, None, generation={"max_tokens": 5})
+    with pytest.raises(KimiVLInputError, match="unknown generation setting 'tokenizer'"):  # the session's own
+        ChatSession(None, None, generation={"tokenizer": None})
+    with pytest.raises(KimiVLInputError, match="generation must be a dict of stream.. settings, got int"):
+        ChatSession(None, None, generation=5)
+    assert {"max_new_tokens", "temperature", "seed", "stop_strings"} <= set(generation_settings())
+    ChatSession(None, None, generation={"max_new_tokens": 5, "do_sample": False})
+
+
+def test_session_drops_the_attachment_that_failed_and_stays_usable(golden_dir, tmp_path):
+    from kimivl.chat.session import ChatSession
+    from kimivl.errors import KimiVLInputError
+
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    session = ChatSession.from_pretrained(str(golden_dir), generation={"max_new_tokens": 2})
+    session.attach("image", str(bad))
+    with pytest.raises(KimiVLInputError, match=r"image 0 \(message 0 item 0\): not a readable image"):
+        session.answer("What is it?")
+    assert session.pending == [] and session.history == []
+    turn = session.answer("Then describe nothing.")  # the bad image is not sent again
+    assert isinstance(turn.text, str) and len(session.history) == 2
+    assert all(isinstance(m["content"], str) or all(p["type"] == "text" for p in m["content"])
+               for m in session.history)
+
+
 def test_chat_without_a_model_names_the_missing_demo_model(capsys, monkeypatch, tmp_path):
     import kimivl
 

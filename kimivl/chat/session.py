@@ -8,6 +8,8 @@ latents of the history it shares with the last one from a :class:`~kimivl.genera
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,12 +17,23 @@ from typing import Any
 
 import torch
 
+from kimivl.errors import KimiVLInputError
 from kimivl.generation import PromptCache, stream
 from kimivl.processing import split_thinking
 
 logger = logging.getLogger(__name__)
 
 MEDIA_KINDS = ("image", "video", "document")
+
+
+# stream()'s arguments that the session fills in itself: not settings
+_SESSION_ARGUMENTS = frozenset({"model", "input_ids", "attention_mask", "pixel_values", "image_grid_hws", "tokenizer",
+                                "prompt_cache"})
+
+
+def generation_settings() -> list[str]:
+    """The names a session's ``generation`` dict may use: the keyword settings of :func:`kimivl.generation.stream`."""
+    return [name for name in inspect.signature(stream).parameters if name not in _SESSION_ARGUMENTS]
 
 
 def model_path_or_demo(path: str | None) -> str:
@@ -57,6 +70,19 @@ class ChatSession:
     # the last turn's latents: the next turn prefills only its new part (the history is read, images included)
     prompt_cache: PromptCache = field(default_factory=PromptCache)
 
+    def __post_init__(self) -> None:
+        # A misspelt setting would otherwise fail only at the first answer, as stream()'s TypeError.
+        if not isinstance(self.generation, dict):
+            raise KimiVLInputError(f"generation must be a dict of stream() settings, got "
+                                   f"{type(self.generation).__name__}")
+        known = generation_settings()
+        for key in self.generation:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise KimiVLInputError(f"unknown generation setting {key!r}{hint}; the settings are "
+                                       f"{', '.join(known)}")
+
     @classmethod
     def from_pretrained(cls, path: str | None = None, *, dtype: torch.dtype | str | None = "auto",
                         device: str | None = None, progress: bool = False, quantization: str | None = None,
@@ -92,17 +118,27 @@ class ChatSession:
         return [*system, *self.history, {"role": "user", "content": content}]
 
     def ask(self, question: str) -> Iterator[str]:
-        """Stream the answer's text deltas; the turn joins the history when the stream ends."""
+        """Stream the answer's text deltas; the turn joins the history when the stream ends.
+
+        If the turn cannot start (an unreadable attachment, a conversation over the context), the error is
+        raised and the attached media are dropped, so that the next question does not fail the same way; the
+        history is unchanged."""
         messages = self.messages_for(question)
-        inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=True, return_tensors="pt")
-        inputs = inputs.to(self.model.device)
-        pieces: list[str] = []
-        with torch.inference_mode():
-            for delta in stream(self.model, inputs["input_ids"], inputs["attention_mask"],
+        try:
+            inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=True, return_tensors="pt")
+            inputs = inputs.to(self.model.device)
+            with torch.inference_mode():  # stream() checks its arguments and the prompt length now
+                deltas = stream(self.model, inputs["input_ids"], inputs["attention_mask"],
                                 inputs.get("pixel_values"), inputs.get("image_grid_hws"),
                                 tokenizer=self.processor.tokenizer, prompt_cache=self.prompt_cache,
-                                **self.generation):
+                                **self.generation)
+        except Exception:
+            self.pending = []
+            raise
+        pieces: list[str] = []
+        with torch.inference_mode():
+            for delta in deltas:
                 pieces.append(delta)
                 yield delta
         turn = self._finish(messages[-1], "".join(pieces))

@@ -11,7 +11,7 @@ drift apart. Video and document items reach the template as text holding ``VIDEO
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -58,6 +58,11 @@ DEFAULT_CHAT_TEMPLATE = """
 {%- endif -%}
 """
 
+# Roles of the Kimi-VL format (spec §6.3), each written after its own token; a template may test for more.
+ROLES = ("system", "user", "assistant")
+# A role a template tests for: message['role'] == 'tool', message.role == "tool", ...
+_TEMPLATE_ROLE = re.compile(r"""\brole['"]?\]?\s*==\s*['"]([^'"]+)['"]""")
+
 # Private-use code points that mark assistant content during the training render.
 _OPEN, _CLOSE = "\U00100000", "\U00100001"
 _SENTINELS = re.compile(f"[{_OPEN}{_CLOSE}]")
@@ -88,21 +93,29 @@ def _item_kind(item: dict[str, Any], where: str) -> str:
                            "document)")
 
 
-def prepare_messages(messages: Sequence[dict[str, Any]], *, need_sources: bool = True
-                     ) -> tuple[list[dict[str, Any]], list[MediaItem]]:
+def prepare_messages(messages: Sequence[dict[str, Any]], *, need_sources: bool = True,
+                     roles: Collection[str] = ROLES) -> tuple[list[dict[str, Any]], list[MediaItem]]:
     """Validate a conversation and split it into template input and media items (in order).
 
     Video and document items become text items holding ``VIDEO_BLOCK`` / ``DOCUMENT_BLOCK``. With
-    ``need_sources`` an image/video/document item without its data is an error.
+    ``need_sources`` an image/video/document item without its data is an error. A role outside ``roles``
+    (``ChatRenderer.roles``: the Kimi-VL roles and any other the template tests for) is an error: the
+    template would write it without a role token.
     """
     if isinstance(messages, dict) or not isinstance(messages, Sequence) or isinstance(messages, str):
         raise KimiVLInputError(f"a conversation is a list of message dicts, got {type(messages).__name__}")
+    if not messages:
+        raise KimiVLInputError("the conversation is empty: it needs at least one message (e.g. "
+                               "[{'role': 'user', 'content': ...}])")
     out: list[dict[str, Any]] = []
     media: list[MediaItem] = []
     counts = {"image": 0, "video": 0, "document": 0}
     for m, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise KimiVLInputError(f"message {m} must be a dict with a string 'role', got {message!r:.80}")
+        if message["role"] not in roles:
+            raise KimiVLInputError(f"message {m}: unknown role {message['role']!r} (the chat template knows "
+                                   f"{', '.join(sorted(roles))})")
         content = message.get("content")
         if isinstance(content, str):
             out.append(dict(message))
@@ -260,6 +273,7 @@ class ChatRenderer:
             raise KimiVLInputError(f"the chat template does not compile: {e}") from e
         # longest first, so that a special token that is a prefix of another does not win
         self._specials = sorted(set(special_tokens), key=len, reverse=True)
+        self.roles: frozenset[str] = frozenset(ROLES) | frozenset(_TEMPLATE_ROLE.findall(self.template))
 
     def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = False,
                **template_kwargs: Any) -> str:

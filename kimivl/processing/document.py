@@ -19,7 +19,7 @@ from PIL import Image
 from kimivl.errors import KimiVLInputError
 from kimivl.fieldtypes import checked_replace
 from kimivl.processing.image_processing import KimiVLImageProcessor
-from kimivl.processing.media import ImageBlock, MediaPlan, fit_token_budget, resize_to, source_size
+from kimivl.processing.media import ImageBlock, MediaPlan, fit_token_budget, local_file, resize_to, source_size
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,7 @@ def _open(source: Any, password: str | None, label: str) -> Any:
         if not data:
             raise KimiVLInputError(f"{label}: the PDF data is empty (0 bytes)")
     elif isinstance(source, (str, os.PathLike)):
-        data = os.fspath(source)
-        if not os.path.isfile(data):
-            raise KimiVLInputError(f"{label}: PDF file not found: {data!r}")
+        data = str(local_file(source, label, what="PDF file", instead="its path or bytes"))
     elif isinstance(source, io.IOBase):
         source.seek(0)
         data = source.read()

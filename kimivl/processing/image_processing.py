@@ -27,6 +27,7 @@ from PIL import Image
 
 from kimivl.configuration import MoonViTConfig
 from kimivl.errors import KimiVLInputError
+from kimivl.fieldtypes import type_problem
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,14 @@ class KimiVLImageProcessor:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.merge_kernel_size = [int(k) for k in self.merge_kernel_size]
+        # Types first: a quoted "14" from a hand-edited JSON file would otherwise fail in a comparison or
+        # an int() far from the file (integers pass for the float lists, JSON writes 0.0 as 0 as well).
+        problem = type_problem(self)
+        if problem is not None:
+            name, value, must = problem
+            raise KimiVLInputError(f"image processor setting {name} = {value!r} must be {must}, got "
+                                   f"{type(value).__name__}")
+        self.merge_kernel_size = list(self.merge_kernel_size)
         self.image_mean = [float(v) for v in self.image_mean]
         self.image_std = [float(v) for v in self.image_std]
         if len(self.merge_kernel_size) != 2 or min(self.merge_kernel_size) < 1:
@@ -161,7 +169,13 @@ class KimiVLImageProcessor:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise KimiVLInputError(f"cannot read image processor settings {path}: {e}") from e
-        return cls.from_dict(data)
+        if not isinstance(data, dict):
+            raise KimiVLInputError(f"{path}: image processor settings must be a JSON object, got "
+                                   f"{type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except KimiVLInputError as e:  # name the file that holds the bad value
+            raise KimiVLInputError(f"{path}: {e}") from e
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         directory = Path(directory)

@@ -80,26 +80,40 @@ def describe_source(source: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- images
+def local_file(source: str | os.PathLike[str], label: str, *, what: str = "file",
+               instead: str = "its path, bytes or a data URL") -> Path:
+    """The file a path or ``file://`` URL names. A remote URL (never fetched here), a directory or a missing
+    file is a ``KimiVLInputError``: ``what`` names the file ("video file"), ``instead`` what to pass instead."""
+    text = os.fspath(source)
+    if text.lower().startswith(("http://", "https://")):
+        raise KimiVLInputError(f"{label}: remote URLs are not fetched ({text[:80]!r}); download the file and "
+                               f"pass {instead}")
+    if text.startswith("file://"):
+        text = urllib.parse.unquote(urllib.parse.urlparse(text).path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        article = "an" if what[0] in "aeiou" else "a"
+        raise KimiVLInputError(f"{label}: {str(path)!r} is a directory, not {article} {what}")
+    if not path.is_file():
+        raise KimiVLInputError(f"{label}: {what} not found: {str(path)!r}")
+    return path
+
+
 def _read_source_bytes(source: str | os.PathLike[str], label: str) -> bytes:
     text = os.fspath(source)
     if text.startswith("data:"):
         header, sep, payload = text.partition(",")
         if not sep:
             raise KimiVLInputError(f"{label}: malformed data URL (no ',' after the media type)")
-        try:
-            if header.endswith(";base64"):
-                return base64.b64decode(payload, validate=False)
+        if not header.endswith(";base64"):
             return urllib.parse.unquote_to_bytes(payload)
+        try:
+            # validate: characters outside the alphabet would otherwise be skipped, leaving (almost) nothing
+            return base64.b64decode("".join(payload.split()), validate=True)
         except (binascii.Error, ValueError) as e:
-            raise KimiVLInputError(f"{label}: data URL payload is not valid base64: {e}") from e
-    if text.startswith(("http://", "https://")):
-        raise KimiVLInputError(f"{label}: remote URLs are not fetched ({text[:80]!r}); download the file and "
-                               "pass its path, bytes or a data URL")
-    if text.startswith("file://"):
-        text = urllib.parse.unquote(urllib.parse.urlparse(text).path)
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise KimiVLInputError(f"{label}: file not found: {str(path)!r}")
+            raise KimiVLInputError(f"{label}: malformed data URL: its {len(payload)}-character payload is not "
+                                   f"valid base64 ({e})") from e
+    path = local_file(text, label, what="image file")
     try:
         return path.read_bytes()
     except OSError as e:

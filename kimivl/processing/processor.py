@@ -105,7 +105,8 @@ class KimiVLProcessor:
 
     def __init__(self, image_processor: KimiVLImageProcessor, tokenizer: KimiVLTokenizer,
                  chat_template: str | None = None, *, context_length: int | None = None,
-                 video_options: VideoOptions | None = None, document_options: DocumentOptions | None = None,
+                 video_options: VideoOptions | dict[str, Any] | None = None,
+                 document_options: DocumentOptions | dict[str, Any] | None = None,
                  video_decoder: VideoDecoder | None = None, padding_side: str | None = None) -> None:
         self.image_processor = image_processor
         self.tokenizer = tokenizer
@@ -114,17 +115,67 @@ class KimiVLProcessor:
         # variables HF passes to every chat template (some templates write {{ bos_token }})
         self._template_vars = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
                                "pad_token": tokenizer.pad_token, "unk_token": tokenizer.unk_token}
+        # the setters below check each value now, not at the first call that uses it
         self.context_length = context_length
-        self.video_options = video_options or VideoOptions()
-        self.document_options = document_options or DocumentOptions()
+        self.video_options = video_options
+        self.document_options = document_options
         self.video_decoder = video_decoder
         if padding_side is not None:
-            tokenizer.padding_side = padding_side
+            self.padding_side = padding_side
         self.image_token_id = tokenizer.special_token_id(MEDIA_PAD)
 
     @property
     def padding_side(self) -> str:
         return self.tokenizer.padding_side
+
+    @padding_side.setter
+    def padding_side(self, value: str) -> None:
+        if value not in ("left", "right"):
+            raise KimiVLInputError(f"padding_side must be 'left' or 'right', got {value!r}")
+        self.tokenizer.padding_side = value
+
+    @property
+    def context_length(self) -> int | None:
+        """Longest prompt (plus new tokens, in preflight) accepted; None turns the checks off."""
+        return self._context_length
+
+    @context_length.setter
+    def context_length(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise KimiVLInputError(f"context_length must be a positive integer or None (no check), got {value!r}")
+        self._context_length = value
+
+    @property
+    def video_options(self) -> VideoOptions:
+        """Default sampling and budget of videos (a ``VideoOptions``; a dict of its fields is accepted)."""
+        return self._video_options
+
+    @video_options.setter
+    def video_options(self, value: VideoOptions | dict[str, Any] | None) -> None:
+        self._video_options = _options(value, VideoOptions(), "video_options")
+
+    @property
+    def document_options(self) -> DocumentOptions:
+        """Default rendering and budget of PDFs (a ``DocumentOptions``; a dict of its fields is accepted)."""
+        return self._document_options
+
+    @document_options.setter
+    def document_options(self, value: DocumentOptions | dict[str, Any] | None) -> None:
+        self._document_options = _options(value, DocumentOptions(), "document_options")
+
+    @property
+    def video_decoder(self) -> VideoDecoder | None:
+        """The video backend; None: ``PyAVDecoder``, created when a video file is first planned."""
+        return self._video_decoder
+
+    @video_decoder.setter
+    def video_decoder(self, value: VideoDecoder | None) -> None:
+        missing = [m for m in ("probe", "frames_at") if not callable(getattr(value, m, None))]
+        if value is not None and missing:
+            raise KimiVLInputError(f"video_decoder must have the VideoDecoder methods probe(source, label) and "
+                                   f"frames_at(source, timestamps, label); {type(value).__name__} lacks "
+                                   f"{' and '.join(missing)}")
+        self._video_decoder = value
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -149,8 +200,13 @@ class KimiVLProcessor:
         # Optional per-checkpoint media budgets: "video_options" / "document_options" dicts in
         # preprocessor_config.json (keys as VideoOptions / DocumentOptions fields).
         for key, default in (("video_options", VideoOptions()), ("document_options", DocumentOptions())):
-            if key not in kwargs and isinstance(image_processor.extra.get(key), dict):
-                kwargs[key] = default.updated(image_processor.extra[key], f"{PREPROCESSOR_CONFIG_FILE} {key}")
+            value = image_processor.extra.get(key)
+            if key in kwargs or value is None:
+                continue
+            if not isinstance(value, dict):
+                raise KimiVLInputError(f"{PREPROCESSOR_CONFIG_FILE} {key} must be a mapping of "
+                                       f"{type(default).__name__} fields, got {type(value).__name__} {value!r:.60}")
+            kwargs[key] = default.updated(value, f"{PREPROCESSOR_CONFIG_FILE} {key}")
         tokenizer = KimiVLTokenizer.from_pretrained(directory)
         template = None
         if (directory / "chat_template.jinja").is_file():
@@ -237,7 +293,10 @@ class KimiVLProcessor:
     def _as_media_list(value: Any, kind: str) -> list[Any]:
         if value is None:
             return []
-        if isinstance(value, (str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray, dict)):
+        if isinstance(value, (np.ndarray, torch.Tensor)):
+            # one image (2-D / 3-D) or one video (4-D frames); one more axis is a batch of them
+            return list(value) if value.ndim == (4 if kind == "image" else 5) else [value]
+        if isinstance(value, (str, os.PathLike, bytes, bytearray, Image.Image, dict)):
             return [value]
         items = list(value)
         if kind == "video" and items and all(isinstance(v, Image.Image) for v in items):
@@ -415,7 +474,7 @@ class KimiVLProcessor:
         if return_labels and (not tokenize or add_generation_prompt):
             what = "return_labels" if wants_labels else "return_assistant_tokens_mask"
             raise KimiVLInputError(f"{what} needs tokenize=True and add_generation_prompt=False")
-        prepared = [prepare_messages(c, need_sources=tokenize) for c in convs]
+        prepared = [prepare_messages(c, need_sources=tokenize, roles=renderer.roles) for c in convs]
         masks: list[bytearray] | None = None
         if return_labels:  # (only with tokenize)
             rendered = [renderer.render_with_mask(m, **template_kwargs) for m, _ in prepared]
@@ -447,7 +506,7 @@ class KimiVLProcessor:
         """Token count per media item and in total, from metadata only (image headers, video container,
         PDF page sizes; no pixels decoded). With ``check``, a conversation that does not fit the context
         (``total + max_new_tokens > context_length``) raises ``KimiVLInputError``."""
-        messages, media = prepare_messages(conversation, need_sources=True)
+        messages, media = prepare_messages(conversation, need_sources=True, roles=self.renderer.roles)
         template_kwargs = {**self._template_vars, **template_kwargs}
         text = self.renderer.render(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
         items = {k: [it for it in media if it.kind == k] for k in _KINDS}
@@ -476,6 +535,19 @@ class KimiVLProcessor:
 
     def batch_decode(self, sequences: Any, *, skip_special_tokens: bool = False, **_: Any) -> list[str]:
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
+
+
+def _options(value: Any, default: Any, name: str) -> Any:
+    """``video_options`` / ``document_options`` as the options dataclass: None is the default, a dict (as in
+    preprocessor_config.json) replaces its keys (unknown keys and wrong types refused by name)."""
+    if value is None:
+        return default
+    if isinstance(value, dict):
+        return default.updated(value, name)
+    if isinstance(value, type(default)):
+        return value.updated({}, name)  # range checks (fps > 0, ...) now rather than at the first video
+    raise KimiVLInputError(f"{name} must be a {type(default).__name__} or a dict of its fields, got "
+                           f"{type(value).__name__} {value!r:.60}")
 
 
 def _repeat_at(ids: list[int], positions: list[int], counts: list[int]) -> list[int]:

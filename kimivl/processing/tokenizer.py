@@ -13,7 +13,7 @@ import base64
 import binascii
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +305,9 @@ class KimiVLTokenizer:
     def batch_decode(self, sequences: Sequence[Sequence[int]] | Any, *, skip_special_tokens: bool = False,
                      **_: Any) -> list[str]:
         """``decode`` for each row of a 2-D tensor/array or list of id lists."""
+        if isinstance(sequences, (str, bytes, dict)) or not isinstance(sequences, Iterable):
+            raise KimiVLInputError(f"batch_decode expects rows of token ids (a list of id lists or a 2-D tensor / "
+                                   f"array), got {type(sequences).__name__} {sequences!r:.40}")
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in sequences]
 
     def decode_with_offsets(self, ids: Sequence[int]) -> tuple[str, list[int]]:
@@ -319,12 +322,14 @@ class KimiVLTokenizer:
 
 
 def _as_id_list(ids: Any) -> list[int]:
-    if isinstance(ids, int):
-        return [ids]
     if hasattr(ids, "tolist"):
         ids = ids.tolist()
-        if isinstance(ids, int):
-            return [ids]
+    if isinstance(ids, (int, float)):  # one id (a 0-d tensor gives a float when it came through a float tensor)
+        return [_as_id(ids)]
+    # list(None) / list(5.0) would fail with a bare "not iterable"; a str would be split into characters
+    if isinstance(ids, (str, bytes, dict)) or not isinstance(ids, Iterable):
+        raise KimiVLInputError(f"decode expects token ids (an int, a list of ints or a 1-D tensor / array), got "
+                               f"{type(ids).__name__} {ids!r:.40}")
     out = list(ids)
     if out and isinstance(out[0], list):
         raise KimiVLInputError("decode expects one sequence of ids; use batch_decode for several")

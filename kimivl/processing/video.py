@@ -25,7 +25,7 @@ from kimivl.errors import KimiVLInputError
 from kimivl.fieldtypes import checked_replace
 from kimivl.processing.image_processing import KimiVLImageProcessor
 from kimivl.processing.media import (ImageBlock, MediaPlan, describe_source, fit_token_budget, image_size,
-                                     load_image, resize_to, source_size)
+                                     load_image, local_file, resize_to, source_size)
 
 
 @dataclass(frozen=True)
@@ -98,9 +98,9 @@ class PyAVDecoder:
         if isinstance(source, (bytes, bytearray, memoryview)):
             source = io.BytesIO(bytes(source))
         elif isinstance(source, (str, os.PathLike)):
-            source = os.fspath(source)
-            if not os.path.isfile(source):
-                raise KimiVLInputError(f"{label}: video file not found: {source!r}")
+            source = str(local_file(source, label, what="video file", instead="its path or bytes"))
+        elif not callable(getattr(source, "read", None)):  # PyAV would say "File object has no read() method"
+            raise KimiVLInputError(f"{label}: unsupported video type {_describe_type(source)}; {_VIDEO_TYPES}")
         try:
             container = self._av.open(source, mode="r")
         except (self._av.error.FFmpegError, OSError, ValueError) as e:
@@ -173,6 +173,21 @@ class PyAVDecoder:
         return [img.convert("RGB") for img in out if img is not None]
 
 
+_VIDEO_TYPES = ("pass a path, bytes, a list of frames or one uint8 array / tensor of frames (T, H, W, C) or "
+                "(T, C, H, W) (an image item for a single image)")
+
+
+def _describe_type(source: Any) -> str:
+    """A media value's type, with the shape and dtype of arrays / tensors and the size of PIL images."""
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return f"{type(source).__name__} {str(source.dtype).removeprefix('torch.')} {tuple(source.shape)}"
+    if isinstance(source, Image.Image):
+        return f"PIL image {source.size[0]}x{source.size[1]}"
+    if isinstance(source, dict):
+        return f"dict with keys {sorted(map(str, source))}"
+    return type(source).__name__
+
+
 def _sample_times(duration: float, video_fps: float, options: VideoOptions) -> list[float]:
     fps = min(options.fps, video_fps) if video_fps > 0 else options.fps
     count = max(1, math.ceil(duration * fps - 1e-9))
@@ -205,8 +220,13 @@ def plan_video(source: Any, processor: KimiVLImageProcessor, options: VideoOptio
                decoder: VideoDecoder | None) -> MediaPlan:
     """Plan a video file (path / bytes) or frames: a list (PIL images, paths, bytes, arrays...) or one uint8
     array / tensor of frames, (T, H, W, C) or (T, C, H, W)."""
-    if isinstance(source, (np.ndarray, torch.Tensor)) and source.ndim == 4:
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        if source.ndim != 4 or str(source.dtype).removeprefix("torch.") != "uint8":
+            raise KimiVLInputError(f"{label}: a video array / tensor must be uint8 frames (T, H, W, C) or "
+                                   f"(T, C, H, W), got {_describe_type(source)}")
         source = list(source)
+    elif isinstance(source, (Image.Image, dict)):  # never a video file, whatever the decoder
+        raise KimiVLInputError(f"{label}: unsupported video type {_describe_type(source)}; {_VIDEO_TYPES}")
     if isinstance(source, (list, tuple)):
         if not source:
             raise KimiVLInputError(f"{label}: the frame list is empty")

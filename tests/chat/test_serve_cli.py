@@ -18,6 +18,16 @@ def test_serve_defaults_bind_loopback_and_use_the_demo_model():
     assert not args.allow_remote_images and args.allowed_local_media_path is None
 
 
+@pytest.mark.parametrize("value, message", [("99999", "port must be 0-65535, got 99999"),
+                                            ("-1", "port must be 0-65535, got -1"),
+                                            ("http", "port must be an integer 0-65535, got 'http'")])
+def test_serve_port_out_of_range_is_a_usage_error(capsys, value, message):
+    with pytest.raises(SystemExit) as exit_:  # argparse, before anything is loaded or bound
+        build_parser().parse_args(["serve", "--port", value])
+    assert exit_.value.code == 2 and f"argument --port: {message}" in capsys.readouterr().err
+    assert build_parser().parse_args(["serve", "--port", "0"]).port == 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -171,6 +171,31 @@ def test_malformed_messages(tiny_processor, messages, message):
         tiny_processor.apply_chat_template(messages, tokenize=True)
 
 
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "user", "content": "hi"}, {"role": "robot", "content": "hi"}],
+     r"message 1: unknown role 'robot' \(the chat template knows assistant, system, user\)"),
+    ([], r"the conversation is empty: it needs at least one message"),
+])
+@pytest.mark.parametrize("tokenize", [True, False])
+def test_unknown_roles_and_empty_conversations(tiny_processor, messages, message, tokenize):
+    with pytest.raises(KimiVLInputError, match=message):
+        tiny_processor.apply_chat_template(messages, tokenize=tokenize)
+
+
+def test_roles_a_template_tests_for_are_accepted(tiny_processor):
+    """A role outside system/user/assistant renders with no role token in the Kimi-VL template, so it is refused;
+    a template that handles it (``message['role'] == 'tool'``) may use it."""
+    template = ("{% for m in messages %}{% if m['role'] == 'tool' %}<tool>{% endif %}{{ m['content'] }}"
+                "{% endfor %}")
+    messages = [{"role": "user", "content": "q"}, {"role": "tool", "content": "42"}]
+    assert tiny_processor.apply_chat_template(messages, chat_template=template) == "q<tool>42"
+    assert ChatRenderer(template).roles == {"system", "user", "assistant", "tool"}
+    with pytest.raises(KimiVLInputError, match="message 1: unknown role 'tool'"):
+        tiny_processor.apply_chat_template(messages)
+    with pytest.raises(KimiVLInputError, match="message 1: unknown role 'tool'"):
+        tiny_processor.preflight(messages)
+
+
 def test_image_item_without_data_is_fine_for_text_only_rendering(tiny_processor):
     text = tiny_processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}])
     assert IMAGE_BLOCK in text

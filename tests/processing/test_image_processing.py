@@ -193,3 +193,26 @@ def test_bad_settings():
         KimiVLImageProcessor(merge_kernel_size=[2])
     with pytest.raises(KimiVLInputError, match="image_std"):
         KimiVLImageProcessor(image_std=[0.5, 0.0, 0.5])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("patch_size", "14", "patch_size = '14' must be an integer, got str"),
+    ("in_token_limit", True, "in_token_limit = True must be an integer, got bool"),
+    ("merge_kernel_size", "2x2", r"merge_kernel_size = '2x2' must be a list \(an integer each\), got str"),
+    ("merge_kernel_size", [2.0, 2], r"merge_kernel_size = \[2.0, 2\] must be a list \(an integer each\)"),
+    ("image_mean", ["0.5", 0.5, 0.5], r"image_mean = \['0.5', 0.5, 0.5\] must be a list \(a number each\)"),
+    ("pad_input", "yes", "pad_input = 'yes' must be true/false, got str"),
+])
+def test_mistyped_settings_in_the_file_are_named(tiny_dir, tmp_path, key, value, message):
+    import json
+    import re
+
+    data = json.loads((tiny_dir / "preprocessor_config.json").read_text())
+    data[key] = value
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(KimiVLInputError, match=f"{re.escape(str(path))}: image processor setting {message}"):
+        KimiVLImageProcessor.from_pretrained(path)
+    data.pop(key)  # integers are numbers: mean/std may be written 0 / 1
+    path.write_text(json.dumps({**data, "image_mean": [0, 0, 0], "image_std": [1, 1, 1]}))
+    assert KimiVLImageProcessor.from_pretrained(path).image_std == [1.0, 1.0, 1.0]

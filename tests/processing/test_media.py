@@ -45,12 +45,26 @@ def test_image_sources(tmp_path):
     ("https://example.com/cat.png", "remote URLs are not fetched"),
     ("/no/such/file.png", "file not found"),
     ("data:image/png;base64", "malformed data URL"),
+    ("data:image/png;base64,@@@", r"malformed data URL: its 3-character payload is not valid base64"),
+    ("HTTPS://example.com/cat.png", "remote URLs are not fetched"),
     (12345, "unsupported image type int"),
     (np.zeros((4, 4), np.float32), "arrays must be uint8"),
 ])
 def test_image_source_errors(source, message):
     with pytest.raises(KimiVLInputError, match=message):
         load_image(source, label="image 3")
+
+
+def test_data_url_base64_may_wrap_lines():
+    encoded = base64.b64encode(_png_bytes()).decode()
+    wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))  # MIME-style line breaks
+    assert image_size("data:image/png;base64," + wrapped) == (40, 30)
+
+
+def test_a_directory_is_named_as_one(tmp_path):
+    with pytest.raises(KimiVLInputError, match=f"image 0: '{re.escape(str(tmp_path))}' is a directory, not an "
+                                               "image file"):
+        load_image(tmp_path, label="image 0")
 
 
 def test_truncated_image_header_ok_pixels_refused(tmp_path):
@@ -176,6 +190,41 @@ def test_unopenable_video(processor, tmp_path, content, message):
         processor.preflight(messages)
 
 
+@pytest.mark.parametrize("kind, source, message", [
+    ("video", "https://x.org/a.mp4", r"remote URLs are not fetched \('https://x.org/a.mp4'\); download the file"),
+    ("document", "http://x.org/a.pdf", r"remote URLs are not fetched \('http://x.org/a.pdf'\); download the file"),
+    ("video", "DIR", "'DIR' is a directory, not a video file"),
+    ("document", "DIR", "'DIR' is a directory, not a PDF file"),
+])
+def test_video_and_document_paths_are_checked_like_images(processor, tmp_path, kind, source, message):
+    pytest.importorskip("av" if kind == "video" else "pypdfium2")
+    source, message = source.replace("DIR", str(tmp_path)), message.replace("DIR", re.escape(str(tmp_path)))
+    messages = [{"role": "user", "content": [{"type": kind, kind: source}]}]
+    with pytest.raises(KimiVLInputError, match=f"{kind} 0 \\(message 0 item 0\\): {message}"):
+        processor.apply_chat_template(messages, tokenize=True)
+    if source.startswith("http"):
+        with pytest.raises(KimiVLInputError, match="pass its path or bytes$"):  # no data URLs for these kinds
+            processor.apply_chat_template(messages, tokenize=True)
+
+
+@pytest.mark.parametrize("source, message", [
+    (5, "unsupported video type int"),
+    (Image.new("RGB", (28, 28)), r"unsupported video type PIL image 28x28"),
+    ({"url": "clip.mp4"}, r"unsupported video type dict with keys \['url'\]"),
+    (np.zeros((3, 28, 28), np.uint8), r"must be uint8 frames \(T, H, W, C\) or .* got ndarray uint8 \(3, 28, 28\)"),
+    (np.zeros((1, 2, 28, 28, 3), np.uint8), r"got ndarray uint8 \(1, 2, 28, 28, 3\)"),
+    ("torch-float", r"must be uint8 frames .* got Tensor float32 \(2, 3, 28, 28\)"),
+])
+def test_unsupported_video_types_are_named(processor, source, message):
+    import torch
+
+    if isinstance(source, str):
+        source = torch.zeros(2, 3, 28, 28)
+    messages = [{"role": "user", "content": [{"type": "video", "video": source}, {"type": "text", "text": "?"}]}]
+    with pytest.raises(KimiVLInputError, match=f"video 0 \\(message 0 item 0\\): .*{message}"):
+        processor.apply_chat_template(messages, tokenize=True)
+
+
 def test_video_preflight_decodes_nothing_and_matches(processor, make_video, tmp_path):
     path = make_video(tmp_path / "clip.mp4", frames=20, fps=10)
 
@@ -293,6 +342,10 @@ def test_video_as_one_array_or_tensor_of_frames(processor):
     for video in (frames, torch.from_numpy(frames), torch.from_numpy(frames).permute(0, 3, 1, 2)):  # THWC, TCHW
         out = encode(video)
         assert torch.equal(out.input_ids, reference.input_ids) and torch.equal(out.pixel_values, reference.pixel_values)
+    # processor(videos=...): one 4-D tensor is one video, as one 4-D array is
+    processor.video_options = {"fps": 2, "max_frames": 3}
+    called = [processor(text=VIDEO_BLOCK, videos=video) for video in (frames, torch.from_numpy(frames))]
+    assert called[0].image_grid_hws.shape == (3, 2) and torch.equal(called[0].input_ids, called[1].input_ids)
 
 
 @pytest.mark.parametrize("item, message", [

@@ -158,6 +158,11 @@ def test_batch_decode(tiny_processor, expected_json):
     assert tiny_processor.batch_decode(ids, skip_special_tokens=True) == [
         "systemYou are a helpful assistantuserWhat is in the image?assistant"]
     assert tiny_processor.decode(ids[0, -1]) == "<|im_middle|>"
+    with pytest.raises(KimiVLInputError, match=r"decode expects token ids \(an int, a list of ints or a 1-D tensor "
+                                               r"/ array\), got NoneType"):
+        tiny_processor.decode(None)
+    with pytest.raises(KimiVLInputError, match="batch_decode expects rows of token ids .*got NoneType"):
+        tiny_processor.batch_decode(None)
 
 
 def test_preflight_counts_and_refusal(processor, tiny_dir, tmp_path, expected_json):
@@ -236,6 +241,43 @@ def test_video_dict_with_options_in_call(tiny_processor):
         tiny_processor(text=VIDEO_BLOCK, videos=[{"video": frames, "fps": 0}])
 
 
+def test_options_given_as_dicts_equal_the_options_objects(tiny_dir):
+    from kimivl.processing import VIDEO_BLOCK
+    from kimivl.processing.document import DocumentOptions
+    from kimivl.processing.video import VideoOptions
+
+    frames = [Image.new("RGB", (28, 28), (i * 40, 0, 0)) for i in range(6)]
+    as_dict = KimiVLProcessor.from_pretrained(tiny_dir, video_options={"fps": 2, "max_frames": 3},
+                                              document_options={"dpi": 72.0})
+    as_object = KimiVLProcessor.from_pretrained(tiny_dir, video_options=VideoOptions(fps=2, max_frames=3),
+                                                document_options=DocumentOptions(dpi=72.0))
+    assert as_dict.video_options == as_object.video_options and as_dict.document_options.dpi == 72.0
+    a, b = (p(text="x" + VIDEO_BLOCK, videos=[frames]) for p in (as_dict, as_object))
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.image_grid_hws.shape == (3, 2)  # max_frames took effect
+    as_dict.video_options = {"max_frames": 2}  # the attribute takes a dict too
+    assert as_dict.video_options == VideoOptions(max_frames=2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"video_options": "fast"}, "video_options must be a VideoOptions or a dict of its fields, got str 'fast'"),
+    ({"video_options": {"speed": 2}}, "video_options: unknown video option 'speed'"),
+    ({"video_options": {"fps": 0}}, "video_options: need fps > 0"),
+    ({"document_options": [1]}, "document_options must be a DocumentOptions or a dict of its fields, got list [1]"),
+    ({"document_options": {"dpi": "high"}}, "document_options: document option dpi = 'high' must be a number"),
+    ({"context_length": "big"}, "context_length must be a positive integer or None (no check), got 'big'"),
+    ({"context_length": 0}, "context_length must be a positive integer or None (no check), got 0"),
+    ({"padding_side": "middle"}, "padding_side must be 'left' or 'right', got 'middle'"),
+    ({"video_decoder": 5}, ("video_decoder must have the VideoDecoder methods probe(source, label) and "
+                            "frames_at(source, timestamps, label); int lacks probe and frames_at")),
+])
+def test_wrong_constructor_options_are_refused_at_construction(tiny_dir, kwargs, message):
+    import re
+
+    with pytest.raises(KimiVLInputError, match=re.escape(message)):
+        KimiVLProcessor.from_pretrained(tiny_dir, **kwargs)
+
+
 @pytest.mark.parametrize("name, limit", [("Kimi-VL-A3B-Instruct", 4096), ("Kimi-VL-A3B-Thinking-2506", 16384)])
 def test_release_preprocessor_configs(name, limit):
     from kimivl.processing import KimiVLImageProcessor
@@ -271,6 +313,11 @@ def test_media_budgets_from_preprocessor_config(tmp_path):
     cfg["video_options"] = {"fps": -1}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="video_options.*fps=-1"):
+        KimiVLProcessor.from_pretrained(tmp_path)
+    cfg["video_options"] = "fast"  # not a mapping: refused, not ignored
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(KimiVLInputError, match="preprocessor_config.json video_options must be a mapping of "
+                                               "VideoOptions fields, got str 'fast'"):
         KimiVLProcessor.from_pretrained(tmp_path)
 
 

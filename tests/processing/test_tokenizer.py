@@ -107,6 +107,12 @@ def test_decode_refuses_what_is_not_an_id(tok):
         tok.batch_decode(torch.tensor([[1.5, 2.0]]))
     with pytest.raises(KimiVLInputError, match="token ids must be integers, got 'a'"):
         tok.decode(["a"])
+    for value, name in ((None, "NoneType None"), ("hi", "str 'hi'"), (2.5, None)):
+        with pytest.raises(KimiVLInputError, match=f"decode expects token ids .*got {name}" if name else "got 2.5"):
+            tok.decode(value)
+    assert tok.decode(torch.tensor(65.0)) == tok.decode(65)  # a 0-d tensor is one id
+    with pytest.raises(KimiVLInputError, match="batch_decode expects rows of token ids .*got int 5"):
+        tok.batch_decode(5)
 
 
 def test_real_vocabulary_layout(tmp_path):
