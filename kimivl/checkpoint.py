@@ -50,10 +50,15 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 def resolve_checkpoint_dir(path_or_id: str | os.PathLike[str], *, revision: str | None = None,
                            cache_dir: str | None = None) -> Path:
     """A local directory as is, or a hub id resolved through ``huggingface_hub`` (cache first)."""
+    if not isinstance(path_or_id, (str, os.PathLike)):  # e.g. None: pathlib's TypeError would name no argument
+        raise TypeError(f"a checkpoint directory or a hub id like 'org/name' is needed, got {path_or_id!r}")
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
     text = str(path_or_id)
+    if path.is_file():
+        raise FileNotFoundError(f"checkpoint directory {text!r} is a file, not a directory: pass the directory that "
+                                f"holds it ({str(path.parent)!r})")
     if not _HUB_ID.match(text) or os.path.exists(text):
         raise FileNotFoundError(f"checkpoint directory {text!r} does not exist (and is not a hub id like 'org/name')")
     try:
@@ -207,13 +212,33 @@ def _group(keys: list[str], limit: int = 6) -> str:
     return "\n".join(lines)
 
 
-def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Size], source: str) -> None:
-    """Raise a ``CheckpointError`` listing missing, unexpected and mis-shaped keys."""
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "floating-point"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "integer"
+
+
+def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Size], source: str, *,
+                     expected_dtypes: dict[str, torch.dtype] | None = None,
+                     found_dtypes: dict[str, torch.dtype] | None = None) -> None:
+    """Raise a ``CheckpointError`` listing missing, unexpected and mis-shaped keys and, given both dtype maps,
+    tensors whose kind of dtype (floating-point / integer / ...) differs from the model's: an integer tensor for a
+    float parameter fails deep in ``load_state_dict`` otherwise. (The int8 weights of a quantized checkpoint match
+    the int8 buffers of the quantized model, so they pass.)"""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     shapes = [f"    {k}: checkpoint {tuple(found[k])} vs model {tuple(expected[k])}"
               for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
-    if not (missing or unexpected or shapes):
+    kinds = []
+    if expected_dtypes is not None and found_dtypes is not None:
+        for k, want in expected_dtypes.items():
+            got = found_dtypes.get(k)
+            if got is not None and _kind(got) != _kind(want):
+                kinds.append(f"    {k}: checkpoint {str(got).removeprefix('torch.')} ({_kind(got)}) vs model "
+                             f"{_kind(want)}")
+    if not (missing or unexpected or shapes or kinds):
         return
     parts = [f"checkpoint {source} does not match the model config:"]
     if missing:
@@ -222,6 +247,8 @@ def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Siz
         parts.append(f"  {len(unexpected)} unexpected key(s):\n{_group(unexpected)}")
     if shapes:
         parts.append(f"  {len(shapes)} shape mismatch(es):\n" + "\n".join(shapes[:20]))
+    if kinds:
+        parts.append(f"  {len(kinds)} dtype mismatch(es):\n" + "\n".join(kinds[:20]))
     raise CheckpointError("\n".join(parts))
 
 
@@ -230,7 +257,8 @@ def load_weights(model: torch.nn.Module, directory: Path, *, dtype: torch.dtype 
                  quantize: set[str] | None = None) -> None:
     """Fill a (meta-device) model from a checkpoint directory: strict, assign, one copy. ``quantize``: keys of float
     weights to store as int8 + scale as they are read (:func:`kimivl.quantization.int8.quantize_tensors`)."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    model_state = model.state_dict()
+    expected = {k: v.shape for k, v in model_state.items()}
     tensors = iter_checkpoint_tensors(directory, dtype=dtype, device=device, transient=quantize or frozenset())
     if quantize:
         from kimivl.quantization.int8 import quantize_tensors
@@ -241,20 +269,28 @@ def load_weights(model: torch.nn.Module, directory: Path, *, dtype: torch.dtype 
 
         tensors = tqdm(tensors, total=len(expected), desc="loading weights", unit="tensor", leave=False)
     state = dict(tensors)
-    check_state_dict(expected, {k: v.shape for k, v in state.items()}, str(directory))
+    check_state_dict(expected, {k: v.shape for k, v in state.items()}, str(directory),
+                     expected_dtypes={k: v.dtype for k, v in model_state.items()},
+                     found_dtypes={k: v.dtype for k, v in state.items()})
     model.load_state_dict(state, strict=True, assign=True)
 
 
 def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, flags=re.IGNORECASE)
-    if not m:
+    if isinstance(size, int) and not isinstance(size, bool):
+        nbytes = size
+    elif isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, flags=re.IGNORECASE)
+        if not m:
+            raise ValueError(f"max_shard_size {size!r}: expected bytes or a string like '5GB' / '500MB'")
+        unit = (m.group(2) or "B").upper()
+        base = 1024 if "I" in unit else 1000
+        power = {"B": 0, "KB": 1, "KIB": 1, "MB": 2, "MIB": 2, "GB": 3, "GIB": 3, "TB": 4, "TIB": 4}[unit]
+        nbytes = int(float(m.group(1)) * base**power)
+    else:
         raise ValueError(f"max_shard_size {size!r}: expected bytes or a string like '5GB' / '500MB'")
-    unit = (m.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    power = {"B": 0, "KB": 1, "KIB": 1, "MB": 2, "MIB": 2, "GB": 3, "GIB": 3, "TB": 4, "TIB": 4}[unit]
-    return int(float(m.group(1)) * base**power)
+    if nbytes <= 0:  # huggingface_hub would write one shard per tensor
+        raise ValueError(f"max_shard_size {size!r}: must be more than 0 bytes (e.g. '5GB' / '500MB')")
+    return nbytes
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:

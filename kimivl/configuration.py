@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,50 @@ def _require(cond: bool, section: str, key: str, value: Any, why: str) -> None:
         raise ValueError(f"{section}.{key} = {value!r}: {why}")
 
 
+def _require_positive(obj: Any, section: str, keys: tuple[str, ...]) -> None:
+    """Sizes, counts and lengths: 0 or a negative value builds empty or negative-sized tensors that fail far from
+    the config (or, for some, silently compute nonsense)."""
+    for key in keys:
+        value = getattr(obj, key)
+        _require(value > 0, section, key, value, "must be > 0")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# The numbers of a rope_scaling block that kimivl.ops.rope reads (YaRN, DeepSeek-V3's key names) and the bound
+# each must respect: the betas and the original length go into logarithms, factor divides the frequencies.
+# Only `factor` is required; ops/rope.py has defaults for the others.
+_ROPE_SCALING_NUMBERS: dict[str, str] = {
+    "factor": "> 0",
+    "original_max_position_embeddings": "> 0",
+    "beta_fast": "> 0",
+    "beta_slow": "> 0",
+    "mscale": ">= 0",
+    "mscale_all_dim": ">= 0",
+}
+
+
+def _check_rope_scaling(rope_scaling: dict[str, Any] | None) -> None:
+    """Null, a 'default' block or a 'yarn' block whose numbers ops/rope.py can use (checked here: a missing
+    ``factor`` was a bare KeyError at the first forward)."""
+    if rope_scaling is None:
+        return
+    kind = rope_scaling.get("type", rope_scaling.get("rope_type"))
+    if kind not in (None, "default", "yarn"):
+        raise ValueError(f"text_config.rope_scaling = {rope_scaling!r}: only null or a 'yarn' block is supported")
+    if kind == "yarn" and "factor" not in rope_scaling:
+        raise ValueError(f"text_config.rope_scaling = {rope_scaling!r}: a 'yarn' block needs a 'factor' (how many "
+                         "times the original context is extended, a number > 0)")
+    for key, bound in _ROPE_SCALING_NUMBERS.items():
+        if key not in rope_scaling:
+            continue
+        value = rope_scaling[key]
+        ok = _is_number(value) and (value > 0 if bound == "> 0" else value >= 0)
+        _require(ok, "text_config", f"rope_scaling.{key}", value, f"must be a finite number {bound}")
+
+
 @dataclass
 class MoonViTConfig(_ConfigBase):
     """``vision_config``: the MoonViT encoder (SigLIP-SO-400M shaped in the releases)."""
@@ -112,6 +157,8 @@ class MoonViTConfig(_ConfigBase):
     def __post_init__(self) -> None:
         s = "vision_config"
         self._check_types(s)
+        _require_positive(self, s, ("patch_size", "init_pos_emb_height", "init_pos_emb_width", "num_attention_heads",
+                                    "num_hidden_layers", "hidden_size", "intermediate_size"))
         _require(self.hidden_size % self.num_attention_heads == 0, s, "hidden_size", self.hidden_size,
                  f"must be divisible by num_attention_heads={self.num_attention_heads}")
         _require(self.head_dim % 4 == 0, s, "hidden_size", self.hidden_size,
@@ -119,6 +166,8 @@ class MoonViTConfig(_ConfigBase):
         self.merge_kernel_size = list(self.merge_kernel_size)
         _require(len(self.merge_kernel_size) == 2, s, "merge_kernel_size", self.merge_kernel_size,
                  "must have two entries (height, width)")
+        _require(min(self.merge_kernel_size) > 0, s, "merge_kernel_size", self.merge_kernel_size,
+                 "must be > 0 in both entries")
 
     @property
     def head_dim(self) -> int:
@@ -180,12 +229,24 @@ class DeepseekV3Config(_ConfigBase):
     def __post_init__(self) -> None:
         s = "text_config"
         self._check_types(s)
+        _require_positive(self, s, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                    "num_attention_heads", "num_key_value_heads", "kv_lora_rank", "qk_rope_head_dim",
+                                    "v_head_dim", "max_position_embeddings", "rope_theta"))
+        _require(self.qk_nope_head_dim >= 0, s, "qk_nope_head_dim", self.qk_nope_head_dim, "must be >= 0")
+        _require(self.q_lora_rank is None or self.q_lora_rank > 0, s, "q_lora_rank", self.q_lora_rank,
+                 "must be > 0 or null (no query compression)")
+        # eps <= 0 does not fail: a zero-variance row (e.g. padding) turns into NaN logits
+        _require(_is_number(self.rms_norm_eps) and self.rms_norm_eps > 0, s, "rms_norm_eps", self.rms_norm_eps,
+                 "must be a finite number > 0")
         _require(self.topk_method in self.TOPK_METHODS, s, "topk_method", self.topk_method,
                  f"must be one of {self.TOPK_METHODS}")
         _require(self.scoring_func in self.SCORING_FUNCS, s, "scoring_func", self.scoring_func,
                  f"must be one of {self.SCORING_FUNCS}")
         _require(self.hidden_act == "silu", s, "hidden_act", self.hidden_act, "only 'silu' is implemented")
+        _require(self.n_routed_experts is None or self.n_routed_experts >= 0, s, "n_routed_experts",
+                 self.n_routed_experts, "must be >= 0 or null (0 / null: no MoE layers)")
         if self.n_routed_experts:
+            _require_positive(self, s, ("moe_intermediate_size", "n_group"))
             _require(self.n_routed_experts % self.n_group == 0, s, "n_routed_experts", self.n_routed_experts,
                      f"must be divisible by n_group={self.n_group}")
             _require(1 <= self.topk_group <= self.n_group, s, "topk_group", self.topk_group,
@@ -194,10 +255,7 @@ class DeepseekV3Config(_ConfigBase):
                      self.num_experts_per_tok, f"must be in [1, n_routed_experts={self.n_routed_experts}]")
             _require(self.moe_layer_freq >= 1, s, "moe_layer_freq", self.moe_layer_freq, "must be >= 1")
         _require(self.qk_rope_head_dim % 2 == 0, s, "qk_rope_head_dim", self.qk_rope_head_dim, "must be even")
-        if self.rope_scaling is not None and self.rope_scaling.get("type", self.rope_scaling.get("rope_type")) not in (
-            None, "default", "yarn"
-        ):
-            raise ValueError(f"text_config.rope_scaling = {self.rope_scaling!r}: only null or a 'yarn' block is supported")
+        _check_rope_scaling(self.rope_scaling)
 
     @property
     def qk_head_dim(self) -> int:
@@ -243,6 +301,11 @@ class KimiVLConfig(_ConfigBase):
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} is not valid JSON: {e}") from e
+            except UnicodeDecodeError as e:  # e.g. `kimivl info photo.png`: the codec's message names no file
+                raise ValueError(f"{path} is not a config.json: it is not UTF-8 text ({e.reason} at byte "
+                                 f"{e.start})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a config.json: it holds a JSON {type(data).__name__}, not an object")
         return cls.from_dict(data)
 
     @classmethod

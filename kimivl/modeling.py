@@ -20,7 +20,7 @@ from torch import nn
 from kimivl.checkpoint import load_weights, resolve_checkpoint_dir, save_weights
 from kimivl.configuration import KimiVLConfig
 from kimivl.decoder import DeepseekV3ForCausalLM
-from kimivl.errors import KimiVLInputError
+from kimivl.errors import KimiVLInputError, check_tensors
 from kimivl.generation.config import GenerationConfig
 from kimivl.generation.generate import GenerateOutput, Streamer
 from kimivl.generation.generate import generate as generate_ids
@@ -62,14 +62,26 @@ def _quantize_on_load(model: KimiVLForConditionalGeneration, config: KimiVLConfi
 
 
 def _as_dtype(dtype: torch.dtype | str | None, config: KimiVLConfig) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None:
         return dtype
+    if isinstance(dtype, torch.dtype):
+        return _floating(dtype, dtype)
     name = config.torch_dtype if dtype == "auto" else dtype
     if name is None:
         return None
     resolved = getattr(torch, str(name).replace("torch.", ""), None)
     if not isinstance(resolved, torch.dtype):
         raise ValueError(f"dtype {dtype!r} is not a torch dtype (try 'bfloat16', 'float16', 'float32' or 'auto')")
+    return _floating(resolved, dtype)
+
+
+def _floating(resolved: torch.dtype, asked: Any) -> torch.dtype:
+    """The weights are cast to ``dtype``: an integer or bool one would make parameters that cannot require grad
+    (a RuntimeError deep in load_state_dict) or silently truncate them."""
+    if not resolved.is_floating_point:
+        hint = "; for int8 weights pass quantization='int8'" if resolved == torch.int8 else ""
+        raise ValueError(f"dtype {asked!r} is not a floating-point dtype: the weights are cast to it (try "
+                         f"'bfloat16', 'float16', 'float32' or 'auto'){hint}")
     return resolved
 
 
@@ -115,6 +127,20 @@ def _target_device(device: torch.device | str | None) -> torch.device:
             raise ValueError(f"device={device!r}, but {why} (torch {torch.__version__}); use device='cpu'")
         if target.index is not None and target.index >= count:
             raise ValueError(f"device={device!r}, but only {count} CUDA device(s) are visible (0..{count - 1})")
+    elif target.type not in ("cpu", "meta"):
+        # mps, xpu, ...: refused here by name, not as a RuntimeError from the first tensor copied there
+        name = target.type.upper()
+        if target.type == "mps":
+            count = int(torch.backends.mps.is_available())
+        else:
+            backend = getattr(torch, target.type, None)
+            available = getattr(backend, "is_available", None)
+            count = 0 if not callable(available) or not available() else getattr(backend, "device_count", lambda: 1)()
+        if count == 0:
+            raise ValueError(f"device={device!r}, but no {name} device is available (torch {torch.__version__}); "
+                             "use device='cpu'")
+        if target.index is not None and target.index >= count:
+            raise ValueError(f"device={device!r}, but only {count} {name} device(s) are visible (0..{count - 1})")
     return target
 
 
@@ -200,6 +226,7 @@ class KimiVLForConditionalGeneration(nn.Module):
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                      image_grid_hws: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with the image features written over the placeholder rows (B, S, D)."""
+        check_tensors(input_ids=input_ids, pixel_values=pixel_values, image_grid_hws=image_grid_hws)
         if input_ids.ndim != 2:
             raise KimiVLInputError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         embeds = self.language_model.model.embed_tokens(self._check_ids(input_ids))
@@ -216,6 +243,9 @@ class KimiVLForConditionalGeneration(nn.Module):
         vocab = self.config.text_config.vocab_size
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise KimiVLInputError(f"input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
+        if input_ids.dtype not in (torch.int64, torch.int32):  # what nn.Embedding indexes with
+            raise KimiVLInputError(f"input_ids must be int64 or int32 (token ids up to {vocab - 1}), got "
+                                   f"{input_ids.dtype}")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
             raise KimiVLInputError(
                 f"input_ids hold ids in [{int(input_ids.min())}, {int(input_ids.max())}] but the vocabulary has "
@@ -230,6 +260,9 @@ class KimiVLForConditionalGeneration(nn.Module):
                 inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool = False) -> KimiVLOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise KimiVLInputError("pass exactly one of input_ids or inputs_embeds")
+        check_tensors(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                       image_grid_hws=image_grid_hws, labels=labels, position_ids=position_ids,
+                       inputs_embeds=inputs_embeds)
         if inputs_embeds is None:
             assert input_ids is not None
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_hws)
@@ -238,23 +271,43 @@ class KimiVLForConditionalGeneration(nn.Module):
         if attention_mask is not None and attention_mask.shape != inputs_embeds.shape[:2]:
             raise KimiVLInputError(f"attention_mask has shape {tuple(attention_mask.shape)} but the inputs are "
                                    f"{tuple(inputs_embeds.shape[:2])} (batch, seq_len)")
+        # labels are checked before the model runs, not after a whole forward
+        targets = None if labels is None else self._targets(labels, attention_mask, tuple(inputs_embeds.shape[:2]))
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                   position_ids=position_ids, output_hidden_states=output_hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss(out.logits, labels, attention_mask)
+        loss = None if targets is None else self._shifted_cross_entropy(out.logits, targets)
         return KimiVLOutput(logits=out.logits, loss=loss, hidden_states=getattr(out, "hidden_states", None))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Shifted next-token cross-entropy; ``ignore_index`` labels and padded positions do not count."""
-        if labels.shape != logits.shape[:2]:
-            raise KimiVLInputError(f"labels have shape {tuple(labels.shape)} but the inputs are "
-                                   f"{tuple(logits.shape[:2])} (batch, seq_len)")
+        return self._shifted_cross_entropy(logits, self._targets(labels, attention_mask, tuple(logits.shape[:2])))
+
+    def _targets(self, labels: torch.Tensor, attention_mask: torch.Tensor | None,
+                 shape: tuple[int, ...]) -> torch.Tensor:
+        """The (B, S - 1) int64 next-token targets of ``labels`` (padded positions set to ``ignore_index``),
+        refused by name when they are not token ids: cross_entropy's own failures name no label (an IndexError, a
+        dtype RuntimeError, a device-side assert on CUDA), and uint8 labels cannot hold -100."""
+        if tuple(labels.shape) != shape:
+            raise KimiVLInputError(f"labels have shape {tuple(labels.shape)} but the inputs are {shape} "
+                                   "(batch, seq_len)")
         ignore = self.config.ignore_index
-        targets = labels[:, 1:]
+        if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8):
+            why = f" (it cannot hold ignore_index={ignore})" if not labels.dtype.is_signed and ignore < 0 else ""
+            raise KimiVLInputError(f"labels must be token ids in a signed integer dtype (int64, int32, ...), got "
+                                   f"{labels.dtype}{why}")
+        targets = labels[:, 1:].long()
         if attention_mask is not None:
             targets = targets.masked_fill(attention_mask[:, 1:] == 0, ignore)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=ignore)
+        vocab = self.config.text_config.vocab_size
+        bad = (targets != ignore) & ((targets < 0) | (targets >= vocab))
+        if bool(bad.any()):  # one host sync per forward with labels (training), none in generation
+            raise KimiVLInputError(f"labels contain {int(targets[bad][0])}, outside the vocabulary [0, {vocab}) and "
+                                   f"not ignore_index={ignore}")
+        return targets
+
+    def _shifted_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                               ignore_index=self.config.ignore_index)
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -319,14 +372,17 @@ class KimiVLForConditionalGeneration(nn.Module):
         directory = resolve_checkpoint_dir(path_or_id, revision=revision, cache_dir=cache_dir)
         config = KimiVLConfig.from_pretrained(directory)
         device = _target_device(device)
+        dtype = _as_dtype(dtype, config)
+        # read (and checked) before the weights: a bad generation_config.json fails the load in no time
+        generation_config = GenerationConfig.from_checkpoint(directory, config.text_config.eos_token_id,
+                                                             vocab_size=config.text_config.vocab_size)
         with torch.device("meta"):
             model = cls(config)
         if backend is not None:
             model.vision_tower.attn_backend = backend
         quantize = _quantize_on_load(model, config, quantization)
-        load_weights(model, directory, dtype=_as_dtype(dtype, config), device=device, progress=progress,
-                     quantize=quantize)
-        model.generation_config = GenerationConfig.from_checkpoint(directory, config.text_config.eos_token_id)
+        load_weights(model, directory, dtype=dtype, device=device, progress=progress, quantize=quantize)
+        model.generation_config = generation_config
         model.eval()
         return model
 

@@ -258,3 +258,41 @@ def test_save_pretrained_keeps_the_decoding_defaults_and_refuses_a_file(golden_d
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match=r"save_pretrained needs a directory, but .*file is a file"):
         model.save_pretrained(tmp_path / "file")
+
+
+def test_an_integer_tensor_for_a_float_parameter_is_named(golden_dir, tmp_path):
+    ckpt = _copy_checkpoint(golden_dir, tmp_path / "int")
+    sd = load_file(str(ckpt / "model.safetensors"))
+    sd["multi_modal_projector.linear_2.weight"] = sd["multi_modal_projector.linear_2.weight"].int()
+    save_file(sd, str(ckpt / "model.safetensors"))
+    for dtype in (None, torch.bfloat16):  # a cast converts float tensors only: the int32 one stays int32
+        with pytest.raises(CheckpointError, match=r"1 dtype mismatch\(es\):\n    multi_modal_projector\.linear_2\."
+                                                  r"weight: checkpoint int32 \(integer\) vs model floating-point"):
+            KimiVLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype, message", [
+    ("int8", r"dtype 'int8' is not a floating-point dtype: .*; for int8 weights pass quantization='int8'"),
+    (torch.int8, r"dtype torch.int8 is not a floating-point dtype: .*quantization='int8'"),
+    (torch.int32, r"dtype torch.int32 is not a floating-point dtype: the weights are cast to it \(try 'bfloat16'"),
+    ("bool", r"dtype 'bool' is not a floating-point dtype"),
+])
+def test_a_dtype_that_is_not_floating_point_is_refused(golden_dir, dtype, message):
+    with pytest.raises(ValueError, match=message):
+        KimiVLForConditionalGeneration.from_pretrained(golden_dir, dtype=dtype)
+
+
+@pytest.mark.parametrize("size", [0, -1, "0GB", "0.0001KB"])
+def test_a_shard_size_of_nothing_is_refused(golden_dir, tmp_path, size):
+    model = KimiVLForConditionalGeneration.from_pretrained(golden_dir)
+    with pytest.raises(ValueError, match=rf"max_shard_size {size!r}: must be more than 0 bytes"):
+        model.save_pretrained(tmp_path, max_shard_size=size)
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_a_missing_path_or_a_file_is_named(golden_dir):
+    with pytest.raises(TypeError, match="a checkpoint directory or a hub id like 'org/name' is needed, got None"):
+        KimiVLForConditionalGeneration.from_pretrained(None)
+    with pytest.raises(FileNotFoundError, match=r"config\.json' is a file, not a directory: pass the directory that "
+                                                r"holds it \('.*kimivl-tiny'\)"):
+        KimiVLForConditionalGeneration.from_pretrained(golden_dir / "config.json")

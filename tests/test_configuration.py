@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +57,22 @@ def test_moe_layer_rule():
         ({"num_experts_per_tok": 100}, "num_experts_per_tok = 100"),
         ({"hidden_act": "gelu"}, "hidden_act = 'gelu'"),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ({"rope_scaling": {"type": "yarn"}}, "text_config.rope_scaling = {'type': 'yarn'}: a 'yarn' block needs a "
+                                             "'factor'"),
+        ({"rope_scaling": {"type": "yarn", "factor": 0}}, "text_config.rope_scaling.factor = 0: must be a finite "
+                                                          "number > 0"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": "4"}}, "text_config.rope_scaling.factor = '4': must be"),
+        ({"rope_scaling": {"type": "yarn", "factor": 4, "beta_fast": -1}}, "text_config.rope_scaling.beta_fast = -1"),
+        ({"rope_scaling": {"type": "yarn", "factor": 4, "mscale_all_dim": None}},
+         "text_config.rope_scaling.mscale_all_dim = None: must be a finite number >= 0"),
+        ({"num_attention_heads": 0}, "text_config.num_attention_heads = 0: must be > 0"),
+        ({"num_hidden_layers": -1}, "text_config.num_hidden_layers = -1: must be > 0"),
+        ({"max_position_embeddings": 0}, "text_config.max_position_embeddings = 0: must be > 0"),
+        ({"vocab_size": 0}, "text_config.vocab_size = 0: must be > 0"),
+        ({"rms_norm_eps": -1}, "text_config.rms_norm_eps = -1: must be a finite number > 0"),
+        ({"rms_norm_eps": 0.0}, "text_config.rms_norm_eps = 0.0: must be a finite number > 0"),
+        ({"n_group": 0}, "text_config.n_group = 0: must be > 0"),
+        ({"q_lora_rank": 0}, "text_config.q_lora_rank = 0: must be > 0 or null"),
     ],
 )
 def test_text_config_validation_names_key_and_value(kwargs, needle):
@@ -69,12 +86,50 @@ def test_vision_config_validation():
         MoonViTConfig(hidden_size=100)
 
 
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"num_attention_heads": -4}, "vision_config.num_attention_heads = -4: must be > 0"),
+    ({"num_attention_heads": 0}, "vision_config.num_attention_heads = 0: must be > 0"),
+    ({"patch_size": 0}, "vision_config.patch_size = 0: must be > 0"),
+    ({"num_hidden_layers": 0}, "vision_config.num_hidden_layers = 0: must be > 0"),
+    ({"merge_kernel_size": [2, 0]}, "vision_config.merge_kernel_size = [2, 0]: must be > 0 in both entries"),
+])
+def test_vision_sizes_must_be_positive(kwargs, needle):
+    with pytest.raises(ValueError) as e:
+        MoonViTConfig(**kwargs)
+    assert needle in str(e.value)
+
+
+def test_every_shipped_config_passes_validation(configs_dir, golden_dir):
+    import kimivl
+
+    paths = sorted(configs_dir.glob("*/config.json")) + [golden_dir / "config.json",
+                                                          Path(kimivl.DEMO_MODEL) / "config.json"]
+    assert len(paths) >= 8
+    for path in paths:
+        KimiVLConfig.from_json_file(path)
+    # DeepSeek-V3's own YaRN block passes too
+    DeepseekV3Config(rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                   "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
+
+
 def test_bad_json_is_named(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         KimiVLConfig.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         KimiVLConfig.from_pretrained(tmp_path / "nope")
+
+
+def test_a_file_that_is_not_a_config_is_named(tmp_path):
+    import kimivl
+
+    png = Path(kimivl.__file__).parent / "assets" / "examples" / "shape.png"  # `kimivl info shape.png`
+    with pytest.raises(ValueError, match=r"shape\.png is not a config\.json: it is not UTF-8 text \(invalid start "
+                                         r"byte at byte 0\)"):
+        KimiVLConfig.from_pretrained(png)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json is not a config\.json: it holds a JSON list, not an object"):
+        KimiVLConfig.from_pretrained(tmp_path)
 
 
 def test_unknown_keys_read_as_attributes(configs_dir):

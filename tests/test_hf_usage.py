@@ -126,6 +126,13 @@ def test_a_device_this_machine_lacks_is_named(golden_dir):
         KimiVLForConditionalGeneration.from_pretrained(golden_dir, device="cuda:99")
 
 
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an MPS device")
+def test_an_mps_device_this_machine_lacks_is_named(golden_dir):
+    with pytest.raises(ValueError, match=r"device='mps', but no MPS device is available \(torch .*\); use "
+                                         r"device='cpu'"):
+        KimiVLForConditionalGeneration.from_pretrained(golden_dir, device="mps")
+
+
 def test_transformers_streamer_logits_processors_and_generation_config_work():
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     model = KimiVLForConditionalGeneration.from_pretrained(kimivl.DEMO_MODEL)

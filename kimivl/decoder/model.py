@@ -13,6 +13,7 @@ small dataclasses instead of transformers' ``ModelOutput``; the KV cache is an e
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +26,11 @@ from kimivl.decoder.cpu_decode import PLAN, layer_step
 from kimivl.decoder.mlp import DeepseekV3MLP
 from kimivl.decoder.moe import DeepseekV3MoE
 from kimivl.decoder.norm import DeepseekV3RMSNorm
-from kimivl.errors import KimiVLInputError
+from kimivl.errors import KimiVLInputError, check_tensors
 from kimivl.ops.linear import Linear
 from kimivl.ops.rope import rope_cos_sin
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -116,6 +119,7 @@ class DeepseekV3Model(nn.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, padding_idx=self.padding_idx)
         self.layers = nn.ModuleList(DeepseekV3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self._warned_past_context = False  # the warning for sequences longer than max_position_embeddings, once
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -139,6 +143,8 @@ class DeepseekV3Model(nn.Module):
         if last_positions is not None and (output_hidden_states or not 0 < last_positions):
             raise KimiVLInputError(f"last_positions must be a positive int without output_hidden_states, got "
                                    f"{last_positions!r} (output_hidden_states={output_hidden_states})")
+        check_tensors(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                      position_ids=position_ids)
         h = self._embed(input_ids, inputs_embeds)
         b, s, _ = h.shape
         past = 0
@@ -147,7 +153,14 @@ class DeepseekV3Model(nn.Module):
                 raise KimiVLInputError(f"the KV cache was allocated for batch size {cache.batch_size}, got {b} rows")
             cache.check_room(s)
             past = cache.length
-        self._check_mask_and_positions(attention_mask, position_ids, b, s, past)
+        padded = self._check_mask_and_positions(attention_mask, position_ids, b, s, past)
+        if past + s > self.config.max_position_embeddings and not self._warned_past_context:
+            # positions past the trained context still compute (RoPE has no table to overrun), just unreliably;
+            # once per model, not once per forward
+            self._warned_past_context = True
+            logger.warning("a sequence of %d tokens is longer than the model's context (max_position_embeddings=%d):"
+                           " positions past it are outside what the model was trained on", past + s,
+                           self.config.max_position_embeddings)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
@@ -158,7 +171,6 @@ class DeepseekV3Model(nn.Module):
         cos, sin = rope_cos_sin(position_ids, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, dtype=h.dtype)
         # Without padding the mask is plain causal: None keeps SDPA on its flash kernel; an explicit (S, S) boolean
         # mask sends it to the math path, which materialises (B, H, S, S) scores (17 GB at 16K tokens, 16 heads).
-        padded = attention_mask is not None and not bool(attention_mask.all())
         attn_mask = causal_padding_mask(attention_mask.to(h.device), past) if padded else None
 
         hidden_states: list[torch.Tensor] = []
@@ -200,6 +212,9 @@ class DeepseekV3Model(nn.Module):
             )
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise KimiVLInputError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.dtype not in (torch.int64, torch.int32):  # what nn.Embedding indexes with
+            raise KimiVLInputError(f"input_ids must be int64 or int32 (token ids up to {cfg.vocab_size - 1}), got "
+                                   f"{input_ids.dtype}")
         lo, hi = int(input_ids.min()), int(input_ids.max())  # one host sync at the entry point
         if lo < 0 or hi >= cfg.vocab_size:
             bad = lo if lo < 0 else hi
@@ -208,7 +223,12 @@ class DeepseekV3Model(nn.Module):
 
     @staticmethod
     def _check_mask_and_positions(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-                                  b: int, s: int, past: int = 0) -> None:
+                                  b: int, s: int, past: int = 0) -> bool:
+        """Check the mask's shape and values and the positions' shape; returns whether the mask pads (holds a 0).
+
+        A mask must hold only 0 and 1 (bool, integer or float): positions are ``cumsum(mask) - 1``, so a 2 or a
+        0.5 would silently shift every later position. The values are read in the one host sync that also tells
+        whether the mask pads (which the forward needs anyway), so a decode step pays no extra sync."""
         if attention_mask is not None and tuple(attention_mask.shape) != (b, past + s):
             where = "like the inputs" if past == 0 else f"({past} cached + {s} new tokens)"
             raise KimiVLInputError(
@@ -217,11 +237,27 @@ class DeepseekV3Model(nn.Module):
             )
         if position_ids is not None:
             if position_ids.dim() != 2 or position_ids.shape[1] != s or position_ids.shape[0] not in (1, b):
-                raise KimiVLInputError(
-                    f"position_ids must have shape ({b}, {s}) or (1, {s}), got {tuple(position_ids.shape)}"
-                )
+                shapes = f"({b}, {s})" if b == 1 else f"({b}, {s}) or (1, {s})"
+                raise KimiVLInputError(f"position_ids must have shape {shapes}, got {tuple(position_ids.shape)}")
             if position_ids.is_floating_point():
                 raise KimiVLInputError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
+        if attention_mask is None or attention_mask.numel() == 0:
+            return False
+        if attention_mask.dtype == torch.bool:
+            return not bool(attention_mask.all())
+        if attention_mask.is_complex():
+            raise KimiVLInputError(f"attention_mask must be a bool, integer or float tensor of 0s and 1s, got "
+                                   f"{attention_mask.dtype}")
+        lo, hi = torch.aminmax(attention_mask)
+        stats = [lo, hi]
+        if attention_mask.is_floating_point():  # 0.5 lies within [0, 1]: floats must also be whole
+            stats.append((attention_mask != attention_mask.round()).any().to(attention_mask.dtype))
+        low, high, *fraction = torch.stack(stats).tolist()
+        if not (low >= 0 and high <= 1) or any(fraction):
+            mask = attention_mask
+            bad = mask[(mask != 0) & (mask != 1)][0].item()
+            raise KimiVLInputError(f"attention_mask must hold only 0 (pad) and 1 (token), got {bad}")
+        return low == 0
 
 
 class DeepseekV3ForCausalLM(nn.Module):

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kimivl.errors import KimiVLInputError
+
 GENERATION_CONFIG_NAME = "generation_config.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 # The chat format ends an assistant turn with <|im_end|>; [EOS] ends a document (spec §7).
@@ -41,26 +43,49 @@ class GenerationConfig:
         return cls(**known, extra={k: v for k, v in data.items() if k not in names})
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike[str]) -> GenerationConfig | None:
-        """The checkpoint's ``generation_config.json``, or None when it has none."""
+    def from_pretrained(cls, directory: str | os.PathLike[str], *,
+                        vocab_size: int | None = None) -> GenerationConfig | None:
+        """The checkpoint's ``generation_config.json``, or None when it has none.
+
+        Its values are checked here, as ``generate`` would check them, with the file in the message (a bad value
+        would otherwise fail every later ``generate`` naming no file); with ``vocab_size``, its stop and pad ids
+        must be token ids below it. A null value counts as unset, and ``top_k: 0`` (transformers' "no top-k") as
+        ``None``."""
         path = Path(directory) / GENERATION_CONFIG_NAME
         if not path.is_file():
             return None
         try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise KimiVLInputError(f"{path} must hold a JSON object, got a JSON {type(data).__name__}")
+        data = {k: v for k, v in data.items() if v is not None}
+        if data.get("top_k") == 0 and not isinstance(data["top_k"], bool):
+            data["top_k"] = None
+        config = cls.from_dict(data)
+        from kimivl.generation.generate import _check_token_ids, _validate  # (that module imports this one)
+
+        try:
+            _validate(config)
+            if vocab_size is not None:
+                _check_token_ids(config.to_dict(), vocab_size)
+        except KimiVLInputError as e:
+            raise KimiVLInputError(f"{path}: {e}") from e
+        return config
 
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike[str],
-                        default_eos_token_id: int | list[int] | None = None) -> GenerationConfig:
+                        default_eos_token_id: int | list[int] | None = None, *,
+                        vocab_size: int | None = None) -> GenerationConfig:
         """Decoding defaults of a checkpoint directory, with the chat stop ids added.
 
-        Starts from ``generation_config.json`` (or the dataclass defaults), then extends ``eos_token_id``
-        with the ids of :data:`CHAT_STOP_TOKENS` found in ``tokenizer_config.json`` and with
-        ``default_eos_token_id`` (the model config's ``eos_token_id``), keeping the first occurrence of each.
+        Starts from ``generation_config.json`` (or the dataclass defaults; checked as :meth:`from_pretrained`
+        says, against ``vocab_size`` when given), then extends ``eos_token_id`` with the ids of
+        :data:`CHAT_STOP_TOKENS` found in ``tokenizer_config.json`` and with ``default_eos_token_id`` (the model
+        config's ``eos_token_id``), keeping the first occurrence of each.
         """
-        config = cls.from_pretrained(directory) or cls()
+        config = cls.from_pretrained(directory, vocab_size=vocab_size) or cls()
         extra = [default_eos_token_id] if isinstance(default_eos_token_id, int) else list(default_eos_token_id or [])
         ids = list(dict.fromkeys(config.eos_ids() + chat_stop_ids(directory) + extra))
         return dataclasses.replace(config, eos_token_id=ids or None, extra=dict(config.extra))

@@ -16,6 +16,7 @@ Stop strings keep the tokens that completed them (as transformers does).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +28,7 @@ from torch import nn
 
 from kimivl.decoder import cpu_decode
 from kimivl.decoder.cache import MLACache, latent_cache_dtype
-from kimivl.errors import KimiVLInputError
+from kimivl.errors import KimiVLInputError, check_tensors
 from kimivl.generation import cuda_graph
 from kimivl.generation.config import GenerationConfig
 from kimivl.generation.detokenize import IncrementalDetokenizer
@@ -129,7 +130,10 @@ def _is_number(value: Any) -> bool:
 
 
 def _validate(c: GenerationConfig) -> None:
-    """Reject values the sampler cannot use; every message names the value."""
+    """Reject values the sampler cannot use; every message names the value. (``pad_token_id`` may be None here:
+    :func:`resolve_generation_config` fills it in; a checkpoint's file need not name one.)"""
+    # bool only: do_sample="no" is truthy and would turn sampling on
+    _check(isinstance(c.do_sample, bool), "do_sample", c.do_sample, "must be True or False")
     _check(_is_int(c.max_new_tokens) and c.max_new_tokens > 0, "max_new_tokens", c.max_new_tokens,
            "must be a positive integer")
     _check(c.min_new_tokens is None or (_is_int(c.min_new_tokens) and c.min_new_tokens >= 0), "min_new_tokens",
@@ -145,10 +149,38 @@ def _validate(c: GenerationConfig) -> None:
     _check(_is_number(c.repetition_penalty) and c.repetition_penalty > 0, "repetition_penalty",
            c.repetition_penalty, "must be a finite number > 0 (1.0 disables it)")
     _check(all(_is_int(i) for i in c.eos_ids()), "eos_token_id", c.eos_token_id, "must be an int or a list of ints")
-    _check(_is_int(c.pad_token_id), "pad_token_id", c.pad_token_id, "must be an int")
+    _check(c.pad_token_id is None or _is_int(c.pad_token_id), "pad_token_id", c.pad_token_id, "must be an int")
     strings = [c.stop_strings] if isinstance(c.stop_strings, str) else list(c.stop_strings or [])
     _check(all(isinstance(s, str) and s for s in strings), "stop_strings", c.stop_strings,
            "must be a non-empty string or a list of them")
+
+
+def _check_token_ids(settings: dict[str, Any], vocab_size: int) -> None:
+    """``eos_token_id`` / ``pad_token_id`` among ``settings`` (already type-checked) are ids of the vocabulary: an
+    eos id outside it never stops a row, a pad id outside it ends up in the output."""
+    eos = settings.get("eos_token_id")
+    if eos is not None:
+        ids = [eos] if isinstance(eos, int) else list(eos)
+        _check(all(0 <= i < vocab_size for i in ids), "eos_token_id", eos,
+               f"must be token ids of the vocabulary, in [0, {vocab_size})")
+    pad = settings.get("pad_token_id")
+    if pad is not None:
+        _check(0 <= pad < vocab_size, "pad_token_id", pad,
+               f"must be a token id of the vocabulary, in [0, {vocab_size})")
+
+
+# transformers' generation_config keys that a dict of them may carry and kimivl has no use for (no warning)
+_QUIET_KEYS = frozenset({"transformers_version", "_from_model_config"})
+
+
+def _warn_unknown_keys(data: dict[str, Any], known: set[str]) -> None:
+    """A user's dict: a misspelt key (``max_new_token``) would otherwise be dropped without a word."""
+    for key in data:
+        if key in known or key in _QUIET_KEYS:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        logger.warning("generation_config key %r is not a kimivl generation setting and is ignored%s", key, hint)
 
 
 def resolve_generation_config(model: nn.Module, base: Any = None, **overrides: Any) -> GenerationConfig:
@@ -168,6 +200,8 @@ def resolve_generation_config(model: nn.Module, base: Any = None, **overrides: A
             raise KimiVLInputError(f"generation_config must be a GenerationConfig, a dict or have to_dict(), got "
                                    f"{type(base).__name__}")
         known = {f.name for f in dataclasses.fields(GenerationConfig)} - {"extra"}
+        if isinstance(base, dict):  # written by the user (an object's to_dict() has its own other keys)
+            _warn_unknown_keys(data, known)
         changes.update({k: v for k, v in data.items() if k in known and v is not None})
     changes.update({k: v for k, v in overrides.items() if v is not None})
     config = dataclasses.replace(model_config, extra=dict(model_config.extra), **changes)
@@ -175,6 +209,8 @@ def resolve_generation_config(model: nn.Module, base: Any = None, **overrides: A
         pad = text_config.pad_token_id
         config.pad_token_id = pad if pad is not None and 0 <= pad < text_config.vocab_size else 0
     _validate(config)
+    # the ids given here; the model's own (from its config files) are checked when it is loaded
+    _check_token_ids(changes, text_config.vocab_size)
     return config
 
 
@@ -283,8 +319,10 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
     b, n = input_ids.shape
     if b == 0 or n == 0:
         raise KimiVLInputError(f"empty prompt: input_ids has shape {(b, n)}; generation needs at least one token")
-    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise KimiVLInputError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.dtype not in (torch.int64, torch.int32):  # what nn.Embedding indexes with
+        raise KimiVLInputError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
     if n >= context:
         raise KimiVLInputError(
             f"the prompt has {n} tokens but the context is max_position_embeddings={context}: "
@@ -292,8 +330,18 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
         )
     if attention_mask is None:
         return
+    if not isinstance(attention_mask, torch.Tensor):
+        raise KimiVLInputError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
     if tuple(attention_mask.shape) != (b, n):
         raise KimiVLInputError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {(b, n)}")
+    # positions are cumsum(mask) - 1: a 2 or a 0.5 would shift them silently (checked once here, not per step)
+    if attention_mask.is_complex():
+        raise KimiVLInputError(f"attention_mask must be a bool, integer or float tensor of 0s and 1s, got "
+                               f"{attention_mask.dtype}")
+    bad = (attention_mask != 0) & (attention_mask != 1)
+    if bool(bad.any()):
+        raise KimiVLInputError(f"attention_mask must hold only 0 (pad) and 1 (token), got "
+                               f"{attention_mask[bad][0].item()}")
     mask = attention_mask.bool()
     empty = (~mask.any(dim=-1)).nonzero().flatten().tolist()
     if empty:
@@ -467,7 +515,7 @@ def _prepare(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
                        config.max_new_tokens, lm.config.max_position_embeddings, room)
         config.max_new_tokens = room
     device = lm.lm_head.weight.device
-    input_ids = input_ids.to(device)
+    input_ids = input_ids.to(device=device, dtype=torch.long)  # int32 ids too: the output and scatters are int64
     attention_mask = attention_mask.to(device) if attention_mask is not None else None
 
     generator = None
@@ -535,6 +583,11 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
     _check(num_beams is None or num_beams == 1, "num_beams", num_beams,
            "must be 1: beam search is not implemented (greedy with do_sample=False, or sampling)")
     _check(use_cache is None or isinstance(use_cache, bool), "use_cache", use_cache, "must be True or False")
+    if streamer is not None and not (callable(getattr(streamer, "put", None))
+                                     and callable(getattr(streamer, "end", None))):
+        raise KimiVLInputError("streamer must have put(ids) and end() methods (as transformers' TextStreamer), got "
+                               f"{type(streamer).__name__}")
+    check_tensors(pixel_values=pixel_values, image_grid_hws=image_grid_hws)
     max_new_tokens = _max_new_tokens(max_new_tokens, max_length, input_ids)
     overrides = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
                      temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -594,6 +647,7 @@ def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     iterator is consumed.
     """
     processors = _processor_list(logits_processor)
+    check_tensors(pixel_values=pixel_values, image_grid_hws=image_grid_hws)
     max_new_tokens = _max_new_tokens(max_new_tokens, max_length, input_ids)
     overrides = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
                      temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
