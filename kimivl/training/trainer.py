@@ -35,7 +35,7 @@ from kimivl.training.export import export_pretrained
 from kimivl.training.freeze import assert_unchanged, freeze, parameter_summary, snapshot
 from kimivl.training.routing import RouterMonitor
 from kimivl.training.state import (CHECKPOINT_PREFIX, TrainerState, load_training_state, model_tensors,
-                                   resolve_resume, rotate_checkpoints, save_training_state)
+                                   resolve_resume, rotate_checkpoints)
 
 logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
