@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-import math
 from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat
 from typing import Any, Protocol
@@ -30,7 +29,7 @@ from kimivl.decoder import cpu_decode
 from kimivl.decoder.cache import MLACache, latent_cache_dtype
 from kimivl.errors import KimiVLInputError, check_tensors
 from kimivl.generation import cuda_graph
-from kimivl.generation.config import GenerationConfig
+from kimivl.generation.config import (GenerationConfig, check_setting, check_token_ids, is_int, validate_settings)
 from kimivl.generation.detokenize import IncrementalDetokenizer
 from kimivl.generation.prompt_cache import ImageSpan, PromptCache, image_spans, images_after
 from kimivl.ops.sampling import apply_repetition_penalty, pick_token, warp_logits
@@ -116,59 +115,6 @@ def decode_step(model: nn.Module, token_ids: torch.Tensor, cache: MLACache,
 
 # ---------------------------------------------------------------------------------------------- settings
 
-def _check(cond: bool, name: str, value: Any, why: str) -> None:
-    if not cond:
-        raise KimiVLInputError(f"{name} {why}, got {value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _validate(c: GenerationConfig) -> None:
-    """Reject values the sampler cannot use; every message names the value. (``pad_token_id`` may be None here:
-    :func:`resolve_generation_config` fills it in; a checkpoint's file need not name one.)"""
-    # bool only: do_sample="no" is truthy and would turn sampling on
-    _check(isinstance(c.do_sample, bool), "do_sample", c.do_sample, "must be True or False")
-    _check(_is_int(c.max_new_tokens) and c.max_new_tokens > 0, "max_new_tokens", c.max_new_tokens,
-           "must be a positive integer")
-    _check(c.min_new_tokens is None or (_is_int(c.min_new_tokens) and c.min_new_tokens >= 0), "min_new_tokens",
-           c.min_new_tokens, "must be an integer >= 0 or None")
-    _check(_is_number(c.temperature) and c.temperature >= 0, "temperature", c.temperature,
-           "must be a finite number >= 0")
-    _check(not (c.do_sample and c.temperature == 0), "temperature", c.temperature,
-           "must be > 0 when sampling (use do_sample=False for greedy decoding)")
-    _check(c.top_k is None or (_is_int(c.top_k) and c.top_k > 0), "top_k", c.top_k,
-           "must be a positive integer or None (None disables it)")
-    _check(c.top_p is None or (_is_number(c.top_p) and 0 < c.top_p <= 1), "top_p", c.top_p, "must be in (0, 1]")
-    _check(c.min_p is None or (_is_number(c.min_p) and 0 <= c.min_p <= 1), "min_p", c.min_p, "must be in [0, 1]")
-    _check(_is_number(c.repetition_penalty) and c.repetition_penalty > 0, "repetition_penalty",
-           c.repetition_penalty, "must be a finite number > 0 (1.0 disables it)")
-    _check(all(_is_int(i) for i in c.eos_ids()), "eos_token_id", c.eos_token_id, "must be an int or a list of ints")
-    _check(c.pad_token_id is None or _is_int(c.pad_token_id), "pad_token_id", c.pad_token_id, "must be an int")
-    strings = [c.stop_strings] if isinstance(c.stop_strings, str) else list(c.stop_strings or [])
-    _check(all(isinstance(s, str) and s for s in strings), "stop_strings", c.stop_strings,
-           "must be a non-empty string or a list of them")
-
-
-def _check_token_ids(settings: dict[str, Any], vocab_size: int) -> None:
-    """``eos_token_id`` / ``pad_token_id`` among ``settings`` (already type-checked) are ids of the vocabulary: an
-    eos id outside it never stops a row, a pad id outside it ends up in the output."""
-    eos = settings.get("eos_token_id")
-    if eos is not None:
-        ids = [eos] if isinstance(eos, int) else list(eos)
-        _check(all(0 <= i < vocab_size for i in ids), "eos_token_id", eos,
-               f"must be token ids of the vocabulary, in [0, {vocab_size})")
-    pad = settings.get("pad_token_id")
-    if pad is not None:
-        _check(0 <= pad < vocab_size, "pad_token_id", pad,
-               f"must be a token id of the vocabulary, in [0, {vocab_size})")
-
-
 # transformers' generation_config keys that a dict of them may carry and kimivl has no use for (no warning)
 _QUIET_KEYS = frozenset({"transformers_version", "_from_model_config"})
 
@@ -208,9 +154,9 @@ def resolve_generation_config(model: nn.Module, base: Any = None, **overrides: A
     if config.pad_token_id is None:
         pad = text_config.pad_token_id
         config.pad_token_id = pad if pad is not None and 0 <= pad < text_config.vocab_size else 0
-    _validate(config)
+    validate_settings(config)
     # the ids given here; the model's own (from its config files) are checked when it is loaded
-    _check_token_ids(changes, text_config.vocab_size)
+    check_token_ids(changes, text_config.vocab_size)
     return config
 
 
@@ -252,7 +198,7 @@ def _max_new_tokens(max_new_tokens: int | None, max_length: int | None, input_id
     if max_length is None or max_new_tokens is not None:
         return max_new_tokens
     n = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else 0
-    _check(_is_int(max_length) and max_length > n, "max_length", max_length,
+    check_setting(is_int(max_length) and max_length > n, "max_length", max_length,
            f"must be longer than the prompt ({n} tokens): it counts the prompt and the new tokens")
     return max_length - n
 
@@ -520,7 +466,7 @@ def _prepare(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
 
     generator = None
     if config.do_sample:
-        _check(seed is None or _is_int(seed), "seed", seed, "must be an int or None")
+        check_setting(seed is None or is_int(seed), "seed", seed, "must be an int or None")
         generator = torch.Generator(device=device)
         if seed is not None:
             generator.manual_seed(seed)
@@ -580,9 +526,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
         input_ids = _embeds_prompt(model, inputs_embeds, input_ids, pixel_values)
     elif input_ids is None:
         raise KimiVLInputError("pass input_ids (or inputs_embeds) to generate from")
-    _check(num_beams is None or num_beams == 1, "num_beams", num_beams,
+    check_setting(num_beams is None or num_beams == 1, "num_beams", num_beams,
            "must be 1: beam search is not implemented (greedy with do_sample=False, or sampling)")
-    _check(use_cache is None or isinstance(use_cache, bool), "use_cache", use_cache, "must be True or False")
+    check_setting(use_cache is None or isinstance(use_cache, bool), "use_cache", use_cache, "must be True or False")
     if streamer is not None and not (callable(getattr(streamer, "put", None))
                                      and callable(getattr(streamer, "end", None))):
         raise KimiVLInputError("streamer must have put(ids) and end() methods (as transformers' TextStreamer), got "
@@ -594,11 +540,11 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
                      repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, stop_strings=stop_strings,
                      pad_token_id=pad_token_id)
     k = 1 if num_return_sequences is None else num_return_sequences
-    _check(_is_int(k) and k >= 1, "num_return_sequences", k, "must be a positive integer")
+    check_setting(is_int(k) and k >= 1, "num_return_sequences", k, "must be a positive integer")
     input_ids, attention_mask, config, generator, stops = _prepare(model, input_ids, attention_mask, overrides,
                                                                    seed, tokenizer, generation_config)
     if k > 1:
-        _check(config.do_sample, "num_return_sequences", k,
+        check_setting(config.do_sample, "num_return_sequences", k,
                "needs do_sample=True: greedy answers to one prompt are all the same")
         input_ids, attention_mask, inputs_embeds = _repeat_prompts(model, k, input_ids, attention_mask, pixel_values,
                                                                    image_grid_hws, inputs_embeds)
